@@ -1,0 +1,140 @@
+"""Public functions: validate the inputs, build the pattern, dispatch."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from ._backends.base import DTYPES, MAX_HEAD_DIM
+from .patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
+
+Window = Union[int, Tuple[int, int], Sequence[int]]
+
+
+def _check_qkv(q, k, v) -> Tuple[Tensor, Tensor, Tensor]:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [batch, heads, seq, head_dim], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    batch, heads_q, _, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Hkv, Nk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch:
+        raise ValueError(f"k/v batch {k.shape[0]} does not match q batch {batch}")
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k/v head_dim {k.shape[-1]} does not match q head_dim {head_dim}")
+    if head_dim < 1 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    heads_kv = k.shape[1]
+    if heads_kv == 0 or heads_q % heads_kv:
+        raise ValueError(f"q heads ({heads_q}) must be a multiple of k/v heads ({heads_kv}) (GQA/MQA)")
+    # Any strides work as long as the last dimension is contiguous; otherwise copy.
+    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
+    return q, k, v
+
+
+def _check_scalars(q: Tensor, scale, softcap, alibi_slopes) -> Tuple[float, Optional[float], Optional[Tensor]]:
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap < 0:
+            raise ValueError(f"softcap must be a float > 0 or None, got {softcap!r}")
+        softcap = float(softcap) or None
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.is_floating_point():
+            raise TypeError("alibi_slopes must be a float tensor [Hq] or [B, Hq]")
+        batch, heads_q = q.shape[:2]
+        if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
+            raise ValueError(f"alibi_slopes must have shape [{heads_q}] or [{batch}, {heads_q}], "
+                             f"got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+        alibi_slopes = alibi_slopes.to(torch.float32).contiguous()
+    return float(scale), softcap, alibi_slopes
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
+    softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
+    backend: Optional[str] = None,
+):
+    """Exact attention ``softmax(q·kᵀ·scale + bias)·v`` over ``pattern``.
+
+    Args:
+        q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0``; float16/bfloat16/float32,
+            ``D <= 256``, any strides with a contiguous last dimension.
+        pattern: ``Full`` (default, non-causal), ``SlidingWindow``, ``BlockSparse`` or ``TopK``.
+        scale: score scale, default ``D ** -0.5``.
+        softcap: if set, scores become ``softcap·tanh(score / softcap)``.
+        alibi_slopes: float ``[Hq]`` or ``[B, Hq]``; adds ``−slope·|p(i) − j|``.
+        return_lse: also return the log-sum-exp per query, ``[B, Hq, Nq]`` float32.
+        backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"`` or None (auto; the environment
+            variable ``FLASHLITE_BACKEND`` overrides auto).
+
+    Returns ``out`` shaped like q (and ``lse``). A query that sees no key gets zeros and lse = −inf.
+    """
+    q, k, v = _check_qkv(q, k, v)
+    scale, softcap, alibi_slopes = _check_scalars(q, scale, softcap, alibi_slopes)
+    if pattern is None:
+        pattern = Full()
+    elif not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a flashlite pattern (Full, SlidingWindow, BlockSparse, TopK) or None, "
+                        f"got {type(pattern).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError("return_lse must be a bool")
+    pattern.validate(q, k)
+    if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
+        out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()  # keeps autograd links
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
+        return (out, lse) if return_lse else out
+    out, lse = dispatch.run(q, k, v, pattern, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                            backend=backend)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, **kw):
+    """Full attention; ``causal=True`` keeps keys ``j <= p(i) = i + Nk − Nq`` (bottom-right)."""
+    return attention(q, k, v, Full(causal=causal), **kw)
+
+
+def window_pattern(window: Window, causal: bool = True) -> SlidingWindow:
+    """An int ``w`` means ``(w, 0)`` when causal and ``(w, w)`` otherwise; a pair is ``(left, right)``."""
+    if isinstance(window, bool):
+        raise TypeError("window must be an int or a (left, right) pair of ints, got bool")
+    if isinstance(window, int):
+        return SlidingWindow(window, 0 if causal else window)
+    if isinstance(window, (tuple, list)) and len(window) == 2:
+        left, right = window
+        if causal and right not in (0, None):
+            raise ValueError(f"window=(left, right) with causal=True needs right == 0, got right={right}")
+        return SlidingWindow(left, right)
+    raise TypeError(f"window must be an int or a (left, right) pair of ints, got {window!r}")
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: Window, causal: bool = True, **kw):
+    """Attention over keys ``p(i) − left <= j <= p(i) + right``."""
+    return attention(q, k, v, window_pattern(window, causal), **kw)
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, block_size: int = 64, **kw):
+    """Attention over the ``block_size`` tiles marked in ``layout`` (bool ``[B|1, Hq|1, ⌈Nq/bs⌉, ⌈Nk/bs⌉]``),
+    or a prebuilt ``BlockSparse`` pattern (its schedule cache is then reused across calls)."""
+    pattern = layout if isinstance(layout, BlockSparse) else BlockSparse(layout, block_size)
+    return attention(q, k, v, pattern, **kw)
+
+
+def topk_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, causal: bool = False, **kw):
+    """Each query attends only the keys listed in ``indices`` (``[B, Hkv|1, Nq, K]`` or ``[B, Hkv|1, K]``,
+    ``-1`` = empty). Work is O(Nq·K·D)."""
+    return attention(q, k, v, TopK(indices, causal=causal), **kw)

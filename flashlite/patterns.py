@@ -1,0 +1,285 @@
+"""Attention patterns: pure data describing which keys each query sees.
+
+A pattern knows three things: how to check itself against q/k (``validate``), the dense
+boolean mask the reference uses (``dense_mask``), and - for the tile engine - its block
+schedule at a given tile size (``schedule``, cached on the object so a model's layers and
+steps pay for it once). ``TopK`` is served by the gather engine and has no tile schedule.
+
+Positions are aligned bottom-right: query ``i`` sits at ``p(i) = i + Nk - Nq``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .schedule import TileSchedule, band_schedule, block_layout_schedule, cdiv, expand_layout, compress_layout
+
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _nonneg_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+class Pattern:
+    """Base class. ``engine`` is ``"tile"`` (block schedule) or ``"gather"`` (top-k)."""
+
+    engine = "tile"
+    name = "pattern"
+
+    def __init__(self) -> None:
+        self._schedules: dict = {}
+
+    # -- tile engine -------------------------------------------------------------------------
+    def band(self) -> tuple[Optional[int], Optional[int]]:
+        """(left, right) band limits; None means unbounded on that side."""
+        return None, None
+
+    def schedule(self, seqlen_q: int, seqlen_k: int, block_m: int, block_n: int,
+                 device: Union[str, torch.device] = "cpu") -> TileSchedule:
+        """The block schedule at this tile size, built once and cached on the pattern."""
+        key = (seqlen_q, seqlen_k, block_m, block_n, str(torch.device(device)))
+        cached = self._schedules.get(key)
+        if cached is None:
+            cached = self._build_schedule(seqlen_q, seqlen_k, block_m, block_n, torch.device(device))
+            self._schedules[key] = cached
+        return cached
+
+    def _build_schedule(self, seqlen_q, seqlen_k, block_m, block_n, device) -> TileSchedule:
+        left, right = self.band()
+        return band_schedule(seqlen_q, seqlen_k, block_m, block_n, left, right, device)
+
+    # -- reference ----------------------------------------------------------------------------
+    def dense_mask(self, batch: int, heads_q: int, heads_kv: int, seqlen_q: int, seqlen_k: int,
+                   device) -> torch.Tensor:
+        """Bool mask ``[B|1, Hq|1, Nq, Nk]``: True where query i may attend key j."""
+        left, right = self.band()
+        return band_mask(seqlen_q, seqlen_k, left, right, device)[None, None]
+
+    def validate(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Raise ValueError/TypeError if the pattern does not fit q ``[B,Hq,Nq,D]`` / k ``[B,Hkv,Nk,D]``."""
+
+    def keys_per_query(self, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
+        """How many keys each query attends (``[B|1, H|1, Nq]``), for FLOP counts and tests."""
+        return self.dense_mask(1, 1, 1, seqlen_q, seqlen_k, "cpu").sum(-1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def band_mask(seqlen_q: int, seqlen_k: int, left: Optional[int], right: Optional[int], device) -> torch.Tensor:
+    """``[Nq, Nk]`` bool: ``p(i) - left <= j <= p(i) + right`` (None = unbounded)."""
+    pos = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    key = torch.arange(seqlen_k, device=device)[None, :]
+    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if left is not None:
+        mask &= key >= pos - left
+    if right is not None:
+        mask &= key <= pos + right
+    return mask
+
+
+class Full(Pattern):
+    """Every key (``causal=False``) or keys ``j <= p(i)`` (``causal=True``)."""
+
+    name = "full"
+
+    def __init__(self, causal: bool = False) -> None:
+        super().__init__()
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        self.causal = causal
+
+    def band(self):
+        return (None, 0) if self.causal else (None, None)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "causal" if self.causal else "full"
+
+    def __repr__(self) -> str:
+        return f"Full(causal={self.causal})"
+
+
+class SlidingWindow(Pattern):
+    """Keys ``p(i) - left <= j <= p(i) + right``. ``SlidingWindow(w)`` is causal with window w."""
+
+    name = "window"
+
+    def __init__(self, left: int, right: int = 0) -> None:
+        super().__init__()
+        self.left = _nonneg_int(left, "window left")
+        self.right = _nonneg_int(right, "window right")
+
+    def band(self):
+        return self.left, self.right
+
+    def __repr__(self) -> str:
+        return f"SlidingWindow(left={self.left}, right={self.right})"
+
+
+def _check_bool_layout(layout, name: str) -> torch.Tensor:
+    if not isinstance(layout, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype bool, got {type(layout).__name__}")
+    if layout.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool, got {layout.dtype}")
+    if layout.dim() != 4:
+        raise ValueError(f"{name} must have shape [B|1, H|1, ceil(Nq/block_size), ceil(Nk/block_size)], "
+                         f"got {tuple(layout.shape)}")
+    return layout
+
+
+class BlockSparse(Pattern):
+    """Keys in the ``block_size`` x ``block_size`` tiles marked True in ``layout``.
+
+    ``layout``: bool ``[B|1, Hq|1, ceil(Nq/block_size), ceil(Nk/block_size)]``, broadcast over
+    batch and query heads. ``causal=True`` additionally applies the causal band inside tiles.
+    Build from the compressed form (per query block: a count and a list of key blocks, as in
+    FlexAttention's BlockMask ``kv_num_blocks`` / ``kv_indices``) with ``from_compressed``.
+    """
+
+    name = "block_sparse"
+
+    def __init__(self, layout: torch.Tensor, block_size: int = 64, causal: bool = False) -> None:
+        super().__init__()
+        self.layout = _check_bool_layout(layout, "layout")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+        self.block_size = block_size
+        self.causal = bool(causal)
+        self._compressed = None
+
+    @classmethod
+    def from_compressed(cls, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int,
+                        num_kv_blocks: int, causal: bool = False) -> "BlockSparse":
+        """From counts ``[B|1, H|1, Mb]`` and key-block lists ``[B|1, H|1, Mb, L]`` (entries past the
+        count are ignored)."""
+        if kv_indices.dim() != 4 or kv_num_blocks.shape != kv_indices.shape[:-1]:
+            raise ValueError(f"kv_num_blocks must be [B, H, Mb] and kv_indices [B, H, Mb, L]; got "
+                             f"{tuple(kv_num_blocks.shape)} and {tuple(kv_indices.shape)}")
+        if kv_indices.dtype not in (torch.int32, torch.int64) or kv_num_blocks.dtype not in (torch.int32, torch.int64):
+            raise TypeError("kv_num_blocks and kv_indices must be int32 or int64 tensors")
+        width = kv_indices.shape[-1]
+        used = torch.arange(width, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
+        if bool(((kv_indices < 0) | (kv_indices >= num_kv_blocks))[used].any()):
+            raise ValueError(f"kv_indices must lie in [0, {num_kv_blocks}) where used")
+        pattern = cls(expand_layout(kv_num_blocks, kv_indices, num_kv_blocks), block_size, causal)
+        pattern._compressed = (kv_num_blocks.to(torch.int32), kv_indices.to(torch.int32))
+        return pattern
+
+    def to_compressed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv_num_blocks ``[B|1, H|1, Mb]`` int32, kv_indices ``[B|1, H|1, Mb, L]`` int32, -1 padded)."""
+        if self._compressed is None:
+            lists, counts = compress_layout(self.layout)
+            self._compressed = (counts, lists)
+        return self._compressed
+
+    def band(self):
+        return (None, 0) if self.causal else (None, None)
+
+    def _build_schedule(self, seqlen_q, seqlen_k, block_m, block_n, device) -> TileSchedule:
+        left, right = self.band()
+        return block_layout_schedule(self.layout.to(device), self.block_size, seqlen_q, seqlen_k,
+                                     block_m, block_n, left, right)
+
+    def validate(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        batch, heads_q, seqlen_q = q.shape[0], q.shape[1], q.shape[2]
+        seqlen_k = k.shape[2]
+        want = (cdiv(seqlen_q, self.block_size), cdiv(seqlen_k, self.block_size))
+        lb, lh = self.layout.shape[:2]
+        if tuple(self.layout.shape[2:]) != want or lb not in (1, batch) or lh not in (1, heads_q):
+            raise ValueError(
+                f"layout must have shape [{batch}|1, {heads_q}|1, {want[0]}, {want[1]}] for Nq={seqlen_q}, "
+                f"Nk={seqlen_k}, block_size={self.block_size}; got {tuple(self.layout.shape)}")
+        if self.layout.device != q.device:
+            raise ValueError(f"layout is on {self.layout.device} but q is on {q.device}")
+
+    def dense_mask(self, batch, heads_q, heads_kv, seqlen_q, seqlen_k, device):
+        bs = self.block_size
+        mask = self.layout.to(device).repeat_interleave(bs, -2)[..., :seqlen_q, :]
+        mask = mask.repeat_interleave(bs, -1)[..., :seqlen_k]
+        left, right = self.band()
+        return mask & band_mask(seqlen_q, seqlen_k, left, right, device)
+
+    def keys_per_query(self, seqlen_q, seqlen_k):
+        return self.dense_mask(1, 1, 1, seqlen_q, seqlen_k, self.layout.device).sum(-1)
+
+    def __repr__(self) -> str:
+        return (f"BlockSparse(layout={tuple(self.layout.shape)}, block_size={self.block_size}, "
+                f"density={float(self.layout.float().mean()):.3f}, causal={self.causal})")
+
+
+class TopK(Pattern):
+    """Each query attends exactly the key positions listed for it.
+
+    ``indices``: int32/int64 ``[B, Hkv|1, Nq, K]`` (per query) or ``[B, Hkv|1, K]`` (shared by every
+    query). ``-1`` marks an empty slot; entries of a row are distinct. With ``causal=True`` an index
+    after ``p(i)`` is ignored.
+    """
+
+    engine = "gather"
+    name = "topk"
+
+    def __init__(self, indices: torch.Tensor, causal: bool = False) -> None:
+        super().__init__()
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices must be an int32/int64 torch.Tensor, got {type(indices).__name__}")
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"indices must have dtype int32 or int64, got {indices.dtype}")
+        if indices.dim() not in (3, 4):
+            raise ValueError(f"indices must have shape [B, Hkv|1, Nq, K] or [B, Hkv|1, K], got {tuple(indices.shape)}")
+        self.indices = indices
+        self.causal = bool(causal)
+
+    @property
+    def per_query(self) -> bool:
+        return self.indices.dim() == 4
+
+    def validate(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        batch, seqlen_q, heads_kv, seqlen_k = q.shape[0], q.shape[2], k.shape[1], k.shape[2]
+        ind = self.indices
+        form = f"[{batch}, {heads_kv}|1, {seqlen_q}, K]" if self.per_query else f"[{batch}, {heads_kv}|1, K]"
+        ok = ind.shape[0] == batch and ind.shape[1] in (1, heads_kv) and ind.shape[-1] >= 1
+        if self.per_query:
+            ok = ok and ind.shape[2] == seqlen_q
+        if not ok:
+            raise ValueError(f"indices must have shape {form}, got {tuple(ind.shape)}")
+        if ind.device != q.device:
+            raise ValueError(f"indices is on {ind.device} but q is on {q.device}")
+        if ind.numel():
+            low, high = int(ind.min()), int(ind.max())
+            if low < -1 or high >= seqlen_k:
+                raise ValueError(f"indices must lie in [-1, Nk) = [-1, {seqlen_k}); got values in [{low}, {high}]")
+
+    def row_indices(self, seqlen_q: int) -> torch.Tensor:
+        """Indices as ``[B, Hkv|1, Nq, K]`` (a shared list is broadcast to every query)."""
+        if self.per_query:
+            return self.indices
+        return self.indices.unsqueeze(2).expand(-1, -1, seqlen_q, -1)
+
+    def dense_mask(self, batch, heads_q, heads_kv, seqlen_q, seqlen_k, device):
+        ind = self.row_indices(seqlen_q).to(device).long()
+        target = torch.where(ind < 0, torch.full_like(ind, seqlen_k), ind)
+        mask = torch.zeros((*ind.shape[:-1], seqlen_k + 1), dtype=torch.bool, device=device)
+        mask.scatter_(-1, target, True)
+        mask = mask[..., :seqlen_k]
+        if self.causal:
+            mask = mask & band_mask(seqlen_q, seqlen_k, None, 0, device)
+        if mask.shape[1] != 1:  # per-KV-head -> per-query-head
+            mask = mask.repeat_interleave(heads_q // mask.shape[1], dim=1)
+        return mask
+
+    def keys_per_query(self, seqlen_q, seqlen_k):
+        return self.dense_mask(self.indices.shape[0], 1, 1, seqlen_q, seqlen_k, self.indices.device).sum(-1)
+
+    def __repr__(self) -> str:
+        return f"TopK(indices={tuple(self.indices.shape)}, causal={self.causal})"
+
+
+PatternLike = Union[Pattern, None]
+__all__ = ["Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "band_mask", "BLOCK_SIZES"]

@@ -1,0 +1,84 @@
+"""The oracle: plain PyTorch attention with an explicit boolean mask.
+
+``out = softmax(s) @ v`` with ``s = softcap·tanh(q·kᵀ·scale / softcap) − slope·|p(i) − j| + bias``
+where masked-out entries are −inf. A row with no visible key returns zeros and lse = −inf.
+Math runs in ``compute_dtype`` (float32 by default, float64 for the tests' ground truth, or the
+inputs' own dtype for the "same computation in the kernel's dtype" baseline of the correctness
+rule). Memory is O(Nq·Nk): it is the oracle, not a kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .patterns import Pattern
+
+
+def alibi_bias(alibi_slopes: torch.Tensor, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """``−slope·|p(i) − j|`` as ``[B|1, Hq, Nq, Nk]``; slopes are ``[Hq]`` or ``[B, Hq]``."""
+    device = alibi_slopes.device
+    pos = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+    dist = (pos - torch.arange(seqlen_k, device=device)[None, :]).abs().to(dtype)
+    slopes = alibi_slopes.to(dtype)
+    slopes = slopes.view(1, heads_q, 1, 1) if slopes.dim() == 1 else slopes.view(batch, heads_q, 1, 1)
+    return -slopes * dist
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Optional[Pattern] = None, *,
+    scale: Optional[float] = None, softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None, attn_bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None, return_lse: bool = False,
+    compute_dtype: Optional[torch.dtype] = torch.float32,
+):
+    """Reference attention. ``q [B,Hq,Nq,D]``, ``k/v [B,Hkv,Nk,D]``.
+
+    ``mask`` (bool, broadcastable to ``[B,Hq,Nq,Nk]``) is combined with the pattern's mask;
+    ``attn_bias`` (float, same broadcast) is added to the scores. ``compute_dtype=None`` computes
+    in the inputs' dtype. Returns ``out`` in q's dtype (and lse ``[B,Hq,Nq]`` float32).
+    """
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    dtype = compute_dtype or q.dtype
+    scale = head_dim ** -0.5 if scale is None else scale
+    group = heads_q // heads_kv
+    qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+    if group > 1:
+        kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
+
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, batch, heads_q, seqlen_q, seqlen_k, dtype)
+    if attn_bias is not None:
+        scores = scores + attn_bias.to(dtype)
+
+    visible = torch.ones(1, 1, seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    if pattern is not None:
+        visible = visible & pattern.dense_mask(batch, heads_q, heads_kv, seqlen_q, seqlen_k, q.device)
+    if mask is not None:
+        visible = visible & mask.to(q.device)
+    scores = scores.masked_fill(~visible, float("-inf"))
+
+    # Softmax that tolerates rows with no visible key: such rows give p = 0, out = 0, lse = -inf.
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    row_sum = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    out = torch.matmul(probs, vc).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = (row_max + torch.log(row_sum)).squeeze(-1).to(torch.float32)
+    return out, lse
+
+
+def attention_weights(q, k, pattern: Optional[Pattern] = None, **kw) -> torch.Tensor:
+    """The softmax probabilities ``[B, Hq, Nq, Nk]`` (float32) the reference uses."""
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    eye_v = torch.eye(k.shape[2], dtype=torch.float32, device=k.device).expand(k.shape[0], heads_kv, -1, -1)
+    q32 = q.float()
+    return attention(q32, k.float(), eye_v, pattern, **kw)

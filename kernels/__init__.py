@@ -1,0 +1,8 @@
+"""Triton kernels of flashlite (installed as ``flashlite.kernels``).
+
+Import this module only after deciding on ``TRITON_INTERPRET``: Triton reads it when the
+kernels are decorated. On CPU tensors the kernels run in Triton's interpreter.
+"""
+from .launch import interpreter_active, tile_backward, tile_config, tile_forward
+
+__all__ = ["tile_forward", "tile_backward", "tile_config", "interpreter_active"]

@@ -1,0 +1,141 @@
+"""Host-side launchers: allocate outputs, pick tile sizes, pass strides, launch the grid."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from . import tile_engine
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device,
+                block_size: Optional[int] = None) -> TileConfig:
+    """Tile sizes per (device, head_dim). Block-sparse layouts need tiles dividing their block."""
+    if device.type != "cuda":  # interpreter: fewer, larger numpy ops are faster
+        config = TileConfig(32, 32)
+    elif head_dim <= 64:
+        config = TileConfig(128, 64, num_warps=4, num_stages=3)
+    elif head_dim <= 128:
+        config = TileConfig(128, 64, num_warps=8, num_stages=2)
+    else:
+        config = TileConfig(64, 32, num_warps=4, num_stages=2)
+    if block_size is not None:
+        config = TileConfig(min(config.block_m, block_size), min(config.block_n, block_size),
+                            config.num_warps, config.num_stages)
+    return config
+
+
+def _poison(*tensors: torch.Tensor) -> None:
+    """Under FLASHLITE_POISON=1 (the tests), outputs start as NaN so an unwritten element shows."""
+    if os.environ.get("FLASHLITE_POISON") == "1":
+        for t in tensors:
+            t.fill_(float("nan"))
+
+
+def _flags(q: torch.Tensor, schedule, softcap: float, alibi_slopes) -> dict:
+    from flashlite.schedule import unbounded  # flashlite.kernels is part of the flashlite package
+
+    big = unbounded(schedule.seqlen_q, schedule.seqlen_k)
+    interpreted = q.device.type != "cuda"
+    return dict(
+        IS_LIST=schedule.is_list,
+        MASK_BAND=schedule.window_left < big or schedule.window_right < big,
+        HAS_SOFTCAP=bool(softcap),
+        HAS_ALIBI=alibi_slopes is not None,
+        UPCAST=interpreted,  # Triton's interpreter gets bf16 tl.dot wrong; fp32 math there
+        IEEE_DOT=q.dtype == torch.float32 and not interpreted,  # no TF32 for fp32 inputs
+        BLOCK_M=schedule.block_m,
+        BLOCK_N=schedule.block_n,
+        BLOCK_D=max(triton.next_power_of_2(q.shape[-1]), 16),
+    )
+
+
+def _schedule_args(tiles: torch.Tensor, count: torch.Tensor, batch: int, heads: int):
+    tiles = tiles.expand(batch, heads, -1, -1)
+    count = count.expand(batch, heads, -1)
+    return tiles, count, (tiles.stride(0), tiles.stride(1), tiles.stride(2), count.stride(0), count.stride(1))
+
+
+def _alibi_args(alibi_slopes, fallback: torch.Tensor):
+    if alibi_slopes is None:
+        return fallback, 0
+    return alibi_slopes, (alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
+
+
+def tile_forward(q, k, v, schedule, scale: float, softcap: float = 0.0, alibi_slopes=None,
+                 tile_counter: Optional[torch.Tensor] = None, config: Optional[TileConfig] = None):
+    """Forward over ``schedule``. Returns (out like q, lse float32 [B, Hq, Nq]).
+
+    ``tile_counter`` (int32, ``B·Hq·num_q_tiles``), if given, receives how many key tiles each
+    program visited: the evidence that tiles outside the pattern are skipped.
+    """
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, heads_q, seqlen_q), device=q.device, dtype=torch.float32)
+    _poison(out, lse)
+    tiles, count, sched_strides = _schedule_args(schedule.kv_tiles, schedule.kv_count, batch, heads_q)
+    alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
+    grid = (schedule.num_q_tiles, batch * heads_q)
+    launch = {} if config is None or q.device.type != "cuda" else dict(num_warps=config.num_warps,
+                                                                        num_stages=config.num_stages)
+    tile_engine.tile_forward_kernel[grid](
+        q, k, v, out, lse, tiles, count, alibi, tile_counter if tile_counter is not None else count,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *sched_strides, alibi_stride,
+        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
+        schedule.window_left, schedule.window_right, float(scale), float(softcap or 0.0),
+        COUNT_TILES=tile_counter is not None, **_flags(q, schedule, softcap, alibi_slopes), **launch,
+    )
+    return out, lse
+
+
+def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: float = 0.0,
+                  alibi_slopes=None, config: Optional[TileConfig] = None):
+    """Backward over ``schedule``: dK/dV per key tile (transposed schedule), dQ per query tile."""
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    # δ_i = Σ_d dO_id · O_id  (the softmax-backward row term), float32 [B, Hq, Nq]
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _poison(dq, dk, dv)
+    flags = _flags(q, schedule, softcap, alibi_slopes)
+    alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
+    launch = {} if config is None or q.device.type != "cuda" else dict(num_warps=config.num_warps,
+                                                                        num_stages=config.num_stages)
+    common = (float(scale), float(softcap or 0.0))
+
+    q_tiles, q_count, q_strides = _schedule_args(schedule.q_tiles, schedule.q_count, batch, heads_q)
+    tile_engine.tile_backward_kv_kernel[(schedule.num_kv_tiles, batch * heads_kv)](
+        q, k, v, grad_out, lse, delta, dk, dv, q_tiles, q_count, alibi,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3], *q_strides, alibi_stride,
+        heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
+        schedule.window_left, schedule.window_right, *common, **flags, **launch,
+    )
+    kv_tiles, kv_count, kv_strides = _schedule_args(schedule.kv_tiles, schedule.kv_count, batch, heads_q)
+    tile_engine.tile_backward_q_kernel[(schedule.num_q_tiles, batch * heads_q)](
+        q, k, v, grad_out, lse, delta, dq, kv_tiles, kv_count, alibi,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
+        *dq.stride()[:3], *kv_strides, alibi_stride,
+        heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
+        schedule.window_left, schedule.window_right, *common, **flags, **launch,
+    )
+    return dq, dk, dv
