@@ -5,6 +5,7 @@ The C++ extension flashlite._C (csrc/) is added by the C++ core work; see csrc/R
 from setuptools import setup
 
 setup(
-    packages=["flashlite", "flashlite._backends", "flashlite.nn", "flashlite.integrations", "flashlite.kernels"],
-    package_dir={"flashlite": "flashlite", "flashlite.kernels": "kernels"},
+    packages=["flashlite", "flashlite._backends", "flashlite.nn", "flashlite.integrations", "flashlite.kernels",
+              "flashlite.bench"],
+    package_dir={"flashlite": "flashlite", "flashlite.kernels": "kernels", "flashlite.bench": "bench"},
 )

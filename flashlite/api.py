@@ -5,6 +5,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import dispatch
 from ._backends.base import DTYPES, MAX_HEAD_DIM
@@ -127,10 +128,26 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: Window, ca
     return attention(q, k, v, window_pattern(window, causal), **kw)
 
 
+_LAYOUT_PATTERNS = WeakTensorKeyDictionary()  # layout tensor -> {(block_size, version): pattern}
+
+
+def block_sparse_pattern(layout: Tensor, block_size: int = 64) -> BlockSparse:
+    """The ``BlockSparse`` pattern of ``layout``, made once per (layout tensor, block_size) and reused
+    while the tensor lives and is not modified in place, so its schedule is converted once."""
+    per_layout = _LAYOUT_PATTERNS.setdefault(layout, {}) if isinstance(layout, Tensor) else {}
+    key = (block_size, layout._version if isinstance(layout, Tensor) else None)
+    pattern = per_layout.get(key)
+    if pattern is None:
+        pattern = BlockSparse(layout, block_size)
+        per_layout.clear()  # older versions of an in-place-modified layout are stale
+        per_layout[key] = pattern
+    return pattern
+
+
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, block_size: int = 64, **kw):
     """Attention over the ``block_size`` tiles marked in ``layout`` (bool ``[B|1, Hq|1, ⌈Nq/bs⌉, ⌈Nk/bs⌉]``),
-    or a prebuilt ``BlockSparse`` pattern (its schedule cache is then reused across calls)."""
-    pattern = layout if isinstance(layout, BlockSparse) else BlockSparse(layout, block_size)
+    or a prebuilt ``BlockSparse`` pattern. The layout's schedule is built once and cached."""
+    pattern = layout if isinstance(layout, BlockSparse) else block_sparse_pattern(layout, block_size)
     return attention(q, k, v, pattern, **kw)
 
 

@@ -16,6 +16,8 @@ import torch
 from .schedule import TileSchedule, band_schedule, block_layout_schedule, cdiv, expand_layout, compress_layout
 
 BLOCK_SIZES = (16, 32, 64, 128)
+_BAND_SCHEDULES: dict = {}
+_BAND_CACHE_SIZE = 512
 
 
 def _nonneg_int(value, name: str) -> int:
@@ -51,8 +53,17 @@ class Pattern:
         return cached
 
     def _build_schedule(self, seqlen_q, seqlen_k, block_m, block_n, device) -> TileSchedule:
+        # Band schedules depend only on sizes, so they are shared by every pattern object
+        # (``flash_attention(..., causal=True)`` makes a new Full each call).
         left, right = self.band()
-        return band_schedule(seqlen_q, seqlen_k, block_m, block_n, left, right, device)
+        key = (seqlen_q, seqlen_k, block_m, block_n, left, right, str(device))
+        cached = _BAND_SCHEDULES.get(key)
+        if cached is None:
+            if len(_BAND_SCHEDULES) >= _BAND_CACHE_SIZE:
+                _BAND_SCHEDULES.clear()
+            cached = band_schedule(seqlen_q, seqlen_k, block_m, block_n, left, right, device)
+            _BAND_SCHEDULES[key] = cached
+        return cached
 
     # -- reference ----------------------------------------------------------------------------
     def dense_mask(self, batch: int, heads_q: int, heads_kv: int, seqlen_q: int, seqlen_k: int,

@@ -60,10 +60,13 @@ def report() -> Dict[str, str]:
 def select(req: Request, backend: Optional[str] = None) -> Backend:
     requested = backend if backend is not None else (os.environ.get("FLASHLITE_BACKEND") or None)
     if requested is not None:
-        chosen = get(requested)
+        source = "backend=" if backend is not None else "FLASHLITE_BACKEND="
+        try:
+            chosen = get(requested)
+        except ValueError as exc:
+            raise ValueError(f"{source}{requested!r}: {exc}") from None
         reason = chosen.why_not(req)
         if reason:
-            source = "backend=" if backend is not None else "FLASHLITE_BACKEND="
             raise ValueError(f"{source}{requested!r} cannot run this call: {reason}")
         return chosen
     reasons = []

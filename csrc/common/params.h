@@ -1,0 +1,96 @@
+// Parameters and schedule/mask logic shared by the CPU and CUDA kernels of flashlite.
+//
+// Torch-free: raw pointers, element strides and sizes. Layout conventions are the Python
+// side's (flashlite/schedule.py):
+//   q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], out like q, lse float32 [B, Hq, Nq] contiguous;
+//   last dimension contiguous, other strides arbitrary (in elements).
+//   Query i sits at p(i) = i + Nk - Nq (bottom-right). Key j is visible to query i iff
+//   0 <= j < Nk and p(i) - window_left <= j <= p(i) + window_right (an unbounded side is
+//   passed as Nq + Nk).
+//   Tile schedule, forward: for (b, h, query tile m), kv_count[b,h,m] key tiles; tile t is
+//   kv_tiles[b,h,m,0] + t ("range") or kv_tiles[b,h,m,t] ("list"). Backward: the same with
+//   q_tiles/q_count per key tile. Strides of broadcast dims are 0.
+//   Gather (top-k): indices [B, Hkv|1, Nq, K] (per query) or [B, Hkv|1, K] (shared), int64,
+//   -1 = empty slot; with causal, an index > p(i) is ignored.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FL_HOST_DEVICE inline
+#endif
+
+namespace flashlite {
+
+enum class DType : int32_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+
+struct Strides3 {  // batch, head, row (element strides; the last dim is contiguous)
+  int64_t batch = 0, head = 0, row = 0;
+};
+
+struct ScheduleView {
+  const int32_t* tiles = nullptr;  // [B, H, rows, L] with strides below
+  const int32_t* count = nullptr;  // [B, H, rows]
+  int64_t tiles_stride_b = 0, tiles_stride_h = 0, tiles_stride_row = 0;
+  int64_t count_stride_b = 0, count_stride_h = 0;
+  bool is_list = false;
+
+  FL_HOST_DEVICE int32_t num_tiles(int b, int h, int row) const {
+    return count[b * count_stride_b + h * count_stride_h + row];
+  }
+  // The t-th tile of (b, h, row): a range's first tile plus t, or the t-th list entry.
+  FL_HOST_DEVICE int32_t tile(int b, int h, int row, int t) const {
+    const int32_t* entry = tiles + b * tiles_stride_b + h * tiles_stride_h + row * tiles_stride_row;
+    return is_list ? entry[t] : entry[0] + t;
+  }
+};
+
+struct AttentionParams {
+  DType dtype = DType::kFloat32;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // [B, Hq, Nq] contiguous
+  Strides3 q_strides, k_strides, v_strides, out_strides;
+  int32_t batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_k = 0, head_dim = 0;
+  float scale = 1.f;
+  float softcap = 0.f;                   // 0 = off; else s = softcap * tanh(s / softcap)
+  const float* alibi_slopes = nullptr;   // null = off; [Hq] (stride_b 0) or [B, Hq]
+  int64_t alibi_stride_b = 0;
+  int32_t window_left = 0, window_right = 0;  // band; unbounded side = Nq + Nk
+  // Tile engine.
+  int32_t block_m = 0, block_n = 0;
+  ScheduleView forward_schedule;   // per query tile: key tiles
+  ScheduleView backward_schedule;  // per key tile: query tiles
+  // Gather engine.
+  const int64_t* indices = nullptr;
+  int64_t indices_stride_b = 0, indices_stride_h = 0, indices_stride_n = 0;  // stride_n 0 = shared list
+  int32_t top_k = 0;
+  bool causal = false;
+
+  FL_HOST_DEVICE int32_t group() const { return heads_q / heads_kv; }
+  FL_HOST_DEVICE int32_t query_position(int32_t i) const { return i + seqlen_k - seqlen_q; }
+  FL_HOST_DEVICE bool band_visible(int32_t i, int32_t j) const {
+    const int32_t pos = query_position(i);
+    return j >= 0 && j < seqlen_k && j >= pos - window_left && j <= pos + window_right;
+  }
+  FL_HOST_DEVICE float alibi(int32_t b, int32_t h) const {
+    return alibi_slopes ? alibi_slopes[b * alibi_stride_b + h] : 0.f;
+  }
+};
+
+struct BackwardParams {
+  const void* grad_out = nullptr;
+  Strides3 grad_out_strides;
+  const float* delta = nullptr;  // [B, Hq, Nq] contiguous: sum_d dO * O
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  Strides3 dq_strides, dk_strides, dv_strides;
+  bool deterministic = true;
+};
+
+}  // namespace flashlite
