@@ -143,7 +143,7 @@ def _recompute_probs(q, k_tile, lse, query_pos, key_index, slope, scale, softcap
     s = _scores(q, k_tile, query_pos, key_index, slope, scale, softcap, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
     visible = _visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAND)
     lse_use = tl.where(lse == float("-inf"), float("inf"), lse)
-    p = tl.where(visible, tl.exp2((s - lse_use[:, None]) * LOG2E), 0.0)
+    p = tl.exp2((tl.where(visible, s, float("-inf")) - lse_use[:, None]) * LOG2E)
     return p, s
 
 
