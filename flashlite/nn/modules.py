@@ -1,0 +1,172 @@
+"""The core op as modules: ``Attention(pattern)`` and one convenience module per pattern.
+
+Every module takes ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]`` (GQA when ``Hq`` is a multiple
+of ``Hkv``) and returns ``out`` shaped like q (``(out, lse)`` with ``return_lse=True``). The
+pattern object is kept on the module, so its block schedule is built once per problem size and
+reused by every call. Modules hold no parameters.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..api import attention, window_pattern
+from ..patterns import BlockSparse, Full, Pattern, TopK
+
+
+class Attention(nn.Module):
+    """``flashlite.attention`` as a module.
+
+    Args:
+        pattern: a flashlite pattern (``Full``, ``SlidingWindow``, ``BlockSparse``, ``TopK``) or None
+            (full, non-causal).
+        scale, softcap, backend: as :func:`flashlite.attention`.
+
+    ``forward(q, k, v, *, pattern=None, alibi_slopes=None, return_lse=False)``: ``pattern`` (the
+    pattern input of this call, e.g. a ``TopK`` built from this step's indices) overrides the
+    module's.
+    """
+
+    def __init__(self, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
+                 softcap: Optional[float] = None, backend: Optional[str] = None) -> None:
+        super().__init__()
+        if pattern is not None and not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a flashlite pattern or None, got {type(pattern).__name__}")
+        self.pattern = pattern
+        self.scale = scale
+        self.softcap = softcap
+        self.backend = backend
+
+    def _run(self, q: Tensor, k: Tensor, v: Tensor, pattern: Optional[Pattern], alibi_slopes: Optional[Tensor],
+             return_lse: bool):
+        return attention(q, k, v, pattern, scale=self.scale, softcap=self.softcap, alibi_slopes=alibi_slopes,
+                         return_lse=return_lse, backend=self.backend)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, pattern: Optional[Pattern] = None,
+                alibi_slopes: Optional[Tensor] = None, return_lse: bool = False):
+        return self._run(q, k, v, pattern if pattern is not None else self.pattern, alibi_slopes, return_lse)
+
+    def extra_repr(self) -> str:
+        parts = [repr(self.pattern) if self.pattern is not None else "Full(causal=False)"]
+        parts += [f"{n}={getattr(self, n)!r}" for n in ("scale", "softcap", "backend") if getattr(self, n) is not None]
+        return ", ".join(parts)
+
+
+class FlashAttention(Attention):
+    """Full attention; ``causal=True`` keeps keys ``j <= i + Nk - Nq`` (bottom-right)."""
+
+    def __init__(self, causal: bool = False, **kw) -> None:
+        super().__init__(Full(causal=causal), **kw)
+
+
+class SlidingWindowAttention(Attention):
+    """Keys ``p(i) - left <= j <= p(i) + right``; an int ``window`` is ``(window, 0)`` when causal,
+    ``(window, window)`` otherwise."""
+
+    def __init__(self, window: Union[int, Tuple[int, int], Sequence[int]], causal: bool = True, **kw) -> None:
+        super().__init__(window_pattern(window, causal), **kw)
+
+
+class BlockSparseAttention(Attention):
+    """Keys in the ``block_size`` tiles the boolean ``layout`` marks
+    (``[B|1, Hq|1, ceil(Nq/bs), ceil(Nk/bs)]``).
+
+    The layout may be given here (its schedule is then cached on the module) or per call:
+    ``forward(q, k, v, layout=...)``.
+    """
+
+    def __init__(self, layout: Optional[Tensor] = None, block_size: int = 64, causal: bool = False, **kw) -> None:
+        super().__init__(BlockSparse(layout, block_size, causal) if layout is not None else None, **kw)
+        self.block_size = block_size
+        self.causal = causal
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, layout: Optional[Tensor] = None,
+                alibi_slopes: Optional[Tensor] = None, return_lse: bool = False):
+        if layout is not None:
+            pattern: Optional[Pattern] = BlockSparse(layout, self.block_size, self.causal)
+        elif self.pattern is not None:
+            pattern = self.pattern
+        else:
+            raise ValueError("BlockSparseAttention needs a layout: give one at construction or as forward(layout=...)")
+        return self._run(q, k, v, pattern, alibi_slopes, return_lse)
+
+
+class TopKAttention(Attention):
+    """Each query attends only selected keys: a person's marks, an automatic top-k, or both.
+
+    Args:
+        window: recent keys every query keeps (``p(i) - window < j <= p(i)``), with marks.
+        sinks: leading keys every query keeps, with marks.
+        k: if set, also select the ``k`` highest-scoring keys per query automatically
+            (``flashlite.selection.topk_by_score``).
+        causal: ignore selected keys after ``p(i)`` (default True).
+        block_size: the selection's scoring block size (passed to ``topk_by_score``).
+
+    ``forward(q, k, v, *, marks=None, indices=None)``: ``indices`` (int ``[B, Hkv|1, Nq, K]`` or
+    ``[B, Hkv|1, K]``, ``-1`` = empty) are used as given; otherwise ``marks`` (token positions to
+    keep, see ``flashlite.selection.from_marks``) and/or the automatic top-k build them.
+    """
+
+    def __init__(self, window: int = 0, sinks: int = 0, k: Optional[int] = None, causal: bool = True,
+                 block_size: Optional[int] = None, **kw) -> None:
+        super().__init__(None, **kw)
+        for name, value in (("window", window), ("sinks", sinks)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"k must be an int >= 1 or None, got {k!r}")
+        self.window, self.sinks, self.k, self.causal, self.block_size = window, sinks, k, bool(causal), block_size
+
+    def select(self, q: Tensor, k: Tensor, marks=None) -> Tensor:
+        """The index tensor this module would attend for ``q``/``k`` and ``marks``."""
+        from .. import selection  # lazily: the selection helpers live in their own module
+
+        picked = []
+        if marks is not None or (self.k is None and (self.window or self.sinks)):
+            picked.append(self._as_indices(selection.from_marks(marks, k.shape[2], window=self.window,
+                                                                sinks=self.sinks, causal=self.causal)))
+        if self.k is not None:
+            kw = {} if self.block_size is None else {"block_size": self.block_size}
+            picked.append(self._as_indices(selection.topk_by_score(q, k, self.k, **kw)))
+        if not picked:
+            raise ValueError("TopKAttention needs indices=, marks=, window/sinks or k= to select keys")
+        if len(picked) == 1:
+            return picked[0]
+        return _union(picked[0], picked[1], q.shape[2])
+
+    @staticmethod
+    def _as_indices(selected) -> Tensor:
+        if isinstance(selected, TopK):
+            return selected.indices
+        if isinstance(selected, Tensor):
+            return selected
+        raise TypeError(f"selection returned {type(selected).__name__}, expected indices or a TopK pattern")
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, marks=None, indices: Optional[Tensor] = None,
+                alibi_slopes: Optional[Tensor] = None, return_lse: bool = False):
+        if indices is None:
+            indices = self.select(q, k, marks)
+        return self._run(q, k, v, TopK(indices, causal=self.causal), alibi_slopes, return_lse)
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, sinks={self.sinks}, k={self.k}, causal={self.causal}"
+
+
+def _union(a: Tensor, b: Tensor, seqlen_q: int) -> Tensor:
+    """Row-wise union of two index sets (``-1`` = empty), as ``[B, H, Nq, Ka + Kb]``, distinct entries."""
+    def rows(t: Tensor) -> Tensor:
+        return t.unsqueeze(2).expand(-1, -1, seqlen_q, -1) if t.dim() == 3 else t
+
+    a, b = rows(a).long(), rows(b).long()
+    heads = max(a.shape[1], b.shape[1])
+    a, b = a.expand(-1, heads, -1, -1), b.expand(-1, heads, -1, -1)
+    both = torch.cat([a, b], dim=-1).sort(dim=-1).values
+    # Drop repeats: an entry equal to its left neighbour becomes -1.
+    repeat = torch.zeros_like(both, dtype=torch.bool)
+    repeat[..., 1:] = both[..., 1:] == both[..., :-1]
+    return torch.where(repeat, torch.full_like(both, -1), both).to(torch.int32).contiguous()
+
+
+__all__ = ["Attention", "FlashAttention", "SlidingWindowAttention", "BlockSparseAttention", "TopKAttention"]
