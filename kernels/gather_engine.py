@@ -1,0 +1,344 @@
+"""The gather engine: exact attention where each query sees only a listed set of keys (top-k).
+
+Forward and dQ run one program per (query tile, batch × KV head). A program's rows are the
+``BLOCK_Q`` query positions of its tile times the ``GROUP_PAD`` query heads of one KV head
+(row ``r`` is query ``t·BLOCK_Q + r // GROUP_PAD``, head ``kv_head·group + r % GROUP_PAD``), so
+every gathered key is loaded once for all query heads that share it (GQA). The program walks
+a *key list* in chunks of ``BLOCK_K``:
+
+* row mode   (``BLOCK_Q = 1``): the list is the query's own index row ``indices[b, h, i, :]``;
+* shared mode: one list ``indices[b, h, :]`` for every query (list stride 0 across tiles);
+* union mode: the sorted union of the tile's index rows, plus a membership mask
+  ``MEMBER[b, h, i, u]`` (1 where query i selected union key u), so a tile whose rows share most
+  keys (marks, sinks, an overlapping window) gathers each key once.
+
+A key is visible to a row when its slot is filled (index ≥ 0), the row is a real row, the
+membership bit is set (union mode) and, if causal, ``j ≤ p(i) = i + Nk − Nq``.
+
+dK/dV use no atomics. The host sorts every (query, key) selection by key (then query) into one
+*entry* list; a program takes ``BLOCK_E`` consecutive entries (× the group's heads), gathers the
+selecting queries' q/dO rows and the selected keys' k/v rows, and sums each run of equal keys
+(a *piece*) with a one-hot matrix product; a second kernel adds a key's pieces in order. Every
+sum has a fixed order, so the backward is bitwise deterministic (on a GPU too), and every program
+does the same amount of work however unevenly keys are selected (sinks selected by all queries).
+
+Notation as in ``tile_engine``: ``s_ij`` score, ``m_i`` running max, ``l_i`` running sum,
+``lse_i = m_i + log l_i``; scores carried in base 2 in the hot loop (``exp2``). Helpers are
+inlined on purpose: under the interpreter each nested jit call costs as much as a dozen ops.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def gather_forward_kernel(
+    Q, K, V, OUT, LSE, LIST, COUNT, MEMBER, ALIBI,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    stride_list_b, stride_list_h, stride_list_t, stride_list_s,
+    stride_count_b, stride_count_h, stride_count_t,
+    stride_member_b, stride_member_h, stride_member_row, stride_alibi_b,
+    heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, scale, softcap,
+    CAUSAL: tl.constexpr, HAS_MEMBER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    batch_kv = tl.program_id(1)
+    batch = batch_kv // heads_kv
+    kv_head = batch_kv % heads_kv
+
+    # Rows: (query position, head of the group); padding rows are masked everywhere.
+    r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    query = tile * BLOCK_Q + r // GROUP_PAD
+    head = kv_head * group + r % GROUP_PAD
+    row_ok = (query < seqlen_q) & (r % GROUP_PAD < group)
+    query_pos = query + (seqlen_k - seqlen_q)  # p(i), bottom-right alignment
+    cols_d = tl.arange(0, BLOCK_D)
+    d_ok = cols_d < head_dim
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    row_q = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + query.to(tl.int64) * stride_qn
+    q = tl.load(Q + row_q[:, None] + cols_d[None, :], mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    slope = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + batch * stride_alibi_b + head, mask=row_ok, other=0.0)
+
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    list_base = (LIST + batch.to(tl.int64) * stride_list_b + kv_head.to(tl.int64) * stride_list_h
+                 + tile.to(tl.int64) * stride_list_t)
+    count = tl.load(COUNT + batch * stride_count_b + kv_head * stride_count_h + tile * stride_count_t)
+    member_rows = (MEMBER + batch.to(tl.int64) * stride_member_b + kv_head.to(tl.int64) * stride_member_h
+                   + query.to(tl.int64) * stride_member_row)
+
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    for start in range(0, count, BLOCK_K):
+        # Gather: j = list[slot] for the chunk's slots; k_j, v_j rows (empty slot j = −1 -> zeros).
+        slots = start + tl.arange(0, BLOCK_K)
+        slot_ok = slots < count
+        key = tl.load(list_base + slots.to(tl.int64) * stride_list_s, mask=slot_ok, other=-1).to(tl.int32)
+        key_ok = key >= 0
+        key = tl.where(key_ok, key, 0)
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k_tile = tl.load(k_base + key.to(tl.int64)[:, None] * stride_kn + cols_d[None, :], mask=kv_mask, other=0.0)
+        v_tile = tl.load(v_base + key.to(tl.int64)[:, None] * stride_vn + cols_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k_tile = k_tile.to(tl.float32)
+            v_tile = v_tile.to(tl.float32)
+        # Visible: filled slot, real row, selected by this row (union), j ≤ p(i) (causal).
+        visible = row_ok[:, None] & key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (key[None, :] <= query_pos[:, None])
+        if HAS_MEMBER:
+            bit = tl.load(member_rows[:, None] + slots[None, :], mask=row_ok[:, None] & slot_ok[None, :], other=0)
+            visible = visible & (bit != 0)
+        # s_ij = softcap·tanh(q_i·k_j·scale / softcap) − slope·|p(i) − j|   (tanh via exp: exact at ±inf)
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k_tile), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k_tile)) * scale
+        if HAS_SOFTCAP:
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        if HAS_ALIBI:
+            s = s - slope[:, None] * tl.abs(query_pos[:, None] - key[None, :]).to(tl.float32)
+        s = tl.where(visible, s * LOG2E, float("-inf"))
+
+        # Online softmax (base 2):
+        #   m' = max(m, max_j s_ij);  α = 2^(m − m');  p_ij = 2^(s_ij − m')
+        #   l' = α·l + Σ_j p_ij;      acc' = α·acc + p·V
+        # Rows with no visible key yet keep m = −inf; 0 stands in for it so 2^(−inf − 0) = 0.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
+        m_i = m_new
+
+    # out = acc / l, lse = (m + log2 l)·ln 2; a row that saw no key gets 0 and −inf.
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    row_o = batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + query.to(tl.int64) * stride_on
+    tl.store(OUT + row_o[:, None] + cols_d[None, :], out.to(OUT.dtype.element_ty), mask=qd_mask)
+    tl.store(LSE + (batch.to(tl.int64) * heads_q + head) * seqlen_q + query, lse, mask=row_ok)
+
+
+@triton.jit
+def gather_backward_q_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, LIST, COUNT, MEMBER, ALIBI,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_list_b, stride_list_h, stride_list_t, stride_list_s,
+    stride_count_b, stride_count_h, stride_count_t,
+    stride_member_b, stride_member_h, stride_member_row, stride_alibi_b,
+    heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, scale, softcap,
+    CAUSAL: tl.constexpr, HAS_MEMBER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ_i = Σ_j ds_ij · k_j over the forward's key lists (each row has one owner: no atomics)."""
+    tile = tl.program_id(0)
+    batch_kv = tl.program_id(1)
+    batch = batch_kv // heads_kv
+    kv_head = batch_kv % heads_kv
+
+    r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    query = tile * BLOCK_Q + r // GROUP_PAD
+    head = kv_head * group + r % GROUP_PAD
+    row_ok = (query < seqlen_q) & (r % GROUP_PAD < group)
+    query_pos = query + (seqlen_k - seqlen_q)
+    cols_d = tl.arange(0, BLOCK_D)
+    d_ok = cols_d < head_dim
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    row_q = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + query.to(tl.int64) * stride_qn
+    row_do = batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + query.to(tl.int64) * stride_don
+    q = tl.load(Q + row_q[:, None] + cols_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + row_do[:, None] + cols_d[None, :], mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    stat_rows = (batch.to(tl.int64) * heads_q + head) * seqlen_q + query
+    lse = tl.load(LSE + stat_rows, mask=row_ok, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no key: p = exp(s − inf) = 0
+    delta = tl.load(DELTA + stat_rows, mask=row_ok, other=0.0)
+    slope = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + batch * stride_alibi_b + head, mask=row_ok, other=0.0)
+
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    list_base = (LIST + batch.to(tl.int64) * stride_list_b + kv_head.to(tl.int64) * stride_list_h
+                 + tile.to(tl.int64) * stride_list_t)
+    count = tl.load(COUNT + batch * stride_count_b + kv_head * stride_count_h + tile * stride_count_t)
+    member_rows = (MEMBER + batch.to(tl.int64) * stride_member_b + kv_head.to(tl.int64) * stride_member_h
+                   + query.to(tl.int64) * stride_member_row)
+
+    dq = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    for start in range(0, count, BLOCK_K):
+        slots = start + tl.arange(0, BLOCK_K)
+        slot_ok = slots < count
+        key = tl.load(list_base + slots.to(tl.int64) * stride_list_s, mask=slot_ok, other=-1).to(tl.int32)
+        key_ok = key >= 0
+        key = tl.where(key_ok, key, 0)
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k_tile = tl.load(k_base + key.to(tl.int64)[:, None] * stride_kn + cols_d[None, :], mask=kv_mask, other=0.0)
+        v_tile = tl.load(v_base + key.to(tl.int64)[:, None] * stride_vn + cols_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k_tile = k_tile.to(tl.float32)
+            v_tile = v_tile.to(tl.float32)
+        visible = row_ok[:, None] & key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (key[None, :] <= query_pos[:, None])
+        if HAS_MEMBER:
+            bit = tl.load(member_rows[:, None] + slots[None, :], mask=row_ok[:, None] & slot_ok[None, :], other=0)
+            visible = visible & (bit != 0)
+        # s_ij as in the forward (sc: after softcap, before ALiBi);  p_ij = exp(s_ij − lse_i)
+        if IEEE_DOT:
+            sc = tl.dot(q, tl.trans(k_tile), input_precision="ieee") * scale
+        else:
+            sc = tl.dot(q, tl.trans(k_tile)) * scale
+        if HAS_SOFTCAP:
+            sc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * sc / softcap) + 1.0))
+        s = sc
+        if HAS_ALIBI:
+            s = sc - slope[:, None] * tl.abs(query_pos[:, None] - key[None, :]).to(tl.float32)
+        p = tl.where(visible, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
+        # dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ) · (1 − tanh²) · scale ;  dQ += dS·K
+        if IEEE_DOT:
+            dp = tl.dot(do, tl.trans(v_tile), input_precision="ieee")
+        else:
+            dp = tl.dot(do, tl.trans(v_tile))
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - (sc / softcap) * (sc / softcap))
+        ds = ds * scale
+        if IEEE_DOT:
+            dq += tl.dot(ds, k_tile, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k_tile.dtype), k_tile)
+
+    row_dq = batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + query.to(tl.int64) * stride_dqn
+    tl.store(DQ + row_dq[:, None] + cols_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def gather_backward_kv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, ENTRY_QUERY, ENTRY_KEY, ENTRY_PIECE, CHUNK_PIECE, ALIBI,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_alibi_b,
+    heads_q, heads_kv, index_heads, group, num_entries, num_pieces, seqlen_q, seqlen_k, head_dim, scale, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PIECE_PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Partial dK/dV of the pieces of one chunk of ``BLOCK_E`` entries, for one KV-head replica:
+
+        dV_j += Σ_(i,g) p_gij · dO_gi        dK_j += Σ_(i,g) ds_gij · q_gi
+
+    over the chunk's entries (query i selected key j) and the group's heads g. Entry keys are
+    flattened ``(batch · index_heads + index_head) · Nk + j``; ``ENTRY_PIECE`` is the entry's
+    piece relative to the chunk's first piece ``CHUNK_PIECE[chunk]``."""
+    chunk = tl.program_id(0)
+    replica = tl.program_id(1)  # KV heads sharing one index head (indices broadcast over heads)
+
+    # Rows: (entry e, head g of the group), entry-major.
+    r = tl.arange(0, BLOCK_E * GROUP_PAD)
+    entry = chunk * BLOCK_E + r // GROUP_PAD
+    row_ok = (entry < num_entries) & (r % GROUP_PAD < group)
+    flat_key = tl.load(ENTRY_KEY + entry, mask=row_ok, other=0)
+    query = tl.load(ENTRY_QUERY + entry, mask=row_ok, other=0)
+    piece = tl.load(ENTRY_PIECE + entry, mask=row_ok, other=-1)
+    key = (flat_key % seqlen_k).to(tl.int32)
+    batch = flat_key // seqlen_k // index_heads
+    kv_head = (flat_key // seqlen_k % index_heads) * (heads_kv // index_heads) + replica
+    head = kv_head * group + r % GROUP_PAD
+    cols_d = tl.arange(0, BLOCK_D)
+    d_ok = cols_d < head_dim
+    rd_mask = row_ok[:, None] & d_ok[None, :]
+
+    # Gather q_gi, dO_gi (selecting queries) and k_j, v_j (selected keys), all in fp32.
+    row_q = batch * stride_qb + head.to(tl.int64) * stride_qh + query.to(tl.int64) * stride_qn
+    row_do = batch * stride_dob + head.to(tl.int64) * stride_doh + query.to(tl.int64) * stride_don
+    row_k = batch * stride_kb + kv_head * stride_kh + key.to(tl.int64) * stride_kn
+    row_v = batch * stride_vb + kv_head * stride_vh + key.to(tl.int64) * stride_vn
+    q = tl.load(Q + row_q[:, None] + cols_d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + row_do[:, None] + cols_d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+    k_rows = tl.load(K + row_k[:, None] + cols_d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+    v_rows = tl.load(V + row_v[:, None] + cols_d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+    stat_rows = (batch * heads_q + head) * seqlen_q + query
+    lse = tl.load(LSE + stat_rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + stat_rows, mask=row_ok, other=0.0)
+
+    # s = softcap·tanh(q·k·scale / softcap) − slope·|p(i) − j| ;  p = exp(s − lse)
+    sc = tl.sum(q * k_rows, 1) * scale
+    if HAS_SOFTCAP:
+        sc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * sc / softcap) + 1.0))
+    s = sc
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + batch * stride_alibi_b + head, mask=row_ok, other=0.0)
+        s = sc - slope * tl.abs(query + (seqlen_k - seqlen_q) - key).to(tl.float32)
+    p = tl.where(row_ok, tl.exp2((s - lse) * LOG2E), 0.0)
+    # dp = dO·v ;  ds = p (dp − δ) (1 − tanh²) · scale
+    ds = p * (tl.sum(do * v_rows, 1) - delta)
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - (sc / softcap) * (sc / softcap))
+    ds = ds * scale
+
+    # Sum the rows of each piece: one-hot [pieces, rows] @ per-row terms [rows, D].
+    slots = tl.arange(0, BLOCK_E)
+    one_hot = tl.where((piece[None, :] == slots[:, None]) & row_ok[None, :], 1.0, 0.0)
+    dk = tl.dot(one_hot, ds[:, None] * q, input_precision=PIECE_PRECISION)
+    dv = tl.dot(one_hot, p[:, None] * do, input_precision=PIECE_PRECISION)
+    first = tl.load(CHUNK_PIECE + chunk)
+    last = tl.load(CHUNK_PIECE + chunk + 1)
+    part = (replica.to(tl.int64) * num_pieces + first + slots)[:, None] * head_dim + cols_d[None, :]
+    part_mask = (first + slots < last)[:, None] & d_ok[None, :]
+    tl.store(DK_PART + part, dk, mask=part_mask)
+    tl.store(DV_PART + part, dv, mask=part_mask)
+
+
+@triton.jit
+def gather_reduce_kv_kernel(
+    DK, DV, DK_PART, DV_PART, KEY_ID, KEY_PIECE_START, KEY_PIECE_COUNT,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    heads_kv, index_heads, num_keys, num_pieces, seqlen_k, head_dim,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK_j = Σ_pieces partial_j (in piece order: deterministic) for ``BLOCK_R`` selected keys."""
+    block = tl.program_id(0)
+    replica = tl.program_id(1)
+    slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    slot_ok = slot < num_keys
+    key_id = tl.load(KEY_ID + slot, mask=slot_ok, other=0)  # (batch · index_heads + index_head) · Nk + j
+    first = tl.load(KEY_PIECE_START + slot, mask=slot_ok, other=0)
+    count = tl.load(KEY_PIECE_COUNT + slot, mask=slot_ok, other=0)
+    key = key_id % seqlen_k
+    batch = key_id // seqlen_k // index_heads
+    kv_head = (key_id // seqlen_k % index_heads) * (heads_kv // index_heads) + replica
+    cols_d = tl.arange(0, BLOCK_D)
+    d_ok = cols_d < head_dim
+    dk = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for n in range(0, tl.max(count, 0)):
+        use = (n < count)[:, None] & d_ok[None, :]
+        part = (replica.to(tl.int64) * num_pieces + first + n)[:, None] * head_dim + cols_d[None, :]
+        dk += tl.load(DK_PART + part, mask=use, other=0.0)
+        dv += tl.load(DV_PART + part, mask=use, other=0.0)
+    out_mask = slot_ok[:, None] & d_ok[None, :]
+    row_dk = batch * stride_dkb + kv_head * stride_dkh + key * stride_dkn
+    row_dv = batch * stride_dvb + kv_head * stride_dvh + key * stride_dvn
+    tl.store(DK + row_dk[:, None] + cols_d[None, :], dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + row_dv[:, None] + cols_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
