@@ -1,0 +1,406 @@
+"""Benchmark cases: which attention problems are timed, their inputs, and their useful work.
+
+A ``Case`` is one problem (pattern + shape + dtype). ``make_cases`` builds the sweep from a
+profile (``cpu-quick``, ``cpu``, ``gpu-quick``, ``gpu``) and the command-line overrides:
+the base point (first head dim, first dtype, first batch x heads) runs at every sequence
+length; every other head dim / dtype / batch x heads runs at the pivot sequence length (one
+factor at a time), unless ``grid=True`` asks for the full cross product.
+
+Useful work (DESIGN.md's benchmark protocol):
+
+* FLOPs: ``4 * D * (sum over batch, query heads and queries of the keys the query sees)`` for the
+  forward; the backward is 2.5x that, forward+backward 3.5x. Full attention is thus
+  ``4*B*H*Nq*Nk*D``, causal about half, a window ``4*B*H*Nq*w*D``, top-k ``4*B*H*Nq*k*D``.
+* Bytes (memory-bound cases only: decode and top-k): the data the kernel must move at least,
+  without reuse between queries (see ``Case.bytes``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+PATTERNS = ("full", "causal", "window", "block_sparse", "topk", "decode")
+PATTERN_ALIASES = {"block-sparse": "block_sparse", "blocksparse": "block_sparse", "sparse": "block_sparse",
+                   "top-k": "topk", "top_k": "topk", "sliding_window": "window", "sliding-window": "window"}
+MODES = ("fwd", "bwd", "fwd+bwd")
+BACKWARD_FACTOR = 2.5  # backward FLOPs per forward FLOP (DESIGN.md)
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "fp16": "float16", "f16": "float16",
+                 "half": "float16", "bf16": "bfloat16"}
+DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+MEMORY_BOUND = ("decode", "topk")
+
+
+class Skip(Exception):
+    """Raised when an implementation cannot run a case; the message is the reason."""
+
+
+def parse_pattern(name: str) -> str:
+    name = name.strip().lower()
+    name = PATTERN_ALIASES.get(name, name)
+    if name not in PATTERNS:
+        raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}; got {name!r}")
+    return name
+
+
+def parse_dtype(name: str) -> str:
+    name = name.strip().lower().replace("torch.", "")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of float32/fp32, float16/fp16, bfloat16/bf16; got {name!r}")
+    return name
+
+
+def parse_batch_heads(text: str) -> Tuple[int, int]:
+    """``"2x16"`` -> (2, 16)."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"batch x heads must look like 2x16 (positive ints), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+
+    def text(self) -> str:
+        heads = f"{self.heads_q}" if self.heads_q == self.heads_kv else f"{self.heads_q}/{self.heads_kv}"
+        return f"{self.batch}x{heads} {self.seqlen_q}x{self.seqlen_k} d{self.head_dim}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed problem. ``params`` hold the pattern's settings (window, density, block_size, k)."""
+
+    pattern: str
+    shape: Shape
+    dtype: str
+    params: Tuple[Tuple[str, object], ...] = ()
+    seed: int = 0
+
+    @property
+    def p(self) -> Dict[str, object]:
+        return dict(self.params)
+
+    @property
+    def label(self) -> str:
+        """Pattern with its settings, e.g. ``window(1024)``, ``block_sparse(10%)``, ``topk(64)``."""
+        p = self.p
+        if self.pattern == "window":
+            return f"window({p['window']})"
+        if self.pattern == "block_sparse":
+            return f"block_sparse({round(100 * float(p['density']))}%)"
+        if self.pattern == "topk":
+            return f"topk({p['k']})"
+        return self.pattern
+
+    @property
+    def id(self) -> str:
+        return f"{self.label} {self.shape.text()} {DTYPE_SHORT[self.dtype]}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def memory_bound(self) -> bool:
+        return self.pattern in MEMORY_BOUND
+
+    @property
+    def modes(self) -> Tuple[str, ...]:
+        # A decode step is inference: no backward is timed.
+        return ("fwd",) if self.pattern == "decode" else MODES
+
+    # -- useful work ---------------------------------------------------------------------------
+    def visited_keys(self, pattern_data: Optional["PatternData"] = None) -> int:
+        """Sum over batch, query heads and queries of the keys each query sees (exact)."""
+        s = self.shape
+        if self.pattern in ("full", "decode"):
+            per_head = s.seqlen_q * s.seqlen_k
+        elif self.pattern == "causal":
+            per_head = band_keys(s.seqlen_q, s.seqlen_k, None, 0)
+        elif self.pattern == "window":
+            per_head = band_keys(s.seqlen_q, s.seqlen_k, int(self.p["window"]), 0)
+        elif self.pattern == "block_sparse":
+            data = pattern_data or make_pattern_data(self, "cpu")
+            return layout_keys(data.layout, int(self.p["block_size"]), s.seqlen_q, s.seqlen_k, s.batch, s.heads_q)
+        elif self.pattern == "topk":
+            data = pattern_data or make_pattern_data(self, "cpu")
+            valid = int((data.indices >= 0).sum())  # [B, Hkv, Nq, K]
+            return valid * (s.heads_q // data.indices.shape[1])
+        else:  # pragma: no cover - parse_pattern guards
+            raise ValueError(self.pattern)
+        return per_head * s.batch * s.heads_q
+
+    def flops(self, mode: str, pattern_data: Optional["PatternData"] = None) -> float:
+        """Useful FLOPs of one call in ``mode`` (fwd, bwd, fwd+bwd)."""
+        forward = 4.0 * self.shape.head_dim * self.visited_keys(pattern_data)
+        return forward * {"fwd": 1.0, "bwd": BACKWARD_FACTOR, "fwd+bwd": 1.0 + BACKWARD_FACTOR}[mode]
+
+    def bytes(self, mode: str, pattern_data: Optional["PatternData"] = None) -> Optional[float]:
+        """Minimum bytes moved, for memory-bound cases (None otherwise).
+
+        decode: read q, k, v, write out. top-k: read q, write out, gather one k and one v row per
+        (kv head, query, listed key), read the indices. Backward: twice the q/out traffic (dout,
+        dq) and the k/v traffic (dk, dv scattered), plus the indices again.
+        """
+        if not self.memory_bound:
+            return None
+        s = self.shape
+        elt = element_size(self.torch_dtype)
+        q_and_out = 2 * s.batch * s.heads_q * s.seqlen_q * s.head_dim * elt
+        if self.pattern == "decode":
+            kv = 2 * s.batch * s.heads_kv * s.seqlen_k * s.head_dim * elt
+            index_bytes = 0
+        else:
+            data = pattern_data or make_pattern_data(self, "cpu")
+            kv = 2 * int((data.indices >= 0).sum()) * s.head_dim * elt
+            index_bytes = data.indices.numel() * data.indices.element_size()
+        forward = q_and_out + kv + index_bytes
+        backward = 2 * q_and_out + 2 * kv + index_bytes
+        return float({"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[mode])
+
+    def to_json(self) -> dict:
+        s = self.shape
+        return {"id": self.id, "pattern": self.pattern, "label": self.label, "params": self.p,
+                "shape": {"batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv, "seqlen_q": s.seqlen_q,
+                          "seqlen_k": s.seqlen_k, "head_dim": s.head_dim},
+                "dtype": self.dtype, "memory_bound": self.memory_bound}
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def band_keys(seqlen_q: int, seqlen_k: int, left: Optional[int], right: Optional[int]) -> int:
+    """Sum over queries of ``|{j : p(i) - left <= j <= p(i) + right, 0 <= j < Nk}|``, p(i) = i + Nk - Nq."""
+    pos = torch.arange(seqlen_q, dtype=torch.int64) + (seqlen_k - seqlen_q)
+    lo = (pos - left).clamp(min=0) if left is not None else torch.zeros_like(pos)
+    hi = (pos + right).clamp(max=seqlen_k - 1) if right is not None else torch.full_like(pos, seqlen_k - 1)
+    return int((hi - lo + 1).clamp(min=0).sum())
+
+
+def layout_keys(layout: torch.Tensor, block_size: int, seqlen_q: int, seqlen_k: int, batch: int,
+                heads_q: int) -> int:
+    """Visited keys of a (non-causal) block layout ``[B|1, H|1, Mb, Nb]`` broadcast to ``[B, Hq]``."""
+    mb, nb = layout.shape[-2:]
+    rows = (seqlen_q - torch.arange(mb) * block_size).clamp(max=block_size).to(torch.float64)
+    cols = (seqlen_k - torch.arange(nb) * block_size).clamp(max=block_size).to(torch.float64)
+    per_block_row = layout.to("cpu", torch.float64) @ cols  # [B|1, H|1, Mb]
+    total = (per_block_row * rows).sum(-1)  # [B|1, H|1]
+    total = total.expand(batch, heads_q)
+    return int(round(float(total.sum())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pattern data and inputs
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PatternData:
+    """The flashlite pattern of a case plus the tensors peers need to express the same pattern."""
+
+    pattern: object  # a flashlite Pattern
+    layout: Optional[torch.Tensor] = None  # block_sparse: bool [1, Hq, Mb, Nb]
+    indices: Optional[torch.Tensor] = None  # topk: int32 [B, Hkv, Nq, K]
+    _dense: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def dense_mask_bytes(self, case: Case) -> int:
+        """Bytes of the bool mask ``[B|1, Hq|1, Nq, Nk]`` a dense-mask peer needs."""
+        s = case.shape
+        lead = {"window": 1, "causal": 1, "block_sparse": s.heads_q, "topk": s.batch * s.heads_q}.get(case.pattern, 1)
+        return lead * s.seqlen_q * s.seqlen_k
+
+    def dense_mask(self, case: Case, device) -> torch.Tensor:
+        """Bool mask broadcastable to ``[B, Hq, Nq, Nk]`` (True = attend), built once."""
+        if self._dense is None:
+            s = case.shape
+            self._dense = self.pattern.dense_mask(s.batch, s.heads_q, s.heads_kv, s.seqlen_q, s.seqlen_k, device)
+        return self._dense
+
+
+def stratified_indices(batch: int, heads_kv: int, seqlen_q: int, seqlen_k: int, k: int,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Distinct random key positions per query: slot ``s`` picks one key in ``[s*Nk/k, (s+1)*Nk/k)``.
+
+    int32 ``[B, Hkv, Nq, min(k, Nk)]``, ascending in each row. O(Nq*k) memory, unlike a top-k over
+    random scores.
+    """
+    k = min(k, seqlen_k)
+    starts = (torch.arange(k, dtype=torch.float64) * seqlen_k / k).floor().to(torch.int64)
+    ends = ((torch.arange(1, k + 1, dtype=torch.float64) * seqlen_k / k).floor().to(torch.int64))
+    widths = (ends - starts).clamp(min=1)
+    jitter = torch.rand(batch, heads_kv, seqlen_q, k, generator=generator, dtype=torch.float64)
+    picks = starts + (jitter * widths).floor().to(torch.int64)
+    return picks.clamp(max=seqlen_k - 1).to(torch.int32)
+
+
+def random_layout(heads: int, seqlen_q: int, seqlen_k: int, block_size: int, density: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Bool ``[1, H, Mb, Nb]``: each tile kept with probability ``density``, plus the diagonal tile
+    of every query block so no query is left without keys."""
+    mb, nb = -(-seqlen_q // block_size), -(-seqlen_k // block_size)
+    layout = torch.rand(1, heads, mb, nb, generator=generator) < density
+    # the key block holding p(first query of the block), p(i) = i + Nk - Nq
+    diag = ((torch.arange(mb) * block_size + (seqlen_k - seqlen_q)).clamp(min=0) // block_size).clamp(max=nb - 1)
+    layout[:, :, torch.arange(mb), diag] = True
+    return layout
+
+
+def make_pattern_data(case: Case, device) -> PatternData:
+    """Build the flashlite pattern (deterministic in ``case.seed``) on ``device``."""
+    import flashlite
+
+    s, p = case.shape, case.p
+    gen = torch.Generator().manual_seed(1000 + case.seed)
+    if case.pattern in ("full", "decode"):
+        return PatternData(flashlite.Full(causal=False))
+    if case.pattern == "causal":
+        return PatternData(flashlite.Full(causal=True))
+    if case.pattern == "window":
+        return PatternData(flashlite.SlidingWindow(int(p["window"]), 0))
+    if case.pattern == "block_sparse":
+        layout = random_layout(s.heads_q, s.seqlen_q, s.seqlen_k, int(p["block_size"]), float(p["density"]), gen)
+        layout = layout.to(device)
+        return PatternData(flashlite.BlockSparse(layout, int(p["block_size"])), layout=layout)
+    if case.pattern == "topk":
+        indices = stratified_indices(s.batch, s.heads_kv, s.seqlen_q, s.seqlen_k, int(p["k"]), gen).to(device)
+        return PatternData(flashlite.TopK(indices, causal=False), indices=indices)
+    raise ValueError(f"unknown pattern {case.pattern!r}")
+
+
+def make_qkv(case: Case, device, sets: int = 1, seed: int = 0) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``sets`` independent random (q, k, v) triples in the case's dtype (for rotation)."""
+    s = case.shape
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)  # generated on the device: no host copy
+    out = []
+    for _ in range(sets):
+        triple = tuple(
+            torch.randn(s.batch, heads, seqlen, s.head_dim, generator=gen, device=device).to(case.torch_dtype)
+            for heads, seqlen in ((s.heads_q, s.seqlen_q), (s.heads_kv, s.seqlen_k), (s.heads_kv, s.seqlen_k)))
+        out.append(triple)
+    return out
+
+
+def qkv_bytes(case: Case) -> int:
+    s = case.shape
+    elt = element_size(case.torch_dtype)
+    return (s.batch * s.heads_q * s.seqlen_q + 2 * s.batch * s.heads_kv * s.seqlen_k) * s.head_dim * elt
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Sweep:
+    """What to time. Lists are the values of each axis; the first entry is the base point."""
+
+    patterns: List[str]
+    seqlens: List[int]
+    head_dims: List[int]
+    dtypes: List[str]
+    batch_heads: List[Tuple[int, int]]
+    window: int
+    densities: List[float]
+    block_size: int
+    topk: int
+    decode_group: int = 8  # GQA ratio of the decode case (Hq : Hkv)
+    grid: bool = False
+
+
+PROFILES: Dict[str, Dict[str, object]] = {
+    # CPU, about a minute on two cores: the README's first command.
+    "cpu-quick": dict(seqlens=[256, 1024], head_dims=[64], dtypes=["float32"], batch_heads=[(1, 4)],
+                      window=128, densities=[0.25], block_size=64, topk=32),
+    # CPU default of `flashlite bench` / `make bench`: a few minutes.
+    "cpu": dict(seqlens=[256, 512, 1024, 2048], head_dims=[64, 128], dtypes=["float32", "bfloat16"],
+                batch_heads=[(1, 4), (4, 8)], window=128, densities=[0.25], block_size=64, topk=32),
+    # GPU, about a minute.
+    "gpu-quick": dict(seqlens=[1024, 4096], head_dims=[128], dtypes=["bfloat16"], batch_heads=[(2, 16)],
+                      window=512, densities=[0.1], block_size=64, topk=64),
+    # GPU full size (bench/gpu_suite.sh).
+    "gpu": dict(seqlens=[1024, 2048, 4096, 8192, 16384], head_dims=[128, 64, 256], dtypes=["bfloat16", "float16"],
+                batch_heads=[(2, 16), (8, 16)], window=1024, densities=[0.1, 0.5], block_size=64, topk=64),
+}
+
+
+def profile_sweep(profile: str, patterns: Sequence[str] = PATTERNS) -> Sweep:
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {profile!r}")
+    values = dict(PROFILES[profile])
+    return Sweep(patterns=list(patterns), **values)  # type: ignore[arg-type]
+
+
+def pivot(seqlens: Sequence[int]) -> int:
+    """The sequence length where the one-factor-at-a-time variants run: the geometric middle."""
+    ordered = sorted(seqlens)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _pattern_cases(pattern: str, sweep: Sweep, seqlen: int, head_dim: int, dtype: str,
+                   batch_heads: Tuple[int, int]) -> Iterable[Case]:
+    batch, heads = batch_heads
+    if pattern == "decode":
+        group = max(g for g in range(1, sweep.decode_group + 1) if heads % g == 0)  # GQA, 8:1 where it divides
+        yield Case("decode", Shape(batch, heads, heads // group, 1, seqlen, head_dim), dtype)
+        return
+    shape = Shape(batch, heads, heads, seqlen, seqlen, head_dim)
+    if pattern == "window":
+        yield Case("window", shape, dtype, (("window", sweep.window),))
+    elif pattern == "block_sparse":
+        for density in sweep.densities:
+            yield Case("block_sparse", shape, dtype, (("density", float(density)), ("block_size", sweep.block_size)))
+    elif pattern == "topk":
+        yield Case("topk", shape, dtype, (("k", sweep.topk),))
+    else:
+        yield Case(pattern, shape, dtype)
+
+
+def make_cases(sweep: Sweep) -> List[Case]:
+    """The cases of a sweep, ordered by sequence length then pattern (so a time budget cuts the
+    largest sizes first)."""
+    points = []
+    base = (sweep.head_dims[0], sweep.dtypes[0], sweep.batch_heads[0])
+    if sweep.grid:
+        points = [(n, d, t, bh) for n in sweep.seqlens for d in sweep.head_dims for t in sweep.dtypes
+                  for bh in sweep.batch_heads]
+    else:
+        points = [(n, *base) for n in sweep.seqlens]
+        middle = pivot(sweep.seqlens)
+        points += [(middle, d, base[1], base[2]) for d in sweep.head_dims[1:]]
+        points += [(middle, base[0], t, base[2]) for t in sweep.dtypes[1:]]
+        points += [(middle, base[0], base[1], bh) for bh in sweep.batch_heads[1:]]
+    cases: List[Case] = []
+    seen = set()
+    for seqlen, head_dim, dtype, bh in sorted(points, key=lambda p: p[0]):
+        for pattern in sweep.patterns:
+            for case in _pattern_cases(pattern, sweep, seqlen, head_dim, dtype, bh):
+                if case.id not in seen:
+                    seen.add(case.id)
+                    cases.append(case)
+    return cases
+
+
+def with_seed(case: Case, seed: int) -> Case:
+    return replace(case, seed=seed)
+
+
+def is_base_point(case: Case, sweep: Sweep) -> bool:
+    """True for cases on the base line (first head dim, dtype and batch x heads): the plotted series."""
+    s = case.shape
+    batch, heads = sweep.batch_heads[0]
+    return (s.head_dim == sweep.head_dims[0] and case.dtype == sweep.dtypes[0] and s.batch == batch
+            and s.heads_q == heads)
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")

@@ -1,0 +1,217 @@
+"""Reporting: the environment block, the derived figures of each row, the table, the JSON file."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+SCHEMA = "flashlite-bench/1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------
+def _git(*args: str) -> Optional[str]:
+    if not (REPO_ROOT / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> Optional[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """Device, versions, commit, threads: everything needed to reproduce or compare a run."""
+    import flashlite
+
+    try:
+        import triton
+
+        triton_version: Optional[str] = triton.__version__
+    except ImportError:
+        triton_version = None
+    env: Dict[str, object] = {
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "flashlite": getattr(flashlite, "__version__", None),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        "cuda_runtime": torch.version.cuda,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update({
+            "device_name": torch.cuda.get_device_name(device),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "sm_count": props.multi_processor_count,
+            "memory_bytes": props.total_memory,
+            "l2_bytes": getattr(props, "L2_cache_size", None),
+            "driver": _nvidia_driver(),
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        })
+    else:
+        env["device_name"] = _cpu_model()
+    return env
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "device"
+
+
+def stamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived figures
+# ---------------------------------------------------------------------------------------------
+def derive(rows: List[Dict[str, object]], peak: Optional[Dict[str, object]]) -> None:
+    """Fill TFLOP/s, GB/s, % of peak and the ratio to the best peer of the same case and mode."""
+    best: Dict[tuple, tuple] = {}
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        seconds = float(row["time_ms"]) * 1e-3
+        row["tflops"] = row["flops"] / seconds / 1e12 if row.get("flops") else None
+        row["gbps"] = row["bytes"] / seconds / 1e9 if row.get("bytes") else None
+        row["pct_peak"] = None
+        if peak:
+            if row.get("memory_bound") and row.get("gbps") and peak.get("copy_gbps"):
+                row["pct_peak"] = 100 * row["gbps"] / float(peak["copy_gbps"])
+            elif not row.get("memory_bound") and row.get("tflops"):
+                matmul = (peak.get("matmul_tflops") or {}).get(row["dtype"])
+                if matmul:
+                    row["pct_peak"] = 100 * row["tflops"] / float(matmul)
+        if row["kind"] == "peer":
+            key = (row["case"], row["mode"])
+            if key not in best or row["time_ms"] < best[key][0]:
+                best[key] = (row["time_ms"], row["impl"])
+    for row in rows:
+        key = (row["case"], row["mode"])
+        if row["status"] == "ok" and key in best:
+            row["best_peer"] = best[key][1]
+            row["best_peer_ms"] = best[key][0]
+            row["speedup_vs_best_peer"] = best[key][0] / row["time_ms"]
+        else:
+            row.setdefault("best_peer", None)
+            row.setdefault("speedup_vs_best_peer", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Table
+# ---------------------------------------------------------------------------------------------
+def _num(value, fmt: str, width: int) -> str:
+    return f"{value:{width}{fmt}}" if isinstance(value, (int, float)) and value == value else f"{'-':>{width}}"
+
+
+HEADER = (f"{'case':<44} {'mode':<7} {'impl':<20} {'time ms':>9} {'TFLOP/s':>8} {'GB/s':>7} "
+          f"{'%peak':>6} {'vs best peer':>12} {'mem MiB':>8}")
+
+
+def format_row(row: Dict[str, object]) -> str:
+    head = f"{row['case']:<44.44} {row['mode']:<7} {row['impl']:<20.20}"
+    if row["status"] != "ok":
+        return f"{head} {row['status']}: {row.get('reason') or ''}"[:200]
+    speed = row.get("speedup_vs_best_peer")
+    speed_text = f"{speed:11.2f}x" if isinstance(speed, float) else f"{'-':>12}"
+    mem = row.get("peak_mem_bytes")
+    return (f"{head} {_num(row['time_ms'], '.3f', 9)} {_num(row.get('tflops'), '.2f', 8)} "
+            f"{_num(row.get('gbps'), '.1f', 7)} {_num(row.get('pct_peak'), '.1f', 6)} {speed_text} "
+            f"{_num(mem / 2**20 if isinstance(mem, int) else None, '.1f', 8)}")
+
+
+def table(rows: Sequence[Dict[str, object]], show_skipped: bool = True) -> str:
+    """The rows grouped by case, one line per (mode, impl); skipped rows show their reason."""
+    lines = [HEADER, "-" * len(HEADER)]
+    previous = None
+    for row in rows:
+        if row["status"] == "skip" and not show_skipped:
+            continue
+        if previous is not None and row["case"] != previous:
+            lines.append("")
+        previous = row["case"]
+        lines.append(format_row(row))
+    return "\n".join(lines)
+
+
+def summary(rows: Sequence[Dict[str, object]]) -> List[str]:
+    """Geometric-mean speed-up of each flashlite backend over the best peer, per mode."""
+    from .cases import geometric_mean
+
+    out = []
+    impls = sorted({r["impl"] for r in rows if r["kind"] == "flashlite"})
+    for impl in impls:
+        parts = []
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            ratios = [r["speedup_vs_best_peer"] for r in rows if r["impl"] == impl and r["mode"] == mode
+                      and isinstance(r.get("speedup_vs_best_peer"), float)]
+            if ratios:
+                parts.append(f"{mode} {geometric_mean(ratios):.2f}x over {len(ratios)} cases")
+        if parts:
+            out.append(f"{impl}: geometric-mean speed-up vs the best peer: " + "; ".join(parts))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+# ---------------------------------------------------------------------------------------------
+def _clean(value):
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None if value != value else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(report: Dict[str, object], path: Path) -> None:
+    """Write atomically (``path.tmp`` then rename), so an interrupted run leaves a valid file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(_clean(report), handle, indent=1, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def command_line(argv: Optional[Iterable[str]] = None) -> str:
+    args = list(sys.argv if argv is None else argv)
+    return " ".join(args)

@@ -1,0 +1,479 @@
+"""``flashlite bench``: validate, time beside the peers, print the table, write JSON and plots.
+
+Python API: ``run(parse_args([...]))`` returns the report dict (the JSON's content);
+``main(argv)`` is the command line (``flashlite bench`` and ``python -m flashlite.bench``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import cases as C
+from .cases import Case, Skip
+from .peers import FlashliteImpl, Impl, make_peers, parse_peers
+from .report import REPO_ROOT, SCHEMA, command_line, derive, environment, slug, stamp, summary, table, write_json
+from .timing import Timer, measure_peak, rotation_sets
+
+BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def _list(kind: Callable[[str], object]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        items = [item for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(item.strip()) for item in items]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _density(text: str) -> float:
+    value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    if not 0 < value <= 1:
+        raise ValueError(f"density must be in (0, 1] (or a percentage), got {text!r}")
+    return value
+
+
+def default_results_dir() -> Path:
+    """bench/results/ of the source checkout, else ./flashlite-bench-results."""
+    bench_dir = Path(__file__).resolve().parent
+    if (REPO_ROOT / ".git").exists() or (REPO_ROOT / "setup.py").exists():
+        return bench_dir / "results"
+    return Path.cwd() / "flashlite-bench-results"
+
+
+def build_parser(prog: str = "flashlite bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Validate every flashlite backend against the reference, then time forward, backward and "
+                    "forward+backward of each pattern beside PyTorch SDPA and FlexAttention measured in the same run. "
+                    "Prints a table, writes JSON and PNG plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--quick", action="store_true", help="a short run (about a minute): fewer, smaller shapes")
+    add("--profile", choices=sorted(C.PROFILES), default=None,
+        help="size profile (default: gpu/gpu-quick on a GPU, cpu/cpu-quick on a CPU)")
+    add("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    add("--patterns", type=_list(C.parse_pattern), default=None, help=f"comma list of {', '.join(C.PATTERNS)}")
+    add("--seqlens", type=_list(_positive_int), default=None, help="comma list of sequence lengths")
+    add("--head-dims", type=_list(_positive_int), default=None, help="comma list of head dims (first = base)")
+    add("--dtypes", type=_list(C.parse_dtype), default=None, help="comma list: bf16, fp16, fp32 (first = base)")
+    add("--batch-heads", type=_list(C.parse_batch_heads), default=None, help="comma list like 2x16 (first = base)")
+    add("--window", type=_positive_int, default=None, help="sliding-window size (keys to the left)")
+    add("--densities", type=_list(_density), default=None, help="block-sparse densities, e.g. 0.1,0.25 or 10%%")
+    add("--block-size", type=int, choices=(16, 32, 64, 128), default=None, help="block-sparse block size")
+    add("--topk", type=_positive_int, default=None, help="keys per query of the top-k pattern")
+    add("--grid", action="store_true", help="full cross product of seqlens x head dims x dtypes x batch-heads "
+                                            "(default: the base line over seqlens, other values at the middle seqlen)")
+    add("--backends", type=_list(str), default=None,
+        help=f"flashlite backends among {', '.join(BACKEND_NAMES)} (default: all available; the reference only on CPU)")
+    add("--peers", type=_list(str), default=None,
+        help="peers: sdpa (every SDPA backend), sdpa:flash, sdpa:cudnn, sdpa:efficient, sdpa:math, flex, none "
+             "(default: sdpa,flex on GPU; sdpa on CPU)")
+    add("--modes", type=_list(str), default=None, help="fwd, bwd, fwd+bwd (default: all)")
+    add("--peak", action="store_true", help="measure matmul TFLOP/s and copy bandwidth first (the %%peak column)")
+    add("--no-validate", dest="validate", action="store_false", help="skip the validation against the reference")
+    add("--out", type=Path, default=None, help="folder for the JSON and plots (default: bench/results/)")
+    add("--json", type=Path, default=None, help="path of the JSON report (default: OUT/<date>-<device>.json)")
+    add("--no-plot", dest="plot", action="store_false", help="no PNG plots")
+    add("--target-ms", type=float, default=None, help="time spent in timed calls per measurement")
+    add("--budget", type=float, default=None, help="stop timing after this many seconds (rows left: skipped)")
+    add("--max-mask-mib", type=float, default=2048, help="largest dense mask a peer may build")
+    add("--seed", type=int, default=None, help="seed of the validation inputs (default: fresh)")
+    add("--list", action="store_true", help="print the cases and implementations, run nothing")
+    add("--quiet", action="store_true", help="no progress line")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress line (stderr; no dependency)
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    def __init__(self, enabled: bool = True, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.monotonic()
+        self._last_plain = ""
+
+    def line(self, text: str, key: Optional[str] = None) -> None:
+        """On a terminal: rewrite one status line. Elsewhere: print when ``key`` changes."""
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.start
+        if self.tty:
+            self.stream.write("\r\033[K" + f"[{elapsed:6.1f}s] {text}"[:150])
+            self.stream.flush()
+        elif (key or text) != self._last_plain:
+            self._last_plain = key or text
+            self.stream.write(f"[{elapsed:6.1f}s] {text}\n")
+            self.stream.flush()
+
+    def bar(self, done: int, total: int, text: str, key: Optional[str] = None) -> None:
+        width = 20
+        filled = int(width * done / max(1, total))
+        self.line(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text}", key)
+
+    def done(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("flashlite bench: --device cuda but torch sees no CUDA device")
+    if device.type not in ("cuda", "cpu"):
+        raise SystemExit(f"flashlite bench: --device must be cuda or cpu, got {name!r}")
+    return device
+
+
+def make_sweep(opts: argparse.Namespace, device: torch.device) -> tuple:
+    profile = opts.profile or (("gpu" if device.type == "cuda" else "cpu") + ("-quick" if opts.quick else ""))
+    sweep = C.profile_sweep(profile, opts.patterns or C.PATTERNS)
+    for field, attr in (("seqlens", "seqlens"), ("head_dims", "head_dims"), ("dtypes", "dtypes"),
+                        ("batch_heads", "batch_heads"), ("window", "window"), ("densities", "densities"),
+                        ("block_size", "block_size"), ("topk", "topk")):
+        value = getattr(opts, attr)
+        if value is not None:
+            setattr(sweep, field, value)
+    sweep.grid = bool(opts.grid)
+    return profile, sweep
+
+
+def choose_backends(opts: argparse.Namespace, device: torch.device) -> tuple:
+    """(backends to validate, backends to time, {left-out backend: reason})."""
+    import flashlite
+
+    report = flashlite.backends()
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    left_out: Dict[str, str] = {}
+    if opts.backends:
+        unknown = [b for b in opts.backends if b not in BACKEND_NAMES]
+        if unknown:
+            raise SystemExit(f"flashlite bench: --backends must be among {', '.join(BACKEND_NAMES)}; got {unknown}")
+        wanted = list(dict.fromkeys(opts.backends))
+    else:
+        wanted = [b for b in BACKEND_NAMES if report.get(b) == "available"]
+        if device.type == "cuda" and "reference" in wanted:
+            wanted.remove("reference")
+            left_out["reference"] = "the oracle (O(N^2) memory) is not timed on a GPU; pass --backends ... ,reference"
+    for name in list(wanted):
+        if report.get(name) != "available":
+            left_out[name] = report.get(name) or "unknown backend"
+            wanted.remove(name)
+    validated = list(wanted)
+    timed = list(wanted)
+    if device.type == "cpu" and "triton" in wanted:
+        timed.remove("triton")
+        left_out["triton"] = ("not timed on CPU: Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1), "
+                              "far too slow to time" + ("; validated on a tiny shape" if interpreted else
+                                                        "; not validated either (TRITON_INTERPRET is not set)"))
+        if not interpreted:
+            validated.remove("triton")
+    if device.type == "cuda" and "cpu" in wanted:
+        validated.remove("cpu")
+        timed.remove("cpu")
+        left_out["cpu"] = "runs on CPU tensors; run flashlite bench --device cpu"
+    return validated, timed, left_out
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring one row
+# ---------------------------------------------------------------------------------------------
+def _attempt(fn: Callable[[], object]) -> object:
+    """Run once; turn "cannot run" errors (unsupported, OOM) into Skip."""
+    try:
+        return fn()
+    except Skip:
+        raise
+    except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            raise Skip("out of memory") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Skip(f"{type(exc).__name__}: {first}") from None
+
+
+def measure(impl: Impl, forward, case: Case, inputs: list, mode: str, timer: Timer, warmup: int) -> dict:
+    """Time ``impl`` on ``case`` in ``mode``; returns the measured fields of the row."""
+    first_s = 0.0
+    if mode == "fwd":
+        def make_call(q, k, v):
+            def call():
+                with torch.no_grad():
+                    return forward(q, k, v)
+            return call
+
+        with torch.no_grad():
+            first_s = impl.check(forward, *inputs[0])
+        calls = [make_call(*triple) for triple in inputs]
+    else:
+        calls = []
+        for index, triple in enumerate(inputs):
+            leaves = [t.detach().requires_grad_(True) for t in triple]
+            start = time.perf_counter()
+            if index == 0:  # the first forward: compiles, or says it cannot run
+                holder: Dict[str, object] = {}
+
+                def first_forward(q, k, v):
+                    holder["out"] = forward(q, k, v)
+                    return holder["out"]
+
+                impl.check(first_forward, *leaves)
+                out = holder["out"]
+            else:
+                out = forward(*leaves)
+            grad_out = torch.randn_like(out)
+            if mode == "bwd":
+                def call(out=out, leaves=leaves, grad_out=grad_out):
+                    return torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+            else:
+                def call(leaves=leaves, grad_out=grad_out):
+                    return torch.autograd.grad(forward(*leaves), leaves, grad_out)
+            if index == 0:
+                _attempt(call)  # the first backward: compiles, or says it cannot run
+                timer.sync()
+                first_s = time.perf_counter() - start
+            calls.append(call)
+    stats = _attempt(lambda: timer.time(calls, warmup=warmup))
+    peak = _attempt(lambda: timer.peak_memory(calls[0]))
+    return {"time_ms": stats.median_ms, "stats": stats.to_json(), "peak_mem_bytes": peak, "first_call_s": first_s}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None) -> Dict[str, object]:
+    """Validate, time, report. Returns the report (also written as JSON unless ``--list``)."""
+    import flashlite
+    from . import validate as V
+
+    out = out or sys.stdout
+    progress = progress or Progress(enabled=not opts.quiet)
+    started = time.monotonic()
+    device = resolve_device(opts.device)
+    profile, sweep = make_sweep(opts, device)
+    modes = opts.modes or list(C.MODES)
+    bad_modes = [m for m in modes if m not in C.MODES]
+    if bad_modes:
+        raise SystemExit(f"flashlite bench: --modes must be among {', '.join(C.MODES)}; got {bad_modes}")
+    validated, timed, left_out = choose_backends(opts, device)
+    peer_names = parse_peers(opts.peers or (["sdpa", "flex"] if device.type == "cuda" else ["sdpa"]))
+    max_mask = int(opts.max_mask_mib * 2**20)
+    peers, peers_left_out = make_peers(peer_names, device, C.DTYPE_NAMES[sweep.dtypes[0]], max_mask)
+    if device.type == "cpu" and "flex" not in peer_names:
+        peers_left_out["flex"] = ("not run on CPU by default: each shape compiles for ~20 s with inductor; "
+                                  "pass --peers sdpa,flex to include it")
+    impls: List[Impl] = [FlashliteImpl(b) for b in timed] + peers
+    case_list = C.make_cases(sweep)
+    target_s = (opts.target_ms / 1e3 if opts.target_ms else
+                (0.1 if device.type == "cuda" else (0.06 if profile == "cpu-quick" else 0.15)))
+    warmup = 3 if device.type == "cuda" else 1
+
+    env = environment(device)
+    report: Dict[str, object] = {
+        "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command_line(),
+        "profile": profile,
+        "config": {"patterns": sweep.patterns, "seqlens": sweep.seqlens, "head_dims": sweep.head_dims,
+                   "dtypes": sweep.dtypes, "batch_heads": [list(bh) for bh in sweep.batch_heads],
+                   "window": sweep.window, "densities": sweep.densities, "block_size": sweep.block_size,
+                   "topk": sweep.topk, "grid": sweep.grid, "modes": modes, "target_ms": target_s * 1e3,
+                   "warmup": warmup, "budget_s": opts.budget, "max_mask_mib": opts.max_mask_mib},
+        "environment": env, "backends": flashlite.backends(),
+        "timed": [i.name for i in impls], "validated_backends": validated,
+        "left_out": {**left_out, **peers_left_out},
+        "timing_protocol": ("GPU: CUDA events around each call, L2 flushed between calls and inputs rotated over "
+                            "copies exceeding 2x L2, median; CPU: wall-clock median, inputs rotated beyond the LLC"),
+        "flop_rule": "4*D*sum(keys visited per query) forward, backward 2.5x, fwd+bwd 3.5x",
+        "peak": None, "validation": {"ran": False}, "results": [], "plots": [], "interrupted": False,
+    }
+
+    print(f"flashlite bench — {env['device_name']} ({device}), profile {profile}, torch {env['torch']}, "
+          f"triton {env['triton']}, commit {(env['git_commit'] or 'unknown')[:10]}"
+          + (f", {env['torch_threads']} threads" if device.type == "cpu" else ""), file=out)
+    print(f"  timing: {', '.join(i.name for i in impls) or 'nothing'}", file=out)
+    for name, reason in report["left_out"].items():  # type: ignore[union-attr]
+        print(f"  not timed: {name}: {reason}", file=out)
+    print(f"  cases: {len(case_list)} ({', '.join(sweep.patterns)}; seqlens {sweep.seqlens}; head dims "
+          f"{sweep.head_dims}; dtypes {sweep.dtypes}; batch x heads {['%dx%d' % bh for bh in sweep.batch_heads]})",
+          file=out)
+    if opts.list:
+        for case in case_list:
+            print(f"    {case.id}  modes {','.join(m for m in case.modes if m in modes)}", file=out)
+        return report
+
+    out_dir = Path(opts.out) if opts.out else default_results_dir()
+    json_path = Path(opts.json) if opts.json else out_dir / f"{stamp()}-{slug(str(env['device_name']))}.json"
+    report["json"] = str(json_path)
+
+    # (a) validation
+    if opts.validate:
+        plans, skipped = V.plan_for(validated, device, sweep.dtypes, sweep.head_dims,
+                                    os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+        patterns = [p if p != "decode" else "full" for p in sweep.patterns]
+        result = V.validate(plans, device, dict.fromkeys(patterns), seed=opts.seed,
+                            progress=lambda text: progress.line(text, key="validate"))
+        result["left_out"] = skipped
+        report["validation"] = result
+        progress.done()
+        counts = result["counts"]
+        print(f"  validation against the reference (seed {result['seed']}): {counts['pass']} passed, "
+              f"{counts['fail']} failed, {counts['skip']} skipped"
+              f" — backends {', '.join(p.backend for p in plans) or 'none'}", file=out)
+        for check in result["checks"]:
+            if check["status"] == "skip":
+                print(f"    skip {check['backend']} {check['pattern']} {check['dtype']}: {check['reason']}", file=out)
+                break  # one example; all are in the JSON
+        if not result["passed"]:
+            print("\nVALIDATION FAILED — nothing timed. Failing checks:", file=out)
+            for line in result["failures"]:
+                print("  " + line, file=out)
+            report["elapsed_s"] = time.monotonic() - started
+            write_json(report, json_path)
+            print(f"\nreport: {json_path}", file=out)
+            return report
+
+    # peak
+    if opts.peak:
+        progress.line("measuring matmul TFLOP/s and copy bandwidth")
+        report["peak"] = measure_peak(device, sweep.dtypes)
+        progress.done()
+        peak = report["peak"]
+        matmul = ", ".join(f"{k} {v:.1f}" for k, v in peak["matmul_tflops"].items() if v)  # type: ignore[index]
+        print(f"  measured peak: matmul TFLOP/s {matmul}; copy {peak['copy_gbps']:.1f} GB/s", file=out)
+
+    # (b, c) timing
+    rows: List[Dict[str, object]] = report["results"]  # type: ignore[assignment]
+    timer = Timer(device, target_s=target_s)
+    total = sum(len([m for m in case.modes if m in modes]) for case in case_list) * len(impls)
+    done = 0
+    budget_hit = False
+    try:
+        for case_index, case in enumerate(case_list):
+            case_modes = [m for m in case.modes if m in modes]
+            data = C.make_pattern_data(case, device)
+            inputs = C.make_qkv(case, device, rotation_sets(C.qkv_bytes(case), device), seed=case_index)
+            base = case.to_json()
+            common = {"case": case.id, "label": case.label, "pattern": case.pattern, "params": base["params"],
+                      "shape": base["shape"], "dtype": case.dtype, "memory_bound": case.memory_bound,
+                      "base_point": C.is_base_point(case, sweep), "rotation_sets": len(inputs)}
+            work = {m: (case.flops(m, data), case.bytes(m, data)) for m in case_modes}
+            for impl in impls:
+                prepared: Dict[bool, object] = {}
+                for mode in case_modes:
+                    done += 1
+                    row = {**common, "mode": mode, "impl": impl.name, "kind": impl.kind, "status": "ok",
+                           "reason": None, "note": None, "flops": work[mode][0], "bytes": work[mode][1]}
+                    progress.bar(done, total, f"{case.id} {mode} {impl.name}", key=case.id)
+                    if opts.budget is not None and time.monotonic() - started > opts.budget:
+                        budget_hit = True
+                        row.update(status="skip", reason=f"time budget of {opts.budget:.0f} s spent")
+                        rows.append(row)
+                        continue
+                    grad = mode != "fwd"
+                    try:
+                        if grad not in prepared:
+                            try:
+                                prepared[grad] = (impl.prepare(case, data, device, grad), impl.note)
+                            except Skip as exc:
+                                prepared[grad] = exc
+                        if isinstance(prepared[grad], Skip):
+                            raise prepared[grad]  # type: ignore[misc]
+                        forward, row["note"] = prepared[grad]  # type: ignore[misc]
+                        row.update(measure(impl, forward, case, inputs, mode, timer, warmup))
+                        if device.type == "cpu":
+                            row["threads"] = torch.get_num_threads()
+                    except Skip as exc:
+                        row.update(status="skip", reason=str(exc))
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - one row's failure never ends the run
+                        row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                    rows.append(row)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            del data, inputs
+            report["elapsed_s"] = time.monotonic() - started
+            write_json(report, json_path)  # partial results survive an interruption
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+        print("\ninterrupted: reporting the rows measured so far", file=out)
+    progress.done()
+
+    # (d) table, (e) JSON + plots
+    derive(rows, report["peak"])  # type: ignore[arg-type]
+    print("", file=out)
+    print(table(rows), file=out)
+    print("", file=out)
+    for line in summary(rows):
+        print(line, file=out)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skip", "error")}
+    print(f"rows: {counts['ok']} timed, {counts['skip']} skipped, {counts['error']} errors"
+          + (" (time budget reached)" if budget_hit else ""), file=out)
+    if opts.plot and rows:
+        from .plot import make_plots
+
+        stem = out_dir / json_path.stem
+        out_dir.mkdir(parents=True, exist_ok=True)
+        subtitle = (f"{env['device_name']}, {sweep.dtypes[0]}, d={sweep.head_dims[0]}, "
+                    f"B x H = {sweep.batch_heads[0][0]}x{sweep.batch_heads[0][1]}")
+        try:
+            report["plots"] = make_plots(rows, stem, subtitle, measure_memory=device.type == "cuda")
+        except ImportError as exc:
+            report["plots_error"] = f"matplotlib is needed for plots ({exc}); pip install flashlite[bench]"
+            print(report["plots_error"], file=out)
+    report["elapsed_s"] = time.monotonic() - started
+    write_json(report, json_path)
+    print(f"report: {json_path}", file=out)
+    for figure in report["plots"]:  # type: ignore[union-attr]
+        print(f"plot:   {out_dir / figure['file']}", file=out)
+    print(f"elapsed: {report['elapsed_s']:.1f} s", file=out)
+    return report
+
+
+def _terminate(signum, frame):  # SIGTERM (e.g. from `timeout`): report what was measured, then stop
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "flashlite bench") -> int:
+    opts = build_parser(prog).parse_args(argv)
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        pass
+    report = run(opts)
+    validation = report.get("validation") or {}
+    if validation.get("ran") and not validation.get("passed"):
+        return 2
+    if report.get("interrupted"):
+        return 130
+    return 0
