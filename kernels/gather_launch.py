@@ -34,6 +34,10 @@ MODES = ("row", "shared", "union")
 # Union mode is used when a query tile's rows select, on average, each key of the union at least
 # this many times (measured on a sample of tiles): then gathering the union once wins.
 UNION_MIN_REUSE = 4.0
+UNION_MIN_REUSE_INTERPRETED = 2.0
+# ... and its membership mask (int8, Nq × union width) stays within this many bytes per selection
+# (int64 indices take 8), else the row path runs.
+UNION_MAX_MEMBER = 8
 # Tests set this to force a forward mode through the public API (None: chosen per call).
 FORCE_MODE: Optional[str] = None
 
@@ -203,21 +207,29 @@ def forward_plan(indices: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bo
         chosen = mode
         rows = None
         if chosen is None:
+            # The interpreter runs few large programs much faster than many small ones, so on CPU
+            # tensors a little sharing already favours union mode.
+            interpreted = indices.device.type != "cuda"
             chosen = "row"
-            if indices.device.type != "cuda":
-                chosen = "union"  # the interpreter runs few large programs faster than many small ones
-            elif seqlen_q >= 2 * block_q:
+            if seqlen_q > 1 and (interpreted or seqlen_q >= 2 * block_q):
                 rows = _valid_keys(indices, seqlen_q, seqlen_k, causal)
-                if _union_reuse(rows, block_q, seqlen_k) >= UNION_MIN_REUSE:
+                if _union_reuse(rows, block_q, seqlen_k) >= (UNION_MIN_REUSE_INTERPRETED if interpreted
+                                                             else UNION_MIN_REUSE):
                     chosen = "union"
         if chosen == "row":
-            counts = torch.full((1,), width, dtype=torch.int32, device=indices.device)
-            plan = ForwardPlan("row", 1, seqlen_q, indices, tuple(indices.stride()), counts, (0, 0, 0), None)
+            plan = _row_plan(indices, seqlen_q, width)
         else:
             rows = rows if rows is not None else _valid_keys(indices, seqlen_q, seqlen_k, causal)
             plan = _union_plan(rows, block_q, seqlen_k)
+            if mode is None and plan.member.numel() > UNION_MAX_MEMBER * seqlen_q * width:
+                plan = _row_plan(indices, seqlen_q, width)  # the sample was not representative
     _CACHE.put(indices, key, plan)
     return plan
+
+
+def _row_plan(indices: torch.Tensor, seqlen_q: int, width: int) -> ForwardPlan:
+    counts = torch.full((1,), width, dtype=torch.int32, device=indices.device)
+    return ForwardPlan("row", 1, seqlen_q, indices, tuple(indices.stride()), counts, (0, 0, 0), None)
 
 
 def _union_plan(rows: torch.Tensor, block_q: int, seqlen_k: int) -> ForwardPlan:
