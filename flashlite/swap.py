@@ -50,7 +50,7 @@ def swap(model: nn.Module, pattern: Optional[Pattern] = None, *, backend: Option
         model = twin_of(model)
     else:
         for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
+            for name, child in list(parent._modules.items()):  # every name, also for a shared module
                 if isinstance(child, nn.MultiheadAttention):
                     setattr(parent, name, twin_of(child))
         for module in model.modules():

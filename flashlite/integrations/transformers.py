@@ -1,0 +1,338 @@
+"""Hugging Face transformers: flashlite as an ``attn_implementation``.
+
+```python
+from flashlite.integrations.transformers import register
+names = register()          # ["fl_attention", "fl_topk"]
+model = AutoModelForCausalLM.from_pretrained(..., attn_implementation=names[0])
+# or: model.set_attn_implementation("fl_attention")
+```
+
+Names. The names contain no "flash": transformers 5 routes any implementation name containing
+that substring to its own flash-attention kernel loader (``is_flash_attention_requested``),
+which fails for us. So the implementation is ``"fl_attention"`` (exact attention) and
+``"fl_topk"`` (top-k selected attention) - not ``"flashlite"``.
+
+What is registered:
+
+* an attention function through ``AttentionInterface`` (query ``[B, Hq, Sq, D]``, key/value
+  ``[B, Hkv, Sk, D]`` in, ``[B, Sq, Hq, D]`` out; GQA, ``scaling``, ``softcap``,
+  ``sliding_window``, ``dropout`` and learned sinks ``s_aux`` are mapped to flashlite);
+* a mask function of the same name through ``AttentionMaskInterface``. Without it transformers
+  passes no mask at all to an unknown implementation and padding is silently lost. The mask
+  function recognises transformers' standard mask functions and returns
+
+  - ``None`` for plain causal attention without padding (the kernel's causal schedule;
+    causality then comes from ``module.is_causal``, exactly as for ``sdpa``);
+  - a bool key mask ``[B, Sk]`` (True = real token) tagged with the band it belongs to (causal,
+    sliding-window causal, bidirectional): padding becomes top-k indices over the kept keys and the
+    band a schedule, so no ``[Sq, Sk]`` mask is built;
+  - anything it does not recognise (custom ``or``/``and`` mask functions, packed sequences, static
+    caches whose queries are not aligned to the end of the keys): the dense bool mask ``sdpa``
+    would get, which flashlite serves on its slow path (plain PyTorch with the explicit mask).
+
+On transformers 4.5x without ``AttentionMaskInterface`` the model builds its own 4-D mask, which
+takes the slow path: correct, not fast.
+
+``fl_topk``: each query attends the ``k`` keys with the highest scores (plus ``window`` recent and
+``sinks`` leading keys), chosen by ``flashlite.selection``, causally, via the gather engine. Where
+the sequence has at most ``k`` keys it equals exact attention. Configure with
+``register(topk=..., window=..., sinks=...)``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..nn import functional as FL
+from ..patterns import Full, Pattern, SlidingWindow, TopK
+
+MAIN_NAME = "fl_attention"
+TOPK_NAME = "fl_topk"
+
+Band = Tuple[Optional[int], Optional[int]]  # (left, right); None = unbounded
+_CAUSAL_BAND: Band = (None, 0)
+_FULL_BAND: Band = (None, None)
+_MAX_CACHED_SCHEDULES = 64
+
+
+@dataclass
+class TopKSettings:
+    """What ``fl_topk`` selects: ``k`` keys by score, plus ``window`` recent and ``sinks`` leading keys."""
+
+    k: int = 64
+    window: int = 0
+    sinks: int = 0
+    block_size: Optional[int] = None
+
+
+_settings = TopKSettings()
+_backend: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Patterns (shared objects, so their schedules are cached across layers and steps)
+# ---------------------------------------------------------------------------------------------
+_patterns: Dict[Band, Pattern] = {}
+
+
+def _pattern_for(band: Band) -> Pattern:
+    pattern = _patterns.get(band)
+    if pattern is None:
+        left, right = band
+        if left is None:
+            pattern = Full(causal=right == 0) if right in (0, None) else SlidingWindow(1 << 30, right)
+        else:
+            pattern = SlidingWindow(left, right if right is not None else 1 << 30)
+        _patterns[band] = pattern
+    # Decode steps see a new key length every step; keep the per-size schedule cache bounded.
+    schedules = getattr(pattern, "_schedules", None)
+    if isinstance(schedules, dict) and len(schedules) > _MAX_CACHED_SCHEDULES:
+        schedules.clear()
+    return pattern
+
+
+def _module_band(module, is_causal: Optional[bool], sliding_window: Optional[int]) -> Band:
+    """The band a layer asks for through its attributes / call arguments (as ``sdpa`` reads them)."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if sliding_window is None:
+        sliding_window = getattr(module, "sliding_window", None)
+    if sliding_window:
+        # transformers: causal window keeps kv > q - w; bidirectional keeps |q - kv| <= w.
+        return (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
+    return _CAUSAL_BAND if causal else _FULL_BAND
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask function (AttentionMaskInterface)
+# ---------------------------------------------------------------------------------------------
+def _recognise(mask_function) -> Optional[Band]:
+    """The band of transformers' standard mask functions, or None for anything else."""
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:  # pragma: no cover
+        return None
+    if mask_function is None or mask_function is mu.causal_mask_function:
+        return _CAUSAL_BAND
+    if mask_function is getattr(mu, "bidirectional_mask_function", None):
+        return _FULL_BAND
+    and_masks = getattr(mu, "and_masks", None)
+    code = getattr(mask_function, "__code__", None)
+    if and_masks is None or code is None or code is not and_masks(mu.causal_mask_function).__code__:
+        return None
+    parts = inspect.getclosurevars(mask_function).nonlocals.get("mask_functions", ())
+    if len(parts) != 2 or not hasattr(parts[0], "__code__"):
+        return None
+    window = inspect.getclosurevars(parts[0]).nonlocals.get("sliding_window")
+    if not isinstance(window, int) or window < 1:
+        return None
+    causal_overlay = getattr(mu, "sliding_window_overlay", None)
+    if parts[1] is mu.causal_mask_function and causal_overlay is not None \
+            and parts[0].__code__ is causal_overlay(1).__code__:
+        return (window - 1, 0)
+    bidi_overlay = getattr(mu, "sliding_window_bidirectional_overlay", None)
+    if parts[1] is getattr(mu, "bidirectional_mask_function", None) and bidi_overlay is not None \
+            and parts[0].__code__ is bidi_overlay(1).__code__:
+        return (window, window)
+    return None
+
+
+def _as_int(value) -> Optional[int]:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Tensor) and value.numel() == 1 and not torch.compiler.is_compiling():
+        return int(value)
+    return None
+
+
+def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                   mask_function=None, attention_mask: Optional[Tensor] = None, local_size: Optional[int] = None,
+                   allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False,
+                   use_vmap: bool = False, device="cpu", **kwargs):
+    """The mask function registered with ``AttentionMaskInterface`` (see the module docstring)."""
+    band = None if use_vmap else _recognise(mask_function)
+    offset = _as_int(q_offset)
+    aligned = offset is not None and offset + q_length == kv_offset + kv_length
+    if band is not None and (aligned or band == _FULL_BAND):
+        keep = None
+        if attention_mask is not None:
+            from transformers.masking_utils import prepare_padding_mask
+
+            padded = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+            keep = padded[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
+        all_kept = keep is None or bool(keep.all())
+        if all_kept and band == _CAUSAL_BAND:
+            return None
+        if all_kept and band == _FULL_BAND and allow_is_bidirectional_skip:
+            return None
+        if keep is None:
+            keep = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+        keep._flashlite_band = band
+        keep._flashlite_all_kept = all_kept
+        return keep
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                     use_vmap=use_vmap, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention functions (AttentionInterface)
+# ---------------------------------------------------------------------------------------------
+def _resolve(module, query: Tensor, key: Tensor, mask, is_causal, sliding_window):
+    """-> (pattern, key_keep [B, Sk] | None, keep 4-D bool | None, bias 4-D float | None)."""
+    seqlen_q, seqlen_k = query.shape[2], key.shape[2]
+    if mask is None:
+        return _pattern_for(_module_band(module, is_causal, sliding_window)), None, None, None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{MAIN_NAME}: attention_mask must be a tensor or None, got {type(mask).__name__} "
+                        f"(masks built for another attn_implementation?)")
+    if mask.dim() == 2:
+        band = getattr(mask, "_flashlite_band", None)
+        if band is None:
+            band = _module_band(module, is_causal, sliding_window)
+        pattern = _pattern_for(band)
+        if getattr(mask, "_flashlite_all_kept", False):
+            return pattern, None, None, None
+        if mask.shape[-1] != seqlen_k:
+            if mask.shape[-1] < seqlen_k:
+                raise ValueError(f"{MAIN_NAME}: 2-D attention_mask has {mask.shape[-1]} keys, the layer {seqlen_k}")
+            mask = mask[:, -seqlen_k:]
+        return pattern, mask.to(torch.bool), None, None
+    if mask.dim() != 4:
+        raise ValueError(f"{MAIN_NAME}: attention_mask must be None, [B, Sk] or [B, 1|H, Sq, Sk], "
+                         f"got shape {tuple(mask.shape)}")
+    mask = mask[..., :seqlen_k]
+    if mask.dtype == torch.bool:
+        return None, None, mask, None
+    return None, None, None, mask
+
+
+def _cached_padded(mask: Tensor, pattern: Pattern, seqlen_q: int) -> Optional[Pattern]:
+    """``padded_pattern`` memoised on the mask tensor, which every layer of one forward shares."""
+    cache = getattr(mask, "_flashlite_topk", None)
+    if cache is None:
+        cache = {}
+        try:
+            mask._flashlite_topk = cache
+        except (AttributeError, RuntimeError):
+            pass
+    key = (id(pattern), seqlen_q)
+    if key not in cache:
+        cache[key] = FL.padded_pattern(pattern, mask, seqlen_q)
+    return cache[key]
+
+
+def _finish(out: Tensor) -> Tuple[Tensor, None]:
+    """``[B, Hq, Sq, D]`` -> ``[B, Sq, Hq, D]`` contiguous, as transformers expects."""
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _run(query, key, value, pattern, key_keep, keep, bias, scaling, softcap, dropout, s_aux):
+    if key_keep is not None and keep is None and bias is None and dropout == 0.0:
+        if not hasattr(key_keep, "_flashlite_band") and bool(key_keep.all()):
+            key_keep = None
+        else:
+            restricted = _cached_padded(key_keep, pattern, query.shape[2])
+            if restricted is not None:
+                pattern, key_keep = restricted, None
+    if s_aux is None:
+        out, _ = FL.attend(query, key, value, pattern, key_keep=key_keep, keep=keep, bias=bias, scale=scaling,
+                           softcap=softcap, dropout_p=dropout, backend=_backend)
+        return out
+    if key_keep is not None or keep is not None or bias is not None or dropout:
+        raise ValueError(f"{MAIN_NAME}: learned sinks (s_aux) are supported with causal / sliding-window / "
+                         f"padding masks and no dropout, not with dense masks")
+    # Sink logit s per head joins the softmax denominator: out·e^lse / (e^lse + e^s) = out·sigmoid(lse − s).
+    out, lse = FL.attend(query, key, value, pattern, scale=scaling, softcap=softcap, backend=_backend,
+                         return_lse=True)
+    gate = torch.sigmoid(lse - s_aux.float().view(1, -1, 1))
+    return (out.float() * gate.unsqueeze(-1)).to(out.dtype)
+
+
+def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
+                      scaling: Optional[float] = None, sliding_window: Optional[int] = None,
+                      softcap: Optional[float] = None, is_causal: Optional[bool] = None,
+                      s_aux: Optional[Tensor] = None, position_bias: Optional[Tensor] = None, **kwargs):
+    """``"fl_attention"``: exact attention on flashlite for a transformers attention layer."""
+    if kwargs.get("cache") is not None and type(kwargs["cache"]).__name__ == "PagedAttentionCache":
+        raise ValueError(f"{MAIN_NAME} does not support transformers' paged (continuous batching) cache")
+    pattern, key_keep, keep, bias = _resolve(module, query, key, attention_mask, is_causal, sliding_window)
+    if position_bias is not None:
+        bias = position_bias if bias is None else bias + position_bias
+        if pattern is not None and not (isinstance(pattern, Full) and not pattern.causal):
+            keep_band = pattern.dense_mask(1, 1, 1, query.shape[2], key.shape[2], query.device)
+            keep = keep_band if keep is None else keep & keep_band
+            pattern = None
+    out = _run(query, key, value, pattern, key_keep, keep, bias, scaling, softcap, float(dropout or 0.0), s_aux)
+    return _finish(out)
+
+
+def topk_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
+                           dropout: float = 0.0, scaling: Optional[float] = None,
+                           sliding_window: Optional[int] = None, softcap: Optional[float] = None,
+                           is_causal: Optional[bool] = None, **kwargs):
+    """``"fl_topk"``: each query attends its top-``k`` keys by score (plus window / sinks), causally."""
+    settings = _settings
+    if key.shape[2] <= settings.k:
+        return attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                 sliding_window=sliding_window, softcap=softcap, is_causal=is_causal, **kwargs)
+    from ..nn.modules import TopKAttention
+
+    selector = TopKAttention(window=settings.window, sinks=settings.sinks, k=settings.k, causal=True,
+                             block_size=settings.block_size)
+    pattern: Pattern = TopK(selector.select(query, key), causal=True)
+    base, key_keep, keep, bias = _resolve(module, query, key, attention_mask, is_causal, sliding_window)
+    if base is not None and not (isinstance(base, Full)):
+        band = base.dense_mask(1, 1, 1, query.shape[2], key.shape[2], query.device)
+        keep = band if keep is None else keep & band
+    if key_keep is not None and keep is None and bias is None:
+        pattern, key_keep = FL.padded_pattern(pattern, key_keep, query.shape[2]), None
+    out, _ = FL.attend(query, key, value, pattern, key_keep=key_keep, keep=keep, bias=bias, scale=scaling,
+                       softcap=softcap, dropout_p=float(dropout or 0.0), backend=_backend)
+    return _finish(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+def register(*, topk: int = 64, window: int = 0, sinks: int = 0, block_size: Optional[int] = None,
+             backend: Optional[str] = None) -> List[str]:
+    """Register flashlite with transformers; returns ``["fl_attention", "fl_topk"]`` (main name first).
+
+    Args:
+        topk, window, sinks, block_size: what ``fl_topk`` selects (see :class:`TopKSettings`).
+        backend: flashlite backend for both (None = auto; ``FLASHLITE_BACKEND`` also works).
+
+    Raises ImportError (naming the extra) if transformers is not installed.
+    """
+    global _settings, _backend
+    try:
+        from transformers import AttentionInterface
+    except ImportError as exc:
+        raise ImportError("flashlite.integrations.transformers needs transformers>=4.50: "
+                          "pip install 'flashlite[transformers]'") from exc
+    for name, value in (("topk", topk), ("window", window), ("sinks", sinks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "topk" else 0):
+            raise ValueError(f"{name} must be an int >= {1 if name == 'topk' else 0}, got {value!r}")
+    _settings = TopKSettings(k=topk, window=window, sinks=sinks, block_size=block_size)
+    _backend = backend
+    AttentionInterface.register(MAIN_NAME, attention_forward)
+    AttentionInterface.register(TOPK_NAME, topk_attention_forward)
+    try:
+        from transformers import AttentionMaskInterface
+    except ImportError:  # transformers < 4.53: models build their own 4-D masks (slow path, still exact)
+        AttentionMaskInterface = None
+    if AttentionMaskInterface is not None:
+        AttentionMaskInterface.register(MAIN_NAME, attention_mask)
+        AttentionMaskInterface.register(TOPK_NAME, attention_mask)
+    return [MAIN_NAME, TOPK_NAME]
+
+
+__all__ = ["register", "attention_forward", "topk_attention_forward", "attention_mask", "MAIN_NAME", "TOPK_NAME",
+           "TopKSettings"]
