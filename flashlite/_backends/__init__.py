@@ -39,7 +39,8 @@ def get(name: str) -> Backend:
 
 def unavailable_reason(name: str) -> str:
     if name == "cpu":
-        return "flashlite._C (the C++ extension) is not built"
+        native = globals().get("native")  # set once flashlite._backends.native has been imported
+        return getattr(native, "missing_reason", None) or "flashlite._C (the C++ extension) is not built"
     if name == "cuda":
         return "flashlite._C was built without CUDA kernels, or no CUDA device is present"
     return "not registered"

@@ -1,0 +1,177 @@
+// flashlite._C: the Python face of the C++ kernels (see /work/notes/native_abi.md's contract in
+// csrc/README.md). The cpu_* functions are always built; the cuda_* ones are registered by
+// csrc/cuda/bindings_cuda.cpp when the extension is built with CUDA (FLASHLITE_WITH_CUDA).
+//
+// Each function checks and converts its tensors into flashlite::AttentionParams, allocates the
+// outputs, and calls the torch-free kernels with the GIL released.
+#include <torch/extension.h>
+
+#include <tuple>
+
+#include "common/torch_params.h"
+#include "cpu/kernels.h"
+
+#ifdef FLASHLITE_WITH_CUDA
+void flashlite_register_cuda(pybind11::module_& m);
+#endif
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+using flashlite::AttentionParams;
+using flashlite::BackwardParams;
+
+// The kernels' thread count: torch's (torch.set_num_threads applies to flashlite too).
+int threads() { return at::get_num_threads(); }
+
+py::tuple cpu_tile_config(int64_t head_dim, py::object dtype, int64_t block_size) {
+  const at::ScalarType type = torch::python::detail::py_object_to_dtype(dtype);
+  int block_m = 0, block_n = 0;
+  flashlite::cpu::tile_config(static_cast<int>(head_dim), flashlite::dtype_of(type), static_cast<int>(block_size),
+                              &block_m, &block_n);
+  return py::make_tuple(block_m, block_n);
+}
+
+void set_band(AttentionParams& p, int64_t block_m, int64_t block_n, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK_VALUE(block_m > 0 && block_n > 0 && block_m % 16 == 0 && block_n % 16 == 0,
+                    "flashlite: block_m and block_n must be positive multiples of 16 (use cpu_tile_config)");
+  p.block_m = static_cast<int32_t>(block_m);
+  p.block_n = static_cast<int32_t>(block_n);
+  p.window_left = static_cast<int32_t>(window_left);
+  p.window_right = static_cast<int32_t>(window_right);
+}
+
+std::tuple<Tensor, Tensor> cpu_tile_forward(Tensor q, Tensor k, Tensor v, const Tensor& kv_tiles,
+                                            const Tensor& kv_count, const optional<Tensor>& alibi_slopes, bool is_list,
+                                            int64_t block_m, int64_t block_n, int64_t window_left,
+                                            int64_t window_right, double scale, double softcap) {
+  q = flashlite::last_dim_contiguous(q);
+  k = flashlite::last_dim_contiguous(k);
+  v = flashlite::last_dim_contiguous(v);
+  flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
+  Tensor out = at::empty_like(q);
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  flashlite::poison({out, lse});
+  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
+  AttentionParams p = flashlite::make_params(q, k, v, out, lse, alibi, scale, softcap);
+  set_band(p, block_m, block_n, window_left, window_right);
+  p.forward_schedule = flashlite::make_schedule(kv_tiles, kv_count, is_list, (q.size(2) + block_m - 1) / block_m, q,
+                                                "kv_tiles/kv_count");
+  {
+    py::gil_scoped_release no_gil;
+    flashlite::cpu::tile_forward(p, threads());
+  }
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
+    Tensor grad_out, Tensor q, Tensor k, Tensor v, const Tensor& out, const Tensor& lse, const Tensor& kv_tiles,
+    const Tensor& kv_count, const Tensor& q_tiles, const Tensor& q_count, const optional<Tensor>& alibi_slopes,
+    bool is_list, int64_t block_m, int64_t block_n, int64_t window_left, int64_t window_right, double scale,
+    double softcap, bool deterministic) {
+  q = flashlite::last_dim_contiguous(q);
+  k = flashlite::last_dim_contiguous(k);
+  v = flashlite::last_dim_contiguous(v);
+  grad_out = flashlite::last_dim_contiguous(grad_out);
+  flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
+                        out.sizes() == q.sizes() && lse.sizes() == q.sizes().slice(0, 3),
+                    "flashlite: grad_out/out must be like q and lse [B, Hq, Nq]");
+  const Tensor lse_f = lse.to(at::kFloat).contiguous();
+  const Tensor delta = flashlite::softmax_delta(grad_out, out);
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  flashlite::poison({dq, dk, dv});
+  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
+  AttentionParams p = flashlite::make_params(q, k, v, Tensor(), lse_f, alibi, scale, softcap);
+  set_band(p, block_m, block_n, window_left, window_right);
+  p.forward_schedule = flashlite::make_schedule(kv_tiles, kv_count, is_list, (q.size(2) + block_m - 1) / block_m, q,
+                                                "kv_tiles/kv_count");
+  p.backward_schedule = flashlite::make_schedule(q_tiles, q_count, is_list, (k.size(2) + block_n - 1) / block_n, q,
+                                                 "q_tiles/q_count");
+  const BackwardParams g = flashlite::make_backward_params(grad_out, delta, dq, dk, dv, deterministic);
+  {
+    py::gil_scoped_release no_gil;
+    flashlite::cpu::tile_backward(p, g, threads());
+  }
+  return {dq, dk, dv};
+}
+
+std::tuple<Tensor, Tensor> cpu_gather_forward(Tensor q, Tensor k, Tensor v, const Tensor& indices,
+                                              const optional<Tensor>& alibi_slopes, bool causal, double scale,
+                                              double softcap) {
+  q = flashlite::last_dim_contiguous(q);
+  k = flashlite::last_dim_contiguous(k);
+  v = flashlite::last_dim_contiguous(v);
+  flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
+  Tensor out = at::empty_like(q);
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  flashlite::poison({out, lse});
+  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
+  AttentionParams p = flashlite::make_params(q, k, v, out, lse, alibi, scale, softcap);
+  flashlite::set_indices(p, indices, causal);
+  {
+    py::gil_scoped_release no_gil;
+    flashlite::cpu::gather_forward(p, threads());
+  }
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v,
+                                                       const Tensor& out, const Tensor& lse, const Tensor& indices,
+                                                       const optional<Tensor>& alibi_slopes, bool causal,
+                                                       double scale, double softcap, bool deterministic) {
+  q = flashlite::last_dim_contiguous(q);
+  k = flashlite::last_dim_contiguous(k);
+  v = flashlite::last_dim_contiguous(v);
+  grad_out = flashlite::last_dim_contiguous(grad_out);
+  flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
+                        out.sizes() == q.sizes() && lse.sizes() == q.sizes().slice(0, 3),
+                    "flashlite: grad_out/out must be like q and lse [B, Hq, Nq]");
+  const Tensor lse_f = lse.to(at::kFloat).contiguous();
+  const Tensor delta = flashlite::softmax_delta(grad_out, out);
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  flashlite::poison({dq, dk, dv});
+  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
+  AttentionParams p = flashlite::make_params(q, k, v, Tensor(), lse_f, alibi, scale, softcap);
+  flashlite::set_indices(p, indices, causal);
+  const BackwardParams g = flashlite::make_backward_params(grad_out, delta, dq, dk, dv, deterministic);
+  {
+    py::gil_scoped_release no_gil;
+    flashlite::cpu::gather_backward(p, g, threads());
+  }
+  return {dq, dk, dv};
+}
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (const char* name : flashlite::cpu::available_isas()) names.emplace_back(name);
+  return names;
+}
+
+void cpu_set_isa(const std::string& name) {
+  TORCH_CHECK_VALUE(flashlite::cpu::set_isa(name.c_str()), "flashlite: cpu_set_isa: '", name,
+                    "' is not one of this CPU's kernel builds ", cpu_isas());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "flashlite C++ kernels (CPU always; CUDA when built with it)";
+  m.def("cpu_tile_config", &cpu_tile_config, py::arg("head_dim"), py::arg("dtype"), py::arg("block_size"),
+        "(block_m, block_n) of the CPU tile engine; block_size 0 = no block-sparse constraint");
+  m.def("cpu_tile_forward", &cpu_tile_forward, "tile engine forward -> (out, lse)");
+  m.def("cpu_tile_backward", &cpu_tile_backward, "tile engine backward -> (dq, dk, dv)");
+  m.def("cpu_gather_forward", &cpu_gather_forward, "gather (top-k) forward -> (out, lse)");
+  m.def("cpu_gather_backward", &cpu_gather_backward, "gather (top-k) backward -> (dq, dk, dv)");
+  m.def("cpu_isa", [] { return std::string(flashlite::cpu::isa()); }, "instruction-set build of the CPU kernels in use");
+  m.def("cpu_isas", &cpu_isas, "instruction-set builds this CPU can run, best first");
+  m.def("cpu_set_isa", &cpu_set_isa, py::arg("name"), "use another runnable build (tests, benchmarks)");
+#ifdef FLASHLITE_WITH_CUDA
+  flashlite_register_cuda(m);
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

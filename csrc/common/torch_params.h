@@ -1,0 +1,166 @@
+// Tensor -> flashlite::AttentionParams / BackwardParams conversion for the binding translation
+// units (csrc/bindings.cpp, csrc/cuda/bindings_cuda.cpp). Unlike the rest of csrc/common this
+// header needs torch; the kernels never include it.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdlib>
+#include <initializer_list>
+#include <limits>
+#include <string>
+
+#include "params.h"
+
+namespace flashlite {
+
+inline DType dtype_of(at::ScalarType type) {
+  switch (type) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat32;
+    default: TORCH_CHECK_TYPE(false, "flashlite: q, k, v must be float16, bfloat16 or float32, got ", type);
+  }
+  return DType::kFloat32;
+}
+inline DType dtype_of(const at::Tensor& t) { return dtype_of(t.scalar_type()); }
+
+// A tensor whose last dimension is contiguous (a copy only if it is not).
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1 ? t.contiguous() : t;
+}
+
+inline Strides3 strides_of(const at::Tensor& t) {  // [B, H, N, D]
+  Strides3 s;
+  s.batch = t.stride(0);
+  s.head = t.stride(1);
+  s.row = t.stride(2);
+  return s;
+}
+
+// The stride of dim `d`, or 0 when it is a size-1 (broadcast) dimension.
+inline int64_t broadcast_stride(const at::Tensor& t, int d) { return t.size(d) == 1 ? 0 : t.stride(d); }
+
+// q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D] on `device`, same dtype, last dim contiguous, Hq % Hkv == 0.
+inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "flashlite: q, k, v must be 4-D [B, H, N, D]");
+  TORCH_CHECK_VALUE(q.device().type() == device && k.device() == q.device() && v.device() == q.device(),
+                    "flashlite: q, k, v must be on the same ", c10::DeviceTypeName(device), " device");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "flashlite: q, k, v must have the same dtype");
+  dtype_of(q);
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == v.size(1) &&
+                        k.size(2) == v.size(2) && k.size(3) == q.size(3) && v.size(3) == q.size(3),
+                    "flashlite: q [B,Hq,Nq,D] and k, v [B,Hkv,Nk,D] do not match");
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "flashlite: Hq must be a multiple of Hkv");
+}
+
+// Parameters shared by both engines. out/lse must already be allocated ([B,Hq,Nq,D], float32
+// [B,Hq,Nq] contiguous). alibi_slopes: undefined or float32 [Hq] / [B,Hq] contiguous.
+inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                   const at::Tensor& lse, const at::Tensor& alibi_slopes, double scale, double softcap) {
+  AttentionParams p;
+  p.dtype = dtype_of(q);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.defined() ? out.data_ptr() : nullptr;
+  p.lse = lse.data_ptr<float>();
+  p.q_strides = strides_of(q);
+  p.k_strides = strides_of(k);
+  p.v_strides = strides_of(v);
+  if (out.defined()) p.out_strides = strides_of(out);
+  p.batch = static_cast<int32_t>(q.size(0));
+  p.heads_q = static_cast<int32_t>(q.size(1));
+  p.heads_kv = static_cast<int32_t>(k.size(1));
+  p.seqlen_q = static_cast<int32_t>(q.size(2));
+  p.seqlen_k = static_cast<int32_t>(k.size(2));
+  p.head_dim = static_cast<int32_t>(q.size(3));
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  if (alibi_slopes.defined()) {
+    p.alibi_slopes = alibi_slopes.data_ptr<float>();
+    p.alibi_stride_b = alibi_slopes.dim() == 2 ? alibi_slopes.stride(0) : 0;
+  }
+  return p;
+}
+
+// alibi_slopes as float32 contiguous [Hq] / [B,Hq] on q's device (undefined if none).
+inline at::Tensor prepare_alibi(const c10::optional<at::Tensor>& alibi_slopes, const at::Tensor& q) {
+  if (!alibi_slopes.has_value() || !alibi_slopes->defined()) return at::Tensor();
+  const at::Tensor& a = *alibi_slopes;
+  const bool per_head = a.dim() == 1 && a.size(0) == q.size(1);
+  const bool per_batch = a.dim() == 2 && a.size(0) == q.size(0) && a.size(1) == q.size(1);
+  TORCH_CHECK_VALUE(per_head || per_batch, "flashlite: alibi_slopes must be float32 [Hq] or [B, Hq]");
+  return a.to(q.device(), at::kFloat).contiguous();
+}
+
+// A schedule's int32 [Bs,Hs,rows,L] tiles and [Bs,Hs,rows] counts (size-1 dims broadcast).
+inline ScheduleView make_schedule(const at::Tensor& tiles, const at::Tensor& count, bool is_list, int64_t rows,
+                                  const at::Tensor& q, const char* what) {
+  TORCH_CHECK_VALUE(tiles.dim() == 4 && count.dim() == 3 && tiles.scalar_type() == at::kInt &&
+                        count.scalar_type() == at::kInt && tiles.device() == q.device() && count.device() == q.device(),
+                    "flashlite: ", what, " schedule must be int32 tiles [Bs,Hs,rows,L] and counts [Bs,Hs,rows] on q's device");
+  TORCH_CHECK_VALUE((tiles.size(0) == 1 || tiles.size(0) == q.size(0)) && (tiles.size(1) == 1 || tiles.size(1) == q.size(1)) &&
+                        tiles.size(2) == rows && count.size(0) == tiles.size(0) && count.size(1) == tiles.size(1) &&
+                        count.size(2) == rows && tiles.size(3) >= 1 && (tiles.size(3) == 1 || tiles.stride(3) == 1),
+                    "flashlite: ", what, " schedule has the wrong shape for these inputs");
+  ScheduleView s;
+  s.tiles = tiles.data_ptr<int32_t>();
+  s.count = count.data_ptr<int32_t>();
+  s.tiles_stride_b = broadcast_stride(tiles, 0);
+  s.tiles_stride_h = broadcast_stride(tiles, 1);
+  s.tiles_stride_row = tiles.stride(2);
+  s.count_stride_b = broadcast_stride(count, 0);
+  s.count_stride_h = broadcast_stride(count, 1);
+  TORCH_CHECK_VALUE(rows <= 1 || count.stride(2) == 1, "flashlite: ", what, " counts must be contiguous in the last dim");
+  s.is_list = is_list;
+  return s;
+}
+
+// Gather indices: int64 [B, Hkv|1, Nq, K] or [B, Hkv|1, K] (shared by every query), last dim contiguous.
+inline void set_indices(AttentionParams& p, const at::Tensor& indices, bool causal) {
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "flashlite: indices must be int64 (the Python side converts)");
+  TORCH_CHECK_VALUE(indices.dim() == 3 || indices.dim() == 4, "flashlite: indices must be [B, Hkv|1, Nq, K] or [B, Hkv|1, K]");
+  const bool per_query = indices.dim() == 4;
+  TORCH_CHECK_VALUE(indices.size(0) == p.batch && (indices.size(1) == 1 || indices.size(1) == p.heads_kv) &&
+                        (!per_query || indices.size(2) == p.seqlen_q) && indices.size(-1) >= 1 &&
+                        indices.stride(-1) == 1,
+                    "flashlite: indices must be [B, Hkv|1, Nq, K] or [B, Hkv|1, K] with a contiguous last dim");
+  p.indices = indices.data_ptr<int64_t>();
+  p.indices_stride_b = indices.stride(0);
+  p.indices_stride_h = broadcast_stride(indices, 1);
+  p.indices_stride_n = per_query ? indices.stride(2) : 0;
+  p.top_k = static_cast<int32_t>(indices.size(-1));
+  p.causal = causal;
+}
+
+inline BackwardParams make_backward_params(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& dq,
+                                           const at::Tensor& dk, const at::Tensor& dv, bool deterministic) {
+  BackwardParams g;
+  g.grad_out = grad_out.data_ptr();
+  g.grad_out_strides = strides_of(grad_out);
+  g.delta = delta.data_ptr<float>();
+  g.dq = dq.data_ptr();
+  g.dk = dk.data_ptr();
+  g.dv = dv.data_ptr();
+  g.dq_strides = strides_of(dq);
+  g.dk_strides = strides_of(dk);
+  g.dv_strides = strides_of(dv);
+  g.deterministic = deterministic;
+  return g;
+}
+
+// delta = Σ_d dO·O, float32 [B, Hq, Nq] contiguous.
+inline at::Tensor softmax_delta(const at::Tensor& grad_out, const at::Tensor& out) {
+  return (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+}
+
+// Under FLASHLITE_POISON=1 (the test suite) outputs start as NaN, so an unwritten element shows.
+inline void poison(std::initializer_list<at::Tensor> tensors) {
+  const char* value = std::getenv("FLASHLITE_POISON");
+  if (value == nullptr || std::string(value) != "1") return;
+  for (const at::Tensor& t : tensors) t.fill_(std::numeric_limits<float>::quiet_NaN());
+}
+
+}  // namespace flashlite

@@ -1,0 +1,249 @@
+// The OpenMP driver of the CPU kernels: splits each call into independent work items, runs them
+// on the best instruction-set build of engine.h for this CPU, and builds the gather backward's
+// key -> (row, slot) lists. Torch-free.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.h"
+#include "work.h"
+
+namespace flashlite {
+namespace cpu {
+
+Workspace::~Workspace() { std::free(data_); }
+
+float* Workspace::floats(size_t count) {
+  if (count > capacity_) {
+    std::free(data_);
+    const size_t bytes = (count * sizeof(float) + 63) / 64 * 64;
+    data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (data_ == nullptr) throw std::bad_alloc();
+    capacity_ = bytes / sizeof(float);
+  }
+  return data_;
+}
+
+namespace {
+
+int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+int thread_count(int requested) {
+#ifdef _OPENMP
+  return requested > 0 ? requested : omp_get_max_threads();
+#else
+  (void)requested;
+  return 1;
+#endif
+}
+
+// ----- instruction-set choice ------------------------------------------------------------------
+std::vector<const KernelTable*> runnable_tables() {
+  std::vector<const KernelTable*> tables;
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+    tables.push_back(&kernels_avx512());
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) tables.push_back(&kernels_avx2());
+#endif
+  tables.push_back(&kernels_default());
+  return tables;  // best first
+}
+
+const KernelTable* find_table(const char* name) {
+  for (const KernelTable* table : runnable_tables())
+    if (std::strcmp(table->name, name) == 0) return table;
+  return nullptr;
+}
+
+std::atomic<const KernelTable*> g_active{nullptr};
+
+// The best build this CPU runs, unless FLASHLITE_CPU_ISA names another runnable one.
+const KernelTable& active() {
+  const KernelTable* table = g_active.load();
+  if (table == nullptr) {
+    const char* wanted = std::getenv("FLASHLITE_CPU_ISA");
+    table = wanted && *wanted ? find_table(wanted) : nullptr;
+    if (table == nullptr) table = runnable_tables().front();
+    g_active.store(table);
+  }
+  return *table;
+}
+
+}  // namespace
+
+const char* isa() { return active().name; }
+
+std::vector<const char*> available_isas() {
+  std::vector<const char*> names;
+  for (const KernelTable* table : runnable_tables()) names.push_back(table->name);
+  return names;
+}
+
+bool set_isa(const char* name) {
+  const KernelTable* table = find_table(name);
+  if (table == nullptr) return false;
+  g_active.store(table);
+  return true;
+}
+
+void tile_config(int head_dim, DType dtype, int block_size, int* block_m, int* block_n) {
+  (void)head_dim;
+  (void)dtype;
+  // 64 x 64 tiles: Sᵀ and the packed tiles stay in L1/L2 for head_dim <= 256. Block-sparse
+  // layouts (blocks of 16..128) get tiles that divide their block.
+  const int tile = 64;
+  *block_m = block_size > 0 && block_size < tile ? block_size : tile;
+  *block_n = *block_m;
+}
+
+void tile_forward(const AttentionParams& p, int num_threads) {
+  if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return;
+  const KernelTable& kernels = active();
+  const int num_m = cdiv(p.seqlen_q, p.block_m);
+  const int64_t tasks = int64_t(p.batch) * p.heads_q * num_m;
+#pragma omp parallel num_threads(thread_count(num_threads))
+  {
+    Workspace ws;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      // Last query tiles first: under a causal band they visit the most key tiles, and starting
+      // the longest items first balances the threads.
+      const int m = num_m - 1 - static_cast<int>(task % num_m);
+      const int64_t bh = task / num_m;
+      kernels.tile_forward(p, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), m, ws);
+    }
+  }
+}
+
+void tile_backward(const AttentionParams& p, const BackwardParams& g, int num_threads) {
+  if (p.batch == 0 || p.heads_kv == 0) return;
+  const KernelTable& kernels = active();
+  const int num_n = cdiv(p.seqlen_k, p.block_n), num_m = cdiv(p.seqlen_q, p.block_m);
+  const int64_t kv_tasks = int64_t(p.batch) * p.heads_kv * num_n;
+  const int64_t q_tasks = int64_t(p.batch) * p.heads_q * num_m;
+#pragma omp parallel num_threads(thread_count(num_threads))
+  {
+    Workspace ws;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < kv_tasks; ++task) {
+      const int64_t bh = task / num_n;
+      kernels.tile_backward_kv(p, g, static_cast<int>(bh / p.heads_kv), static_cast<int>(bh % p.heads_kv),
+                               static_cast<int>(task % num_n), ws);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < q_tasks; ++task) {
+      const int m = num_m - 1 - static_cast<int>(task % num_m);
+      const int64_t bh = task / num_m;
+      kernels.tile_backward_q(p, g, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), m, ws);
+    }
+  }
+}
+
+namespace {
+constexpr int kGatherRows = 16;  // query rows per gather work item
+constexpr int kGatherKeys = 64;  // keys per gather-backward key item
+}  // namespace
+
+void gather_forward(const AttentionParams& p, int num_threads) {
+  if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return;
+  const KernelTable& kernels = active();
+  const int chunks = cdiv(p.seqlen_q, kGatherRows);
+  const int64_t tasks = int64_t(p.batch) * p.heads_q * chunks;
+#pragma omp parallel num_threads(thread_count(num_threads))
+  {
+    Workspace ws;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t bh = task / chunks;
+      const int begin = static_cast<int>(task % chunks) * kGatherRows;
+      const int end = begin + kGatherRows < p.seqlen_q ? begin + kGatherRows : p.seqlen_q;
+      kernels.gather_forward(p, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), begin, end, ws);
+    }
+  }
+}
+
+void gather_backward(const AttentionParams& p, const BackwardParams& g, int num_threads) {
+  if (p.batch == 0 || p.heads_kv == 0) return;
+  const KernelTable& kernels = active();
+  const int K = p.top_k, group = p.group(), Nq = p.seqlen_q, Nk = p.seqlen_k;
+  const int64_t rows_total = int64_t(p.batch) * p.heads_q * Nq;
+  std::vector<float> probs(size_t(rows_total * K)), score_grads(size_t(rows_total * K));
+  const int64_t blocks = int64_t(p.batch) * p.heads_kv;
+  const int64_t entries_stride = int64_t(group) * Nq * K;
+  std::vector<int64_t> key_offsets(size_t(blocks * (int64_t(Nk) + 1)));
+  std::vector<int64_t> key_entries(size_t(blocks * entries_stride));
+  GatherGrads gg;
+  gg.probs = probs.data();
+  gg.score_grads = score_grads.data();
+  gg.key_offsets = key_offsets.data();
+  gg.key_entries = key_entries.data();
+  gg.entries_stride = entries_stride;
+
+  const int chunks = cdiv(Nq, kGatherRows);
+  const int64_t row_tasks = int64_t(p.batch) * p.heads_q * chunks;
+  const int key_chunks = cdiv(Nk, kGatherKeys);
+  const int64_t key_tasks = blocks * key_chunks;
+#pragma omp parallel num_threads(thread_count(num_threads))
+  {
+    Workspace ws;
+    // 1. Per query row: dq, P and dS.
+#pragma omp for schedule(dynamic, 4) nowait
+    for (int64_t task = 0; task < row_tasks; ++task) {
+      const int64_t bh = task / chunks;
+      const int begin = static_cast<int>(task % chunks) * kGatherRows;
+      const int end = begin + kGatherRows < Nq ? begin + kGatherRows : Nq;
+      kernels.gather_backward_rows(p, g, gg, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q),
+                                   begin, end, ws);
+    }
+    // 2. Per (b, kv head): for each key, the entries (g·Nq + i)·K + t that selected it, ascending
+    //    (a counting sort; the same slots that the row pass treats as valid).
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int b = static_cast<int>(block / p.heads_kv), kv_head = static_cast<int>(block % p.heads_kv);
+      int64_t* offsets = key_offsets.data() + block * (int64_t(Nk) + 1);
+      int64_t* entries = key_entries.data() + block * entries_stride;
+      std::memset(offsets, 0, sizeof(int64_t) * (size_t(Nk) + 1));
+      for (int pass = 0; pass < 2; ++pass) {
+        for (int gi = 0; gi < group; ++gi) {
+          for (int i = 0; i < Nq; ++i) {
+            const int64_t* idx = p.indices + b * p.indices_stride_b + kv_head * p.indices_stride_h +
+                                 int64_t(i) * p.indices_stride_n;
+            const int64_t pos = int64_t(i) + Nk - Nq;
+            for (int t = 0; t < K; ++t) {
+              const int64_t j = idx[t];
+              if (j < 0 || (p.causal && j > pos)) continue;
+              if (pass == 0)
+                ++offsets[j + 1];
+              else
+                entries[offsets[j]++] = (int64_t(gi) * Nq + i) * K + t;
+            }
+          }
+        }
+        if (pass == 0)
+          for (int j = 0; j < Nk; ++j) offsets[j + 1] += offsets[j];  // offsets[j] = start of key j
+      }
+      for (int j = Nk; j > 0; --j) offsets[j] = offsets[j - 1];  // the fill advanced each start to its end
+      offsets[0] = 0;
+    }
+    // 3. Per key chunk: dk, dv (after the barrier of loop 2, which also follows loop 1's work).
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < key_tasks; ++task) {
+      const int64_t block = task / key_chunks;
+      const int begin = static_cast<int>(task % key_chunks) * kGatherKeys;
+      const int end = begin + kGatherKeys < Nk ? begin + kGatherKeys : Nk;
+      kernels.gather_backward_keys(p, g, gg, static_cast<int>(block / p.heads_kv),
+                                   static_cast<int>(block % p.heads_kv), begin, end, ws);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace flashlite

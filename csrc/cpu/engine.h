@@ -1,0 +1,603 @@
+// The CPU kernels, written once and compiled per instruction set.
+//
+// Included by isa_*.cpp after prelude.h and inside a target region, with FL_ISA (namespace and
+// name), FL_LANES (floats per vector register) and FL_MR (micro-kernel rows) defined. Only
+// functions of namespace flashlite::cpu::FL_ISA are defined here, so no code compiled for one
+// instruction set is shared with another build.
+//
+// A tile computation keeps everything in float32, query-major along the vector dimension:
+//   q̃ᵀ [Dp][BM]  the query tile transposed and pre-scaled (scale·log2e; scale alone with softcap),
+//   Sᵀ [BN][BM]  scores of key c (row) against query r: the softmax's per-query max and sum are
+//                element-wise vector operations down the rows,
+//   Oᵀ [Dp][BM]  the output accumulator.
+// One register-blocked micro-kernel computes every product (forward and backward):
+//   C[x][y] (+)= Σ_k A(x, k)·B[k][y], with B and C rows contiguous along y and A read as scalars.
+// Scores are carried in base 2 (s·log2e) so the softmax uses 2^x; lse is returned in natural units.
+
+namespace flashlite {
+namespace cpu {
+namespace FL_ISA {
+
+constexpr int L = FL_LANES;
+constexpr int MR = FL_MR;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = __builtin_inff();
+
+typedef float vf __attribute__((vector_size(L * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(L * sizeof(int32_t))));
+typedef float vf_unaligned __attribute__((vector_size(L * sizeof(float)), aligned(4), may_alias));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+inline void store(float* p, vf x) { *reinterpret_cast<vf_unaligned*>(p) = x; }
+inline vf splat(float x) { return vf{} + x; }
+inline vf select(vi mask, vf a, vf b) { return mask ? a : b; }
+inline vf vmax(vf a, vf b) { return select(a > b, a, b); }
+inline vi iota() {
+  vi v;
+  for (int i = 0; i < L; ++i) v[i] = i;
+  return v;
+}
+inline float hsum(vf x) {  // fixed order: deterministic
+  float s = 0.f;
+  for (int i = 0; i < L; ++i) s += x[i];
+  return s;
+}
+inline float hmax(vf x) {
+  float m = x[0];
+  for (int i = 1; i < L; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+inline int imin(int a, int b) { return a < b ? a : b; }
+inline int round_up(int n, int to) { return (n + to - 1) / to * to; }
+inline int64_t offset(const Strides3& s, int b, int h, int64_t i) { return b * s.batch + h * s.head + i * s.row; }
+
+// 2^x: x = n + f with n = round(x), |f| <= 1/2; 2^f by Cephes' exp2f polynomial (relative error
+// about 2e-7), 2^n by writing the exponent bits. x < -126 (and -inf) gives exactly 0.
+inline vf exp2v(vf x) {
+  const vf lo = splat(-126.f), hi = splat(127.f);
+  const vf xc = select(x < lo, lo, select(x > hi, hi, x));
+  const vf magic = splat(12582912.f);  // 1.5·2^23: (x + magic) − magic rounds x to an integer
+  const vf n = (xc + magic) - magic;
+  const vf f = xc - n;
+  vf poly = splat(1.535336188319500e-4f);
+  poly = poly * f + 1.339887440266574e-3f;
+  poly = poly * f + 9.618437357674640e-3f;
+  poly = poly * f + 5.550332471162809e-2f;
+  poly = poly * f + 2.402264791363012e-1f;
+  poly = poly * f + 6.931472028550421e-1f;
+  poly = poly * f + 1.f;
+  const vi exponent = (__builtin_convertvector(n, vi) + 127) << 23;
+  return select(x < lo, splat(0.f), poly * (vf)exponent);
+}
+
+// tanh(y): odd Taylor polynomial for |y| < 1/4 (error < 1e-9), else 1 − 2/(e^{2y} + 1).
+inline vf tanhv(vf y) {
+  const vf y2 = y * y;
+  vf small = splat(62.f / 2835.f);
+  small = small * y2 - 17.f / 315.f;
+  small = small * y2 + 2.f / 15.f;
+  small = small * y2 - 1.f / 3.f;
+  small = small * y2 * y + y;
+  const vf large = 1.f - 2.f / (exp2v(y * (2.f * kLog2e)) + 1.f);
+  return select(select(y < 0.f, -y, y) < 0.25f, small, large);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernel: C[x][y] (+)= Σ_k A(x, k)·B[k][y] for x < R, y < NV·L, A(x, k) = a[x·a_x + k·a_k].
+// R×NV accumulator vectors stay in registers; each step loads NV vectors of B and broadcasts R
+// scalars of A.
+template <int R, int NV>
+inline void gemm_block(int depth, const float* a, int64_t a_x, int64_t a_k, const float* b, int64_t b_k, float* c,
+                       int64_t c_x, bool accumulate) {
+  vf acc[R][NV];
+#pragma GCC unroll 16
+  for (int x = 0; x < R; ++x)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[x][v] = accumulate ? load(c + x * c_x + v * L) : vf{};
+  for (int k = 0; k < depth; ++k) {
+    vf bk[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bk[v] = load(b + k * b_k + v * L);
+#pragma GCC unroll 16
+    for (int x = 0; x < R; ++x) {
+      const vf ax = splat(a[x * a_x + k * a_k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[x][v] += ax * bk[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int x = 0; x < R; ++x)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store(c + x * c_x + v * L, acc[x][v]);
+}
+
+template <int NV>
+inline void gemm_panel(int X, int depth, const float* a, int64_t a_x, int64_t a_k, const float* b, int64_t b_k,
+                       float* c, int64_t c_x, bool accumulate) {
+  int x = 0;
+  for (; x + MR <= X; x += MR) gemm_block<MR, NV>(depth, a + x * a_x, a_x, a_k, b, b_k, c + x * c_x, c_x, accumulate);
+  for (; x + 4 <= X; x += 4) gemm_block<4, NV>(depth, a + x * a_x, a_x, a_k, b, b_k, c + x * c_x, c_x, accumulate);
+  for (; x + 2 <= X; x += 2) gemm_block<2, NV>(depth, a + x * a_x, a_x, a_k, b, b_k, c + x * c_x, c_x, accumulate);
+  for (; x < X; ++x) gemm_block<1, NV>(depth, a + x * a_x, a_x, a_k, b, b_k, c + x * c_x, c_x, accumulate);
+}
+
+// The whole product for x < X, y < Y (Y a multiple of L), in panels of 2·L columns of B/C.
+inline void gemm(int X, int Y, int depth, const float* a, int64_t a_x, int64_t a_k, const float* b, int64_t b_k,
+                 float* c, int64_t c_x, bool accumulate) {
+  int y = 0;
+  for (; y + 2 * L <= Y; y += 2 * L) gemm_panel<2>(X, depth, a, a_x, a_k, b + y, b_k, c + y, c_x, accumulate);
+  if (y < Y) gemm_panel<1>(X, depth, a, a_x, a_k, b + y, b_k, c + y, c_x, accumulate);
+}
+
+inline float dot(const float* a, const float* b, int n) {  // n a multiple of L
+  vf acc = {};
+  for (int d = 0; d < n; d += L) acc += load(a + d) * load(b + d);
+  return hsum(acc);
+}
+inline void axpy(float alpha, const float* x, float* y, int n) {  // y += alpha·x, n a multiple of L
+  const vf a = splat(alpha);
+  for (int d = 0; d < n; d += L) store(y + d, load(y + d) + a * load(x + d));
+}
+inline void fill(float* x, int n, float value) {
+  for (int i = 0; i < n; ++i) x[i] = value;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing (conversion to float32 happens here, one tile at a time).
+
+// The factor folded into packed queries: scores come out in log2 units without softcap, or
+// scaled natural units for the softcap's tanh.
+inline float query_factor(const AttentionParams& p) { return p.softcap != 0.f ? p.scale : p.scale * kLog2e; }
+
+// Rows i0 .. i0+rows of a [B, H, N, D] tensor: transposed and scaled into out_t[d][r] (column
+// stride ld_t), and/or row-major unscaled into out_rows[r][d] (stride Dp, zero past D). Rows
+// rows ≤ r < Y are zero.
+inline void pack_rows(DType dtype, const void* base, const Strides3& s, int b, int h, int i0, int rows, int Y, int D,
+                      int Dp, float factor, float* out_t, int ld_t, float* out_rows, float* tmp) {
+  for (int r = 0; r < Y; ++r) {
+    if (r < rows) {
+      load_row(dtype, base, offset(s, b, h, i0 + r), D, tmp);
+    } else {
+      fill(tmp, D, 0.f);
+    }
+    if (out_t)
+      for (int d = 0; d < D; ++d) out_t[d * ld_t + r] = tmp[d] * factor;
+    if (out_rows) {
+      for (int d = 0; d < D; ++d) out_rows[r * Dp + d] = tmp[d];
+      fill(out_rows + r * Dp + D, Dp - D, 0.f);
+    }
+  }
+}
+
+struct RowsView {
+  const float* data;
+  int64_t ld;
+};
+
+// Rows j0 .. j0+n of k or v for (b, kv head) as float32 rows: the tensor itself when it is
+// float32 (and, if `vector_rows`, its rows can be read as whole vectors), else converted into
+// buf [n][Dp], zero past D.
+inline RowsView kv_rows(DType dtype, const void* base, const Strides3& s, int b, int h, int j0, int n, int D, int Dp,
+                        bool vector_rows, float* buf) {
+  if (dtype == DType::kFloat32 && (!vector_rows || D == Dp))
+    return {static_cast<const float*>(base) + offset(s, b, h, j0), s.row};
+  for (int c = 0; c < n; ++c) {
+    load_row(dtype, base, offset(s, b, h, j0 + c), D, buf + c * Dp);
+    fill(buf + c * Dp + D, Dp - D, 0.f);
+  }
+  return {buf, Dp};
+}
+
+// One row as float32 vectors (length Dp): in place if float32 with D == Dp, else copied to buf.
+inline const float* vector_row(DType dtype, const void* base, int64_t off, int D, int Dp, float* buf) {
+  if (dtype == DType::kFloat32 && D == Dp) return static_cast<const float*>(base) + off;
+  load_row(dtype, base, off, D, buf);
+  fill(buf + D, Dp - D, 0.f);
+  return buf;
+}
+
+inline void store_transposed(DType dtype, void* base, const Strides3& s, int b, int h, int i0, int rows, int D,
+                             const float* src_t, int ld_t, const float* row_scale, float* tmp) {
+  for (int r = 0; r < rows; ++r) {
+    const float f = row_scale ? row_scale[r] : 1.f;
+    for (int d = 0; d < D; ++d) tmp[d] = src_t[d * ld_t + r] * f;
+    store_row(dtype, base, offset(s, b, h, i0 + r), D, tmp);
+  }
+}
+
+inline void store_rows(DType dtype, void* base, const Strides3& s, int b, int h, int i0, int rows, int D,
+                       const float* src, int ld) {
+  for (int r = 0; r < rows; ++r) store_row(dtype, base, offset(s, b, h, i0 + r), D, src + r * ld);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scores of one tile, in place on Sᵀ[c][r] (keys j0 + c, c < nk; queries i0 + r, r < Y), from
+// x = q̃·k:
+//   softcap:  t = tanh(x/cap),  s = log2e·(cap·t − slope·|p(i) − j|),  chain[c][r] = 1 − t²
+//   no cap:   s = x − log2e·slope·|p(i) − j|
+//   outside the band p(i) − left ≤ j ≤ p(i) + right:  s = −inf
+// A tile wholly inside the band skips the mask.
+inline void score_tile(const AttentionParams& p, float slope, int i0, int rows, int Y, int j0, int nk, float* st,
+                       float* chain, int ld) {
+  const float cap = p.softcap;
+  const int pos0 = i0 + p.seqlen_k - p.seqlen_q;
+  const bool masked = j0 < pos0 + rows - 1 - p.window_left || j0 + nk - 1 > pos0 + p.window_right;
+  if (cap == 0.f && slope == 0.f && !masked) return;
+  const float slope_units = cap != 0.f ? slope : slope * kLog2e;
+  const vi row_pos = iota() + pos0;
+  for (int c = 0; c < nk; ++c) {
+    float* s_row = st + c * ld;
+    for (int y = 0; y < Y; y += L) {
+      vf s = load(s_row + y);
+      const vi dist = row_pos + (y - (j0 + c));  // p(i) − j
+      if (cap != 0.f) {
+        const vf t = tanhv(s * (1.f / cap));
+        s = t * cap;
+        if (chain) store(chain + c * ld + y, 1.f - t * t);
+      }
+      if (slope != 0.f) {
+        const vf d = __builtin_convertvector(dist, vf);
+        s -= slope_units * select(d < 0.f, -d, d);
+      }
+      if (cap != 0.f) s *= kLog2e;
+      if (masked) s = select((dist <= p.window_left) & (dist >= -p.window_right), s, splat(-kInf));
+      store(s_row + y, s);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile engine, forward: query tile m of (b, h) over the key tiles of its schedule row.
+void tile_forward(const AttentionParams& p, int b, int h, int m, Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L);
+  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+  const int kv_head = h / p.group();
+  float* qt = ws.floats(size_t(2 * Dp * BM + BN * BM + 2 * BN * Dp + 3 * BM + Dp));
+  float* ot = qt + Dp * BM;
+  float* st = ot + Dp * BM;
+  float* kbuf = st + BN * BM;
+  float* vbuf = kbuf + BN * Dp;
+  float* row_max = vbuf + BN * Dp;
+  float* row_sum = row_max + BM;
+  float* alpha = row_sum + BM;
+  float* tmp = alpha + BM;
+
+  pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), qt, BM, nullptr, tmp);
+  fill(ot, D * BM, 0.f);
+  fill(row_max, BM, -kInf);
+  fill(row_sum, BM, 0.f);
+  const float slope = p.alibi(b, h);
+  const ScheduleView& schedule = p.forward_schedule;
+  const int count = schedule.num_tiles(b, h, m);
+  for (int t = 0; t < count; ++t) {
+    const int j0 = schedule.tile(b, h, m, t) * BN, nk = imin(BN, p.seqlen_k - j0);
+    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, false, kbuf);
+    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
+    // Sᵀ[c][r] = Σ_d k[j0 + c][d]·q̃[i0 + r][d]
+    gemm(nk, Y, D, k.data, k.ld, 1, qt, BM, st, BM, false);
+    score_tile(p, slope, i0, rows, Y, j0, nk, st, nullptr, BM);
+    // Online softmax, per query r (vectors along r):
+    //   m' = max(m, max_c s[c][r]),  α = 2^(m − m'),  P[c][r] = 2^(s[c][r] − m'),  l' = α·l + Σ_c P[c][r]
+    // A row with no visible key so far keeps m = −inf; 0 stands in for it so 2^(−inf − 0) = 0.
+    for (int y = 0; y < Y; y += L) {
+      const vf m_old = load(row_max + y);
+      vf m_new = m_old;
+      for (int c = 0; c < nk; ++c) m_new = vmax(m_new, load(st + c * BM + y));
+      const vf m_use = select(m_new == -kInf, splat(0.f), m_new);
+      vf sum = {};
+      for (int c = 0; c < nk; ++c) {
+        const vf prob = exp2v(load(st + c * BM + y) - m_use);
+        store(st + c * BM + y, prob);
+        sum += prob;
+      }
+      const vf a = exp2v(m_old - m_use);
+      store(alpha + y, a);
+      store(row_sum + y, load(row_sum + y) * a + sum);
+      store(row_max + y, m_new);
+    }
+    // Oᵀ[d][r] = α[r]·Oᵀ[d][r] + Σ_c v[j0 + c][d]·P[c][r]
+    for (int d = 0; d < D; ++d)
+      for (int y = 0; y < Y; y += L) store(ot + d * BM + y, load(ot + d * BM + y) * load(alpha + y));
+    gemm(D, Y, nk, v.data, 1, v.ld, st, BM, ot, BM, true);
+  }
+  // out = Oᵀ / l,  lse = ln2·(m + log2 l); a row that saw no key (l = 0) gives 0 and −inf.
+  float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q + i0;
+  for (int r = 0; r < rows; ++r) {
+    const float l = row_sum[r];
+    lse[r] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : -kInf;
+    alpha[r] = l > 0.f ? 1.f / l : 0.f;
+  }
+  store_transposed(p.dtype, p.out, p.out_strides, b, h, i0, rows, D, ot, BM, alpha, tmp);
+}
+
+// Backward helpers: a query tile's lse in log2 units (+inf for a row with no key, so that every
+// P = 2^(s − lse) is 0) and its δ = Σ_d dO·O; padded rows get +inf and 0.
+inline void pack_row_stats(const AttentionParams& p, const BackwardParams& g, int b, int h, int i0, int rows, int Y,
+                           float* lse2, float* delta) {
+  const int64_t base = (int64_t(b) * p.heads_q + h) * p.seqlen_q + i0;
+  for (int r = 0; r < Y; ++r) {
+    const float lse = r < rows ? p.lse[base + r] : -kInf;
+    lse2[r] = lse == -kInf ? kInf : lse * kLog2e;
+    delta[r] = r < rows ? g.delta[base + r] : 0.f;
+  }
+}
+
+// P, then dS in place of dPᵀ:  P[c][r] = 2^(s[c][r] − lse_r),  dS = P ⊙ (dP − δ_r) ⊙ chain · scale
+// (chain = 1 − tanh² with softcap, else 1).
+inline void probs_and_score_grads(const AttentionParams& p, int nk, int Y, float* st, float* dpt, const float* chain,
+                                  const float* lse2, const float* delta, int ld, bool grads) {
+  const vf scale = splat(p.scale);
+  for (int c = 0; c < nk; ++c) {
+    for (int y = 0; y < Y; y += L) {
+      const vf prob = exp2v(load(st + c * ld + y) - load(lse2 + y));
+      store(st + c * ld + y, prob);
+      if (grads) {
+        vf ds = prob * (load(dpt + c * ld + y) - load(delta + y)) * scale;
+        if (chain) ds *= load(chain + c * ld + y);
+        store(dpt + c * ld + y, ds);
+      }
+    }
+  }
+}
+
+// Tile engine, backward for key tile n of (b, kv head): over every query head of the GQA group
+// and the query tiles of the transposed schedule (no atomics: this item owns these dK/dV rows).
+//   dV_j = Σ_i P_ij·dO_i,   dP_ij = dO_i·v_j,   dS_ij = P_ij (dP_ij − δ_i)·chain·scale,   dK_j = Σ_i dS_ij·q_i
+void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, int b, int kv_head, int n, Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), group = p.group();
+  const int j0 = n * BN, nk = imin(BN, p.seqlen_k - j0);
+  float* qt = ws.floats(size_t(4 * Dp * BM + 3 * BN * BM + 4 * BN * Dp + 2 * BM + Dp));
+  float* q_rows = qt + Dp * BM;
+  float* do_t = q_rows + BM * Dp;
+  float* do_rows = do_t + Dp * BM;
+  float* st = do_rows + BM * Dp;
+  float* dpt = st + BN * BM;
+  float* chain = dpt + BN * BM;
+  float* kbuf = chain + BN * BM;
+  float* vbuf = kbuf + BN * Dp;
+  float* dk = vbuf + BN * Dp;
+  float* dv = dk + BN * Dp;
+  float* lse2 = dv + BN * Dp;
+  float* delta = lse2 + BM;
+  float* tmp = delta + BM;
+
+  const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, false, kbuf);
+  const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
+  fill(dk, BN * Dp, 0.f);
+  fill(dv, BN * Dp, 0.f);
+  const ScheduleView& schedule = p.backward_schedule;
+  for (int gi = 0; gi < group; ++gi) {
+    const int h = kv_head * group + gi;
+    const float slope = p.alibi(b, h);
+    const int count = schedule.num_tiles(b, h, n);
+    for (int t = 0; t < count; ++t) {
+      const int i0 = schedule.tile(b, h, n, t) * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+      pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), qt, BM, q_rows, tmp);
+      pack_rows(p.dtype, g.grad_out, g.grad_out_strides, b, h, i0, rows, Y, D, Dp, 1.f, do_t, BM, do_rows, tmp);
+      pack_row_stats(p, g, b, h, i0, rows, Y, lse2, delta);
+      gemm(nk, Y, D, k.data, k.ld, 1, qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
+      score_tile(p, slope, i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
+      gemm(nk, Y, D, v.data, v.ld, 1, do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
+      probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, lse2, delta, BM, true);
+      gemm(nk, Dp, rows, st, BM, 1, do_rows, Dp, dv, Dp, true);   // dV += Pᵀ·dO
+      gemm(nk, Dp, rows, dpt, BM, 1, q_rows, Dp, dk, Dp, true);   // dK += dSᵀ·Q
+    }
+  }
+  store_rows(p.dtype, g.dk, g.dk_strides, b, kv_head, j0, nk, D, dk, Dp);
+  store_rows(p.dtype, g.dv, g.dv_strides, b, kv_head, j0, nk, D, dv, Dp);
+}
+
+// Tile engine, backward for query tile m of (b, h) over the forward schedule (a separate pass,
+// so dQ needs no atomics either):  dQ_i = Σ_j dS_ij·k_j
+void tile_backward_q(const AttentionParams& p, const BackwardParams& g, int b, int h, int m, Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L);
+  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+  const int kv_head = h / p.group();
+  float* qt = ws.floats(size_t(2 * Dp * BM + 3 * BN * BM + 2 * BN * Dp + BM * Dp + 2 * BM + Dp));
+  float* do_t = qt + Dp * BM;
+  float* st = do_t + Dp * BM;
+  float* dpt = st + BN * BM;
+  float* chain = dpt + BN * BM;
+  float* kbuf = chain + BN * BM;
+  float* vbuf = kbuf + BN * Dp;
+  float* dq = vbuf + BN * Dp;
+  float* lse2 = dq + BM * Dp;
+  float* delta = lse2 + BM;
+  float* tmp = delta + BM;
+
+  pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), qt, BM, nullptr, tmp);
+  pack_rows(p.dtype, g.grad_out, g.grad_out_strides, b, h, i0, rows, Y, D, Dp, 1.f, do_t, BM, nullptr, tmp);
+  pack_row_stats(p, g, b, h, i0, rows, Y, lse2, delta);
+  fill(dq, BM * Dp, 0.f);
+  const float slope = p.alibi(b, h);
+  const ScheduleView& schedule = p.forward_schedule;
+  const int count = schedule.num_tiles(b, h, m);
+  for (int t = 0; t < count; ++t) {
+    const int j0 = schedule.tile(b, h, m, t) * BN, nk = imin(BN, p.seqlen_k - j0);
+    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, true, kbuf);
+    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
+    gemm(nk, Y, D, k.data, k.ld, 1, qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
+    score_tile(p, slope, i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
+    gemm(nk, Y, D, v.data, v.ld, 1, do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
+    probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, lse2, delta, BM, true);
+    gemm(rows, Dp, nk, dpt, 1, BM, k.data, k.ld, dq, Dp, true);  // dQ += dS·K
+  }
+  store_rows(p.dtype, g.dq, g.dq_strides, b, h, i0, rows, D, dq, Dp);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gather engine (top-k): each query row attends the keys its index list names.
+
+// The score of one (row, slot) pair from x = q̃·k (see score_tile), in log2 units.
+inline float gather_score(const AttentionParams& p, float x, float slope, int64_t dist, float* chain) {
+  const float distance = static_cast<float>(dist < 0 ? -dist : dist);
+  if (p.softcap != 0.f) {
+    const float t = tanhf(x / p.softcap);
+    *chain = 1.f - t * t;
+    return kLog2e * (p.softcap * t - slope * distance);
+  }
+  *chain = 1.f;
+  return x - kLog2e * slope * distance;
+}
+
+inline const int64_t* gather_row_indices(const AttentionParams& p, int b, int kv_head, int i) {
+  return p.indices + b * p.indices_stride_b + kv_head * p.indices_stride_h + int64_t(i) * p.indices_stride_n;
+}
+
+// Scores s[t] (log2 units, −inf for an empty slot or, with causal, a key after p(i)) and the
+// softcap chains of query row i of (b, h); s is padded with −inf to a multiple of L. qv holds
+// the packed query. Returns the row's maximum score.
+inline float gather_row_scores(const AttentionParams& p, int b, int kv_head, int i, const float* qv, float slope,
+                               float* s, float* chain, float* kbuf) {
+  const int D = p.head_dim, Dp = round_up(D, L), K = p.top_k;
+  const int64_t* idx = gather_row_indices(p, b, kv_head, i);
+  const int64_t pos = int64_t(i) + p.seqlen_k - p.seqlen_q;
+  float row_max = -kInf;
+  for (int t = 0; t < K; ++t) {
+    const int64_t j = idx[t];
+    if (j < 0 || (p.causal && j > pos)) {
+      s[t] = -kInf;
+      chain[t] = 0.f;
+      continue;
+    }
+    const float* kr = vector_row(p.dtype, p.k, offset(p.k_strides, b, kv_head, j), D, Dp, kbuf);
+    s[t] = gather_score(p, dot(qv, kr, Dp), slope, pos - j, chain + t);
+    row_max = s[t] > row_max ? s[t] : row_max;
+  }
+  fill(s + K, round_up(K, L) - K, -kInf);
+  return row_max;
+}
+
+// Forward of rows [row_begin, row_end) of (b, h):
+//   s_t = score(q_i·k_{idx_t}),  m = max_t s_t,  P_t = 2^(s_t − m),  l = Σ_t P_t,
+//   out_i = Σ_t P_t·v_{idx_t} / l,  lse_i = ln2·(m + log2 l)   (no valid slot: 0 and −inf)
+void gather_forward(const AttentionParams& p, int b, int h, int row_begin, int row_end, Workspace& ws) {
+  const int D = p.head_dim, Dp = round_up(D, L), K = p.top_k, Kp = round_up(K, L);
+  const int kv_head = h / p.group();
+  float* qv = ws.floats(size_t(5 * Dp + 2 * Kp));
+  float* acc = qv + Dp;
+  float* kbuf = acc + Dp;
+  float* vbuf = kbuf + Dp;
+  float* out_row = vbuf + Dp;
+  float* s = out_row + Dp;
+  float* chain = s + Kp;
+  const float slope = p.alibi(b, h), factor = query_factor(p);
+  float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q;
+  for (int i = row_begin; i < row_end; ++i) {
+    load_row(p.dtype, p.q, offset(p.q_strides, b, h, i), D, qv);
+    for (int d = 0; d < D; ++d) qv[d] *= factor;
+    fill(qv + D, Dp - D, 0.f);
+    const float row_max = gather_row_scores(p, b, kv_head, i, qv, slope, s, chain, kbuf);
+    fill(acc, Dp, 0.f);
+    if (row_max == -kInf) {
+      lse[i] = -kInf;
+      store_row(p.dtype, p.out, offset(p.out_strides, b, h, i), D, acc);
+      continue;
+    }
+    vf sum = {};
+    for (int t = 0; t < Kp; t += L) {
+      const vf prob = exp2v(load(s + t) - row_max);
+      store(s + t, prob);
+      sum += prob;
+    }
+    const float l = hsum(sum);
+    const int64_t* idx = gather_row_indices(p, b, kv_head, i);
+    for (int t = 0; t < K; ++t) {
+      if (s[t] == 0.f) continue;  // empty slot (or a weight that underflowed)
+      axpy(s[t], vector_row(p.dtype, p.v, offset(p.v_strides, b, kv_head, idx[t]), D, Dp, vbuf), acc, Dp);
+    }
+    for (int d = 0; d < D; ++d) out_row[d] = acc[d] / l;
+    store_row(p.dtype, p.out, offset(p.out_strides, b, h, i), D, out_row);
+    lse[i] = (row_max + log2f(l)) * kLn2;
+  }
+}
+
+// Backward, per row:  P_t = 2^(s_t − lse_i),  dS_t = P_t (dO_i·v_t − δ_i)·chain·scale,
+// dq_i = Σ_t dS_t·k_t; P and dS are kept for the key pass.
+void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, const GatherGrads& gg, int b, int h,
+                          int row_begin, int row_end, Workspace& ws) {
+  const int D = p.head_dim, Dp = round_up(D, L), K = p.top_k, Kp = round_up(K, L);
+  const int kv_head = h / p.group();
+  float* qv = ws.floats(size_t(5 * Dp + 2 * Kp));
+  float* dov = qv + Dp;
+  float* dq = dov + Dp;
+  float* kbuf = dq + Dp;
+  float* vbuf = kbuf + Dp;
+  float* s = vbuf + Dp;
+  float* chain = s + Kp;
+  const float slope = p.alibi(b, h), factor = query_factor(p);
+  const int64_t row_base = (int64_t(b) * p.heads_q + h) * p.seqlen_q;
+  for (int i = row_begin; i < row_end; ++i) {
+    float* probs = gg.probs + (row_base + i) * K;
+    float* grads = gg.score_grads + (row_base + i) * K;
+    fill(dq, Dp, 0.f);
+    const float lse = p.lse[row_base + i];
+    if (lse == -kInf) {  // no valid slot: nothing flows back
+      fill(probs, K, 0.f);
+      fill(grads, K, 0.f);
+      store_row(p.dtype, g.dq, offset(g.dq_strides, b, h, i), D, dq);
+      continue;
+    }
+    load_row(p.dtype, p.q, offset(p.q_strides, b, h, i), D, qv);
+    for (int d = 0; d < D; ++d) qv[d] *= factor;
+    fill(qv + D, Dp - D, 0.f);
+    load_row(p.dtype, g.grad_out, offset(g.grad_out_strides, b, h, i), D, dov);
+    fill(dov + D, Dp - D, 0.f);
+    gather_row_scores(p, b, kv_head, i, qv, slope, s, chain, kbuf);
+    const float lse2 = lse * kLog2e, delta = g.delta[row_base + i];
+    const int64_t* idx = gather_row_indices(p, b, kv_head, i);
+    for (int t = 0; t < K; ++t) {
+      if (s[t] == -kInf) {
+        probs[t] = grads[t] = 0.f;
+        continue;
+      }
+      const float prob = exp2f(s[t] - lse2);
+      const float dp = dot(dov, vector_row(p.dtype, p.v, offset(p.v_strides, b, kv_head, idx[t]), D, Dp, vbuf), Dp);
+      const float ds = prob * (dp - delta) * chain[t] * p.scale;
+      axpy(ds, vector_row(p.dtype, p.k, offset(p.k_strides, b, kv_head, idx[t]), D, Dp, kbuf), dq, Dp);
+      probs[t] = prob;
+      grads[t] = ds;
+    }
+    store_row(p.dtype, g.dq, offset(g.dq_strides, b, h, i), D, dq);
+  }
+}
+
+// Backward, per key j of (b, kv head), over the (head, row, slot) entries that selected it in
+// ascending order:  dk_j = Σ dS·q_i,  dv_j = Σ P·dO_i
+void gather_backward_keys(const AttentionParams& p, const BackwardParams& g, const GatherGrads& gg, int b, int kv_head,
+                          int key_begin, int key_end, Workspace& ws) {
+  const int D = p.head_dim, Dp = round_up(D, L), K = p.top_k, group = p.group();
+  float* dk = ws.floats(size_t(4 * Dp));
+  float* dv = dk + Dp;
+  float* qbuf = dv + Dp;
+  float* dobuf = qbuf + Dp;
+  const int64_t block = int64_t(b) * p.heads_kv + kv_head;
+  const int64_t* offsets = gg.key_offsets + block * (int64_t(p.seqlen_k) + 1);
+  const int64_t* entries = gg.key_entries + block * gg.entries_stride;
+  for (int j = key_begin; j < key_end; ++j) {
+    fill(dk, Dp, 0.f);
+    fill(dv, Dp, 0.f);
+    for (int64_t e = offsets[j]; e < offsets[j + 1]; ++e) {
+      const int64_t entry = entries[e], slot = entry % K, head_row = entry / K;
+      const int i = static_cast<int>(head_row % p.seqlen_q), h = kv_head * group + static_cast<int>(head_row / p.seqlen_q);
+      const int64_t at = ((int64_t(b) * p.heads_q + h) * p.seqlen_q + i) * K + slot;
+      axpy(gg.score_grads[at], vector_row(p.dtype, p.q, offset(p.q_strides, b, h, i), D, Dp, qbuf), dk, Dp);
+      axpy(gg.probs[at], vector_row(p.dtype, g.grad_out, offset(g.grad_out_strides, b, h, i), D, Dp, dobuf), dv, Dp);
+    }
+    store_row(p.dtype, g.dk, offset(g.dk_strides, b, kv_head, j), D, dk);
+    store_row(p.dtype, g.dv, offset(g.dv_strides, b, kv_head, j), D, dv);
+  }
+}
+
+const KernelTable& table() {
+  static const KernelTable kernels = {
+      FL_ISA_NAME, L, &tile_forward, &tile_backward_kv, &tile_backward_q, &gather_forward, &gather_backward_rows,
+      &gather_backward_keys,
+  };
+  return kernels;
+}
+
+}  // namespace FL_ISA
+}  // namespace cpu
+}  // namespace flashlite

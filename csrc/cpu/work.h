@@ -1,0 +1,65 @@
+// Internal interface between the OpenMP driver (driver.cpp) and the per-instruction-set kernel
+// builds (isa_*.cpp, each compiling engine.h with its own target options).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../common/params.h"
+
+namespace flashlite {
+namespace cpu {
+
+// Per-thread scratch memory, grown on demand (64-byte aligned). Defined in driver.cpp only, so
+// no instruction-set variant instantiates its code.
+class Workspace {
+ public:
+  Workspace() = default;
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  ~Workspace();
+  float* floats(size_t count);  // valid until the next call
+
+ private:
+  float* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+// Gather backward bookkeeping: probabilities and score gradients per (row, slot), and for each
+// key the (head-in-group, row, slot) entries that selected it, in ascending order.
+struct GatherGrads {
+  float* probs = nullptr;        // [B, Hq, Nq, K]
+  float* score_grads = nullptr;  // [B, Hq, Nq, K]: dL/d(q.k) including scale and softcap chain
+  const int64_t* key_offsets = nullptr;  // [B, Hkv, Nk + 1] into key_entries
+  const int64_t* key_entries = nullptr;  // per (b, kv head): (g * Nq + i) * K + t
+  int64_t entries_stride = 0;            // entries per (b, kv head) block
+};
+
+// One instruction-set build of the kernels; each function handles one work item.
+struct KernelTable {
+  const char* name;
+  int lanes;  // floats per vector register
+  // Forward of query tile m of (b, h).
+  void (*tile_forward)(const AttentionParams&, int b, int h, int m, Workspace&);
+  // dK, dV of key tile n of (b, kv head), over the GQA group's query tiles.
+  void (*tile_backward_kv)(const AttentionParams&, const BackwardParams&, int b, int kv_head, int n, Workspace&);
+  // dQ of query tile m of (b, h).
+  void (*tile_backward_q)(const AttentionParams&, const BackwardParams&, int b, int h, int m, Workspace&);
+  // Gather forward of rows [row_begin, row_end) of (b, h).
+  void (*gather_forward)(const AttentionParams&, int b, int h, int row_begin, int row_end, Workspace&);
+  // Gather backward, per rows: dq, and probs/score_grads for the key pass.
+  void (*gather_backward_rows)(const AttentionParams&, const BackwardParams&, const GatherGrads&, int b, int h,
+                               int row_begin, int row_end, Workspace&);
+  // Gather backward, per keys [key_begin, key_end) of (b, kv head): dk, dv.
+  void (*gather_backward_keys)(const AttentionParams&, const BackwardParams&, const GatherGrads&, int b,
+                               int kv_head, int key_begin, int key_end, Workspace&);
+};
+
+const KernelTable& kernels_default();
+#if defined(__x86_64__) || defined(_M_X64)
+const KernelTable& kernels_avx2();
+const KernelTable& kernels_avx512();
+#endif
+
+}  // namespace cpu
+}  // namespace flashlite
