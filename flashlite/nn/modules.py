@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from ..api import attention, window_pattern
@@ -99,8 +98,9 @@ class TopKAttention(Attention):
     Args:
         window: recent keys every query keeps (``p(i) - window < j <= p(i)``), with marks.
         sinks: leading keys every query keeps, with marks.
-        k: if set, also select the ``k`` highest-scoring keys per query automatically
-            (``flashlite.selection.topk_by_score``).
+        k: if set, select keys automatically by score (``flashlite.selection.topk_by_score``):
+            each query gets ``k`` keys in all - the marked / window / sink keys first (always kept,
+            even beyond ``k``), the highest-scoring other keys in the remaining slots.
         causal: ignore selected keys after ``p(i)`` (default True).
         block_size: the selection's scoring block size (passed to ``topk_by_score``).
 
@@ -120,29 +120,20 @@ class TopKAttention(Attention):
         self.window, self.sinks, self.k, self.causal, self.block_size = window, sinks, k, bool(causal), block_size
 
     def select(self, q: Tensor, k: Tensor, marks=None) -> Tensor:
-        """The index tensor this module would attend for ``q``/``k`` and ``marks``."""
+        """The index tensor this module attends for ``q``/``k`` and ``marks``: int ``[B, Hkv|1, Nq, K]``."""
         from .. import selection  # lazily: the selection helpers live in their own module
 
-        picked = []
-        if marks is not None or (self.k is None and (self.window or self.sinks)):
-            picked.append(self._as_indices(selection.from_marks(marks, k.shape[2], window=self.window,
-                                                                sinks=self.sinks, causal=self.causal)))
-        if self.k is not None:
-            kw = {} if self.block_size is None else {"block_size": self.block_size}
-            picked.append(self._as_indices(selection.topk_by_score(q, k, self.k, **kw)))
-        if not picked:
-            raise ValueError("TopKAttention needs indices=, marks=, window/sinks or k= to select keys")
-        if len(picked) == 1:
-            return picked[0]
-        return _union(picked[0], picked[1], q.shape[2])
-
-    @staticmethod
-    def _as_indices(selected) -> Tensor:
-        if isinstance(selected, TopK):
-            return selected.indices
-        if isinstance(selected, Tensor):
-            return selected
-        raise TypeError(f"selection returned {type(selected).__name__}, expected indices or a TopK pattern")
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[2], k.shape[2]
+        kept = None
+        if marks is not None or self.window or self.sinks:
+            kept = selection.from_marks(marks, seqlen_k, window=self.window, sinks=self.sinks, causal=self.causal,
+                                        num_queries=seqlen_q, batch=batch, device=q.device)
+        if self.k is None:
+            if kept is None:
+                raise ValueError("TopKAttention needs indices=, marks=, window/sinks or k= to select keys")
+            return kept
+        kw = {} if self.block_size is None else {"block_size": self.block_size}
+        return selection.topk_by_score(q, k, self.k, causal=self.causal, keep=kept, **kw)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, marks=None, indices: Optional[Tensor] = None,
                 alibi_slopes: Optional[Tensor] = None, return_lse: bool = False):
@@ -152,21 +143,6 @@ class TopKAttention(Attention):
 
     def extra_repr(self) -> str:
         return f"window={self.window}, sinks={self.sinks}, k={self.k}, causal={self.causal}"
-
-
-def _union(a: Tensor, b: Tensor, seqlen_q: int) -> Tensor:
-    """Row-wise union of two index sets (``-1`` = empty), as ``[B, H, Nq, Ka + Kb]``, distinct entries."""
-    def rows(t: Tensor) -> Tensor:
-        return t.unsqueeze(2).expand(-1, -1, seqlen_q, -1) if t.dim() == 3 else t
-
-    a, b = rows(a).long(), rows(b).long()
-    heads = max(a.shape[1], b.shape[1])
-    a, b = a.expand(-1, heads, -1, -1), b.expand(-1, heads, -1, -1)
-    both = torch.cat([a, b], dim=-1).sort(dim=-1).values
-    # Drop repeats: an entry equal to its left neighbour becomes -1.
-    repeat = torch.zeros_like(both, dtype=torch.bool)
-    repeat[..., 1:] = both[..., 1:] == both[..., :-1]
-    return torch.where(repeat, torch.full_like(both, -1), both).to(torch.int32).contiguous()
 
 
 __all__ = ["Attention", "FlashAttention", "SlidingWindowAttention", "BlockSparseAttention", "TopKAttention"]

@@ -1,0 +1,210 @@
+"""Hugging Face transformers integration: tiny Llama / Mistral built from configs (random weights,
+nothing downloaded). Logits are compared by DESIGN.md's rule: flashlite's error against the eager
+model run in float64 is at most twice the error of the eager model in float32, plus 1e-5;
+greedy generation must give the same tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers is an optional extra: pip install 'flashlite[transformers]'")
+
+import flashlite  # noqa: E402
+from flashlite.integrations import transformers as fl_tf  # noqa: E402
+from flashlite.nn import functional as FL  # noqa: E402
+
+from conftest import assert_rule  # noqa: E402
+
+NAMES = fl_tf.register()
+MAIN = NAMES[0]
+
+
+def tiny(kind: str, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                  bos_token_id=2, **extra)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = MistralForCausalLM(MistralConfig(sliding_window=5, **common))
+    return model.eval()
+
+
+def logits(model, impl, ids, mask=None, dtype=torch.float32):
+    model.set_attn_implementation(impl)
+    model.to(dtype)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+    model.to(torch.float32)
+    return out
+
+
+def check_logits(model, ids, mask=None):
+    exact = logits(model, "eager", ids, mask, torch.float64)
+    low = logits(model, "eager", ids, mask)
+    sdpa = logits(model, "sdpa", ids, mask)
+    got = logits(model, MAIN, ids, mask)
+    if mask is not None:  # padded query positions are garbage in every implementation
+        keep = mask.bool()
+        exact, low, sdpa, got = exact[keep], low[keep], sdpa[keep], got[keep]
+    assert_rule("logits vs eager", got, low, exact)
+    assert_rule("logits vs sdpa", got, sdpa, exact)
+
+
+def generate(model, impl, ids, mask=None, steps=6):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
+
+
+def left_padded(batch=2, length=12):
+    ids = torch.randint(3, 96, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, :4] = 0
+    ids[1, :4] = 0
+    return ids, mask
+
+
+def test_names_avoid_flash_and_register_returns_main_first():
+    assert NAMES == ["fl_attention", "fl_topk"]
+    assert all("flash" not in name for name in NAMES)
+    from transformers import AttentionInterface
+
+    assert MAIN in AttentionInterface._global_mapping
+    try:
+        from transformers import AttentionMaskInterface
+    except ImportError:
+        return
+    assert AttentionMaskInterface._global_mapping[MAIN] is fl_tf.attention_mask
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_logits_match_eager_and_sdpa(kind):
+    torch.manual_seed(0)
+    model = tiny(kind)
+    ids = torch.randint(3, 96, (2, 13))  # longer than Mistral's window of 5
+    check_logits(model, ids)
+    check_logits(model, *left_padded())
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_greedy_generation_matches(kind):
+    model = tiny(kind)
+    ids, mask = left_padded()
+    want = generate(model, "eager", ids, mask)
+    assert torch.equal(generate(model, MAIN, ids, mask), want)
+    assert torch.equal(generate(model, MAIN, ids[:1]), generate(model, "sdpa", ids[:1]))
+
+
+def test_padding_with_holes_and_load_time_name():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = tiny("llama")
+    ids = torch.randint(3, 96, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, 3] = 0
+    mask[1, 6:8] = 0
+    check_logits(model, ids, mask)
+    # attn_implementation at construction time
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4)
+    built = LlamaForCausalLM._from_config(config, attn_implementation=MAIN)
+    assert built.config._attn_implementation == MAIN
+
+
+def test_paths_no_dense_masks(monkeypatch):
+    """Causal, sliding window and padding run on patterns: the dense slow path never runs."""
+    def boom(*a, **k):
+        raise AssertionError("dense path ran")
+
+    monkeypatch.setattr(FL, "dense_attention", boom)
+    for kind in ("llama", "mistral"):
+        model = tiny(kind)
+        ids, mask = left_padded()
+        generate(model, MAIN, ids, mask, steps=3)
+
+
+def test_mask_function_outputs():
+    from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_causal_mask_function
+
+    kw = dict(batch_size=2, q_length=4, kv_length=6, q_offset=2, kv_offset=0)
+    assert fl_tf.attention_mask(mask_function=causal_mask_function, **kw) is None
+    padding = torch.ones(2, 6, dtype=torch.bool)
+    padding[1, 0] = False
+    got = fl_tf.attention_mask(mask_function=causal_mask_function, attention_mask=padding, **kw)
+    assert got.shape == (2, 6) and got._flashlite_band == (None, 0) and not got._flashlite_all_kept
+    got = fl_tf.attention_mask(mask_function=sliding_window_causal_mask_function(3), **kw)
+    assert got._flashlite_band == (2, 0) and got._flashlite_all_kept
+    custom = and_masks(causal_mask_function, lambda b, h, q, k: k != 1)
+    dense = fl_tf.attention_mask(mask_function=custom, **kw)
+    assert dense.shape == (2, 1, 4, 6) and not bool(dense[:, :, :, 1].any())
+    misaligned = fl_tf.attention_mask(mask_function=causal_mask_function, **dict(kw, q_offset=0))
+    assert misaligned.dim() == 4  # a static-cache style layout: the explicit mask
+
+
+def test_softcap_sinks_and_4d_masks():
+    class Layer(torch.nn.Module):
+        is_causal = True
+
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    ref = flashlite.reference.attention
+    out, none = fl_tf.attention_forward(Layer(), q, k, v, None, scaling=0.3, softcap=2.0)
+    assert none is None and out.shape == (2, 5, 4, 16)
+    want = ref(q, k, v, flashlite.Full(causal=True), scale=0.3, softcap=2.0).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    # learned sinks: one extra logit per head in the softmax denominator
+    sinks = torch.randn(4)
+    out, _ = fl_tf.attention_forward(Layer(), q, k, v, None, s_aux=sinks)
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = q @ kr.transpose(-1, -2) / 4.0
+    scores = scores.masked_fill(~flashlite.Full(causal=True).dense_mask(1, 1, 1, 5, 7, "cpu"), float("-inf"))
+    scores = torch.cat([scores, sinks.view(1, 4, 1, 1).expand(2, 4, 5, 1)], dim=-1)
+    want = (scores.softmax(-1)[..., :-1] @ vr).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    # a 4-D float mask (eager style) is applied as given
+    bias = torch.zeros(2, 1, 5, 7)
+    bias[..., 2] = torch.finfo(torch.float32).min
+    out, _ = fl_tf.attention_forward(Layer(), q, k, v, bias)
+    torch.testing.assert_close(out, ref(q, k, v, attn_bias=bias).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_triton_backend(monkeypatch):
+    """The model-level path on the Triton kernels (interpreter on CPU), kept tiny."""
+    monkeypatch.setenv("FLASHLITE_BACKEND", "triton")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    ids = torch.randint(0, 64, (1, 9))
+    exact = logits(model, "eager", ids, dtype=torch.float64)
+    low = logits(model, "eager", ids)
+    got = logits(model, MAIN, ids)
+    assert flashlite.last_backend() == "triton"
+    assert_rule("logits", got, low, exact)
+
+
+def test_topk_variant_is_exact_when_k_covers_the_sequence():
+    model = tiny("llama")
+    ids = torch.randint(3, 96, (1, 10))
+    fl_tf.register(topk=16)
+    want = logits(model, "eager", ids)
+    got = logits(model, NAMES[1], ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_topk_variant_selects():
+    pytest.importorskip("flashlite.selection")
+    model = tiny("llama")
+    ids = torch.randint(3, 96, (1, 12))
+    try:
+        fl_tf.register(topk=4, sinks=1, window=2)
+        got = logits(model, NAMES[1], ids)
+    finally:
+        fl_tf.register()
+    assert torch.isfinite(got).all()
+    # the first positions see at most k + window + sinks keys: identical to exact attention there
+    want = logits(model, "eager", ids)
+    torch.testing.assert_close(got[:, :4], want[:, :4], atol=1e-4, rtol=1e-4)
