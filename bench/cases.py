@@ -314,6 +314,9 @@ class Sweep:
     topk: int
     decode_group: int = 8  # GQA ratio of the decode case (Hq : Hkv)
     grid: bool = False
+    # single cases beyond the sweep (the GPU goals of issue 9): dicts with pattern, seqlen,
+    # batch_heads and optional head_dim, dtype, params
+    extras: List[Dict[str, object]] = field(default_factory=list)
 
 
 PROFILES: Dict[str, Dict[str, object]] = {
@@ -326,9 +329,12 @@ PROFILES: Dict[str, Dict[str, object]] = {
     # GPU, about a minute.
     "gpu-quick": dict(seqlens=[1024, 4096], head_dims=[128], dtypes=["bfloat16"], batch_heads=[(2, 16)],
                       window=512, densities=[0.1], block_size=64, topk=64),
-    # GPU full size (bench/gpu_suite.sh).
-    "gpu": dict(seqlens=[1024, 2048, 4096, 8192, 16384], head_dims=[128, 64, 256], dtypes=["bfloat16", "float16"],
-                batch_heads=[(2, 16), (8, 16)], window=1024, densities=[0.1, 0.5], block_size=64, topk=64),
+    # GPU full size (bench/gpu_suite.sh), plus the goal cases of issue 9.
+    "gpu": dict(seqlens=[1024, 4096, 16384], head_dims=[128, 64], dtypes=["bfloat16", "float16"],
+                batch_heads=[(2, 16)], window=1024, densities=[0.1, 0.5], block_size=64, topk=64,
+                extras=[dict(pattern="window", seqlen=65536, batch_heads=(1, 16), params={"window": 4096}),
+                        dict(pattern="topk", seqlen=32768, batch_heads=(1, 16), params={"k": 64}),
+                        dict(pattern="decode", seqlen=65536, batch_heads=(8, 32))]),
 }
 
 
@@ -364,9 +370,29 @@ def _pattern_cases(pattern: str, sweep: Sweep, seqlen: int, head_dim: int, dtype
         yield Case(pattern, shape, dtype)
 
 
+def _extra_case(extra: Dict[str, object], sweep: Sweep) -> Case:
+    pattern = parse_pattern(str(extra["pattern"]))
+    batch, heads = extra["batch_heads"]  # type: ignore[misc]
+    seqlen = int(extra["seqlen"])  # type: ignore[arg-type]
+    head_dim = int(extra.get("head_dim", sweep.head_dims[0]))  # type: ignore[arg-type]
+    dtype = str(extra.get("dtype", sweep.dtypes[0]))
+    params = dict(extra.get("params", {}))  # type: ignore[arg-type]
+    if pattern == "decode":
+        group = max(g for g in range(1, sweep.decode_group + 1) if heads % g == 0)
+        return Case("decode", Shape(batch, heads, heads // group, 1, seqlen, head_dim), dtype)
+    if pattern == "block_sparse":
+        params.setdefault("block_size", sweep.block_size)
+    return Case(pattern, Shape(batch, heads, heads, seqlen, seqlen, head_dim), dtype, tuple(sorted(params.items())))
+
+
+def make_extra_cases(sweep: Sweep) -> List[Case]:
+    return [case for case in map(lambda extra: _extra_case(extra, sweep), sweep.extras) if case.pattern in sweep.patterns]
+
+
 def make_cases(sweep: Sweep) -> List[Case]:
-    """The cases of a sweep, ordered by sequence length then pattern (so a time budget cuts the
-    largest sizes first)."""
+    """The cases of a sweep: the base line from the largest sequence length down (the sizes the
+    goals are about come first if a time budget cuts the run), then the one-factor variants at
+    the pivot length, then the extra cases."""
     points = []
     base = (sweep.head_dims[0], sweep.dtypes[0], sweep.batch_heads[0])
     if sweep.grid:
@@ -380,12 +406,20 @@ def make_cases(sweep: Sweep) -> List[Case]:
         points += [(middle, base[0], base[1], bh) for bh in sweep.batch_heads[1:]]
     cases: List[Case] = []
     seen = set()
-    for seqlen, head_dim, dtype, bh in sorted(points, key=lambda p: p[0]):
+    if sweep.grid:
+        points.sort(key=lambda p: -p[0])
+    else:
+        points = sorted(points[:len(sweep.seqlens)], key=lambda p: -p[0]) + points[len(sweep.seqlens):]
+    for seqlen, head_dim, dtype, bh in points:
         for pattern in sweep.patterns:
             for case in _pattern_cases(pattern, sweep, seqlen, head_dim, dtype, bh):
                 if case.id not in seen:
                     seen.add(case.id)
                     cases.append(case)
+    for case in make_extra_cases(sweep):
+        if case.id not in seen:
+            seen.add(case.id)
+            cases.append(case)
     return cases
 
 

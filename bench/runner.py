@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -98,6 +99,11 @@ def build_parser(prog: str = "flashlite bench") -> argparse.ArgumentParser:
     add("--target-ms", type=float, default=None, help="time spent in timed calls per measurement")
     add("--budget", type=float, default=None, help="stop timing after this many seconds (rows left: skipped)")
     add("--max-mask-mib", type=float, default=2048, help="largest dense mask a peer may build")
+    add("--flex-all", action="store_true",
+        help="run FlexAttention on every case (default: the base line and extra cases only; each shape compiles)")
+    add("--no-extras", dest="extras", action="store_false",
+        help="leave out the profile's extra goal cases (also left out when --seqlens is given)")
+    add("--threads", type=_positive_int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
     add("--seed", type=int, default=None, help="seed of the validation inputs (default: fresh)")
     add("--list", action="store_true", help="print the cases and implementations, run nothing")
     add("--quiet", action="store_true", help="no progress line")
@@ -167,6 +173,8 @@ def make_sweep(opts: argparse.Namespace, device: torch.device) -> tuple:
         if value is not None:
             setattr(sweep, field, value)
     sweep.grid = bool(opts.grid)
+    if opts.seqlens is not None or not opts.extras:
+        sweep.extras = []
     return profile, sweep
 
 
@@ -223,9 +231,11 @@ def _attempt(fn: Callable[[], object]) -> object:
         raise Skip(f"{type(exc).__name__}: {first}") from None
 
 
-def measure(impl: Impl, forward, case: Case, inputs: list, mode: str, timer: Timer, warmup: int) -> dict:
-    """Time ``impl`` on ``case`` in ``mode``; returns the measured fields of the row."""
-    first_s = 0.0
+def make_calls(impl: Impl, forward, inputs: list, mode: str, timer: Timer) -> tuple:
+    """The zero-argument calls to time, one per rotated input set, and the seconds the first
+    (untimed) call took — compilation included. ``fwd`` runs under ``no_grad``; ``bwd`` times
+    ``autograd.grad`` of a forward made beforehand; ``fwd+bwd`` times both. Raises Skip."""
+    start = time.perf_counter()
     if mode == "fwd":
         def make_call(q, k, v):
             def call():
@@ -234,36 +244,41 @@ def measure(impl: Impl, forward, case: Case, inputs: list, mode: str, timer: Tim
             return call
 
         with torch.no_grad():
-            first_s = impl.check(forward, *inputs[0])
-        calls = [make_call(*triple) for triple in inputs]
-    else:
-        calls = []
-        for index, triple in enumerate(inputs):
-            leaves = [t.detach().requires_grad_(True) for t in triple]
-            start = time.perf_counter()
-            if index == 0:  # the first forward: compiles, or says it cannot run
-                holder: Dict[str, object] = {}
+            impl.check(forward, *inputs[0])
+        return [make_call(*triple) for triple in inputs], time.perf_counter() - start
+    calls = []
+    first_s = 0.0
+    for index, triple in enumerate(inputs):
+        leaves = [t.detach().requires_grad_(True) for t in triple]
+        if index == 0:  # the first forward: compiles, or says it cannot run
+            holder: Dict[str, object] = {}
 
-                def first_forward(q, k, v):
-                    holder["out"] = forward(q, k, v)
-                    return holder["out"]
+            def first_forward(q, k, v):
+                holder["out"] = forward(q, k, v)
+                return holder["out"]
 
-                impl.check(first_forward, *leaves)
-                out = holder["out"]
-            else:
-                out = forward(*leaves)
-            grad_out = torch.randn_like(out)
-            if mode == "bwd":
-                def call(out=out, leaves=leaves, grad_out=grad_out):
-                    return torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
-            else:
-                def call(leaves=leaves, grad_out=grad_out):
-                    return torch.autograd.grad(forward(*leaves), leaves, grad_out)
-            if index == 0:
-                _attempt(call)  # the first backward: compiles, or says it cannot run
-                timer.sync()
-                first_s = time.perf_counter() - start
-            calls.append(call)
+            impl.check(first_forward, *leaves)
+            out = holder["out"]
+        else:
+            out = forward(*leaves)
+        grad_out = torch.randn_like(out)
+        if mode == "bwd":
+            def call(out=out, leaves=leaves, grad_out=grad_out):
+                return torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+        else:
+            def call(leaves=leaves, grad_out=grad_out):
+                return torch.autograd.grad(forward(*leaves), leaves, grad_out)
+        if index == 0:
+            _attempt(call)  # the first backward: compiles, or says it cannot run
+            timer.sync()
+            first_s = time.perf_counter() - start
+        calls.append(call)
+    return calls, first_s
+
+
+def measure(impl: Impl, forward, case: Case, inputs: list, mode: str, timer: Timer, warmup: int) -> dict:
+    """Time ``impl`` on ``case`` in ``mode``; returns the measured fields of the row."""
+    calls, first_s = make_calls(impl, forward, inputs, mode, timer)
     stats = _attempt(lambda: timer.time(calls, warmup=warmup))
     peak = _attempt(lambda: timer.peak_memory(calls[0]))
     return {"time_ms": stats.median_ms, "stats": stats.to_json(), "peak_mem_bytes": peak, "first_call_s": first_s}
@@ -272,6 +287,43 @@ def measure(impl: Impl, forward, case: Case, inputs: list, mode: str, timer: Tim
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What a run will do, decided from the options and the machine."""
+
+    device: torch.device
+    profile: str
+    sweep: C.Sweep
+    modes: List[str]
+    validated: List[str]  # flashlite backends validated
+    impls: List[Impl]  # what is timed: flashlite backends, then peers
+    cases: List[Case]
+    left_out: Dict[str, str]  # backend or peer -> why it is not timed
+
+
+def setup(opts: argparse.Namespace) -> Plan:
+    device = resolve_device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    profile, sweep = make_sweep(opts, device)
+    modes = opts.modes or list(C.MODES)
+    bad_modes = [m for m in modes if m not in C.MODES]
+    if bad_modes:
+        raise SystemExit(f"flashlite bench: --modes must be among {', '.join(C.MODES)}; got {bad_modes}")
+    validated, timed, left_out = choose_backends(opts, device)
+    try:
+        peer_names = parse_peers(opts.peers or (["sdpa", "flex"] if device.type == "cuda" else ["sdpa"]))
+    except ValueError as exc:
+        raise SystemExit(f"flashlite bench: --peers: {exc}") from None
+    peers, peers_left_out = make_peers(peer_names, device, C.DTYPE_NAMES[sweep.dtypes[0]],
+                                       int(opts.max_mask_mib * 2**20))
+    if device.type == "cpu" and "flex" not in peer_names:
+        peers_left_out["flex"] = ("not run on CPU by default: each shape compiles for ~20 s with inductor; "
+                                  "pass --peers sdpa,flex to include it")
+    impls: List[Impl] = [FlashliteImpl(b) for b in timed] + peers
+    return Plan(device, profile, sweep, modes, validated, impls, C.make_cases(sweep), {**left_out, **peers_left_out})
+
+
 def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None) -> Dict[str, object]:
     """Validate, time, report. Returns the report (also written as JSON unless ``--list``)."""
     import flashlite
@@ -280,21 +332,9 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
     out = out or sys.stdout
     progress = progress or Progress(enabled=not opts.quiet)
     started = time.monotonic()
-    device = resolve_device(opts.device)
-    profile, sweep = make_sweep(opts, device)
-    modes = opts.modes or list(C.MODES)
-    bad_modes = [m for m in modes if m not in C.MODES]
-    if bad_modes:
-        raise SystemExit(f"flashlite bench: --modes must be among {', '.join(C.MODES)}; got {bad_modes}")
-    validated, timed, left_out = choose_backends(opts, device)
-    peer_names = parse_peers(opts.peers or (["sdpa", "flex"] if device.type == "cuda" else ["sdpa"]))
-    max_mask = int(opts.max_mask_mib * 2**20)
-    peers, peers_left_out = make_peers(peer_names, device, C.DTYPE_NAMES[sweep.dtypes[0]], max_mask)
-    if device.type == "cpu" and "flex" not in peer_names:
-        peers_left_out["flex"] = ("not run on CPU by default: each shape compiles for ~20 s with inductor; "
-                                  "pass --peers sdpa,flex to include it")
-    impls: List[Impl] = [FlashliteImpl(b) for b in timed] + peers
-    case_list = C.make_cases(sweep)
+    plan = setup(opts)
+    device, profile, sweep, modes = plan.device, plan.profile, plan.sweep, plan.modes
+    validated, impls, case_list = plan.validated, plan.impls, plan.cases
     target_s = (opts.target_ms / 1e3 if opts.target_ms else
                 (0.1 if device.type == "cuda" else (0.06 if profile == "cpu-quick" else 0.15)))
     warmup = 3 if device.type == "cuda" else 1
@@ -310,7 +350,7 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
                    "warmup": warmup, "budget_s": opts.budget, "max_mask_mib": opts.max_mask_mib},
         "environment": env, "backends": flashlite.backends(),
         "timed": [i.name for i in impls], "validated_backends": validated,
-        "left_out": {**left_out, **peers_left_out},
+        "left_out": plan.left_out,
         "timing_protocol": ("GPU: CUDA events around each call, L2 flushed between calls and inputs rotated over "
                             "copies exceeding 2x L2, median; CPU: wall-clock median, inputs rotated beyond the LLC"),
         "flop_rule": "4*D*sum(keys visited per query) forward, backward 2.5x, fwd+bwd 3.5x",
@@ -377,6 +417,7 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
     total = sum(len([m for m in case.modes if m in modes]) for case in case_list) * len(impls)
     done = 0
     budget_hit = False
+    extras = set(C.make_extra_cases(sweep))
     try:
         for case_index, case in enumerate(case_list):
             case_modes = [m for m in case.modes if m in modes]
@@ -385,7 +426,8 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
             base = case.to_json()
             common = {"case": case.id, "label": case.label, "pattern": case.pattern, "params": base["params"],
                       "shape": base["shape"], "dtype": case.dtype, "memory_bound": case.memory_bound,
-                      "base_point": C.is_base_point(case, sweep), "rotation_sets": len(inputs)}
+                      "base_point": C.is_base_point(case, sweep) and case not in extras,
+                      "extra": case in extras, "rotation_sets": len(inputs)}
             work = {m: (case.flops(m, data), case.bytes(m, data)) for m in case_modes}
             for impl in impls:
                 prepared: Dict[bool, object] = {}
@@ -400,6 +442,11 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
                         rows.append(row)
                         continue
                     grad = mode != "fwd"
+                    if impl.name == "flex" and not opts.flex_all and not (row["base_point"] or row["extra"]):
+                        row.update(status="skip", reason="FlexAttention runs on the base line and extra cases only "
+                                                         "(each shape compiles); --flex-all to include")
+                        rows.append(row)
+                        continue
                     try:
                         if grad not in prepared:
                             try:
