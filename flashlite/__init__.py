@@ -16,6 +16,8 @@ from .dispatch import last_backend
 from .patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
 from . import nn  # noqa: E402  (drop-in modules)
 from .swap import swap  # noqa: E402
+from . import selection  # noqa: E402  (marks / top-k -> indices)
+from .cache import SelectiveKVCache  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -30,5 +32,5 @@ def backends() -> Dict[str, str]:
 __all__ = [
     "attention", "flash_attention", "sliding_window_attention", "block_sparse_attention", "topk_attention",
     "Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "reference", "backends", "last_backend",
-    "nn", "swap",
+    "nn", "swap", "selection", "SelectiveKVCache",
 ]
