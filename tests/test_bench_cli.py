@@ -1,0 +1,301 @@
+"""`flashlite bench` and its parts: a tiny CPU run end to end (validation, table, JSON schema,
+PNG plots with the expected series, PyTorch SDPA rows measured in the same run), the useful-work
+counts against the patterns' own key counts, the stop on a failed validation, the console
+scripts, the pytest-benchmark suite and bench/gpu_suite.sh's dry run."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashlite
+from flashlite.bench import cases as C
+from flashlite.bench import runner
+from flashlite.bench.report import SCHEMA
+
+REPO = Path(__file__).resolve().parent.parent
+PATTERNS = "full,causal,window,block_sparse,topk,decode"
+SEQLENS = [64, 96]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _kernel_backends_here():
+    report = flashlite.backends()
+    return [b for b in ("cpu",) if report.get(b) == "available"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny CPU run through the command-line entry, shared by the checks below."""
+    out_dir = tmp_path_factory.mktemp("bench")
+    backends = ",".join(["reference", *_kernel_backends_here()])
+    argv = ["--quick", "--device", "cpu", "--patterns", PATTERNS, "--seqlens", ",".join(map(str, SEQLENS)),
+            "--backends", backends, "--peers", "sdpa", "--target-ms", "3", "--window", "24", "--topk", "16",
+            "--block-size", "32", "--densities", "0.5", "--max-mask-mib", "0.03", "--out", str(out_dir),
+            "--json", str(out_dir / "run.json"), "--quiet"]
+    stdout = io.StringIO()
+    report = runner.run(runner.parse_args(argv), out=stdout)
+    return report, json.loads((out_dir / "run.json").read_text()), stdout.getvalue(), out_dir
+
+
+def test_json_schema(tiny_run):
+    report, data, _, _ = tiny_run
+    assert data["schema"] == SCHEMA
+    for key in ("created", "command", "profile", "config", "environment", "backends", "timed", "left_out",
+                "validation", "results", "plots", "elapsed_s", "peak", "interrupted"):
+        assert key in data, key
+    env = data["environment"]
+    for key in ("device_type", "device_name", "torch", "triton", "git_commit", "torch_threads", "cpu_count"):
+        assert key in env, key
+    assert env["device_type"] == "cpu" and env["torch"] == torch.__version__
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert data["interrupted"] is False
+    validation = data["validation"]
+    assert validation["ran"] and validation["passed"] and validation["counts"]["fail"] == 0
+    assert validation["counts"]["pass"] >= 5 * len(data["validated_backends"])
+    assert {c["pattern"] for c in validation["checks"]} == {"full", "causal", "window", "block_sparse", "topk"}
+    assert all(set(c["tensors"]) == {"out", "lse", "dq", "dk", "dv"} for c in validation["checks"]
+               if c["status"] == "pass")
+
+    rows = data["results"]
+    assert rows
+    row_keys = {"case", "label", "pattern", "params", "shape", "dtype", "mode", "impl", "kind", "status", "reason",
+                "flops", "bytes", "memory_bound", "base_point"}
+    for row in rows:
+        assert row_keys <= set(row), row_keys - set(row)
+        assert row["status"] in ("ok", "skip", "error"), row
+        assert row["status"] != "error", row
+        assert set(row["shape"]) == {"batch", "heads_q", "heads_kv", "seqlen_q", "seqlen_k", "head_dim"}
+        if row["status"] == "ok":
+            assert row["time_ms"] > 0 and row["stats"]["reps"] >= 3
+            assert row["stats"]["min_ms"] <= row["time_ms"] <= max(row["stats"]["p80_ms"], row["time_ms"])
+            assert row["tflops"] == pytest.approx(row["flops"] / (row["time_ms"] * 1e-3) / 1e12)
+            assert (row["gbps"] is not None) == row["memory_bound"]
+            assert row["threads"] == torch.get_num_threads()
+        else:
+            assert row["reason"]
+    # every case x timed implementation x mode has a row (timed or skipped with its reason)
+    cases = {r["case"] for r in rows}
+    assert len(cases) == 6 * len(SEQLENS)
+    for case in cases:
+        modes = {"fwd"} if case.startswith("decode") else {"fwd", "bwd", "fwd+bwd"}
+        for impl in data["timed"]:
+            assert {r["mode"] for r in rows if r["case"] == case and r["impl"] == impl} == modes, (case, impl)
+
+
+def test_flashlite_rows_and_triton_excluded(tiny_run):
+    _, data, stdout, _ = tiny_run
+    rows = data["results"]
+    timed = [r for r in rows if r["impl"] == "flashlite:reference" and r["status"] == "ok"]
+    assert {r["pattern"] for r in timed} == set(C.PATTERNS)
+    assert "flashlite:triton" not in data["timed"]  # the interpreter is never timed on CPU
+    assert "time ms" in stdout and "flashlite:reference" in stdout and "sdpa:math" in stdout
+
+
+def test_sdpa_peers_measured_in_the_same_run(tiny_run):
+    _, data, _, _ = tiny_run
+    rows = data["results"]
+    sdpa = [r for r in rows if r["impl"].startswith("sdpa:") and r["status"] == "ok"]
+    assert {"sdpa:math", "sdpa:flash"} <= {r["impl"] for r in sdpa}
+    assert {r["pattern"] for r in sdpa} >= {"full", "causal", "decode"}
+    assert all(r["time_ms"] > 0 and r["stats"]["reps"] >= 3 and r["kind"] == "peer" for r in sdpa)
+    # the ratio column is computed from these very rows
+    for row in rows:
+        if row["kind"] == "flashlite" and row["status"] == "ok":
+            peers = [r["time_ms"] for r in sdpa if r["case"] == row["case"] and r["mode"] == row["mode"]]
+            if peers:
+                assert row["best_peer_ms"] == min(peers)
+                assert row["speedup_vs_best_peer"] == pytest.approx(min(peers) / row["time_ms"])
+    # a dense mask over --max-mask-mib: the peer row is skipped with the reason, the run goes on
+    skipped = [r for r in rows if r["impl"].startswith("sdpa:") and r["status"] == "skip"]
+    assert skipped and all("dense mask" in r["reason"] for r in skipped)
+    assert {r["pattern"] for r in skipped} <= {"window", "block_sparse", "topk"}
+
+
+def test_png_plots_are_images_with_the_expected_series(tiny_run):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    _, data, _, out_dir = tiny_run
+    figures = {f["figure"]: f for f in data["plots"]}
+    assert set(figures) == {"time", "speedup"}  # no memory figure on CPU
+    rows = data["results"]
+    for figure in figures.values():
+        path = out_dir / figure["file"]
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = plt.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+        assert float(image[..., :3].std()) > 0.01  # not a blank canvas
+    time_panels = {(p["title"], p["mode"]): p for p in figures["time"]["panels"]}
+    labels = {r["label"] for r in rows}
+    for label in labels:
+        panel = time_panels[(label, "fwd")]
+        names = {s["label"] for s in panel["series"]}
+        assert "flashlite:reference" in names and "sdpa:math" in names, (label, names)
+        for series in panel["series"]:
+            assert series["x"] == sorted(series["x"])
+            for x, y in zip(series["x"], series["y"]):
+                match = [r["time_ms"] for r in rows if r["label"] == label and r["mode"] == "fwd"
+                         and r["impl"] == series["label"] and r["shape"]["seqlen_k"] == x]
+                assert match == [y]
+        full_series = {s["label"]: s for s in panel["series"]}["flashlite:reference"]
+        assert full_series["x"] == SEQLENS
+    overview = time_panels[("flashlite, all patterns", "fwd")]
+    assert {s["label"] for s in overview["series"]} == labels
+    speedup_names = {s["label"] for p in figures["speedup"]["panels"] for s in p["series"]}
+    assert speedup_names == {"flashlite:reference", *(f"flashlite:{b}" for b in _kernel_backends_here())}
+
+
+@pytest.mark.parametrize("pattern", ["full", "causal", "window", "block_sparse", "topk", "decode"])
+def test_useful_flops_match_the_patterns_key_counts(pattern):
+    sweep = C.Sweep(patterns=[pattern], seqlens=[100], head_dims=[40], dtypes=["float32"], batch_heads=[(2, 4)],
+                    window=17, densities=[0.3], block_size=16, topk=9)
+    for case in C.make_cases(sweep):
+        data = C.make_pattern_data(case, "cpu")
+        s = case.shape
+        # the reference's own mask, broadcast to every batch row and query head
+        mask = data.pattern.dense_mask(s.batch, s.heads_q, s.heads_kv, s.seqlen_q, s.seqlen_k, "cpu")
+        want = int(mask.expand(s.batch, s.heads_q, s.seqlen_q, s.seqlen_k).sum())
+        assert case.visited_keys(data) == want
+        assert case.flops("fwd", data) == 4 * s.head_dim * want
+        assert case.flops("bwd", data) == 2.5 * case.flops("fwd", data)
+        assert case.flops("fwd+bwd", data) == 3.5 * case.flops("fwd", data)
+    if pattern == "full":
+        case = C.make_cases(sweep)[0]
+        assert case.flops("fwd") == 4 * 2 * 4 * 100 * 100 * 40
+    if pattern == "causal":
+        assert C.make_cases(sweep)[0].flops("fwd") == 4 * 2 * 4 * (100 * 101 // 2) * 40
+
+
+def test_failed_validation_stops_before_timing(tmp_path, monkeypatch):
+    real = flashlite.attention
+
+    def wrong(q, k, v, pattern=None, **kw):  # a "kernel" off by 1e-2
+        result = real(q, k, v, pattern, **kw)
+        if isinstance(result, tuple):
+            return (result[0] + 1e-2, *result[1:])
+        return result + 1e-2
+
+    monkeypatch.setattr(flashlite, "attention", wrong)
+    out = io.StringIO()
+    argv = ["--quick", "--device", "cpu", "--patterns", "full", "--seqlens", "64", "--backends", "reference",
+            "--peers", "sdpa", "--out", str(tmp_path), "--json", str(tmp_path / "r.json"), "--quiet"]
+    report = runner.run(runner.parse_args(argv), out=out)
+    assert "VALIDATION FAILED" in out.getvalue()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["validation"]["passed"] is False and data["validation"]["failures"]
+    assert data["results"] == [] and report["results"] == []
+    assert all(c["status"] == "fail" for c in data["validation"]["checks"])
+
+
+def test_row_errors_and_unsupported_backends_never_crash(tmp_path):
+    """A backend that cannot run a pattern gives skip rows with its reason."""
+    from flashlite.bench.peers import FlashliteImpl
+
+    case = C.make_cases(C.Sweep(patterns=["topk"], seqlens=[64], head_dims=[32], dtypes=["float32"],
+                                batch_heads=[(1, 2)], window=8, densities=[0.5], block_size=16, topk=4))[0]
+    data = C.make_pattern_data(case, "cpu")
+    with pytest.raises(C.Skip, match=r"\S"):
+        FlashliteImpl("cuda").prepare(case, data, torch.device("cpu"), grad=True)
+
+
+def test_triton_on_cpu_is_validated_only_under_the_interpreter(monkeypatch):
+    opts = runner.parse_args(["--device", "cpu", "--backends", "triton,reference"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    validated, timed, left_out = runner.choose_backends(opts, torch.device("cpu"))
+    assert "triton" in validated and "triton" not in timed and "interpreter" in left_out["triton"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    validated, timed, left_out = runner.choose_backends(opts, torch.device("cpu"))
+    assert "triton" not in validated and "triton" not in timed and "not validated" in left_out["triton"]
+
+
+def test_sweep_profiles_and_options():
+    opts = runner.parse_args(["--device", "cpu", "--quick"])
+    profile, sweep = runner.make_sweep(opts, torch.device("cpu"))
+    assert profile == "cpu-quick"
+    profile, sweep = runner.make_sweep(runner.parse_args(["--device", "cpu"]), torch.device("cpu"))
+    assert profile == "cpu"
+    cases = C.make_cases(sweep)
+    # the base line runs at every length, the other head dims / dtypes / batch x heads at the pivot only
+    base = [c for c in cases if C.is_base_point(c, sweep)]
+    assert {c.shape.seqlen_k for c in base} == set(sweep.seqlens)
+    others = [c for c in cases if not C.is_base_point(c, sweep)]
+    assert others and {c.shape.seqlen_k for c in others} == {C.pivot(sweep.seqlens)}
+    gpu = C.make_cases(C.profile_sweep("gpu"))
+    assert any(c.pattern == "decode" and c.shape.heads_q == 8 * c.shape.heads_kv for c in gpu)
+    assert any(c.pattern == "window" and c.shape.seqlen_k == 65536 for c in gpu)
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--patterns", "nonsense"])
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--dtypes", "int8"])
+    assert runner.parse_args(["--densities", "10%,0.5"]).densities == [0.1, 0.5]
+    assert runner.parse_args(["--batch-heads", "2x16"]).batch_heads == [(2, 16)]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("FLASHLITE_BACKEND", None)
+    return env
+
+
+def test_console_scripts():
+    exe = Path(sys.executable).parent / "flashlite"
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "flashlite.cli"]
+    info = subprocess.run([*command, "info", "--json"], capture_output=True, text=True, timeout=60, env=_env())
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert data["torch"] == torch.__version__ and set(data["backends"]) >= {"triton", "reference"}
+    listing = subprocess.run([sys.executable, "-m", "flashlite.bench", "--list", "--quick", "--device", "cpu"],
+                             capture_output=True, text=True, timeout=60, env=_env())
+    assert listing.returncode == 0, listing.stderr
+    assert "sdpa:math" in listing.stdout and "decode" in listing.stdout
+
+
+def test_pytest_benchmark_suite_runs_the_same_cases(tmp_path):
+    env = _env()
+    env["FLASHLITE_BENCH_ARGS"] = "--quick --device cpu --patterns full --seqlens 64 --modes fwd --backends reference"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(REPO / "bench"), "-q", "-p", "no:cacheprovider", "--benchmark-only",
+         "--benchmark-max-time=0.01", "--benchmark-min-rounds=2", f"--benchmark-json={tmp_path / 'b.json'}",
+         "--rootdir", str(REPO)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    data = json.loads((tmp_path / "b.json").read_text())
+    names = {b["name"] for b in data["benchmarks"]}
+    assert "test_attention[full-1x4-64x64-d64-fp32-flashlite:reference-fwd]" in names
+    assert any("sdpa:math" in n for n in names)
+    assert all(b["extra_info"]["flops"] == 4 * 4 * 64 * 64 * 64 and b["extra_info"]["tflops"] > 0
+               for b in data["benchmarks"])
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    script = REPO / "bench" / "gpu_suite.sh"
+    env = _env()
+    env["OUT"] = str(tmp_path / "suite")
+    result = subprocess.run(["bash", str(script), "--dry-run", "--patterns", "full"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
+    assert len(lines) == 4
+    assert "pip install --no-build-isolation --no-deps -e ." in lines[0]
+    assert "pytest tests -x -q" in lines[2]
+    assert "-m flashlite.bench --profile gpu --peak --budget" in lines[3] and "--patterns full" in lines[3]
+    assert all("timeout -k 20" in line for line in lines)
+    limits = [int(line.split("at most ")[1].split("s]")[0]) for line in lines]
+    assert sum(limits) <= 600
+    assert not (tmp_path / "suite").exists()  # a dry run creates nothing
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_gpu_suite_is_shellcheck_clean():
+    result = subprocess.run(["shellcheck", str(REPO / "bench" / "gpu_suite.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
