@@ -1,0 +1,277 @@
+// Tensor-core forward of the tile engine (float16 / bfloat16), FlashAttention-2 structure.
+//
+// One block per (query tile, head, batch) [or, packed for decode, per (head group, batch)], and
+// optionally per split of the key tiles (Flash-Decoding; partials are merged by the combine
+// kernel). One warp owns 16 query rows: its Q fragments stay in registers (D <= 128), scores and
+// the output accumulator live in MMA accumulator registers. K/V tiles of the schedule stream
+// through a two-stage cp.async ring in shared memory.
+//
+// Notation per query row i and key j: s_ij = transformed score in log2 units (x·log2 e),
+// m_i running max, l_i running sum of 2^(s_ij − m_i), O_i running (unnormalized) output.
+#pragma once
+
+#include "cuda/common.cuh"
+#include "cuda/tiles.h"
+
+namespace flashlite {
+namespace cuda {
+namespace detail {
+
+template <typename T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid_constant__ ForwardArgs args) {
+  constexpr int D = Cfg::D, BM = Cfg::BM, BN = Cfg::BN, P = Cfg::kPitch;
+  constexpr int kThreads = Cfg::kThreads;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* const smem = reinterpret_cast<T*>(smem_raw);
+  // Q is staged in K/V stage 1 when it moves to registers, else it has its own region.
+  T* const q_s = Cfg::kQInRegs ? smem + Cfg::kStage : smem + 2 * Cfg::kStage;
+
+  const AttentionParams& p = args.p;
+  const ScoreMath& math = args.math;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int group = lane >> 2, quad = lane & 3;
+  const bool packed = args.heads_per_block > 0;
+  const int64_t shift = static_cast<int64_t>(p.seqlen_k) - p.seqlen_q;  // p(i) = i + shift
+
+  // ---- which rows this block owns ------------------------------------------------------------
+  int b, h0, m, rows_used;
+  if (packed) {  // rows r = (head h0 + r / Nq, query r % Nq), all in query tile 0 of the schedule
+    const int head_blocks = p.heads_q / args.heads_per_block;
+    b = blockIdx.x / head_blocks;
+    h0 = (blockIdx.x % head_blocks) * args.heads_per_block;
+    m = 0;
+    rows_used = args.heads_per_block * p.seqlen_q;
+  } else {  // rows r = query m·BM + r of head h0; heaviest (last) query tiles first
+    const int num_q_tiles = (p.seqlen_q + BM - 1) / BM;
+    const int bh = blockIdx.x / num_q_tiles;
+    m = num_q_tiles - 1 - static_cast<int>(blockIdx.x % num_q_tiles);
+    b = bh / p.heads_q;
+    h0 = bh % p.heads_q;
+    rows_used = min(BM, p.seqlen_q - m * BM);
+  }
+  const int kvh = h0 / p.group();
+  auto row_head = [&](int r) { return packed ? h0 + r / p.seqlen_q : h0; };
+  auto row_query = [&](int r) { return packed ? r % p.seqlen_q : m * BM + r; };
+
+  // ---- key tiles of this block: the schedule's list, or this split's slice of it -------------
+  const ScheduleView& fs = p.forward_schedule;
+  const int count = fs.num_tiles(b, h0, m);
+  const int splits = args.split.num_splits, split = blockIdx.y;
+  const int t_begin = static_cast<int>(static_cast<int64_t>(count) * split / splits);
+  const int t_end = static_cast<int>(static_cast<int64_t>(count) * (split + 1) / splits);
+
+  // ---- the two rows of each thread (g and g+8 of the warp's 16): position, band, ALiBi slope --
+  bool row_valid[2];
+  int row_h[2], row_i[2];
+  int64_t pos[2];
+  KeyRange range[2];
+  float slope[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = warp * 16 + group + 8 * rr;
+    row_valid[rr] = r < rows_used;
+    row_h[rr] = row_valid[rr] ? row_head(r) : h0;
+    row_i[rr] = row_valid[rr] ? row_query(r) : 0;
+    pos[rr] = row_i[rr] + shift;
+    range[rr] = band_range(p, pos[rr]);
+    slope[rr] = math.has_alibi ? p.alibi(b, row_h[rr]) : 0.f;
+  }
+  // A key tile needs the element mask unless every valid row sees all of it: the band is
+  // monotone in p(i), so compare with the last row's lower edge and the first row's upper edge.
+  const int q_first = packed ? 0 : m * BM;
+  const int q_last = packed ? p.seqlen_q - 1 : m * BM + rows_used - 1;
+  const int32_t lo_max = band_range(p, q_last + shift).lo;
+  const int32_t hi_min = band_range(p, q_first + shift).hi;
+
+  // ---- loads -------------------------------------------------------------------------------------
+  auto q_row = [&](int r) -> const T* {
+    return r < rows_used ? row_ptr<T>(p.q, p.q_strides, b, row_head(r), row_query(r)) : nullptr;
+  };
+  auto load_kv = [&](int t, int stage) {
+    const int64_t key0 = static_cast<int64_t>(fs.tile(b, h0, m, t)) * BN;
+    T* k_s = smem + stage * Cfg::kStage;
+    T* v_s = k_s + Cfg::kTile;
+    auto k_row = [&](int r) -> const T* {
+      return key0 + r < p.seqlen_k ? row_ptr<T>(p.k, p.k_strides, b, kvh, key0 + r) : nullptr;
+    };
+    auto v_row = [&](int r) -> const T* {
+      return key0 + r < p.seqlen_k ? row_ptr<T>(p.v, p.v_strides, b, kvh, key0 + r) : nullptr;
+    };
+    load_rows_16<T, BN, D, kThreads>(k_s, P, k_row, p.head_dim, args.aligned16, p.k);
+    load_rows_16<T, BN, D, kThreads>(v_s, P, v_row, p.head_dim, args.aligned16, p.v);
+  };
+
+  load_rows_16<T, BM, D, kThreads>(q_s, P, q_row, p.head_dim, args.aligned16, p.q);
+  cp_async_commit();
+  if (t_begin < t_end) load_kv(t_begin, 0);
+  cp_async_commit();
+
+  uint32_t q_frag[Cfg::kQInRegs ? D / 16 : 1][4];
+  if constexpr (Cfg::kQInRegs) {
+    cp_async_wait<1>();  // Q has landed (the first K/V tile may still be in flight)
+    __syncthreads();
+#pragma unroll
+    for (int kb = 0; kb < D / 16; ++kb) load_a(q_frag[kb], q_s, P, warp * 16, kb * 16);
+    __syncthreads();  // stage 1 is free for K/V again
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_run[2] = {0.f, 0.f};  // per-thread partial sums (quad-reduced at the end)
+
+  for (int t = t_begin; t < t_end; ++t) {
+    const int stage = (t - t_begin) & 1;
+    if (t + 1 < t_end) {  // prefetch the next tile into the other stage, then wait for this one
+      load_kv(t + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* k_s = smem + stage * Cfg::kStage;
+    const T* v_s = k_s + Cfg::kTile;
+    const int64_t key0 = static_cast<int64_t>(fs.tile(b, h0, m, t)) * BN;
+
+    // -- S = Q·Kᵀ: 16 rows x BN keys per warp, f32 accumulators -------------------------------
+    float s[BN / 8][4];
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+#pragma unroll
+    for (int kb = 0; kb < D / 16; ++kb) {
+      uint32_t a[4];
+      if constexpr (Cfg::kQInRegs) {
+        a[0] = q_frag[kb][0], a[1] = q_frag[kb][1], a[2] = q_frag[kb][2], a[3] = q_frag[kb][3];
+      } else {
+        load_a(a, q_s, P, warp * 16, kb * 16);
+      }
+#pragma unroll
+      for (int nb2 = 0; nb2 < BN / 16; ++nb2) {
+        uint32_t bk[4];
+        load_b_nk(bk, k_s, P, nb2 * 16, kb * 16);
+        mma_16816<T>(s[2 * nb2], a, bk[0], bk[1]);
+        mma_16816<T>(s[2 * nb2 + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    // -- scores in log2 units: x2 = (softcap/ALiBi transform of raw·scale)·log2 e; keys outside
+    //    the band or past Nk get −inf (only on tiles that straddle the band / sequence end) ------
+    const bool need_mask = key0 < lo_max || key0 + BN - 1 > hi_min;
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int rr = e >> 1;
+        const int64_t j = key0 + nb * 8 + 2 * quad + (e & 1);
+        float x = math.log2_units(s[nb][e], slope[rr], pos[rr], j);
+        if (need_mask && (j < range[rr].lo || j > range[rr].hi)) x = -INFINITY;
+        s[nb][e] = x;
+        tile_max[rr] = fmaxf(tile_max[rr], x);
+      }
+    }
+
+    // -- online softmax (base 2), per row:
+    //      m' = max(m, max_j s_ij);  α = 2^(m − m');  p_ij = 2^(s_ij − m')
+    //      l' = α·l + Σ_j p_ij;      O' = α·O + P·V
+    //    A row with no visible key so far keeps m = −inf; 0 stands in for it in the exponents
+    //    (2^(−inf − 0) = 0, never NaN). ------------------------------------------------------
+    float m_use[2], alpha[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const float m_new = fmaxf(m_run[rr], quad_max(tile_max[rr]));
+      m_use[rr] = m_new == -INFINITY ? 0.f : m_new;
+      alpha[rr] = exp2f(m_run[rr] - m_use[rr]);
+      m_run[rr] = m_new;
+    }
+    float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pr = exp2f(s[nb][e] - m_use[e >> 1]);
+        s[nb][e] = pr;
+        row_sum[e >> 1] += pr;
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) l_run[rr] = l_run[rr] * alpha[rr] + row_sum[rr];
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      o[nd][0] *= alpha[0];
+      o[nd][1] *= alpha[0];
+      o[nd][2] *= alpha[1];
+      o[nd][3] *= alpha[1];
+    }
+
+    // -- O += P·V: P (rounded to T) re-used from the accumulators as A fragments; V via
+    //    ldmatrix.trans ----------------------------------------------------------------------
+#pragma unroll
+    for (int kb = 0; kb < BN / 16; ++kb) {
+      uint32_t a[4];
+      accum_to_a<T>(a, s, kb);
+#pragma unroll
+      for (int nd2 = 0; nd2 < D / 16; ++nd2) {
+        uint32_t bv[4];
+        load_b_kn(bv, v_s, P, kb * 16, nd2 * 16);
+        mma_16816<T>(o[2 * nd2], a, bv[0], bv[1]);
+        mma_16816<T>(o[2 * nd2 + 1], a, bv[2], bv[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();
+
+  // ---- finish: out = O / l, lse = (m + log2 l)·ln 2; rows that saw no key: 0 and −inf -----------
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const float l = quad_sum(l_run[rr]);
+    if (!row_valid[rr]) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float lse = l > 0.f ? (m_run[rr] + log2f(l)) * kLn2 : -INFINITY;
+    const int64_t rid = row_id(p, b, row_h[rr], row_i[rr]);
+    if (splits == 1) {
+      T* out_row = row_ptr_mut<T>(p.out, p.out_strides, b, row_h[rr], row_i[rr]);
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+        store_pair(out_row, nd * 8 + 2 * quad, p.head_dim, o[nd][2 * rr] * inv, o[nd][2 * rr + 1] * inv,
+                   args.aligned16);
+      if (quad == 0) p.lse[rid] = lse;
+    } else {
+      const int64_t slot = static_cast<int64_t>(split) * args.split.rows + rid;
+      float* dst = args.split.out + slot * p.head_dim;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        const int col = nd * 8 + 2 * quad;
+        if (col < p.head_dim) dst[col] = o[nd][2 * rr] * inv;
+        if (col + 1 < p.head_dim) dst[col + 1] = o[nd][2 * rr + 1] * inv;
+      }
+      if (quad == 0) args.split.lse[slot] = lse;
+    }
+  }
+}
+
+// Host side: launch the instantiation for (D, block_m, block_n). grid = (blocks, splits).
+template <typename T, int D, int BM, int BN>
+cudaError_t launch_mma_forward(const ForwardArgs& args, int64_t blocks, cudaStream_t stream) {
+  using Cfg = FwdTile<D, BM, BN>;
+  return launch_with_smem(mma_forward_kernel<T, Cfg>, dim3(static_cast<unsigned>(blocks), args.split.num_splits),
+                          Cfg::kThreads, Cfg::kSmemBytes, stream, args);
+}
+
+// Dispatch on (head-dim template, tile shape). The packed decode layout runs block_m = 64.
+template <typename T>
+cudaError_t mma_forward_dispatch(const ForwardArgs& args, int D, int block_m, int block_n, int64_t blocks,
+                                 cudaStream_t stream) {
+#define FL_FWD_CASE(d, bm, bn) \
+  if (D == d && block_m == bm && block_n == bn) return launch_mma_forward<T, d, bm, bn>(args, blocks, stream);
+  FLASHLITE_MMA_TILES(FL_FWD_CASE)
+#undef FL_FWD_CASE
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace flashlite

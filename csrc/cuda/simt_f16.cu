@@ -1,0 +1,10 @@
+// SIMT engine instantiations for __half (see simt.cuh).
+#include "cuda/simt_launch.cuh"
+
+namespace flashlite {
+namespace cuda {
+namespace detail {
+FL_INSTANTIATE_SIMT(__half)
+}  // namespace detail
+}  // namespace cuda
+}  // namespace flashlite

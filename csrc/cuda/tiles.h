@@ -1,0 +1,139 @@
+// Tile shapes and shared-memory budgets of the CUDA kernels (host and device).
+//
+// Two kernel families:
+//  * tensor-core ("MMA") tile engine, float16/bfloat16: head-dim templates 32/64/96/128/256
+//    (a head_dim in between runs on the next template with masked columns), tiles
+//    (block_m, block_n) = (128, 64) or (64, 64) for D <= 128 and (64, 32) for D = 256;
+//  * SIMT engine (CUDA cores, every dtype): 16 query rows x up to 32 keys per step. It runs the
+//    float32 tile engine, tiles that the MMA shapes cannot serve (block-sparse block_size 16/32,
+//    devices with too little shared memory) and the top-k gather engine.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FL_HD __host__ __device__ __forceinline__
+#else
+#define FL_HD inline
+#endif
+
+namespace flashlite {
+namespace cuda {
+namespace detail {
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core tile engine
+// ---------------------------------------------------------------------------------------------
+// Forward: one block per (query tile, head, batch); one warp per 16 query rows. Row pitch D + 8
+// elements (16 bytes of padding: the 8 rows an ldmatrix reads fall in distinct banks).
+template <int D_, int BM_, int BN_>
+struct FwdTile {
+  static constexpr int D = D_, BM = BM_, BN = BN_;
+  static constexpr int kWarps = BM / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kPitch = D + 8;
+  static constexpr bool kQInRegs = D <= 128;  // D = 256 reloads Q fragments from shared memory
+  static constexpr int kTile = BN * kPitch;    // one K or V tile, elements
+  static constexpr int kStage = 2 * kTile;     // K then V
+  static constexpr int kQ = BM * kPitch;
+  static constexpr int kSmemElems = 2 * kStage + (kQInRegs ? 0 : kQ);
+  static constexpr size_t kSmemBytes = static_cast<size_t>(kSmemElems) * 2;
+  static_assert(D % 16 == 0 && BM % 16 == 0 && BN % 16 == 0, "tiles are multiples of the 16x16 MMA block");
+  static_assert(!kQInRegs || kQ <= kStage, "Q is staged in K/V stage 1 before it moves to registers");
+};
+
+// Backward: dK/dV kernel (one block per key tile: warps own 16 key rows; D = 256 splits the dK/dV
+// columns over two warps) and dQ kernel (one block per query tile, like the forward).
+template <int D_, int BM_, int BN_>
+struct BwdTile {
+  static constexpr int D = D_, BM = BM_, BN = BN_;
+  static constexpr int kPitch = D + 8;
+  static constexpr int kDSplit = D > 128 ? 2 : 1;
+  static constexpr int kKvWarps = (BN / 16) * kDSplit;
+  static constexpr int kKvThreads = kKvWarps * 32;
+  // Query rows per step of the dK/dV kernel (a schedule query tile is walked in such chunks).
+  static constexpr int kChunkPref = D <= 64 ? 64 : (D <= 128 ? 32 : 16);
+  static constexpr int kChunk = kChunkPref < BM ? kChunkPref : BM;
+  static constexpr int kDsPitch = BN + 8;  // dS tile [chunk][BN] for the atomic dQ path
+  static constexpr int kQWarps = BM / 16;
+  static constexpr int kQThreads = kQWarps * 32;
+  static_assert(BM % kChunk == 0, "query chunks tile the query tile");
+
+  static constexpr size_t kv_smem(int stages) {
+    return (2 * static_cast<size_t>(BN) * kPitch + stages * 2 * static_cast<size_t>(kChunk) * kPitch +
+            static_cast<size_t>(kChunk) * kDsPitch) * 2 +
+           stages * 2 * static_cast<size_t>(kChunk) * 4;
+  }
+  static constexpr size_t q_smem(int stages) {
+    return (2 * static_cast<size_t>(BM) * kPitch + stages * 2 * static_cast<size_t>(BN) * kPitch) * 2;
+  }
+};
+
+// Smallest head-dim template >= head_dim (0 if head_dim > 256).
+FL_HD int mma_head_dim(int head_dim) {
+  return head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : head_dim <= 96 ? 96 : head_dim <= 128 ? 128
+                                                                                 : head_dim <= 256 ? 256 : 0;
+}
+
+// The instantiated tensor-core shapes X(D, block_m, block_n), per head-dim template in order of
+// preference. FLASHLITE_CUDA_FEW_INSTANTIATIONS (compile tests only) keeps two of them.
+#if defined(FLASHLITE_CUDA_FEW_INSTANTIATIONS)
+#define FLASHLITE_MMA_TILES(X) X(64, 64, 64) X(256, 64, 32)
+#else
+#define FLASHLITE_MMA_TILES(X)                                                                   \
+  X(32, 128, 64) X(32, 64, 64) X(64, 128, 64) X(64, 64, 64) X(96, 128, 64) X(96, 64, 64) \
+  X(128, 128, 64) X(128, 64, 64) X(256, 64, 32)
+#endif
+
+FL_HD bool mma_tile_supported(int D, int block_m, int block_n) {
+#define FL_TILE_MATCH(d, bm, bn) \
+  if (D == d && block_m == bm && block_n == bn) return true;
+  FLASHLITE_MMA_TILES(FL_TILE_MATCH)
+#undef FL_TILE_MATCH
+  return false;
+}
+
+// Rows of the decode kernel (the forward kernel with (head, query) rows packed): block_m 64.
+constexpr int kDecodeRows = 64;
+
+// ---------------------------------------------------------------------------------------------
+// SIMT engine
+// ---------------------------------------------------------------------------------------------
+constexpr int kSimtWarps = 4;
+constexpr int kSimtRowsPerWarp = 4;
+constexpr int kSimtRows = kSimtWarps * kSimtRowsPerWarp;  // 16 query rows per block
+constexpr int kSimtKeys = 32;                              // keys per step (one per lane)
+constexpr int kSimtThreads = kSimtWarps * 32;
+constexpr int kSimtPPitch = kSimtKeys + 1;                 // p / dS scratch [16][33] floats
+
+// Row pitch (elements) of a shared tile whose rows lane j reads as [j][d]: conflict-free when the
+// pitch in 32-bit words is odd (float: odd elements; 16-bit: pairs are read, pitch/2 odd).
+FL_HD int simt_pitch(int elem_bytes, int head_dim) {
+  if (elem_bytes == 4) return head_dim % 2 == 0 ? head_dim + 1 : head_dim;
+  int pitch = (head_dim + 1) / 2 * 2;
+  if ((pitch / 2) % 2 == 0) pitch += 2;
+  return pitch;
+}
+
+FL_HD size_t simt_forward_smem(int elem_bytes, int head_dim, int stages) {
+  const size_t pitch = simt_pitch(elem_bytes, head_dim);
+  return (kSimtRows + stages * 2 * kSimtKeys) * pitch * elem_bytes + stages * kSimtKeys * 4;
+}
+FL_HD size_t simt_rows_backward_smem(int elem_bytes, int head_dim, int stages) {
+  const size_t pitch = simt_pitch(elem_bytes, head_dim);
+  return (2 * kSimtRows + stages * 2 * kSimtKeys) * pitch * elem_bytes + stages * kSimtKeys * 4 +
+         2 * kSimtRows * kSimtPPitch * 4;
+}
+FL_HD size_t simt_dkdv_smem(int elem_bytes, int head_dim) {
+  const size_t pitch = simt_pitch(elem_bytes, head_dim);
+  return (2 * kSimtRows + 2 * kSimtKeys) * pitch * elem_bytes + 2 * kSimtRows * kSimtPPitch * 4 +
+         2 * kSimtRows * 4;
+}
+
+// Columns per lane of the SIMT kernels (a template: 2, 4 or 8 -> head_dim up to 64, 128, 256).
+FL_HD int simt_cols_per_lane(int head_dim) { return head_dim <= 64 ? 2 : head_dim <= 128 ? 4 : 8; }
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace flashlite
