@@ -319,7 +319,7 @@ def topk_by_score(q: Tensor, k: Tensor, k_top: int, block_size: int = 1024, *, c
 
 def _rank_compact(ranked: Tensor, valid: Tensor) -> Tensor:
     """Keep the valid entries of a best-first list in their order, -1 after them."""
-    order = (~valid).to(torch.int8).argsort(-1, stable=True)
+    order = (~valid).to(torch.int8).argsort(dim=-1, stable=True)
     ranked = ranked.gather(-1, order)
     return torch.where(valid.gather(-1, order), ranked, torch.full_like(ranked, -1))
 

@@ -221,7 +221,7 @@ def forward_plan(indices: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bo
         else:
             rows = rows if rows is not None else _valid_keys(indices, seqlen_q, seqlen_k, causal)
             plan = _union_plan(rows, block_q, seqlen_k)
-            if mode is None and plan.member.numel() > UNION_MAX_MEMBER * seqlen_q * width:
+            if mode is None and plan.member.numel() > UNION_MAX_MEMBER * rows.numel():
                 plan = _row_plan(indices, seqlen_q, width)  # the sample was not representative
     _CACHE.put(indices, key, plan)
     return plan
