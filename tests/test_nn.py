@@ -34,6 +34,7 @@ def check_module(module, q, k, v, want_pattern, grads=True, **forward_kw):
     exact = flashlite.reference.attention(*exact_leaves, want_pattern, compute_dtype=torch.float64)
     low_leaves = [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
     low = flashlite.reference.attention(*low_leaves, want_pattern, compute_dtype=None)
+    assert torch.isfinite(exact).all()
     assert_rule("out", out, low, exact)
     if grads:
         g = torch.randn_like(exact)
@@ -134,6 +135,7 @@ def check_sdpa(q, k, v, **kw):
     exact = F.scaled_dot_product_attention(cast(q), cast(k), cast(v), **{n: cast(x) for n, x in kw.items()})
     low = F.scaled_dot_product_attention(q, k, v, **kw)
     got = fl_sdpa(q, k, v, **kw)
+    assert torch.isfinite(exact).all()
     assert got.shape == low.shape and got.dtype == low.dtype
     assert_rule("sdpa", got, low, exact)
     return got

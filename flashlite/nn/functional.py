@@ -131,7 +131,8 @@ def dense_attention(
     bias: Optional[Tensor] = None, scale: Optional[float] = None, softcap: Optional[float] = None,
     dropout_p: float = 0.0, need_weights: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Plain-PyTorch attention with an explicit mask (the reference's math, float32).
+    """Plain-PyTorch attention with an explicit mask (the reference's math, in float32; float64 inputs
+    in float64).
 
     ``keep``: bool, True where a query may attend a key, broadcastable to ``[B, Hq, Nq, Nk]``;
     ``bias``: float, added to the scores. ``v`` may have its own head_dim. Rows with no visible
@@ -139,12 +140,14 @@ def dense_attention(
     ``F.scaled_dot_product_attention``). Returns ``(out, weights)``; weights ``[B, Hq, Nq, Nk]``
     in q's dtype when ``need_weights``.
     """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     if dropout_p == 0.0 and not need_weights and k.shape[-1] == v.shape[-1]:
-        return reference.attention(q, k, v, pattern, scale=scale, softcap=softcap, mask=keep, attn_bias=bias), None
+        return reference.attention(q, k, v, pattern, scale=scale, softcap=softcap, mask=keep, attn_bias=bias,
+                                   compute_dtype=compute), None
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale
-    qc, kc, vc = q.float(), k.float(), v.float()
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     if heads_q != heads_kv:
         kc = kc.repeat_interleave(heads_q // heads_kv, dim=1)
         vc = vc.repeat_interleave(heads_q // heads_kv, dim=1)
@@ -153,7 +156,7 @@ def dense_attention(
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
-        scores = scores + bias.float()
+        scores = scores + bias.to(compute)
     visible = None
     if pattern is not None:
         visible = pattern.dense_mask(batch, heads_q, heads_kv, seqlen_q, seqlen_k, q.device)
