@@ -17,7 +17,20 @@
 namespace flashlite {
 namespace cpu {
 
-Workspace::~Workspace() { std::free(data_); }
+Workspace::~Workspace() {
+  std::free(data_);
+  std::free(pointers_);
+}
+
+const float** Workspace::pointers(size_t count) {
+  if (count > pointer_capacity_) {
+    std::free(pointers_);
+    pointers_ = static_cast<const float**>(std::malloc(count * sizeof(float*)));
+    if (pointers_ == nullptr) throw std::bad_alloc();
+    pointer_capacity_ = count;
+  }
+  return pointers_;
+}
 
 float* Workspace::floats(size_t count) {
   if (count > capacity_) {

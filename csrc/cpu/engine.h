@@ -130,14 +130,69 @@ inline void gemm(int X, int Y, int depth, const float* a, int64_t a_x, int64_t a
   if (y < Y) gemm_panel<1>(X, depth, a, a_x, a_k, b + y, b_k, c + y, c_x, accumulate);
 }
 
-inline float dot(const float* a, const float* b, int n) {  // n a multiple of L
-  vf acc = {};
-  for (int d = 0; d < n; d += L) acc += load(a + d) * load(b + d);
-  return hsum(acc);
-}
 inline void axpy(float alpha, const float* x, float* y, int n) {  // y += alpha·x, n a multiple of L
   const vf a = splat(alpha);
   for (int d = 0; d < n; d += L) store(y + d, load(y + d) + a * load(x + d));
+}
+
+// Lane sums of L vectors at once: out[t] = Σ_l acc[t][l], by a fixed pairwise tree (deterministic).
+// One step merges two vectors holding keys in blocks of W lanes into one with blocks of W/2:
+// out = (lower halves of each block of a, then of b) + (upper halves likewise).
+template <int W, int... J>
+inline vf merge_halves(vf a, vf b, std::integer_sequence<int, J...>) {
+#define FL_LANE(j, up) (((j) < L / 2 ? 0 : L) + ((j) % (L / 2)) / (W / 2) * W + ((j) % (L / 2)) % (W / 2) + (up))
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, FL_LANE(J, 0)...) + __builtin_shufflevector(a, b, FL_LANE(J, W / 2)...);
+#else
+  return __builtin_shuffle(a, b, vi{FL_LANE(J, 0)...}) + __builtin_shuffle(a, b, vi{FL_LANE(J, W / 2)...});
+#endif
+#undef FL_LANE
+}
+template <int W>
+inline vf reduce_lanes(vf* acc, int count) {
+  for (int i = 0; i < count / 2; ++i)
+    acc[i] = merge_halves<W>(acc[2 * i], acc[2 * i + 1], std::make_integer_sequence<int, L>());
+  if constexpr (W > 2) {
+    return reduce_lanes<W / 2>(acc, count / 2);
+  } else {
+    return acc[0];
+  }
+}
+
+// out[t] = x · rows[t] for t < L (rows of Dp floats; Dp a multiple of L).
+inline vf dots(const float* x, const float* const* rows, int Dp) {
+  vf acc[L];
+  for (int t = 0; t < L; ++t) acc[t] = vf{};
+  for (int d = 0; d < Dp; d += L) {
+    const vf xd = load(x + d);
+#pragma GCC unroll 16
+    for (int t = 0; t < L; ++t) acc[t] += xd * load(rows[t] + d);
+  }
+  if constexpr (L == 1) {
+    return acc[0];
+  } else {
+    return reduce_lanes<L>(acc, L);
+  }
+}
+
+// y[0:Dp] += Σ_t w[t]·rows[t] for t < count: NC vectors of y stay in registers over all rows.
+template <int NC>
+inline void weighted_rows_block(const float* w, const float* const* rows, int count, int d0, float* y) {
+  vf acc[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) acc[c] = load(y + d0 + c * L);
+  for (int t = 0; t < count; ++t) {
+    const vf wt = splat(w[t]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) acc[c] += wt * load(rows[t] + d0 + c * L);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) store(y + d0 + c * L, acc[c]);
+}
+inline void weighted_rows(const float* w, const float* const* rows, int count, int Dp, float* y) {
+  int d = 0;
+  for (; d + 4 * L <= Dp; d += 4 * L) weighted_rows_block<4>(w, rows, count, d, y);
+  for (; d < Dp; d += L) weighted_rows_block<1>(w, rows, count, d, y);
 }
 inline void fill(float* x, int n, float value) {
   for (int i = 0; i < n; ++i) x[i] = value;
@@ -445,28 +500,111 @@ inline const int64_t* gather_row_indices(const AttentionParams& p, int b, int kv
   return p.indices + b * p.indices_stride_b + kv_head * p.indices_stride_h + int64_t(i) * p.indices_stride_n;
 }
 
-// Scores s[t] (log2 units, −inf for an empty slot or, with causal, a key after p(i)) and the
-// softcap chains of query row i of (b, h); s is padded with −inf to a multiple of L. qv holds
-// the packed query. Returns the row's maximum score.
+// Per-row gather state: for each slot t < Kp (K rounded up to L) the float32 key and value rows
+// (a zero row for an empty slot, a slot past K, or with causal a key after p(i)), the score
+// s[t] (log2 units; −inf where empty), bias[t] (0, or −inf where empty) and the softcap chain.
+struct GatherRow {
+  const float** keys;
+  const float** values;
+  float* s;
+  float* bias;
+  float* chain;
+  float* key_buf;    // [Kp][Dp] when k/v need converting
+  float* value_buf;  // [Kp][Dp]
+  const float* zero;  // [Dp] zeros
+};
+
+inline size_t gather_row_floats(const AttentionParams& p) {
+  const int Dp = round_up(p.head_dim, L), Kp = round_up(p.top_k, L);
+  return size_t(3 * Kp + 2 * Kp * Dp + Dp);
+}
+inline GatherRow gather_row_alloc(const AttentionParams& p, Workspace& ws, float* floats) {
+  const int Dp = round_up(p.head_dim, L), Kp = round_up(p.top_k, L);
+  GatherRow row;
+  const float** pointers = ws.pointers(size_t(2 * Kp));
+  row.keys = pointers;
+  row.values = pointers + Kp;
+  row.s = floats;
+  row.bias = row.s + Kp;
+  row.chain = row.bias + Kp;
+  row.key_buf = row.chain + Kp;
+  row.value_buf = row.key_buf + Kp * Dp;
+  float* zero = row.value_buf + Kp * Dp;
+  fill(zero, Dp, 0.f);
+  row.zero = zero;
+  return row;
+}
+
+// Scores of query row i (qv: the packed query q̃, Dp floats):  s_t = score(q̃·k_{idx_t}).
+// Returns the row's maximum score (−inf if no slot is valid).
 inline float gather_row_scores(const AttentionParams& p, int b, int kv_head, int i, const float* qv, float slope,
-                               float* s, float* chain, float* kbuf) {
-  const int D = p.head_dim, Dp = round_up(D, L), K = p.top_k;
+                               GatherRow& row) {
+  const int D = p.head_dim, Dp = round_up(D, L), K = p.top_k, Kp = round_up(K, L);
   const int64_t* idx = gather_row_indices(p, b, kv_head, i);
   const int64_t pos = int64_t(i) + p.seqlen_k - p.seqlen_q;
-  float row_max = -kInf;
-  for (int t = 0; t < K; ++t) {
-    const int64_t j = idx[t];
-    if (j < 0 || (p.causal && j > pos)) {
-      s[t] = -kInf;
-      chain[t] = 0.f;
+  const int64_t last = p.causal ? pos : int64_t(p.seqlen_k) - 1;
+  const bool direct = p.dtype == DType::kFloat32 && D == Dp;
+  const float* k_base = static_cast<const float*>(p.k) + offset(p.k_strides, b, kv_head, 0);
+  const float* v_base = static_cast<const float*>(p.v) + offset(p.v_strides, b, kv_head, 0);
+  for (int t = 0; t < Kp; ++t) {
+    const int64_t j = t < K ? idx[t] : -1;
+    if (j < 0 || j > last) {
+      row.keys[t] = row.values[t] = row.zero;
+      row.bias[t] = -kInf;
+    } else if (direct) {
+      row.keys[t] = k_base + j * p.k_strides.row;
+      row.values[t] = v_base + j * p.v_strides.row;
+      row.bias[t] = 0.f;
+    } else {
+      row.keys[t] = vector_row(p.dtype, p.k, offset(p.k_strides, b, kv_head, j), D, Dp, row.key_buf + t * Dp);
+      row.values[t] = vector_row(p.dtype, p.v, offset(p.v_strides, b, kv_head, j), D, Dp, row.value_buf + t * Dp);
+      row.bias[t] = 0.f;
+    }
+  }
+  vf row_max = splat(-kInf);
+  for (int t0 = 0; t0 < Kp; t0 += L) {
+    const vf x = dots(qv, row.keys + t0, Dp);
+    if (p.softcap == 0.f && slope == 0.f) {  // s = q̃·k (already log2 units)
+      const vf s = x + load(row.bias + t0);
+      store(row.s + t0, s);
+      row_max = vmax(row_max, s);
       continue;
     }
-    const float* kr = vector_row(p.dtype, p.k, offset(p.k_strides, b, kv_head, j), D, Dp, kbuf);
-    s[t] = gather_score(p, dot(qv, kr, Dp), slope, pos - j, chain + t);
-    row_max = s[t] > row_max ? s[t] : row_max;
+    for (int t = t0; t < t0 + L; ++t)
+      row.s[t] = row.bias[t] == 0.f ? gather_score(p, x[t - t0], slope, pos - idx[t], row.chain + t) : -kInf;
+    row_max = vmax(row_max, load(row.s + t0));
   }
-  fill(s + K, round_up(K, L) - K, -kInf);
-  return row_max;
+  return hmax(row_max);
+}
+
+// Prefetch the key and value rows that query row i selects (the gathered rows are scattered over
+// k and v, so without it each row's loads wait on cache misses one batch at a time).
+inline void gather_prefetch(const AttentionParams& p, int b, int kv_head, int i) {
+  if (i >= p.seqlen_q) return;
+  const int64_t* idx = gather_row_indices(p, b, kv_head, i);
+  const int elem = p.dtype == DType::kFloat32 ? 4 : 2;
+  const int row_bytes = p.head_dim * elem;
+  const char* k_base = static_cast<const char*>(p.k) + offset(p.k_strides, b, kv_head, 0) * elem;
+  const char* v_base = static_cast<const char*>(p.v) + offset(p.v_strides, b, kv_head, 0) * elem;
+  for (int t = 0; t < p.top_k; ++t) {
+    const int64_t j = idx[t];
+    if (j < 0 || j >= p.seqlen_k) continue;
+    const char* k_row = k_base + j * p.k_strides.row * elem;
+    const char* v_row = v_base + j * p.v_strides.row * elem;
+    for (int byte = 0; byte < row_bytes; byte += 64) {
+      __builtin_prefetch(k_row + byte);
+      __builtin_prefetch(v_row + byte);
+    }
+  }
+}
+
+inline void pack_query_row(const AttentionParams& p, const void* base, const Strides3& strides, int b, int h, int i,
+                           float factor, float* out) {
+  const int D = p.head_dim, Dp = round_up(D, L);
+  load_row(p.dtype, base, offset(strides, b, h, i), D, out);
+  if (factor != 1.f)
+    for (int d = 0; d < D; ++d) out[d] *= factor;
+  fill(out + D, Dp - D, 0.f);
 }
 
 // Forward of rows [row_begin, row_end) of (b, h):
@@ -475,20 +613,16 @@ inline float gather_row_scores(const AttentionParams& p, int b, int kv_head, int
 void gather_forward(const AttentionParams& p, int b, int h, int row_begin, int row_end, Workspace& ws) {
   const int D = p.head_dim, Dp = round_up(D, L), K = p.top_k, Kp = round_up(K, L);
   const int kv_head = h / p.group();
-  float* qv = ws.floats(size_t(5 * Dp + 2 * Kp));
+  float* qv = ws.floats(size_t(2 * Dp) + gather_row_floats(p));
   float* acc = qv + Dp;
-  float* kbuf = acc + Dp;
-  float* vbuf = kbuf + Dp;
-  float* out_row = vbuf + Dp;
-  float* s = out_row + Dp;
-  float* chain = s + Kp;
+  GatherRow row = gather_row_alloc(p, ws, acc + Dp);
   const float slope = p.alibi(b, h), factor = query_factor(p);
   float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q;
+  if (row_begin < row_end) gather_prefetch(p, b, kv_head, row_begin);
   for (int i = row_begin; i < row_end; ++i) {
-    load_row(p.dtype, p.q, offset(p.q_strides, b, h, i), D, qv);
-    for (int d = 0; d < D; ++d) qv[d] *= factor;
-    fill(qv + D, Dp - D, 0.f);
-    const float row_max = gather_row_scores(p, b, kv_head, i, qv, slope, s, chain, kbuf);
+    gather_prefetch(p, b, kv_head, i + 1);
+    pack_query_row(p, p.q, p.q_strides, b, h, i, factor, qv);
+    const float row_max = gather_row_scores(p, b, kv_head, i, qv, slope, row);
     fill(acc, Dp, 0.f);
     if (row_max == -kInf) {
       lse[i] = -kInf;
@@ -497,18 +631,15 @@ void gather_forward(const AttentionParams& p, int b, int h, int row_begin, int r
     }
     vf sum = {};
     for (int t = 0; t < Kp; t += L) {
-      const vf prob = exp2v(load(s + t) - row_max);
-      store(s + t, prob);
+      const vf prob = exp2v(load(row.s + t) - row_max);
+      store(row.s + t, prob);
       sum += prob;
     }
     const float l = hsum(sum);
-    const int64_t* idx = gather_row_indices(p, b, kv_head, i);
-    for (int t = 0; t < K; ++t) {
-      if (s[t] == 0.f) continue;  // empty slot (or a weight that underflowed)
-      axpy(s[t], vector_row(p.dtype, p.v, offset(p.v_strides, b, kv_head, idx[t]), D, Dp, vbuf), acc, Dp);
-    }
-    for (int d = 0; d < D; ++d) out_row[d] = acc[d] / l;
-    store_row(p.dtype, p.out, offset(p.out_strides, b, h, i), D, out_row);
+    weighted_rows(row.s, row.values, K, Dp, acc);
+    const float inv = 1.f / l;
+    for (int d = 0; d < D; ++d) acc[d] *= inv;
+    store_row(p.dtype, p.out, offset(p.out_strides, b, h, i), D, acc);
     lse[i] = (row_max + log2f(l)) * kLn2;
   }
 }
@@ -519,13 +650,11 @@ void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, con
                           int row_begin, int row_end, Workspace& ws) {
   const int D = p.head_dim, Dp = round_up(D, L), K = p.top_k, Kp = round_up(K, L);
   const int kv_head = h / p.group();
-  float* qv = ws.floats(size_t(5 * Dp + 2 * Kp));
+  float* qv = ws.floats(size_t(3 * Dp + Kp) + gather_row_floats(p));
   float* dov = qv + Dp;
   float* dq = dov + Dp;
-  float* kbuf = dq + Dp;
-  float* vbuf = kbuf + Dp;
-  float* s = vbuf + Dp;
-  float* chain = s + Kp;
+  float* ds = dq + Dp;
+  GatherRow row = gather_row_alloc(p, ws, ds + Kp);
   const float slope = p.alibi(b, h), factor = query_factor(p);
   const int64_t row_base = (int64_t(b) * p.heads_q + h) * p.seqlen_q;
   for (int i = row_begin; i < row_end; ++i) {
@@ -539,26 +668,22 @@ void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, con
       store_row(p.dtype, g.dq, offset(g.dq_strides, b, h, i), D, dq);
       continue;
     }
-    load_row(p.dtype, p.q, offset(p.q_strides, b, h, i), D, qv);
-    for (int d = 0; d < D; ++d) qv[d] *= factor;
-    fill(qv + D, Dp - D, 0.f);
-    load_row(p.dtype, g.grad_out, offset(g.grad_out_strides, b, h, i), D, dov);
-    fill(dov + D, Dp - D, 0.f);
-    gather_row_scores(p, b, kv_head, i, qv, slope, s, chain, kbuf);
+    pack_query_row(p, p.q, p.q_strides, b, h, i, factor, qv);
+    pack_query_row(p, g.grad_out, g.grad_out_strides, b, h, i, 1.f, dov);
+    gather_row_scores(p, b, kv_head, i, qv, slope, row);
     const float lse2 = lse * kLog2e, delta = g.delta[row_base + i];
-    const int64_t* idx = gather_row_indices(p, b, kv_head, i);
-    for (int t = 0; t < K; ++t) {
-      if (s[t] == -kInf) {
-        probs[t] = grads[t] = 0.f;
-        continue;
+    for (int t0 = 0; t0 < Kp; t0 += L) {
+      const vf dp = dots(dov, row.values + t0, Dp);  // dP_t = dO_i·v_t
+      for (int t = t0; t < t0 + L; ++t) {
+        const float prob = row.s[t] == -kInf ? 0.f : exp2f(row.s[t] - lse2);
+        ds[t] = prob * (dp[t - t0] - delta) * (p.softcap != 0.f ? row.chain[t] : 1.f) * p.scale;
+        if (t < K) {
+          probs[t] = prob;
+          grads[t] = ds[t];
+        }
       }
-      const float prob = exp2f(s[t] - lse2);
-      const float dp = dot(dov, vector_row(p.dtype, p.v, offset(p.v_strides, b, kv_head, idx[t]), D, Dp, vbuf), Dp);
-      const float ds = prob * (dp - delta) * chain[t] * p.scale;
-      axpy(ds, vector_row(p.dtype, p.k, offset(p.k_strides, b, kv_head, idx[t]), D, Dp, kbuf), dq, Dp);
-      probs[t] = prob;
-      grads[t] = ds;
     }
+    weighted_rows(ds, row.keys, K, Dp, dq);
     store_row(p.dtype, g.dq, offset(g.dq_strides, b, h, i), D, dq);
   }
 }

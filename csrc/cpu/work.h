@@ -18,11 +18,14 @@ class Workspace {
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
   ~Workspace();
-  float* floats(size_t count);  // valid until the next call
+  float* floats(size_t count);            // valid until the next call
+  const float** pointers(size_t count);  // a second, independent area
 
  private:
   float* data_ = nullptr;
   size_t capacity_ = 0;
+  const float** pointers_ = nullptr;
+  size_t pointer_capacity_ = 0;
 };
 
 // Gather backward bookkeeping: probabilities and score gradients per (row, slot), and for each

@@ -1,0 +1,206 @@
+"""The C++ CPU backend ("cpu", flashlite._C) beyond the shared suite: bfloat16, odd head dims, every
+instruction-set build of the kernels, the gather (top-k) path, determinism across thread counts,
+auto-dispatch, and the fallback when the extension is missing. Every numeric check applies
+DESIGN.md's correctness rule (conftest.check_against_reference)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import flashlite
+from flashlite import BlockSparse, Full, SlidingWindow, TopK
+from flashlite.schedule import cdiv
+
+from conftest import check_against_reference
+
+CPU = torch.device("cpu")
+HAVE_CPU_BACKEND = flashlite.backends()["cpu"] == "available"
+pytestmark = pytest.mark.skipif(not HAVE_CPU_BACKEND, reason=f"cpu backend: {flashlite.backends()['cpu']}")
+LOW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def cpu_randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=CPU).to(dtype)
+
+
+def qkv(B, Hq, Hkv, Nq, Nk, D, dtype=torch.float32):
+    return cpu_randn(B, Hq, Nq, D, dtype=dtype), cpu_randn(B, Hkv, Nk, D, dtype=dtype), cpu_randn(B, Hkv, Nk, D, dtype=dtype)
+
+
+def distinct_indices(prefix, seqlen_k: int, width: int, empty: float = 0.0, dtype=torch.int64) -> torch.Tensor:
+    """``width`` distinct keys per row (``-1`` past Nk), a share ``empty`` of the slots set to -1."""
+    draws = torch.rand(*prefix, max(seqlen_k, width))
+    draws[..., seqlen_k:] = 2.0
+    order = draws.argsort(-1)[..., :width]
+    order = torch.where(order < seqlen_k, order, torch.full_like(order, -1))
+    if empty:
+        order = torch.where(torch.rand(order.shape) < empty, torch.full_like(order, -1), order)
+    return order.to(dtype)
+
+
+@pytest.fixture
+def ext():
+    from flashlite import _C
+
+    return _C
+
+
+@pytest.fixture(params=["best", "other builds"])
+def isa(request, ext):
+    """Run on the best kernel build, then on every other build this CPU can run."""
+    names = ext.cpu_isas()
+    before = ext.cpu_isa()
+    chosen = names if request.param == "other builds" else names[:1]
+    yield chosen
+    ext.cpu_set_isa(before)
+
+
+# ----- tile engine ---------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern", ["full", "causal", "window", "block_sparse"])
+def test_bfloat16(pattern):
+    B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 70, 93, 64
+    made = {"full": Full(False), "causal": Full(True), "window": SlidingWindow(20, 5),
+            "block_sparse": BlockSparse(torch.rand(1, Hq, cdiv(Nq, 32), cdiv(Nk, 32)) < 0.5, 32)}[pattern]
+    check_against_reference(*qkv(B, Hq, Hkv, Nq, Nk, D, torch.bfloat16), made, "cpu")
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [8, 59, 256])
+def test_head_dims(dtype, head_dim):
+    check_against_reference(*qkv(1, 2, 1, 45, 77, head_dim, dtype), Full(True), "cpu")
+
+
+def test_every_instruction_set_build(ext, isa):
+    """Each runnable build (avx512 / avx2 / baseline on x86-64) on float16 with softcap and ALiBi, a
+    head dim that is no multiple of the vector width, and a block-sparse schedule."""
+    for name in isa:
+        ext.cpu_set_isa(name)
+        q, k, v = qkv(1, 4, 2, 50, 67, 40, torch.float16)
+        check_against_reference(q * 2, k, v, Full(True), "cpu", softcap=4.0, alibi_slopes=torch.rand(4))
+        layout = torch.rand(1, 1, cdiv(50, 16), cdiv(67, 16)) < 0.5
+        check_against_reference(*qkv(1, 2, 2, 50, 67, 64), BlockSparse(layout, 16), "cpu")
+        indices = distinct_indices((1, 2, 50), 67, 9, empty=0.2)
+        check_against_reference(*qkv(1, 4, 2, 50, 67, 59, torch.bfloat16), TopK(indices, causal=True), "cpu")
+
+
+def test_decode_and_long_band():
+    """One query over many keys, and a window whose band crosses many tiles."""
+    check_against_reference(*qkv(2, 4, 1, 1, 300, 64), Full(True), "cpu")
+    check_against_reference(*qkv(1, 2, 2, 260, 260, 32), SlidingWindow(70, 10), "cpu")
+
+
+def test_set_isa_rejects_unknown(ext):
+    with pytest.raises(ValueError, match="not one of"):
+        ext.cpu_set_isa("sse9000")
+
+
+# ----- gather engine (top-k) -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 33, 50, 64, 8), (1, 3, 1, 17, 40, 59, 5), (1, 2, 2, 1, 64, 40, 20)],
+                         ids=str)
+def test_topk_per_query(dtype, causal, shape):
+    B, Hq, Hkv, Nq, Nk, D, K = shape
+    indices = distinct_indices((B, Hkv, Nq), Nk, K, empty=0.25)
+    check_against_reference(*qkv(B, Hq, Hkv, Nq, Nk, D, dtype), TopK(indices, causal), "cpu")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("index_heads", ["per_kv_head", "broadcast"])
+def test_topk_shared_indices(causal, index_heads):
+    B, Hq, Hkv, Nq, Nk, D, K = 2, 4, 2, 29, 41, 64, 12
+    indices = distinct_indices((B, Hkv if index_heads == "per_kv_head" else 1), Nk, K, empty=0.2)
+    check_against_reference(*qkv(B, Hq, Hkv, Nq, Nk, D), TopK(indices, causal), "cpu")
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+def test_topk_empty_rows_k1_and_index_dtypes(index_dtype):
+    """K = 1, rows whose only slot is -1 or (causal) after p(i): zeros, lse -inf, finite grads."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 2, 1, 24, 24, 32
+    indices = distinct_indices((B, Hkv, Nq), Nk, 1, dtype=index_dtype)
+    indices[:, :, :5] = -1
+    q, k, v = qkv(B, Hq, Hkv, Nq, Nk, D)
+    out = check_against_reference(q, k, v, TopK(indices, causal=True), "cpu")
+    _, lse = flashlite.topk_attention(q, k, v, indices, causal=True, backend="cpu", return_lse=True)
+    empty = torch.isneginf(lse)
+    assert empty[:, :, :5].all() and empty.sum() >= 5 * Hq
+    assert out[empty].abs().max() == 0
+
+
+def test_topk_all_slots_selected_and_softcap_alibi():
+    """K = Nk (every key, in a shuffled order) equals full attention; softcap and ALiBi on the gather path."""
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 20, 31, 64
+    indices = distinct_indices((B, Hkv, Nq), Nk, Nk)
+    q, k, v = qkv(B, Hq, Hkv, Nq, Nk, D)
+    got = flashlite.topk_attention(q, k, v, indices, backend="cpu")
+    want = flashlite.attention(q, k, v, Full(False), backend="cpu")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    check_against_reference(q * 3, k, v, TopK(indices[..., :9], causal=True), "cpu", softcap=5.0,
+                            alibi_slopes=torch.rand(B, Hq))
+
+
+def test_topk_strided_inputs():
+    """[B, S, H, D] views and a non-contiguous index tensor."""
+    B, S, H, D, K = 2, 37, 2, 64, 6
+    q, k, v = (cpu_randn(B, S, H, D).transpose(1, 2) for _ in range(3))
+    indices = distinct_indices((B, S, H), S, K).transpose(1, 2)
+    assert not indices.is_contiguous() and not q.is_contiguous()
+    check_against_reference(q, k, v, TopK(indices, causal=True), "cpu")
+
+
+# ----- determinism, dispatch, fallback -------------------------------------------------------
+@pytest.mark.parametrize("pattern", ["causal", "topk"])
+def test_backward_is_deterministic_across_thread_counts(pattern):
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 1, 130, 140, 64
+    q, k, v = qkv(B, Hq, Hkv, Nq, Nk, D)
+    made = Full(True) if pattern == "causal" else TopK(distinct_indices((B, Hkv, Nq), Nk, 16))
+    grad = torch.randn(B, Hq, Nq, D)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            flashlite.attention(*leaves, made, backend="cpu").backward(grad)
+            results.append([t.grad for t in leaves])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_auto_dispatch_picks_cpu_for_cpu_tensors():
+    q, k, v = qkv(1, 2, 2, 16, 16, 32)
+    flashlite.attention(q, k, v, Full(True))
+    assert flashlite.last_backend() == "cpu"
+    flashlite.topk_attention(q, k, v, distinct_indices((1, 2, 16), 16, 4))
+    assert flashlite.last_backend() == "cpu"
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    """Without flashlite._C: one warning saying how to build it, backends() gives the reason,
+    and CPU tensors run on the reference."""
+    import sys
+
+    from flashlite import _backends
+    from flashlite._backends import native
+
+    monkeypatch.setitem(sys.modules, "flashlite._C", None)  # makes `import flashlite._C` fail
+    monkeypatch.setattr(native, "_warned", False)
+    monkeypatch.setattr(native, "missing_reason", None)
+    registry = {name: b for name, b in _backends._REGISTRY.items() if name not in ("cpu", "cuda")}
+    monkeypatch.setattr(_backends, "_REGISTRY", registry)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        native.register_all()
+        native.register_all()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "pip install --no-build-isolation" in messages[0]
+    report = flashlite.backends()
+    assert "flashlite._C" in report["cpu"] and "pip install" in report["cpu"]
+    q, k, v = qkv(1, 2, 2, 8, 8, 16)
+    flashlite.attention(q, k, v, Full(True))
+    assert flashlite.last_backend() == "reference"
