@@ -56,7 +56,7 @@ def check_logits(model, ids, mask=None):
     assert_rule("logits vs sdpa", got, sdpa, exact)
 
 
-def generate(model, impl, ids, mask=None, steps=6):
+def generate(model, impl, ids, mask=None, steps=5):
     model.set_attn_implementation(impl)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
