@@ -570,8 +570,10 @@ inline float gather_row_scores(const AttentionParams& p, int b, int kv_head, int
       row_max = vmax(row_max, s);
       continue;
     }
-    for (int t = t0; t < t0 + L; ++t)
+    for (int t = t0; t < t0 + L; ++t) {
+      row.chain[t] = 0.f;
       row.s[t] = row.bias[t] == 0.f ? gather_score(p, x[t - t0], slope, pos - idx[t], row.chain + t) : -kInf;
+    }
     row_max = vmax(row_max, load(row.s + t0));
   }
   return hmax(row_max);
@@ -676,7 +678,7 @@ void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, con
       const vf dp = dots(dov, row.values + t0, Dp);  // dP_t = dO_i·v_t
       for (int t = t0; t < t0 + L; ++t) {
         const float prob = row.s[t] == -kInf ? 0.f : exp2f(row.s[t] - lse2);
-        ds[t] = prob * (dp[t - t0] - delta) * (p.softcap != 0.f ? row.chain[t] : 1.f) * p.scale;
+        ds[t] = prob == 0.f ? 0.f : prob * (dp[t - t0] - delta) * (p.softcap != 0.f ? row.chain[t] : 1.f) * p.scale;
         if (t < K) {
           probs[t] = prob;
           grads[t] = ds[t];
