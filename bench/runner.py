@@ -192,9 +192,11 @@ def choose_backends(opts: argparse.Namespace, device: torch.device) -> tuple:
         wanted = list(dict.fromkeys(opts.backends))
     else:
         wanted = [b for b in BACKEND_NAMES if report.get(b) == "available"]
-        if device.type == "cuda" and "reference" in wanted:
+        kernels = [b for b in wanted if b in (("cuda", "triton") if device.type == "cuda" else ("cpu",))]
+        if kernels and "reference" in wanted:
             wanted.remove("reference")
-            left_out["reference"] = "the oracle (O(N^2) memory) is not timed on a GPU; pass --backends ... ,reference"
+            left_out["reference"] = (f"the oracle (O(N^2) memory) is not timed when a kernel backend ({', '.join(kernels)}) "
+                                     f"serves the device; name it in --backends to time it")
     for name in list(wanted):
         if report.get(name) != "available":
             left_out[name] = report.get(name) or "unknown backend"
@@ -318,7 +320,8 @@ def setup(opts: argparse.Namespace) -> Plan:
     peers, peers_left_out = make_peers(peer_names, device, C.DTYPE_NAMES[sweep.dtypes[0]],
                                        int(opts.max_mask_mib * 2**20))
     if device.type == "cpu" and "flex" not in peer_names:
-        peers_left_out["flex"] = ("not run on CPU by default: each shape compiles for ~20 s with inductor; "
+        peers_left_out["flex"] = ("not run on CPU by default: FlexAttention has no backward on CPU and its forward "
+                                  "compiles with inductor (~20 s at first, ~1 s per further shape); "
                                   "pass --peers sdpa,flex to include it")
     impls: List[Impl] = [FlashliteImpl(b) for b in timed] + peers
     return Plan(device, profile, sweep, modes, validated, impls, C.make_cases(sweep), {**left_out, **peers_left_out})
@@ -336,7 +339,7 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
     device, profile, sweep, modes = plan.device, plan.profile, plan.sweep, plan.modes
     validated, impls, case_list = plan.validated, plan.impls, plan.cases
     target_s = (opts.target_ms / 1e3 if opts.target_ms else
-                (0.1 if device.type == "cuda" else (0.06 if profile == "cpu-quick" else 0.15)))
+                (0.1 if device.type == "cuda" else (0.06 if profile == "cpu-quick" else 0.1)))
     warmup = 3 if device.type == "cuda" else 1
 
     env = environment(device)
