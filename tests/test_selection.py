@@ -69,9 +69,9 @@ def test_from_marks_input_forms_agree():
 
 def test_from_marks_feeds_topk_attention():
     """Indices from marks run through the kernels and match the reference (per-query, broadcast head)."""
-    B, Hq, Hkv, N, D = 2, 4, 2, 70, 64
+    B, Hq, Hkv, N, D = 2, 4, 2, 45, 64
     q, k, v = randn(B, Hq, N, D), randn(B, Hkv, N, D), randn(B, Hkv, N, D)
-    indices = selection.from_marks([[5, 33, 60], [1]], N, window=8, sinks=2)
+    indices = selection.from_marks([[5, 33, 40], [1]], N, window=8, sinks=2)
     for backend in kernel_backends():
         check_against_reference(q, k, v, flashlite.TopK(indices, causal=True), backend)
 

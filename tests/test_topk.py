@@ -69,13 +69,12 @@ def test_row_mode(backend, causal, kernel_mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("index_heads", [1, 2])
-def test_shared_indices(backend, dtype, causal, index_heads):
+@pytest.mark.parametrize("index_heads,dtype", [(1, torch.float16), (2, torch.float32)], ids=str)
+def test_shared_indices(backend, causal, index_heads, dtype):
     """[B, Hkv|1, K]: the same keys for every query (each key selected by many queries: the dK/dV
     reduction adds several pieces per key)."""
-    B, Hq, Hkv, Nq, Nk, D, K = 2, 4, 2, 70, 50, 64, 12
+    B, Hq, Hkv, Nq, Nk, D, K = 2, 4, 2, 50, 40, 64, 12
     indices = random_indices((B, index_heads), Nk, K, empty=0.2)
     check_against_reference(*qkv(B, Hq, Hkv, Nq, Nk, D, dtype), TopK(indices, causal), backend)
 
