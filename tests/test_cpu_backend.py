@@ -99,7 +99,8 @@ def test_set_isa_rejects_unknown(ext):
 # ----- gather engine (top-k) -----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 33, 50, 64, 8), (1, 3, 1, 17, 40, 59, 5), (1, 2, 2, 1, 64, 40, 20)],
+@pytest.mark.parametrize("shape", [(2, 4, 2, 33, 50, 64, 8), (1, 3, 1, 17, 40, 59, 5), (1, 2, 2, 1, 64, 40, 20),
+                                   (1, 2, 1, 40, 16, 64, 6)],
                          ids=str)
 def test_topk_per_query(dtype, causal, shape):
     B, Hq, Hkv, Nq, Nk, D, K = shape

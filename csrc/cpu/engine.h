@@ -546,20 +546,33 @@ inline float gather_row_scores(const AttentionParams& p, int b, int kv_head, int
   const bool direct = p.dtype == DType::kFloat32 && D == Dp;
   const float* k_base = static_cast<const float*>(p.k) + offset(p.k_strides, b, kv_head, 0);
   const float* v_base = static_cast<const float*>(p.v) + offset(p.v_strides, b, kv_head, 0);
-  for (int t = 0; t < Kp; ++t) {
-    const int64_t j = t < K ? idx[t] : -1;
-    if (j < 0 || j > last) {
-      row.keys[t] = row.values[t] = row.zero;
-      row.bias[t] = -kInf;
-    } else if (direct) {
-      row.keys[t] = k_base + j * p.k_strides.row;
-      row.values[t] = v_base + j * p.v_strides.row;
-      row.bias[t] = 0.f;
-    } else {
+  if (direct) {  // branch-free: valid iff 0 <= j <= last, i.e. j < limit as unsigned numbers
+    const int64_t k_row = p.k_strides.row, v_row = p.v_strides.row;
+    const uint64_t limit = last < 0 ? 0 : static_cast<uint64_t>(last) + 1;
+    for (int t = 0; t < K; ++t) {
+      const int64_t j = idx[t];
+      const bool ok = static_cast<uint64_t>(j) < limit;
+      const int64_t jj = ok ? j : 0;
+      row.keys[t] = ok ? k_base + jj * k_row : row.zero;
+      row.values[t] = ok ? v_base + jj * v_row : row.zero;
+      row.bias[t] = ok ? 0.f : -kInf;
+    }
+  } else {
+    for (int t = 0; t < K; ++t) {
+      const int64_t j = idx[t];
+      if (j < 0 || j > last) {
+        row.keys[t] = row.values[t] = row.zero;
+        row.bias[t] = -kInf;
+        continue;
+      }
       row.keys[t] = vector_row(p.dtype, p.k, offset(p.k_strides, b, kv_head, j), D, Dp, row.key_buf + t * Dp);
       row.values[t] = vector_row(p.dtype, p.v, offset(p.v_strides, b, kv_head, j), D, Dp, row.value_buf + t * Dp);
       row.bias[t] = 0.f;
     }
+  }
+  for (int t = K; t < Kp; ++t) {
+    row.keys[t] = row.values[t] = row.zero;
+    row.bias[t] = -kInf;
   }
   vf row_max = splat(-kInf);
   for (int t0 = 0; t0 < Kp; t0 += L) {
