@@ -91,6 +91,11 @@ struct BackwardParams {
   void* dv = nullptr;
   Strides3 dq_strides, dk_strides, dv_strides;
   bool deterministic = true;
+  // Deterministic top-k backward on CUDA: for each (b, index head, key j) the query rows that
+  // select j, ascending (CSR: rows key_rows[key_offsets[s] .. key_offsets[s+1]), s = (b*Hi + hi)*Nk + j,
+  // Hi = 1 if the indices are shared by the KV heads, else Hkv). Built by the CUDA binding; unused on CPU.
+  const int64_t* key_offsets = nullptr;
+  const int32_t* key_rows = nullptr;
 };
 
 }  // namespace flashlite

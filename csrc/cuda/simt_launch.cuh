@@ -10,12 +10,20 @@ namespace cuda {
 namespace detail {
 
 // Run CALL with constexpr DC = the columns-per-lane template of head_dim (2, 4 or 8).
+// FLASHLITE_CUDA_FEW_INSTANTIATIONS (compile tests only): DC = 8 serves every head_dim.
+#if defined(FLASHLITE_CUDA_FEW_INSTANTIATIONS)
+#define FL_SIMT_DC_SWITCH(head_dim, CALL) \
+  switch (0) {                            \
+    default: { constexpr int DC = 8; CALL; } \
+  }
+#else
 #define FL_SIMT_DC_SWITCH(head_dim, CALL)        \
   switch (simt_cols_per_lane(head_dim)) {        \
     case 2: { constexpr int DC = 2; CALL; }      \
     case 4: { constexpr int DC = 4; CALL; }      \
     default: { constexpr int DC = 8; CALL; }     \
   }
+#endif
 
 template <typename T, class Rows>
 cudaError_t simt_forward_launch(const ForwardArgs& args, int64_t blocks, cudaStream_t stream) {

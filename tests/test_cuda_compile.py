@@ -1,0 +1,335 @@
+"""The CUDA sources compile on a machine without a GPU (DESIGN.md: "CUDA sources compile with nvcc
+(sm_80 and sm_90a) in the test suite, even where nothing runs them").
+
+* every ``csrc/cuda/*.cu`` compiles with the local nvcc for sm_80 and sm_90a with ``-I csrc`` only,
+  i.e. without torch headers (the kernels are torch-free). ptxas runs, so the inline PTX
+  (mma.sync, ldmatrix, cp.async) is checked too. To stay within the CI budget the tensor-core
+  and SIMT templates are compiled with ``-DFLASHLITE_CUDA_FEW_INSTANTIATIONS`` (every kernel,
+  both 16-bit dtypes, a subset of the head-dim/tile shapes); the full set is built by setup.py;
+* ``csrc/cuda/bindings_cuda.cpp`` (torch + CUDA runtime headers) passes ``g++ -fsyntax-only``
+  against torch's include dirs when the CUDA runtime headers are installed;
+* the host-side planner of ``launch.cu`` (tile sizes per device, decode packing, split-key
+  counts, error messages) runs on the CPU against stub kernels, for an assumed H100 and an
+  assumed sm_86 card.
+
+Skipped, with the reason, where nvcc (or the headers) are missing.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CUDA_DIR = CSRC / "cuda"
+CU_SOURCES = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
+ARCHS = ["sm_80", "sm_90a"]
+NVCC_FLAGS = ["-std=c++17", "-O2", "-c", f"-I{CSRC}", "-DFLASHLITE_CUDA_FEW_INSTANTIATIONS"]
+TIMEOUT = 900
+
+
+def _find_nvcc() -> str | None:
+    candidates = [shutil.which("nvcc")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates.append(os.path.join(home, "bin", "nvcc"))
+    candidates += sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"), reverse=True)
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def _find_cuda_include() -> str | None:
+    """A directory holding cuda_runtime.h (CUDA_HOME, /usr/local/cuda*, next to nvcc)."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    roots += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    if NVCC:
+        roots.append(str(Path(NVCC).resolve().parents[1]))
+    for root in roots:
+        if root and os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+NVCC = _find_nvcc()
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (no CUDA toolkit on this machine)")
+
+# The planner test: launch.cu linked with stub kernel launchers that record what they were asked.
+PLANNER_DRIVER = r"""
+#include <cstdio>
+#include <cstdlib>
+#include "cuda/dispatch.h"
+#include "cuda/launch.h"
+
+using namespace flashlite;
+namespace flashlite { namespace cuda { namespace detail {
+template <typename T> cudaError_t mma_forward_dispatch(const ForwardArgs& a, int D, int bm, int bn, int64_t blocks,
+                                                      cudaStream_t) {
+  std::printf("LAUNCH mma_forward D=%d bm=%d bn=%d blocks=%lld splits=%d hpb=%d aligned16=%d\n", D, bm, bn,
+              (long long)blocks, a.split.num_splits, a.heads_per_block, (int)a.aligned16);
+  return cudaSuccess;
+}
+template <typename T> cudaError_t mma_backward_dispatch(const BackwardArgs& a, int D, int bm, int bn, size_t,
+                                                       cudaStream_t) {
+  std::printf("LAUNCH mma_backward D=%d bm=%d bn=%d atomic=%d\n", D, bm, bn, a.dq_accum != nullptr);
+  return cudaSuccess;
+}
+template <typename T> cudaError_t simt_tile_forward(ForwardArgs a, size_t, cudaStream_t) {
+  std::printf("LAUNCH simt_tile_forward splits=%d\n", a.split.num_splits); return cudaSuccess; }
+template <typename T> cudaError_t simt_gather_forward(ForwardArgs a, size_t, cudaStream_t) {
+  std::printf("LAUNCH simt_gather_forward splits=%d window=%d,%d\n", a.split.num_splits, a.p.window_left,
+              a.p.window_right); return cudaSuccess; }
+template <typename T> cudaError_t simt_tile_backward(BackwardArgs, size_t, cudaStream_t) {
+  std::printf("LAUNCH simt_tile_backward\n"); return cudaSuccess; }
+template <typename T> cudaError_t simt_gather_backward(BackwardArgs a, size_t, cudaStream_t) {
+  std::printf("LAUNCH simt_gather_backward atomic=%d\n", a.dk_accum != nullptr); return cudaSuccess; }
+#define INST(T) \
+  template cudaError_t mma_forward_dispatch<T>(const ForwardArgs&, int, int, int, int64_t, cudaStream_t); \
+  template cudaError_t mma_backward_dispatch<T>(const BackwardArgs&, int, int, int, size_t, cudaStream_t); \
+  template cudaError_t simt_tile_forward<T>(ForwardArgs, size_t, cudaStream_t); \
+  template cudaError_t simt_gather_forward<T>(ForwardArgs, size_t, cudaStream_t); \
+  template cudaError_t simt_tile_backward<T>(BackwardArgs, size_t, cudaStream_t); \
+  template cudaError_t simt_gather_backward<T>(BackwardArgs, size_t, cudaStream_t);
+INST(__half) INST(__nv_bfloat16) INST(float)
+}}}
+
+static int32_t fake_i32[8];
+static float fake_f32[8];
+static char fake_data[64] __attribute__((aligned(16)));
+
+AttentionParams problem(DType dtype, int B, int Hq, int Hkv, int Nq, int Nk, int D, int bm, int bn, bool head_sched) {
+  AttentionParams p;
+  p.dtype = dtype; p.q = p.k = p.v = fake_data; p.out = fake_data; p.lse = fake_f32;
+  p.batch = B; p.heads_q = Hq; p.heads_kv = Hkv; p.seqlen_q = Nq; p.seqlen_k = Nk; p.head_dim = D;
+  const int e = dtype == DType::kFloat32 ? 4 : 2;
+  (void)e;
+  p.q_strides = {(int64_t)Hq * Nq * D, (int64_t)Nq * D, D};
+  p.k_strides = p.v_strides = {(int64_t)Hkv * Nk * D, (int64_t)Nk * D, D};
+  p.out_strides = p.q_strides;
+  p.block_m = bm; p.block_n = bn; p.window_left = p.window_right = Nq + Nk;
+  p.forward_schedule.tiles = fake_i32; p.forward_schedule.count = fake_i32;
+  p.backward_schedule.tiles = fake_i32; p.backward_schedule.count = fake_i32;
+  p.forward_schedule.count_stride_h = head_sched ? 1 : 0;
+  return p;
+}
+
+void run(const char* name, cudaError_t err) {
+  std::printf("RESULT %s err=%d msg=%s\n", name, (int)err, err ? cuda::last_error_message() : "");
+}
+
+int main() {
+  const DType f16 = DType::kFloat16, bf16 = DType::kBFloat16, f32 = DType::kFloat32;
+  for (DType dt : {f16, bf16, f32})
+    for (int d : {8, 32, 40, 59, 64, 80, 96, 128, 160, 256})
+      for (int bs : {0, 16, 32, 64, 128}) {
+        int bm = 0, bn = 0;
+        cuda::tile_config(d, dt, bs, &bm, &bn);
+        std::printf("CONFIG dtype=%d d=%d bs=%d bm=%d bn=%d\n", (int)dt, d, bs, bm, bn);
+      }
+  // Decode, GQA 32/4, 64k keys, shared schedule: packed heads + split keys.
+  AttentionParams dec = problem(f16, 2, 32, 4, 1, 65536, 128, 128, 64, false);
+  std::printf("WORKSPACE decode=%zu\n", cuda::tile_forward_workspace_bytes(dec));
+  run("decode_no_ws", cuda::tile_forward(dec, nullptr));
+  // Per-head schedule: no head packing.
+  AttentionParams dec_h = problem(bf16, 1, 8, 2, 3, 4096, 256, 64, 32, true);
+  run("decode_head_sched", cuda::tile_forward(dec_h, nullptr));
+  // Prefill: a full wave, no split.
+  AttentionParams pre = problem(f16, 1, 8, 8, 4096, 4096, 128, 128, 64, false);
+  std::printf("WORKSPACE prefill=%zu\n", cuda::tile_forward_workspace_bytes(pre));
+  run("prefill", cuda::tile_forward(pre, nullptr));
+  BackwardParams g;
+  g.grad_out = g.dq = g.dk = g.dv = fake_data; g.delta = fake_f32;
+  g.grad_out_strides = g.dq_strides = pre.q_strides; g.dk_strides = g.dv_strides = pre.k_strides;
+  run("prefill_backward", cuda::tile_backward(pre, g, nullptr, nullptr));
+  g.deterministic = false;
+  run("prefill_backward_atomic", cuda::tile_backward(pre, g, fake_data, nullptr));
+  AttentionParams simt = problem(f32, 1, 2, 1, 100, 100, 64, 16, 32, false);
+  run("simt_forward", cuda::tile_forward(simt, nullptr));
+  run("simt_backward", cuda::tile_backward(simt, g, nullptr, nullptr));
+  // Unsupported tile shapes are refused with a reason.
+  run("bad_tile", cuda::tile_forward(problem(f16, 1, 2, 1, 100, 100, 64, 32, 32, false), nullptr));
+  run("bad_heads", cuda::tile_forward(problem(f16, 1, 3, 2, 100, 100, 64, 128, 64, false), nullptr));
+  // Top-k decode: per-query indices, GQA 8, K = 2048.
+  AttentionParams topk = problem(bf16, 1, 32, 4, 1, 65536, 128, 0, 0, false);
+  static int64_t fake_idx[8];
+  topk.indices = fake_idx; topk.top_k = 2048; topk.indices_stride_n = 2048; topk.causal = true;
+  std::printf("WORKSPACE topk=%zu\n", cuda::gather_forward_workspace_bytes(topk));
+  run("topk_forward", cuda::gather_forward(topk, nullptr));
+  g.deterministic = true;
+  run("topk_backward_no_csr", cuda::gather_backward(topk, g, nullptr, nullptr));
+  return 0;
+}
+"""
+
+
+def _nvcc_job(source: str, out_dir: Path) -> list[str]:
+    """One nvcc run per source for both archs (one host pass, one device pass per arch)."""
+    gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
+    return [NVCC, *NVCC_FLAGS, *gencode, str(CUDA_DIR / source), "-o", str(out_dir / f"{source}.o")]
+
+
+def _binding_job(tmp: Path) -> list[str] | str:
+    """g++ -fsyntax-only of bindings_cuda.cpp, or the reason it cannot run here."""
+    binding = CUDA_DIR / "bindings_cuda.cpp"
+    if not binding.exists():
+        return "csrc/cuda/bindings_cuda.cpp does not exist"
+    try:
+        from torch.utils.cpp_extension import include_paths
+    except ImportError:
+        return "torch is not importable"
+    cuda_include = _find_cuda_include()
+    if cuda_include is None:
+        return "CUDA runtime headers (cuda_runtime.h) not found under CUDA_HOME or /usr/local/cuda*"
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        return "no C++ compiler"
+    includes = list(include_paths())
+    # CPU-only torch wheels lack this generated header that c10/cuda includes; a stub stands in.
+    if not any(os.path.exists(os.path.join(p, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for p in includes):
+        stub = tmp / "stub_include" / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True, exist_ok=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.append(str(tmp / "stub_include"))
+    py_include = sysconfig.get_paths()["include"]
+    return [cxx, "-std=c++17", "-fsyntax-only", "-w", f"-I{CSRC}", *[f"-I{p}" for p in includes],
+            f"-I{cuda_include}", f"-I{py_include}", "-DFLASHLITE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+            str(binding)]
+
+
+def _planner_job(tmp: Path) -> list[str]:
+    driver = tmp / "planner_driver.cu"
+    driver.write_text(PLANNER_DRIVER)
+    return [NVCC, "-std=c++17", "-O1", f"-I{CSRC}", "-arch=sm_80", str(driver), str(CUDA_DIR / "launch.cu"),
+            "-o", str(tmp / "planner")]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        return subprocess.CompletedProcess(cmd, 124, "", f"timed out after {TIMEOUT}s: {exc}")
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Every compile of this module, run in parallel once: {key: CompletedProcess | skip reason}."""
+    tmp = tmp_path_factory.mktemp("cuda_compile")
+    jobs: dict = {("planner",): _planner_job(tmp)}
+    for source in CU_SOURCES:
+        jobs[(source,)] = _nvcc_job(source, tmp)
+    binding = _binding_job(tmp)
+    results: dict = {}
+    if isinstance(binding, str):
+        results[("binding",)] = binding
+    else:
+        jobs[("binding",)] = binding
+    workers = max(2, min(len(jobs), os.cpu_count() or 2))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {key: pool.submit(_run, cmd) for key, cmd in jobs.items()}
+        results.update({key: future.result() for key, future in futures.items()})
+    results["tmp"] = tmp
+    return results
+
+
+def _tail(text: str, n: int = 6000) -> str:
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+def test_sources_exist_and_are_torch_free():
+    assert CU_SOURCES, "csrc/cuda has no .cu sources"
+    for path in list(CUDA_DIR.glob("*.cu")) + list(CUDA_DIR.glob("*.cuh")) + list(CUDA_DIR.glob("*.h")):
+        text = path.read_text()
+        includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', text)
+        torchy = [inc for inc in includes if inc.split("/")[0] in ("torch", "ATen", "c10", "pybind11")]
+        assert not torchy, f"{path.name} includes torch headers {torchy}: kernels must stay torch-free"
+
+
+@pytest.mark.parametrize("source", CU_SOURCES)
+def test_cu_compiles_for_sm80_and_sm90a(builds, source):
+    result = builds[(source,)]
+    assert result.returncode == 0, f"nvcc {source} ({', '.join(ARCHS)}) failed:\n{_tail(result.stderr)}"
+    ours = [line for line in result.stderr.splitlines() if "warning" in line.lower() and "csrc/cuda" in line]
+    assert not ours, "nvcc warnings in flashlite sources:\n" + "\n".join(ours[:20])
+
+
+def test_binding_syntax(builds):
+    result = builds[("binding",)]
+    if isinstance(result, str):
+        pytest.skip(f"bindings_cuda.cpp syntax check skipped: {result}")
+    assert result.returncode == 0, f"g++ -fsyntax-only bindings_cuda.cpp failed:\n{_tail(result.stderr)}"
+
+
+def _planner_output(builds, device: str) -> str:
+    build = builds[("planner",)]
+    assert build.returncode == 0, f"planner build failed:\n{_tail(build.stderr)}"
+    env = dict(os.environ, FLASHLITE_CUDA_ASSUME_DEVICE=device, CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([str(builds["tmp"] / "planner")], capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def _configs(text: str) -> dict:
+    out = {}
+    for m in re.finditer(r"CONFIG dtype=(\d) d=(\d+) bs=(\d+) bm=(\d+) bn=(\d+)", text):
+        dtype, d, bs, bm, bn = map(int, m.groups())
+        out[(dtype, d, bs)] = (bm, bn)
+    return out
+
+
+def _lines(text: str, prefix: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+def test_planner_on_an_assumed_h100(builds):
+    text = _planner_output(builds, "132:232448")  # H100 SXM: 132 SMs, 227 KiB opt-in shared memory
+    configs = _configs(text)
+    mma = {(128, 64), (64, 64), (64, 32)}
+    for (dtype, d, bs), (bm, bn) in configs.items():
+        if bs:
+            assert bs % bm == 0 and bs % bn == 0, f"tile ({bm}, {bn}) does not divide block_size {bs}"
+        if dtype == 2:  # float32: SIMT tiles
+            assert bm == 16 and bn in (16, 32)
+        elif bs in (0, 64, 128):
+            assert (bm, bn) in mma, f"16-bit head_dim {d} block_size {bs} got ({bm}, {bn})"
+        else:
+            assert (bm, bn) == (16, bs)
+    assert configs[(0, 128, 0)] == (128, 64)
+    assert configs[(1, 256, 0)] == (64, 32)
+    assert configs[(0, 64, 64)] == (64, 64)
+
+    results = {line.split()[1]: line for line in _lines(text, "RESULT")}
+    launches = _lines(text, "LAUNCH")
+    # Decode with 8 query heads per KV head packed into one 64-row block, keys split (2 x 4 groups
+    # = 8 blocks < 132 SMs); without a workspace it does not split.
+    assert "LAUNCH mma_forward D=128 bm=64 bn=64 blocks=8 splits=1 hpb=8" in text
+    ws = int(re.search(r"WORKSPACE decode=(\d+)", text).group(1))
+    assert ws > 0 and ws % (2 * 32 * 1 * (128 + 1) * 4) == 0
+    assert "LAUNCH mma_forward D=256 bm=64 bn=32 blocks=8 splits=1 hpb=1" in text
+    assert "LAUNCH mma_forward D=128 bm=128 bn=64 blocks=256 splits=1 hpb=0" in text
+    assert int(re.search(r"WORKSPACE prefill=(\d+)", text).group(1)) == 0
+    assert "LAUNCH mma_backward D=128 bm=128 bn=64 atomic=0" in text
+    # deterministic=false zeroes the fp32 dQ accumulator first (no device here: that call fails).
+    assert "dq accumulator" in results["prefill_backward_atomic"]
+    assert "LAUNCH simt_tile_forward splits=1" in text and "LAUNCH simt_tile_backward" in text
+    for name in ("decode_head_sched", "prefill", "prefill_backward", "simt_forward", "simt_backward", "topk_forward"):
+        assert "err=0" in results[name], results[name]
+    assert "not a tensor-core shape" in results["bad_tile"]
+    assert "multiple of heads_kv" in results["bad_heads"]
+    assert "key_offsets" in results["topk_backward_no_csr"]
+    assert int(re.search(r"WORKSPACE topk=(\d+)", text).group(1)) > 0  # few blocks -> split keys
+    causal_window = [line for line in launches if line.startswith("LAUNCH simt_gather_forward")]
+    assert causal_window and causal_window[0].endswith("window=65537,0")  # causal: right side 0
+
+
+def test_planner_on_an_assumed_small_smem_card(builds):
+    text = _planner_output(builds, "84:101376")  # sm_86: 99 KiB opt-in shared memory
+    configs = _configs(text)
+    assert configs[(0, 128, 0)] == (64, 64), "the (128, 64) dQ kernel does not fit 99 KiB"
+    assert configs[(1, 256, 0)] == (64, 32)
+    assert configs[(0, 64, 0)] == (128, 64)
