@@ -69,7 +69,7 @@ def _extensions():
         return [], {}
 
     sources = _rel([os.path.join(ROOT, "csrc", "bindings.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"]
+    cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"]
     if os.environ.get("FLASHLITE_NATIVE_ARCH") == "1":
         cxx.append("-march=native")
     common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
