@@ -18,6 +18,7 @@ from .schedule import TileSchedule, band_schedule, block_layout_schedule, cdiv, 
 BLOCK_SIZES = (16, 32, 64, 128)
 _BAND_SCHEDULES: dict = {}
 _BAND_CACHE_SIZE = 512
+_PATTERN_CACHE_SIZE = 64
 
 
 def _nonneg_int(value, name: str) -> int:
@@ -48,6 +49,8 @@ class Pattern:
         key = (seqlen_q, seqlen_k, block_m, block_n, str(torch.device(device)))
         cached = self._schedules.get(key)
         if cached is None:
+            if len(self._schedules) >= _PATTERN_CACHE_SIZE:  # e.g. one entry per decode step
+                self._schedules.clear()
             cached = self._build_schedule(seqlen_q, seqlen_k, block_m, block_n, torch.device(device))
             self._schedules[key] = cached
         return cached

@@ -58,11 +58,26 @@ def max_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def assert_rule(name: str, got: torch.Tensor, lowp: torch.Tensor, exact: torch.Tensor, slack: float = 1e-5):
-    """DESIGN.md's correctness rule for one tensor."""
+def assert_rule(name: str, got: torch.Tensor, lowp: torch.Tensor, exact: torch.Tensor, slack: float = 1e-5,
+                fallback: "torch.Tensor | None" = None):
+    """DESIGN.md's correctness rule for one tensor.
+
+    A baseline that is not finite where the exact result is (PyTorch's low-precision math
+    overflowed) would make the rule vacuous; then ``fallback`` (the same math in float32) is the
+    baseline instead, and without one the check fails.
+    """
     assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    assert max_error(exact, exact) == 0.0, f"{name}: the float64 reference itself is NaN"
     err = max_error(got, exact)
     base = max_error(lowp, exact)
+    if base == float("inf"):
+        assert fallback is not None, f"{name}: the torch-{lowp.dtype} baseline is not finite; the rule would be vacuous"
+        # Any computation in the kernel's dtype rounds its largest intermediate at least once:
+        # one unit of that dtype's precision at the exact result's scale is the floor.
+        finite = exact[torch.isfinite(exact)].detach().double()
+        floor = torch.finfo(got.dtype).eps * (float(finite.abs().max()) if finite.numel() else 0.0)
+        base = max(max_error(fallback.to(got.dtype), exact), floor)
+        assert base != float("inf"), f"{name}: the float32 fallback baseline is not finite either"
     assert err <= 2 * base + slack, f"{name}: error {err:.3g} > 2 x torch-{lowp.dtype} error {base:.3g} + {slack}"
 
 
@@ -80,17 +95,22 @@ def check_against_reference(q, k, v, pattern, backend, *, grads=True, **kw):
     lowp_leaves = [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
     lowp, lowp_lse = reference.attention(*lowp_leaves, pattern, return_lse=True, compute_dtype=None, **kw)
 
+    # The same math in float32: the baseline where PyTorch's low-precision math overflows.
+    f32_leaves = [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
+    f32, f32_lse = reference.attention(*f32_leaves, pattern, return_lse=True, compute_dtype=torch.float32, **kw)
+
     assert not torch.isnan(out).any(), "NaN in output"
-    assert_rule("out", out, lowp, exact)
-    assert_rule("lse", lse, lowp_lse, exact_lse)
+    assert_rule("out", out, lowp, exact, fallback=f32)
+    assert_rule("lse", lse, lowp_lse, exact_lse, fallback=f32_lse)
     if grads:
         grad_out = torch.randn_like(exact)
         out.backward(grad_out.to(out.dtype))
         exact.backward(grad_out)
         lowp.backward(grad_out.to(lowp.dtype))
-        for name, got, low, ex in zip(("dq", "dk", "dv"), leaves, lowp_leaves, exact_leaves):
+        f32.backward(grad_out.to(f32.dtype))
+        for name, got, low, ex, fb in zip(("dq", "dk", "dv"), leaves, lowp_leaves, exact_leaves, f32_leaves):
             assert got.grad is not None, f"{name} missing"
-            assert_rule(name, got.grad, low.grad, ex.grad)
+            assert_rule(name, got.grad, low.grad, ex.grad, fallback=fb.grad)
     return out
 
 
