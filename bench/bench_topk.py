@@ -209,6 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--target-s", type=float, default=None, help="timed seconds per measurement")
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting new lengths after this")
     parser.add_argument("--measure-peak", action="store_true", help="also measure matmul/copy peaks of the device")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -228,6 +229,8 @@ def main(argv=None) -> int:
     args.head_dim = args.head_dim or (128 if gpu else 64)
     args.target_s = args.target_s or (0.2 if gpu else 0.1)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = run(args)
     out = args.out or ROOT / "bench" / "results" / f"topk-{time.strftime('%Y%m%d-%H%M%S')}-{report['device_type']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
