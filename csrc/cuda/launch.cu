@@ -363,6 +363,27 @@ cudaError_t accum_to_tensor(const float* src, void* dst, const Strides3& st, int
   return checked(cudaGetLastError(), "accum_to_tensor_kernel launch");
 }
 
+// Head-dim template -> its instantiation file's launcher.
+template <typename T>
+cudaError_t mma_forward_dispatch(const ForwardArgs& args, int D, int block_m, int block_n, int64_t blocks,
+                                 cudaStream_t stream) {
+#define FL_D(d) \
+  if (D == d) return mma_forward_hd<T, d>(args, block_m, block_n, blocks, stream);
+  FLASHLITE_MMA_HEAD_DIMS(FL_D)
+#undef FL_D
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t mma_backward_dispatch(const BackwardArgs& args, int D, int block_m, int block_n, size_t smem_limit,
+                                  cudaStream_t stream) {
+#define FL_D(d) \
+  if (D == d) return mma_backward_hd<T, d>(args, block_m, block_n, smem_limit, stream);
+  FLASHLITE_MMA_HEAD_DIMS(FL_D)
+#undef FL_D
+  return cudaErrorInvalidValue;
+}
+
 template <typename T>
 constexpr bool is_16bit() {
   return !std::is_same<T, float>::value;

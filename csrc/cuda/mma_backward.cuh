@@ -457,11 +457,13 @@ cudaError_t launch_mma_backward(BackwardArgs args, size_t smem_limit, cudaStream
                           Cfg::q_smem(args.kv_stages), stream, args);
 }
 
-template <typename T>
-cudaError_t mma_backward_dispatch(const BackwardArgs& args, int D, int block_m, int block_n, size_t smem_limit,
-                                  cudaStream_t stream) {
-#define FL_BWD_CASE(d, bm, bn) \
-  if (D == d && block_m == bm && block_n == bn) return launch_mma_backward<T, d, bm, bn>(args, smem_limit, stream);
+template <typename T, int D>
+cudaError_t mma_backward_hd(const BackwardArgs& args, int block_m, int block_n, size_t smem_limit,
+                            cudaStream_t stream) {
+#define FL_BWD_CASE(d, bm, bn)                                                                              \
+  if constexpr (d == D) {                                                                                   \
+    if (block_m == bm && block_n == bn) return launch_mma_backward<T, d, bm, bn>(args, smem_limit, stream); \
+  }
   FLASHLITE_MMA_TILES(FL_BWD_CASE)
 #undef FL_BWD_CASE
   return cudaErrorInvalidValue;

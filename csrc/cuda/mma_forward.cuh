@@ -261,12 +261,14 @@ cudaError_t launch_mma_forward(const ForwardArgs& args, int64_t blocks, cudaStre
                           Cfg::kThreads, Cfg::kSmemBytes, stream, args);
 }
 
-// Dispatch on (head-dim template, tile shape). The packed decode layout runs block_m = 64.
-template <typename T>
-cudaError_t mma_forward_dispatch(const ForwardArgs& args, int D, int block_m, int block_n, int64_t blocks,
-                                 cudaStream_t stream) {
-#define FL_FWD_CASE(d, bm, bn) \
-  if (D == d && block_m == bm && block_n == bn) return launch_mma_forward<T, d, bm, bn>(args, blocks, stream);
+// The instantiations of one head-dim template D, by tile shape (the packed decode layout runs
+// block_m = 64). cudaErrorInvalidValue: shape not instantiated.
+template <typename T, int D>
+cudaError_t mma_forward_hd(const ForwardArgs& args, int block_m, int block_n, int64_t blocks, cudaStream_t stream) {
+#define FL_FWD_CASE(d, bm, bn)                                                                         \
+  if constexpr (d == D) {                                                                              \
+    if (block_m == bm && block_n == bn) return launch_mma_forward<T, d, bm, bn>(args, blocks, stream); \
+  }
   FLASHLITE_MMA_TILES(FL_FWD_CASE)
 #undef FL_FWD_CASE
   return cudaErrorInvalidValue;

@@ -91,10 +91,11 @@ cudaError_t simt_gather_backward(BackwardArgs args, size_t smem_limit, cudaStrea
   return cudaErrorInvalidValue;
 }
 
-#define FL_INSTANTIATE_SIMT(T)                                                                  \
-  template cudaError_t simt_tile_forward<T>(ForwardArgs, size_t, cudaStream_t);                \
-  template cudaError_t simt_gather_forward<T>(ForwardArgs, size_t, cudaStream_t);              \
-  template cudaError_t simt_tile_backward<T>(BackwardArgs, size_t, cudaStream_t);              \
+#define FL_INSTANTIATE_SIMT_FORWARD(T)                                             \
+  template cudaError_t simt_tile_forward<T>(ForwardArgs, size_t, cudaStream_t);   \
+  template cudaError_t simt_gather_forward<T>(ForwardArgs, size_t, cudaStream_t);
+#define FL_INSTANTIATE_SIMT_BACKWARD(T)                                              \
+  template cudaError_t simt_tile_backward<T>(BackwardArgs, size_t, cudaStream_t);   \
   template cudaError_t simt_gather_backward<T>(BackwardArgs, size_t, cudaStream_t);
 
 }  // namespace detail

@@ -1,10 +1,10 @@
-// SIMT engine instantiations for __half (see simt.cuh).
+// SIMT engine backward instantiations for float (see simt.cuh).
 #include "cuda/simt_launch.cuh"
 
 namespace flashlite {
 namespace cuda {
 namespace detail {
-FL_INSTANTIATE_SIMT(__half)
+FL_INSTANTIATE_SIMT_BACKWARD(float)
 }  // namespace detail
 }  // namespace cuda
 }  // namespace flashlite

@@ -1,10 +1,10 @@
-// SIMT engine instantiations for float (see simt.cuh).
+// SIMT engine backward instantiations for __half (see simt.cuh).
 #include "cuda/simt_launch.cuh"
 
 namespace flashlite {
 namespace cuda {
 namespace detail {
-FL_INSTANTIATE_SIMT(float)
+FL_INSTANTIATE_SIMT_BACKWARD(__half)
 }  // namespace detail
 }  // namespace cuda
 }  // namespace flashlite

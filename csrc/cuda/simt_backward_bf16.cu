@@ -1,10 +1,10 @@
-// SIMT engine instantiations for __nv_bfloat16 (see simt.cuh).
+// SIMT engine backward instantiations for __nv_bfloat16 (see simt.cuh).
 #include "cuda/simt_launch.cuh"
 
 namespace flashlite {
 namespace cuda {
 namespace detail {
-FL_INSTANTIATE_SIMT(__nv_bfloat16)
+FL_INSTANTIATE_SIMT_BACKWARD(__nv_bfloat16)
 }  // namespace detail
 }  // namespace cuda
 }  // namespace flashlite
