@@ -334,7 +334,7 @@ def make_peers(names: List[str], device: torch.device, dtype: torch.dtype,
             backend = name.split(":", 1)[1]
             reason = supported.get(backend)
             if reason:
-                left_out[name] = f"not supported on {device.type}: {reason}"
+                left_out[name] = f"not supported on {device.type} ({reason.split('. ')[0][:100]})"
             else:
                 impls.append(SdpaImpl(backend, max_mask_bytes))
         elif name == "flex":

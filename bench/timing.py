@@ -58,9 +58,11 @@ def cache_bytes(device: torch.device) -> int:
     return 32 * 2**20
 
 
-def rotation_sets(set_bytes: int, device: torch.device, limit: int = 8) -> int:
-    """How many copies of the inputs to rotate so that together they exceed twice the cache."""
-    need = -(-2 * cache_bytes(device) // max(1, set_bytes))
+def rotation_sets(set_bytes: int, device: torch.device, limit: Optional[int] = None) -> int:
+    """How many copies of the inputs to rotate so that together they exceed twice the cache
+    (at most 8 on a GPU; 4 on a CPU, where calls are long next to a cache refill)."""
+    limit = limit or (8 if torch.device(device).type == "cuda" else 4)
+    need = -(-2 * cache_bytes(torch.device(device)) // max(1, set_bytes))
     return int(max(1, min(limit, need)))
 
 
@@ -81,12 +83,13 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def time(self, calls: Sequence[Callable[[], object]], warmup: int = 2) -> Stats:
-        """Median time of ``calls[i % len(calls)]()`` over repeated calls, after ``warmup`` calls each."""
+        """Median time of ``calls[i % len(calls)]()`` over repeated calls, after ``warmup`` untimed
+        calls (on a GPU at least one per input copy)."""
         if not calls:
             raise ValueError("calls must be a non-empty sequence of callables")
-        for _ in range(warmup):
-            for call in calls:
-                call()
+        count = max(warmup, len(calls)) if self.device.type == "cuda" else warmup
+        for i in range(count):
+            calls[i % len(calls)]()
         self.sync()
         if self.device.type == "cuda":
             return self._time_cuda(calls)
