@@ -126,7 +126,7 @@ def plot(path: Path, history: dict, args) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = history["generated"]
-    ax.plot(steps, [mib(b) for b in history["full_bytes"]], label="full KV cache (all tokens)")
+    ax.plot(steps, [mib(b) for b in history["full_bytes"]], label="full KV cache (all tokens; tokens x bytes per token)")
     ax.plot(steps, [mib(b) for b in history["allocated_bytes"]], label="SelectiveKVCache (allocated)")
     ax.plot(steps, [mib(b) for b in history["retained_bytes"]], "--", label="SelectiveKVCache (retained)")
     ax.set_xlabel("tokens generated")
@@ -160,7 +160,11 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (a tiny model decodes fastest on one; 0 = PyTorch's default)")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.tokens < 1 or args.prompt < 1:
         parser.error("--tokens and --prompt must be >= 1")
 
