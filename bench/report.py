@@ -49,6 +49,22 @@ def _nvidia_driver() -> Optional[str]:
         return None
 
 
+def _load_average() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def busy_warning(env: Dict[str, object]) -> Optional[str]:
+    """A warning when other processes keep the CPU busy (CPU timings are then unreliable)."""
+    load, cores = env.get("load_average"), env.get("cpu_count")
+    if env.get("device_type") == "cpu" and load and cores and load[0] > 1.5 * cores:  # type: ignore[index]
+        return (f"warning: the machine is busy (load average {load[0]:.1f} on {cores} cores): CPU timings "  # type: ignore[index]
+                f"will be noisy; compare min_ms in the JSON and re-run when it is idle")
+    return None
+
+
 def environment(device: torch.device) -> Dict[str, object]:
     """Device, versions, commit, threads: everything needed to reproduce or compare a run."""
     import flashlite
@@ -74,6 +90,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
         "cuda_runtime": torch.version.cuda,
+        "load_average": _load_average(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -152,8 +169,8 @@ def format_row(row: Dict[str, object]) -> str:
     speed = row.get("speedup_vs_best_peer")
     speed_text = f"{speed:11.2f}x" if isinstance(speed, float) else f"{'-':>12}"
     mem = row.get("peak_mem_bytes")
-    return (f"{head} {_num(row['time_ms'], '.3f', 9)} {_num(row.get('tflops'), '.2f', 8)} "
-            f"{_num(row.get('gbps'), '.1f', 7)} {_num(row.get('pct_peak'), '.1f', 6)} {speed_text} "
+    return (f"{head} {_num(row['time_ms'], '.4g', 9)} {_num(row.get('tflops'), '.3g', 8)} "
+            f"{_num(row.get('gbps'), '.4g', 7)} {_num(row.get('pct_peak'), '.3g', 6)} {speed_text} "
             f"{_num(mem / 2**20 if isinstance(mem, int) else None, '.1f', 8)}")
 
 

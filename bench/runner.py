@@ -19,7 +19,7 @@ import torch
 from . import cases as C
 from .cases import Case, Skip
 from .peers import FlashliteImpl, Impl, make_peers, parse_peers
-from .report import REPO_ROOT, SCHEMA, command_line, derive, environment, slug, stamp, summary, table, write_json
+from .report import REPO_ROOT, SCHEMA, busy_warning, command_line, derive, environment, slug, stamp, summary, table, write_json
 from .timing import Timer, measure_peak, rotation_sets
 
 BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
@@ -363,6 +363,9 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
     print(f"flashlite bench — {env['device_name']} ({device}), profile {profile}, torch {env['torch']}, "
           f"triton {env['triton']}, commit {(env['git_commit'] or 'unknown')[:10]}"
           + (f", {env['torch_threads']} threads" if device.type == "cpu" else ""), file=out)
+    warning = busy_warning(env)
+    if warning:
+        print("  " + warning, file=out)
     print(f"  timing: {', '.join(i.name for i in impls) or 'nothing'}", file=out)
     for name, reason in report["left_out"].items():  # type: ignore[union-attr]
         print(f"  not timed: {name}: {reason}", file=out)
@@ -411,8 +414,8 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
         report["peak"] = measure_peak(device, sweep.dtypes)
         progress.done()
         peak = report["peak"]
-        matmul = ", ".join(f"{k} {v:.1f}" for k, v in peak["matmul_tflops"].items() if v)  # type: ignore[index]
-        print(f"  measured peak: matmul TFLOP/s {matmul}; copy {peak['copy_gbps']:.1f} GB/s", file=out)
+        matmul = ", ".join(f"{k} {v:.3g}" for k, v in peak["matmul_tflops"].items() if v)  # type: ignore[index]
+        print(f"  measured peak: matmul TFLOP/s {matmul}; copy {peak['copy_gbps']:.3g} GB/s", file=out)
 
     # (b, c) timing
     rows: List[Dict[str, object]] = report["results"]  # type: ignore[assignment]
