@@ -91,6 +91,16 @@ def test_decode_and_long_band():
     check_against_reference(*qkv(1, 2, 2, 260, 260, 32), SlidingWindow(70, 10), "cpu")
 
 
+def test_python_tile_sizes_match_the_extension(ext):
+    """The backend picks tile sizes in Python (traceable by torch.compile); they must be the C++ ones."""
+    from flashlite._backends.native import cpu_tile_sizes
+
+    for dtype in LOW_DTYPES:
+        for head_dim in (1, 8, 40, 59, 64, 128, 256):
+            for block_size in (0, 16, 32, 64, 128):
+                assert tuple(ext.cpu_tile_config(head_dim, dtype, block_size)) == cpu_tile_sizes(block_size)
+
+
 def test_set_isa_rejects_unknown(ext):
     with pytest.raises(ValueError, match="not one of"):
         ext.cpu_set_isa("sse9000")

@@ -6,9 +6,10 @@ to the reference backend, and ``flashlite.backends()`` reports the reason.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -35,6 +36,22 @@ def load_extension():
         return None
     missing_reason = None
     return module
+
+
+CPU_TILE = 64  # csrc/cpu/driver.cpp tile_config()
+
+
+def cpu_tile_sizes(block_size: int) -> Tuple[int, int]:
+    """The CPU kernels' (block_m, block_n): 64 x 64, or block_size x block_size for a smaller
+    block-sparse block. Mirrors ``flashlite._C.cpu_tile_config`` (a test checks they agree) in plain
+    Python, so ``torch.compile`` traces dispatch without calling into the extension."""
+    tile = block_size if 0 < block_size < CPU_TILE else CPU_TILE
+    return tile, tile
+
+
+def _assume_constant(fn):
+    assume = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
+    return assume(fn) if assume is not None else fn
 
 
 def _slopes(alibi_slopes: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -94,6 +111,9 @@ class CpuBackend(NativeBackend):
     prefix = "cpu"
     devices = ("cpu",)
 
+    def tile_config(self, req: Request) -> TileSizes:
+        return TileSizes(*cpu_tile_sizes(int(req.block_size or 0)))
+
 
 class CudaBackend(NativeBackend):
     """CUDA C++ kernels (csrc/cuda/) for CUDA tensors."""
@@ -107,9 +127,22 @@ class CudaBackend(NativeBackend):
             return "no CUDA device is present"
         return None
 
+    def tile_config(self, req: Request) -> TileSizes:
+        device = torch.cuda.current_device()
+        return TileSizes(*_cuda_tile_sizes(req.head_dim, req.dtype, int(req.block_size or 0), device))
+
     def why_not(self, req: Request) -> Optional[str]:
-        # The limits of the CUDA kernels are the ones stated in csrc/cuda/launch.h.
+        # csrc/cuda/launch.h: float16/bfloat16/float32, head_dim 1..256, every tile schedule and the
+        # gather engine, softcap and ALiBi - exactly the base checks (device, dtype, head_dim).
         return super().why_not(req)
+
+
+@_assume_constant
+@functools.lru_cache(maxsize=None)
+def _cuda_tile_sizes(head_dim: int, dtype: torch.dtype, block_size: int, device: int) -> Tuple[int, int]:
+    """cuda_tile_config for the current device, cached; a constant to torch.compile."""
+    block_m, block_n = importlib.import_module("flashlite._C").cuda_tile_config(head_dim, dtype, block_size)
+    return int(block_m), int(block_n)
 
 
 def register_all() -> None:
