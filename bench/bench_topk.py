@@ -105,8 +105,8 @@ def run(args) -> dict:
             print(f"time budget of {args.budget_s}s spent: stopping before n={n}")
             break
         sets = 2 if device.type == "cuda" else 1
-        inputs = [(torch.randn(B, H, n, D, device=device, dtype=dtype), torch.randn(B, Hkv, n, D, device=device, dtype=dtype),
-                   torch.randn(B, Hkv, n, D, device=device, dtype=dtype)) for _ in range(sets)]
+        inputs = [tuple(torch.randn(B, heads, n, D, device=device, dtype=dtype) for heads in (H, Hkv, Hkv))
+                  for _ in range(sets)]
         full_ms: Dict[str, float] = {}
         # -- full causal attention ---------------------------------------------------------
         peers = [("sdpa", lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
@@ -114,7 +114,8 @@ def run(args) -> dict:
         for backend in backends:
             if backend == "reference" and n > args.reference_max:
                 continue
-            peers.append((backend, lambda q, k, v, b=backend: flashlite.flash_attention(q, k, v, causal=True, backend=b)))
+            peers.append((backend, lambda q, k, v, b=backend: flashlite.flash_attention(q, k, v, causal=True,
+                                                                                        backend=b)))
         for name, fn in peers:
             try:
                 stats = timer.time([lambda t=t: fn(*t) for t in inputs])

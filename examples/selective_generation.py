@@ -126,7 +126,8 @@ def plot(path: Path, history: dict, args) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = history["generated"]
-    ax.plot(steps, [mib(b) for b in history["full_bytes"]], label="full KV cache (all tokens; tokens x bytes per token)")
+    ax.plot(steps, [mib(b) for b in history["full_bytes"]],
+            label="full KV cache (all tokens; tokens x bytes per token)")
     ax.plot(steps, [mib(b) for b in history["allocated_bytes"]], label="SelectiveKVCache (allocated)")
     ax.plot(steps, [mib(b) for b in history["retained_bytes"]], "--", label="SelectiveKVCache (retained)")
     ax.set_xlabel("tokens generated")
@@ -181,7 +182,8 @@ def main(argv=None) -> int:
         print("the manual loop does not match the model", file=sys.stderr)
         return 1
 
-    caches = [SelectiveKVCache(window=args.window, sinks=args.sinks, capacity=args.capacity) for _ in model.model.layers]
+    caches = [SelectiveKVCache(window=args.window, sinks=args.sinks, capacity=args.capacity)
+              for _ in model.model.layers]
     for cache in caches:
         cache.mark(marks)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
@@ -224,7 +226,8 @@ def main(argv=None) -> int:
     print(f"generated {args.tokens} tokens ({total} positions with the prompt); retained per layer: "
           f"{len(caches[0])} (peak {peak_retained}, bound {bound}); marks still held: {marked_kept}")
     print(f"KV memory: selective {mib(history['allocated_bytes'][-1]):.3f} MiB allocated vs full "
-          f"{mib(history['full_bytes'][-1]):.3f} MiB ({history['full_bytes'][-1] / history['allocated_bytes'][-1]:.1f}x)")
+          f"{mib(history['full_bytes'][-1]):.3f} MiB "
+          f"({history['full_bytes'][-1] / history['allocated_bytes'][-1]:.1f}x)")
     print("last tokens:", torch.cat(generated, 1)[0, -16:].tolist())
     plot(args.plot, history, args)
     print(f"plot: {args.plot}")

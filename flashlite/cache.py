@@ -179,7 +179,8 @@ class SelectiveKVCache:
                 raise ValueError(f"{name} must be a tensor [B, Hkv, n, D], got "
                                  f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape [B, Hkv, n, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+            raise ValueError(f"k and v must have the same shape [B, Hkv, n, D], got {tuple(k.shape)} and "
+                             f"{tuple(v.shape)}")
         if self._k is not None and (k.shape[:2] != self._k.shape[:2] or k.shape[3] != self._k.shape[3]
                                     or k.dtype != self._k.dtype or k.device != self._k.device):
             raise ValueError(f"k must be [{self._k.shape[0]}, {self._k.shape[1]}, n, {self._k.shape[3]}] "

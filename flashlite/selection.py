@@ -20,7 +20,7 @@ torch (no Python loop over tokens; the score helpers loop over blocks of keys an
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -210,7 +210,8 @@ def _keep_rows(keep: Optional[Tensor], batch: int, heads: int, seqlen_q: int, se
         return None
     if not isinstance(keep, Tensor) or keep.dtype not in (torch.int32, torch.int64) or keep.dim() not in (3, 4):
         raise TypeError("keep must be an int32/int64 index tensor [B, Hkv|1, Nq, K] or [B, Hkv|1, K]")
-    if keep.shape[0] not in (1, batch) or keep.shape[1] not in (1, heads) or (keep.dim() == 4 and keep.shape[2] != seqlen_q):
+    wrong_queries = keep.dim() == 4 and keep.shape[2] != seqlen_q
+    if keep.shape[0] not in (1, batch) or keep.shape[1] not in (1, heads) or wrong_queries:
         raise ValueError(f"keep must have shape [{batch}, {heads}|1, {seqlen_q}, K] or [{batch}, {heads}|1, K], "
                          f"got {tuple(keep.shape)}")
     if keep.numel() and (int(keep.min()) < -1 or int(keep.max()) >= seqlen_k):

@@ -18,7 +18,6 @@ Memory: O(B·H·Nq·K) for the plans; nothing of size Nq × Nk is allocated.
 """
 from __future__ import annotations
 
-import math
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 import triton
 
 from . import gather_engine
-from .launch import _alibi_args, _poison, interpreter_active
+from .launch import _alibi_args, _poison
 
 MODES = ("row", "shared", "union")
 # Union mode is used when a query tile's rows select, on average, each key of the union at least

@@ -248,7 +248,8 @@ from triton.compiler import ASTSource
 from flashlite.kernels import gather_engine as ge
 
 def compile_for_sm90(fn, pointers, constexprs, floats=("scale", "softcap")):
-    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32") for n in fn.arg_names}
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
+           for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
