@@ -38,6 +38,7 @@ class Impl:
 
     name = "impl"
     kind = "peer"  # "flashlite" or "peer"
+    deferred = False  # True: long first call (compilation); timed after every other implementation
 
     def __init__(self) -> None:
         self.note: Optional[str] = None  # set by prepare when the case runs in a particular way
@@ -235,6 +236,7 @@ def _flex():
 
 class FlexImpl(Impl):
     name = "flex"
+    deferred = True
 
     def __init__(self, max_mask_bytes: int) -> None:
         super().__init__()

@@ -220,6 +220,11 @@ def choose_backends(opts: argparse.Namespace, device: torch.device) -> tuple:
 # ---------------------------------------------------------------------------------------------
 # Measuring one row
 # ---------------------------------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _attempt(fn: Callable[[], object]) -> object:
     """Run once; turn "cannot run" errors (unsupported, OOM) into Skip."""
     try:
@@ -313,13 +318,18 @@ def setup(opts: argparse.Namespace) -> Plan:
     if bad_modes:
         raise SystemExit(f"flashlite bench: --modes must be among {', '.join(C.MODES)}; got {bad_modes}")
     validated, timed, left_out = choose_backends(opts, device)
+    quick = profile.endswith("-quick")
+    default_peers = ["sdpa", "flex"] if device.type == "cuda" and not quick else ["sdpa"]
     try:
-        peer_names = parse_peers(opts.peers or (["sdpa", "flex"] if device.type == "cuda" else ["sdpa"]))
+        peer_names = parse_peers(opts.peers or default_peers)
     except ValueError as exc:
         raise SystemExit(f"flashlite bench: --peers: {exc}") from None
     peers, peers_left_out = make_peers(peer_names, device, C.DTYPE_NAMES[sweep.dtypes[0]],
                                        int(opts.max_mask_mib * 2**20))
-    if device.type == "cpu" and "flex" not in peer_names:
+    if device.type == "cuda" and "flex" not in peer_names and quick and not opts.peers:
+        peers_left_out["flex"] = ("left out of a quick run: FlexAttention compiles each shape (tens of seconds); "
+                                  "pass --peers sdpa,flex to include it")
+    elif device.type == "cpu" and "flex" not in peer_names:
         peers_left_out["flex"] = ("not run on CPU by default: FlexAttention has no backward on CPU and its forward "
                                   "compiles with inductor (~20 s at first, ~1 s per further shape); "
                                   "pass --peers sdpa,flex to include it")
@@ -424,63 +434,95 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
     done = 0
     budget_hit = False
     extras = set(C.make_extra_cases(sweep))
+    # Implementations with a long first call (FlexAttention compiles each shape) run in a second
+    # pass over the cases, so a time budget cuts them first, not the other rows.
+    phases = [p for p in ([i for i in impls if not i.deferred], [i for i in impls if i.deferred]) if p]
     try:
-        for case_index, case in enumerate(case_list):
-            case_modes = [m for m in case.modes if m in modes]
-            data = C.make_pattern_data(case, device)
-            inputs = C.make_qkv(case, device, rotation_sets(C.qkv_bytes(case), device), seed=case_index)
-            base = case.to_json()
-            common = {"case": case.id, "label": case.label, "pattern": case.pattern, "params": base["params"],
-                      "shape": base["shape"], "dtype": case.dtype, "memory_bound": case.memory_bound,
-                      "base_point": C.is_base_point(case, sweep) and case not in extras,
-                      "extra": case in extras, "rotation_sets": len(inputs)}
-            work = {m: (case.flops(m, data), case.bytes(m, data)) for m in case_modes}
-            for impl in impls:
-                prepared: Dict[bool, object] = {}
-                for mode in case_modes:
-                    done += 1
-                    row = {**common, "mode": mode, "impl": impl.name, "kind": impl.kind, "status": "ok",
-                           "reason": None, "note": None, "flops": work[mode][0], "bytes": work[mode][1]}
-                    progress.bar(done, total, f"{case.id} {mode} {impl.name}", key=case.id)
-                    if opts.budget is not None and time.monotonic() - started > opts.budget:
-                        budget_hit = True
-                        row.update(status="skip", reason=f"time budget of {opts.budget:.0f} s spent")
-                        rows.append(row)
-                        continue
-                    grad = mode != "fwd"
-                    if impl.name == "flex" and not opts.flex_all and not (row["base_point"] or row["extra"]):
-                        row.update(status="skip", reason="FlexAttention runs on the base line and extra cases only "
-                                                         "(each shape compiles); --flex-all to include")
-                        rows.append(row)
-                        continue
-                    try:
-                        if grad not in prepared:
-                            try:
-                                prepared[grad] = (impl.prepare(case, data, device, grad), impl.note)
-                            except Skip as exc:
-                                prepared[grad] = exc
-                        if isinstance(prepared[grad], Skip):
-                            raise prepared[grad]  # type: ignore[misc]
-                        forward, row["note"] = prepared[grad]  # type: ignore[misc]
-                        row.update(measure(impl, forward, case, inputs, mode, timer, warmup))
-                        if device.type == "cpu":
-                            row["threads"] = torch.get_num_threads()
-                    except Skip as exc:
-                        row.update(status="skip", reason=str(exc))
-                    except KeyboardInterrupt:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - one row's failure never ends the run
-                        row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-                    rows.append(row)
+        for phase, phase_impls in enumerate(phases):
+            for case_index, case in enumerate(case_list):
+                case_modes = [m for m in case.modes if m in modes]
+                base = case.to_json()
+                common = {"case": case.id, "label": case.label, "pattern": case.pattern, "params": base["params"],
+                          "shape": base["shape"], "dtype": case.dtype, "memory_bound": case.memory_bound,
+                          "base_point": C.is_base_point(case, sweep) and case not in extras,
+                          "extra": case in extras}
+
+                def skip_all(impls_: Sequence[Impl], status: str, reason: str) -> None:
+                    nonlocal done
+                    for impl_ in impls_:
+                        for mode_ in case_modes:
+                            done += 1
+                            rows.append({**common, "mode": mode_, "impl": impl_.name, "kind": impl_.kind,
+                                         "status": status, "reason": reason, "note": None, "flops": None,
+                                         "bytes": None})
+
+                # rows decided before any input is built: the time budget, Flex off the base line
+                if opts.budget is not None and time.monotonic() - started > opts.budget:
+                    budget_hit = True
+                    skip_all(phase_impls, "skip", f"time budget of {opts.budget:.0f} s spent")
+                    continue
+                active = [i for i in phase_impls if not (i.deferred and not opts.flex_all
+                                                         and not (common["base_point"] or common["extra"]))]
+                skip_all([i for i in phase_impls if i not in active], "skip",
+                         "runs on the base line and extra cases only (each shape compiles); --flex-all to include")
+                if not active:
+                    continue
+                try:  # the case's pattern and inputs (a failure here, e.g. out of memory, skips the case)
+                    data = C.make_pattern_data(case, device)
+                    inputs = C.make_qkv(case, device, rotation_sets(C.qkv_bytes(case), device), seed=case_index)
+                    work = {m: (case.flops(m, data), case.bytes(m, data)) for m in case_modes}
+                except Exception as exc:  # noqa: BLE001
+                    data = inputs = None
+                    skip_all(active, "skip" if "out of memory" in str(exc).lower() else "error",
+                             f"building the case's inputs failed: {_first_line(exc)}")
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-            del data, inputs
-            report["elapsed_s"] = time.monotonic() - started
-            write_json(report, json_path)  # partial results survive an interruption
+                    continue
+                common["rotation_sets"] = len(inputs)
+                for impl in active:
+                    prepared: Dict[bool, object] = {}
+                    for mode in case_modes:
+                        done += 1
+                        row = {**common, "mode": mode, "impl": impl.name, "kind": impl.kind, "status": "ok",
+                               "reason": None, "note": None, "flops": work[mode][0], "bytes": work[mode][1]}
+                        progress.bar(done, total, f"{case.id} {mode} {impl.name}", key=f"{phase}:{case.id}")
+                        if opts.budget is not None and time.monotonic() - started > opts.budget:
+                            budget_hit = True
+                            row.update(status="skip", reason=f"time budget of {opts.budget:.0f} s spent")
+                            rows.append(row)
+                            continue
+                        grad = mode != "fwd"
+                        try:
+                            if grad not in prepared:
+                                try:
+                                    prepared[grad] = (impl.prepare(case, data, device, grad), impl.note)
+                                except Skip as exc:
+                                    prepared[grad] = exc
+                            if isinstance(prepared[grad], Skip):
+                                raise prepared[grad]  # type: ignore[misc]
+                            forward, row["note"] = prepared[grad]  # type: ignore[misc]
+                            row.update(measure(impl, forward, case, inputs, mode, timer, warmup))
+                            if device.type == "cpu":
+                                row["threads"] = torch.get_num_threads()
+                        except Skip as exc:
+                            row.update(status="skip", reason=str(exc))
+                        except KeyboardInterrupt:
+                            raise
+                        except Exception as exc:  # noqa: BLE001 - one row's failure never ends the run
+                            row.update(status="error", reason=_first_line(exc))
+                        rows.append(row)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                del data, inputs
+                report["elapsed_s"] = time.monotonic() - started
+                write_json(report, json_path)  # partial results survive an interruption
     except KeyboardInterrupt:
         report["interrupted"] = True
         print("\ninterrupted: reporting the rows measured so far", file=out)
     progress.done()
+    impl_order = {impl.name: i for i, impl in enumerate(impls)}
+    case_order = {case.id: i for i, case in enumerate(case_list)}
+    rows.sort(key=lambda r: (case_order[r["case"]], impl_order[r["impl"]], C.MODES.index(r["mode"])))
 
     # (d) table, (e) JSON + plots
     derive(rows, report["peak"])  # type: ignore[arg-type]
