@@ -83,6 +83,22 @@ DeviceInfo device_info() {
   return cache[dev];
 }
 
+// Debug switches (read once): isolate a kernel family when hunting a wrong result on a GPU.
+//   FLASHLITE_CUDA_SIMT_ONLY=1   tile_config picks SIMT tiles for every dtype (no tensor cores)
+//   FLASHLITE_CUDA_NO_DECODE=1   no decode packing and no split keys (plain one-block-per-tile grid)
+bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] == '1';
+}
+bool simt_only() {
+  static const bool flag = env_flag("FLASHLITE_CUDA_SIMT_ONLY");
+  return flag;
+}
+bool no_decode() {
+  static const bool flag = env_flag("FLASHLITE_CUDA_NO_DECODE");
+  return flag;
+}
+
 int elem_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 const char* dtype_name(DType d) {
   return d == DType::kFloat16 ? "float16" : d == DType::kBFloat16 ? "bfloat16" : "float32";
@@ -220,7 +236,7 @@ struct ForwardPlan {
 
 // Split the keys only when the grid is less than one wave and every split keeps >= 4 steps.
 int choose_splits(int64_t blocks, int64_t max_steps, int sms) {
-  if (blocks <= 0 || blocks >= sms || max_steps < 8) return 1;
+  if (blocks <= 0 || blocks >= sms || max_steps < 8 || no_decode()) return 1;
   int64_t s = (2 * static_cast<int64_t>(sms) + blocks - 1) / blocks;
   s = std::min<int64_t>(s, max_steps / 4);
   s = std::min<int64_t>(s, 128);
@@ -234,7 +250,8 @@ ForwardPlan plan_tile_forward(const AttentionParams& p) {
     plan.D = mma_head_dim(p.head_dim);
     const int num_q_tiles = (p.seqlen_q + p.block_m - 1) / p.block_m;
     const ScheduleView& fs = p.forward_schedule;
-    if (num_q_tiles == 1 && p.seqlen_q <= kDecodeRows && mma_tile_supported(plan.D, kDecodeRows, p.block_n)) {
+    if (num_q_tiles == 1 && p.seqlen_q <= kDecodeRows && mma_tile_supported(plan.D, kDecodeRows, p.block_n) &&
+        !no_decode()) {
       // Decode: (head, query) rows of one KV head's group share a block when the schedule is
       // the same for every head.
       const int G = p.heads_q / p.heads_kv;
@@ -519,7 +536,7 @@ cudaError_t gather_backward_impl(const AttentionParams& p_in, const BackwardPara
 
 // ---- tile sizes ------------------------------------------------------------------------------------
 void tile_config_impl(int head_dim, DType dtype, int block_size, int* block_m, int* block_n) {
-  if (dtype != DType::kFloat32) {
+  if (dtype != DType::kFloat32 && !simt_only()) {
     const int D = mma_head_dim(head_dim);
     const size_t limit = device_info().smem_optin;
 #define FL_PICK(d, m, n)                                                                                  \

@@ -448,9 +448,12 @@ cudaError_t launch_mma_backward(BackwardArgs args, size_t smem_limit, cudaStream
   const AttentionParams& p = args.p;
   const int64_t kv_blocks = static_cast<int64_t>((p.seqlen_k + BN - 1) / BN) * p.batch * p.heads_kv;
   args.kv_stages = Cfg::kv_smem(2) <= smem_limit ? 2 : 1;
-  cudaError_t err = launch_with_smem(mma_dkdv_kernel<T, Cfg>, dim3(static_cast<unsigned>(kv_blocks)),
-                                     Cfg::kKvThreads, Cfg::kv_smem(args.kv_stages), stream, args);
-  if (err != cudaSuccess || args.dq_accum != nullptr) return err;
+  if (kv_blocks > 0) {  // Nk = 0: no keys, nothing to write for dK/dV
+    const cudaError_t err = launch_with_smem(mma_dkdv_kernel<T, Cfg>, dim3(static_cast<unsigned>(kv_blocks)),
+                                             Cfg::kKvThreads, Cfg::kv_smem(args.kv_stages), stream, args);
+    if (err != cudaSuccess) return err;
+  }
+  if (args.dq_accum != nullptr) return cudaSuccess;
   const int64_t q_blocks = static_cast<int64_t>((p.seqlen_q + BM - 1) / BM) * p.batch * p.heads_q;
   args.kv_stages = Cfg::q_smem(2) <= smem_limit ? 2 : 1;
   return launch_with_smem(mma_dq_kernel<T, Cfg>, dim3(static_cast<unsigned>(q_blocks)), Cfg::kQThreads,
