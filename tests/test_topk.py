@@ -241,17 +241,7 @@ def test_bad_indices(make, error, match):
 
 
 AOT_COMPILE = r'''
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from flashlite.kernels import gather_engine as ge
-
-def compile_for_sm90(fn, pointers, constexprs, floats=("scale", "softcap")):
-    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
-           for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 for kernel, dt, member in ((ge.gather_forward_kernel, "bf16", True), (ge.gather_backward_q_kernel, "fp32", False)):
     tiles = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", OUT=f"*{dt}", DO=f"*{dt}", DQ=f"*{dt}", LSE="*fp32",
@@ -274,13 +264,6 @@ print("compiled")
 def test_gather_kernels_compile_for_sm90():
     """The interpreter accepts things the compiler rejects (e.g. non-constexpr globals): compile every
     gather kernel for sm_90 ahead of time (Triton's bundled ptxas; no GPU needed)."""
-    import os
-    import subprocess
-    import sys
+    from triton_aot import compile_for_sm90
 
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    result = subprocess.run([sys.executable, "-c", AOT_COMPILE], capture_output=True, text=True, env=env,
-                            timeout=300)
-    if result.returncode and "ptxas" in result.stderr and "not found" in result.stderr:
-        pytest.skip("Triton has no ptxas here")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    compile_for_sm90(AOT_COMPILE)
