@@ -283,6 +283,11 @@ class FlexImpl(Impl):
             except Exception as exc:  # noqa: BLE001 - any refusal: fall back to Flex's default block
                 block_mask = self._block_mask(create_block_mask, mask_mod, None, s.heads_q, case, device)
                 self.note = f"BlockMask at Flex's default block size ({type(exc).__name__} at {bs})"
+            else:
+                # Flex may also refuse the finer BlockMask only when it runs: then use its default block size.
+                default_mask = lambda: self._block_mask(create_block_mask, mask_mod, None, s.heads_q, case,  # noqa: E731
+                                                        device)
+                return self._with_fallback(compiled, block_mask, default_mask, s.heads_q != s.heads_kv, bs)
         elif case.pattern == "topk":
             need = data.dense_mask_bytes(case)
             if need > self.max_mask_bytes:
@@ -301,6 +306,22 @@ class FlexImpl(Impl):
 
         def forward(q, k, v):
             return compiled(q, k, v, **kwargs)
+
+        return forward
+
+    def _with_fallback(self, compiled, block_mask, default_mask, gqa: bool, block_size: int) -> Forward:
+        state = {"mask": block_mask, "fallen_back": False}
+        extra = {"enable_gqa": True} if gqa else {}
+
+        def forward(q, k, v):
+            try:
+                return compiled(q, k, v, block_mask=state["mask"], **extra)
+            except Exception as exc:  # noqa: BLE001
+                if state["fallen_back"] or _is_oom(exc):
+                    raise
+                state["mask"], state["fallen_back"] = default_mask(), True
+                self.note = f"BlockMask at Flex's default block size ({type(exc).__name__} at {block_size})"
+                return compiled(q, k, v, block_mask=state["mask"], **extra)
 
         return forward
 

@@ -495,13 +495,15 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
                         try:
                             if grad not in prepared:
                                 try:
-                                    prepared[grad] = (impl.prepare(case, data, device, grad), impl.note)
+                                    impl.note = None
+                                    prepared[grad] = (impl.prepare(case, data, device, grad), None)
                                 except Skip as exc:
                                     prepared[grad] = exc
                             if isinstance(prepared[grad], Skip):
                                 raise prepared[grad]  # type: ignore[misc]
-                            forward, row["note"] = prepared[grad]  # type: ignore[misc]
+                            forward, _ = prepared[grad]  # type: ignore[misc]
                             row.update(measure(impl, forward, case, inputs, mode, timer, warmup))
+                            row["note"] = impl.note  # as it ran (a peer may have fallen back)
                             if device.type == "cpu":
                                 row["threads"] = torch.get_num_threads()
                         except Skip as exc:
