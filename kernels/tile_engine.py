@@ -19,14 +19,37 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _dot(a, b, IEEE_DOT: tl.constexpr):
+    """a·b with fp32 accumulation; fp32 inputs use IEEE (not TF32) products."""
+    if IEEE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _load_rows(base, rows, stride_row, cols_d, row_limit, d_ok, UPCAST: tl.constexpr):
+    """Rows ``rows`` of a [N, D] slice (zeros past ``row_limit`` and ``head_dim``); fp32 if UPCAST."""
+    mask = (rows < row_limit)[:, None] & d_ok[None, :]
+    block = tl.load(base + rows.to(tl.int64)[:, None] * stride_row + cols_d[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        block = block.to(tl.float32)
+    return block
+
+
+@triton.jit
+def _scheduled_tile(schedule_row, first_tile, t, IS_LIST: tl.constexpr):
+    """The t-th tile of a schedule row: the t-th list entry, or the range's first tile + t."""
+    tile = first_tile + t
+    if IS_LIST:
+        tile = tl.load(schedule_row + t)
+    return tile
+
+
+@triton.jit
 def _scores(q, k_tile, query_pos, key_index, slope, scale, softcap,
             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE_DOT: tl.constexpr):
     """s = softcap·tanh(q·kᵀ·scale / softcap) − slope·|p(i) − j|   (natural units, fp32)."""
-    if IEEE_DOT:
-        raw = tl.dot(q, tl.trans(k_tile), input_precision="ieee")
-    else:
-        raw = tl.dot(q, tl.trans(k_tile))
-    s = raw * scale
+    s = _dot(q, tl.trans(k_tile), IEEE_DOT) * scale
     if HAS_SOFTCAP:
         # tanh(x) = 1 − 2 / (exp(2x) + 1): exact at ±inf, no libdevice needed.
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
@@ -69,11 +92,8 @@ def tile_forward_kernel(
     d_ok = cols_d < head_dim
     query_pos = rows + (seqlen_k - seqlen_q)  # p(i), bottom-right alignment
 
-    q_ptrs = (Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-              + rows.to(tl.int64)[:, None] * stride_qn + cols_d[None, :])
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_rows(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, rows, stride_qn, cols_d,
+                   seqlen_q, d_ok, UPCAST)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     slope = 0.0
@@ -89,18 +109,9 @@ def tile_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     visited = 0
     for t in range(0, tile_count):
-        if IS_LIST:
-            kv_tile = tl.load(schedule_row + t)
-        else:
-            kv_tile = first_tile + t
-        key_index = kv_tile * BLOCK_N + tile_cols
-        kv_mask = (key_index < seqlen_k)[:, None] & d_ok[None, :]
-        key_rows = key_index.to(tl.int64)[:, None]
-        k_tile = tl.load(k_base + key_rows * stride_kn + cols_d[None, :], mask=kv_mask, other=0.0)
-        v_tile = tl.load(v_base + key_rows * stride_vn + cols_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k_tile = k_tile.to(tl.float32)
-            v_tile = v_tile.to(tl.float32)
+        key_index = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N + tile_cols
+        k_tile = _load_rows(k_base, key_index, stride_kn, cols_d, seqlen_k, d_ok, UPCAST)
+        v_tile = _load_rows(v_base, key_index, stride_vn, cols_d, seqlen_k, d_ok, UPCAST)
         s = _scores(q, k_tile, query_pos, key_index, slope, scale, softcap, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
         visible = _visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAND)
         s = tl.where(visible, s * LOG2E, float("-inf"))
@@ -115,10 +126,7 @@ def tile_forward_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
+        acc = acc * alpha[:, None] + _dot(p.to(v_tile.dtype), v_tile, IEEE_DOT)
         m_i = m_new
         visited += 1
 
@@ -187,13 +195,10 @@ def tile_backward_kv_kernel(
     d_ok = cols_d < head_dim
     kv_mask = (key_index < seqlen_k)[:, None] & d_ok[None, :]
     key_rows = key_index.to(tl.int64)[:, None]
-    k_tile = tl.load(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-                     + key_rows * stride_kn + cols_d[None, :], mask=kv_mask, other=0.0)
-    v_tile = tl.load(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-                     + key_rows * stride_vn + cols_d[None, :], mask=kv_mask, other=0.0)
-    if UPCAST:
-        k_tile = k_tile.to(tl.float32)
-        v_tile = v_tile.to(tl.float32)
+    k_tile = _load_rows(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, key_index, stride_kn,
+                        cols_d, seqlen_k, d_ok, UPCAST)
+    v_tile = _load_rows(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh, key_index, stride_vn,
+                        cols_d, seqlen_k, d_ok, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -209,37 +214,22 @@ def tile_backward_kv_kernel(
         do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
         row_base = (batch.to(tl.int64) * heads_kv * group + head) * seqlen_q
         for t in range(0, tile_count):
-            if IS_LIST:
-                q_tile = tl.load(schedule_row + t)
-            else:
-                q_tile = first_tile + t
-            rows = q_tile * BLOCK_M + tile_rows
+            rows = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_M + tile_rows
             row_ok = rows < seqlen_q
-            qd_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows.to(tl.int64)[:, None] * stride_qn + cols_d[None, :], mask=qd_mask, other=0.0)
-            do = tl.load(do_base + rows.to(tl.int64)[:, None] * stride_don + cols_d[None, :], mask=qd_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _load_rows(q_base, rows, stride_qn, cols_d, seqlen_q, d_ok, UPCAST)
+            do = _load_rows(do_base, rows, stride_don, cols_d, seqlen_q, d_ok, UPCAST)
             lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("-inf"))
             delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
             query_pos = rows + (seqlen_k - seqlen_q)
             p, s = _recompute_probs(q, k_tile, lse, query_pos, key_index, slope, scale, softcap, seqlen_k,
                                     window_left, window_right, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
             # dV += pᵀ·dO ;  dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ) ;  dK += dSᵀ·Q
-            if IEEE_DOT:
-                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v_tile), input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dp = tl.dot(do, tl.trans(v_tile))
+            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
+            dp = _dot(do, tl.trans(v_tile), IEEE_DOT)
             if HAS_ALIBI:
                 s = s + slope * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
             ds = _score_grad(p, dp, delta, s, scale, softcap, HAS_SOFTCAP)
-            if IEEE_DOT:
-                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-            else:
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
 
     dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
                + key_rows * stride_dkn + cols_d[None, :])
@@ -279,13 +269,10 @@ def tile_backward_q_kernel(
     qd_mask = row_ok[:, None] & d_ok[None, :]
     query_pos = rows + (seqlen_k - seqlen_q)
     row_offsets = rows.to(tl.int64)[:, None]
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + row_offsets * stride_qn
-                + cols_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + row_offsets * stride_don
-                 + cols_d[None, :], mask=qd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_rows(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, rows, stride_qn, cols_d,
+                   seqlen_q, d_ok, UPCAST)
+    do = _load_rows(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, rows, stride_don,
+                    cols_d, seqlen_q, d_ok, UPCAST)
     lse = tl.load(LSE + batch_head.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=float("-inf"))
     delta = tl.load(DELTA + batch_head.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
     slope = 0.0
@@ -299,32 +286,17 @@ def tile_backward_q_kernel(
     first_tile = tl.load(schedule_row)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for t in range(0, tile_count):
-        if IS_LIST:
-            kv_tile = tl.load(schedule_row + t)
-        else:
-            kv_tile = first_tile + t
-        key_index = kv_tile * BLOCK_N + tile_cols
-        kv_mask = (key_index < seqlen_k)[:, None] & d_ok[None, :]
-        key_rows = key_index.to(tl.int64)[:, None]
-        k_tile = tl.load(k_base + key_rows * stride_kn + cols_d[None, :], mask=kv_mask, other=0.0)
-        v_tile = tl.load(v_base + key_rows * stride_vn + cols_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k_tile = k_tile.to(tl.float32)
-            v_tile = v_tile.to(tl.float32)
+        key_index = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N + tile_cols
+        k_tile = _load_rows(k_base, key_index, stride_kn, cols_d, seqlen_k, d_ok, UPCAST)
+        v_tile = _load_rows(v_base, key_index, stride_vn, cols_d, seqlen_k, d_ok, UPCAST)
         p, s = _recompute_probs(q, k_tile, lse, query_pos, key_index, slope, scale, softcap, seqlen_k,
                                 window_left, window_right, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
         # dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ) ;  dQ += dS·K
-        if IEEE_DOT:
-            dp = tl.dot(do, tl.trans(v_tile), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(v_tile))
+        dp = _dot(do, tl.trans(v_tile), IEEE_DOT)
         if HAS_ALIBI:
             s = s + slope * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
         ds = _score_grad(p, dp, delta, s, scale, softcap, HAS_SOFTCAP)
-        if IEEE_DOT:
-            dq += tl.dot(ds, k_tile, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k_tile.dtype), k_tile)
+        dq += _dot(ds.to(k_tile.dtype), k_tile, IEEE_DOT)
 
     tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + row_offsets * stride_dqn
              + cols_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
