@@ -169,8 +169,8 @@ def format_row(row: Dict[str, object]) -> str:
     speed = row.get("speedup_vs_best_peer")
     speed_text = f"{speed:11.2f}x" if isinstance(speed, float) else f"{'-':>12}"
     mem = row.get("peak_mem_bytes")
-    return (f"{head} {_num(row['time_ms'], '.4g', 9)} {_num(row.get('tflops'), '.3g', 8)} "
-            f"{_num(row.get('gbps'), '.4g', 7)} {_num(row.get('pct_peak'), '.3g', 6)} {speed_text} "
+    return (f"{head} {_num(row['time_ms'], '#.4g', 9)} {_num(row.get('tflops'), '#.3g', 8)} "
+            f"{_num(row.get('gbps'), '#.4g', 7)} {_num(row.get('pct_peak'), '.3g', 6)} {speed_text} "
             f"{_num(mem / 2**20 if isinstance(mem, int) else None, '.1f', 8)}")
 
 
