@@ -155,7 +155,11 @@ def derive(rows: List[Dict[str, object]], peak: Optional[Dict[str, object]]) -> 
 # Table
 # ---------------------------------------------------------------------------------------------
 def _num(value, fmt: str, width: int) -> str:
-    return f"{value:{width}{fmt}}" if isinstance(value, (int, float)) and value == value else f"{'-':>{width}}"
+    """``value`` right-aligned in ``width`` with ``fmt`` (a leading ``#`` keeps trailing zeros), or ``-``."""
+    if not (isinstance(value, (int, float)) and value == value):
+        return f"{'-':>{width}}"
+    alternate = "#" if fmt.startswith("#") else ""
+    return f"{value:{alternate}{width}{fmt.lstrip('#')}}"
 
 
 HEADER = (f"{'case':<44} {'mode':<7} {'impl':<20} {'time ms':>9} {'TFLOP/s':>8} {'GB/s':>7} "
