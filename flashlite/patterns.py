@@ -284,12 +284,15 @@ class TopK(Pattern):
         mask = mask[..., :seqlen_k]
         if self.causal:
             mask = mask & band_mask(seqlen_q, seqlen_k, None, 0, device)
-        if mask.shape[1] != 1:  # per-KV-head -> per-query-head
+        if mask.shape[1] not in (1, heads_q):  # per-KV-head -> per-query-head
+            if heads_q % mask.shape[1]:
+                raise ValueError(f"indices have {mask.shape[1]} heads; q has {heads_q} (must be a multiple)")
             mask = mask.repeat_interleave(heads_q // mask.shape[1], dim=1)
         return mask
 
     def keys_per_query(self, seqlen_q, seqlen_k):
-        return self.dense_mask(self.indices.shape[0], 1, 1, seqlen_q, seqlen_k, self.indices.device).sum(-1)
+        heads = self.indices.shape[1]  # per KV head (or 1 when broadcast)
+        return self.dense_mask(self.indices.shape[0], heads, heads, seqlen_q, seqlen_k, self.indices.device).sum(-1)
 
     def __repr__(self) -> str:
         return f"TopK(indices={tuple(self.indices.shape)}, causal={self.causal})"

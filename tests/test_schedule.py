@@ -114,3 +114,13 @@ def test_triton_kernel_visits_exactly_the_scheduled_tiles(pattern_factory):
     assert torch.equal(counter.cpu(), expected.cpu())
     full_tiles = sched.num_q_tiles * sched.num_kv_tiles * B * H
     assert int(counter.sum()) < full_tiles
+
+
+def test_keys_per_query_counts_each_pattern():
+    from flashlite import TopK
+
+    indices = torch.tensor([[[[0, 3, -1], [1, -1, -1]], [[2, 4, 5], [-1, -1, -1]]]])  # [1, 2 kv heads, 2, 3]
+    assert TopK(indices).keys_per_query(2, 6).tolist() == [[[2, 1], [3, 0]]]
+    assert TopK(indices, causal=True).keys_per_query(2, 6).tolist() == [[[2, 1], [2, 0]]]  # p = (4, 5): drops 5
+    assert Full(True).keys_per_query(3, 5).tolist() == [[[3, 4, 5]]]
+    assert SlidingWindow(1, 1).keys_per_query(4, 4).tolist() == [[[2, 3, 3, 2]]]
