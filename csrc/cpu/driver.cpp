@@ -163,22 +163,33 @@ void tile_backward(const AttentionParams& p, const BackwardParams& g, int num_th
 namespace {
 constexpr int kGatherRows = 16;  // query rows per gather work item
 constexpr int kGatherKeys = 64;  // keys per gather-backward key item
+
+// A gather work item: rows [begin, end) of (b, kv head), run for every query head of the GQA
+// group in turn - they share the index rows, so the gathered k/v rows are still in cache.
+struct GatherRows {
+  int b, kv_head, begin, end;
+};
+GatherRows gather_rows(const AttentionParams& p, int64_t task, int chunks) {
+  const int64_t block = task / chunks;
+  const int begin = static_cast<int>(task % chunks) * kGatherRows;
+  return {static_cast<int>(block / p.heads_kv), static_cast<int>(block % p.heads_kv), begin,
+          begin + kGatherRows < p.seqlen_q ? begin + kGatherRows : p.seqlen_q};
+}
 }  // namespace
 
 void gather_forward(const AttentionParams& p, int num_threads) {
   if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return;
   const KernelTable& kernels = active();
-  const int chunks = cdiv(p.seqlen_q, kGatherRows);
+  const int chunks = cdiv(p.seqlen_q, kGatherRows), group = p.group();
   const int64_t tasks = int64_t(p.batch) * p.heads_q * chunks;
 #pragma omp parallel num_threads(thread_count(num_threads))
   {
     Workspace ws;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t bh = task / chunks;
-      const int begin = static_cast<int>(task % chunks) * kGatherRows;
-      const int end = begin + kGatherRows < p.seqlen_q ? begin + kGatherRows : p.seqlen_q;
-      kernels.gather_forward(p, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), begin, end, ws);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks / group; ++task) {
+      const GatherRows rows = gather_rows(p, task, chunks);
+      for (int g = 0; g < group; ++g)
+        kernels.gather_forward(p, rows.b, rows.kv_head * group + g, rows.begin, rows.end, ws);
     }
   }
 }
@@ -208,13 +219,11 @@ void gather_backward(const AttentionParams& p, const BackwardParams& g, int num_
   {
     Workspace ws;
     // 1. Per query row: dq, P and dS.
-#pragma omp for schedule(dynamic, 4) nowait
-    for (int64_t task = 0; task < row_tasks; ++task) {
-      const int64_t bh = task / chunks;
-      const int begin = static_cast<int>(task % chunks) * kGatherRows;
-      const int end = begin + kGatherRows < Nq ? begin + kGatherRows : Nq;
-      kernels.gather_backward_rows(p, g, gg, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q),
-                                   begin, end, ws);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t task = 0; task < row_tasks / group; ++task) {
+      const GatherRows rows = gather_rows(p, task, chunks);
+      for (int gi = 0; gi < group; ++gi)
+        kernels.gather_backward_rows(p, g, gg, rows.b, rows.kv_head * group + gi, rows.begin, rows.end, ws);
     }
     // 2. Per (b, kv head): for each key, the entries (g·Nq + i)·K + t that selected it, ascending
     //    (a counting sort; the same slots that the row pass treats as valid).
