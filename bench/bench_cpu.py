@@ -1,6 +1,6 @@
 """CPU benchmark of flashlite's C++ backend ("cpu") beside PyTorch SDPA, measured in the same run.
 
-    python bench/bench_cpu.py [--reps 7] [--threads N] [--out bench/results/cpu-<host>-<date>.json]
+    python bench/bench_cpu.py [--reps 7] [--threads 1,2] [--out bench/results/cpu-<host>-<date>.json]
 
 Figures (forward, float32, head_dim 64, batch 1):
   * full attention at N = 2048 (8 heads): flashlite vs torch.nn.functional.scaled_dot_product_attention;
@@ -13,8 +13,10 @@ Figures (forward, float32, head_dim 64, batch 1):
 Protocol (DESIGN.md): the median of ``--reps`` timed calls after a warm-up, inputs rotated over
 two sets so one set's cache residency is not what is measured; useful FLOPs only
 (4·B·H·Nq·keys·D, keys = those each query actually attends); %peak against a float32 matmul
-measured in the same run. Writes JSON with the machine (CPU model, threads, load average),
-torch version and git commit, and prints a table. Takes about a minute on 2 idle cores.
+measured in the same run. ``--threads 1,2`` repeats everything per thread count (on a shared
+machine the 1-thread figures are the least disturbed by other processes). Writes JSON with the
+machine (CPU model, threads, load average), torch version and git commit, and prints a table.
+Takes about a minute per thread count on 2 idle cores.
 """
 from __future__ import annotations
 
@@ -113,34 +115,25 @@ def topk_keys(indices: torch.Tensor, causal: bool, seqlen: int) -> float:
     return float(valid.sum()) / indices.shape[1]  # per head
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=7, help="timed calls per figure at N=2048 (N=8192: fewer)")
-    parser.add_argument("--threads", type=int, default=None, help="torch/flashlite threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/cpu-<host>-<date>.json)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if flashlite.backends()["cpu"] != "available":
-        print(f"the cpu backend is not available: {flashlite.backends()['cpu']}", file=sys.stderr)
-        return 1
+def run_figures(reps: int, threads: int) -> dict:
+    """Time every figure at the current thread count; print the table; return the figures and targets."""
     from flashlite import _C
 
     torch.manual_seed(0)
-    reps_small, reps_large = args.reps, max(3, args.reps // 2)
-    started = time.time()
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    reps_small, reps_large = reps, max(3, reps // 2)
     figures: List[dict] = []
 
     def record(name: str, impl: str, fn: Callable, input_sets, reps: int, flops: float, **extra) -> dict:
         timing = median_seconds(fn, input_sets, reps)
-        entry = {"name": name, "impl": impl, **timing, "gflops": flops / timing["median_s"] / 1e9, **extra}
+        entry = {"name": name, "impl": impl, "threads": threads, **timing,
+                 "gflops": flops / timing["median_s"] / 1e9, **extra}
         figures.append(entry)
         print(f"  {name:<34} {impl:<10} {timing['median_s'] * 1e3:9.2f} ms", flush=True)
         return entry
 
     peak = matmul_peak_gflops(reps_small)
-    print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s  ({torch.get_num_threads()} threads, "
-          f"kernels: {_C.cpu_isa()})")
+    print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s  ({threads} threads, kernels: {_C.cpu_isa()})")
 
     def cpu(pattern):
         return lambda q, k, v: flashlite.attention(q, k, v, pattern, backend="cpu")
@@ -198,6 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ]
     for t in targets:
         t["met"] = t["value"] >= t["threshold"]
+        t["threads"] = threads
 
     print()
     print(f"{'figure':<34} {'impl':<10} {'median ms':>10} {'GFLOP/s':>9} {'%peak':>6}")
@@ -207,7 +201,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     for t in targets:
         print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']:.2f}x (target {t['threshold']}x)")
+    print()
+    return {"threads": threads, "load_average_at_start": load, "matmul_peak_gflops": peak, "figures": figures,
+            "targets": targets}
 
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=7, help="timed calls per figure at N=2048 (N=8192: fewer)")
+    parser.add_argument("--threads", default=None,
+                        help="comma list of thread counts to run (default: torch's current count)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/cpu-<host>-<date>.json)")
+    args = parser.parse_args(argv)
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    if flashlite.backends()["cpu"] != "available":
+        print(f"the cpu backend is not available: {flashlite.backends()['cpu']}", file=sys.stderr)
+        return 1
+    from flashlite import _C
+
+    started = time.time()
+    runs = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        print(f"== {threads} thread(s) ==")
+        runs.append(run_figures(args.reps, threads))
     host = socket.gethostname().split(".")[0] or "host"
     out = args.out or ROOT / "bench" / "results" / f"cpu-{host}-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,16 +233,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "benchmark": "bench/bench_cpu.py",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "hostname": host, "arch": platform.machine(),
-                    "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "logical_cpus": os.cpu_count(), "threads": thread_counts,
                     "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                     "flashlite_cpu_kernels": _C.cpu_isa()},
         "versions": {"torch": torch.__version__, "flashlite": flashlite.__version__, "python": platform.python_version(),
                      "git_commit": git_commit()},
         "setup": {"dtype": "float32", "head_dim": D, "batch": 1, "heads_n2048": 8, "heads_n8192": 4,
-                  "reps_n2048": reps_small, "reps_n8192_full": reps_large, "input_sets_rotated": 2},
-        "matmul_peak_gflops": peak,
-        "figures": figures,
-        "targets": targets,
+                  "reps_n2048": args.reps, "reps_n8192_full": max(3, args.reps // 2), "input_sets_rotated": 2},
+        "runs": runs,
         "wall_seconds": time.time() - started,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
