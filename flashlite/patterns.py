@@ -266,7 +266,7 @@ class TopK(Pattern):
         if ind.device != q.device:
             raise ValueError(f"indices is on {ind.device} but q is on {q.device}")
         if ind.numel():
-            low, high = int(ind.min()), int(ind.max())
+            low, high = (int(x) for x in torch.aminmax(ind))
             if low < -1 or high >= seqlen_k:
                 raise ValueError(f"indices must lie in [-1, Nk) = [-1, {seqlen_k}); got values in [{low}, {high}]")
 

@@ -32,12 +32,7 @@ class Block(nn.Module):
 
 
 CPU_BUILT = flashlite.backends().get("cpu") == "available"
-# Known issue (reported): the C++ CPU backend's tile_config() calls a pybind11 function while
-# dispatch picks tile sizes, which Dynamo cannot trace -> a graph break under fullgraph=True.
-_CPU_TILE_CONFIG = pytest.mark.xfail(CPU_BUILT, reason="cpu backend: tile_config calls flashlite._C.cpu_tile_config "
-                                     "(pybind) during tracing", strict=False)
-BACKENDS = ["triton"] + [pytest.param("cpu", marks=_CPU_TILE_CONFIG)] * CPU_BUILT + \
-    [pytest.param(None, marks=_CPU_TILE_CONFIG)]
+BACKENDS = ["triton"] + ["cpu"] * CPU_BUILT + [None]  # None: auto dispatch
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
