@@ -331,7 +331,7 @@ PROFILES: Dict[str, Dict[str, object]] = {
                       window=512, densities=[0.1], block_size=64, topk=64),
     # GPU full size (bench/gpu_suite.sh), plus the goal cases of issue 9.
     "gpu": dict(seqlens=[1024, 4096, 16384], head_dims=[128, 64], dtypes=["bfloat16", "float16"],
-                batch_heads=[(2, 16)], window=1024, densities=[0.1, 0.5], block_size=64, topk=64,
+                batch_heads=[(2, 16)], window=1024, densities=[0.1, 0.25, 0.5, 1.0], block_size=64, topk=64,
                 extras=[dict(pattern="window", seqlen=65536, batch_heads=(1, 16), params={"window": 4096}),
                         dict(pattern="topk", seqlen=32768, batch_heads=(1, 16), params={"k": 64}),
                         dict(pattern="decode", seqlen=65536, batch_heads=(8, 32))]),
