@@ -251,10 +251,18 @@ def builds(tmp_path_factory):
             results[("binding",)] = binding
         else:
             jobs[("binding",)] = binding
+    emulation = _emulation_jobs(tmp)
+    if isinstance(emulation, str):
+        results["emulator"] = emulation
+    else:
+        jobs.update(emulation)
     workers = max(2, min(len(jobs), os.cpu_count() or 2))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {key: pool.submit(_run, cmd) for key, cmd in jobs.items()}
         results.update({key: future.result() for key, future in futures.items()})
+    if not isinstance(emulation, str):
+        failed = [r for key, r in results.items() if key[:1] == ("emu",) and r.returncode != 0]
+        results["emulator"] = failed[0] if failed else _link_emulator(tmp, _find_cuda_include())
     results["tmp"] = tmp
     return results
 
@@ -357,3 +365,243 @@ def test_planner_on_an_assumed_small_smem_card(builds):
     assert configs[(0, 128, 0)] == (64, 64), "the (128, 64) dQ kernel does not fit 99 KiB"
     assert configs[(1, 256, 0)] == (64, 32)
     assert configs[(0, 64, 0)] == (128, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels themselves, on a CPU emulation of CUDA (csrc/cuda/emulation.h): the real kernel
+# code compiled with g++ -DFLASHLITE_CUDA_EMULATION, threads as fibers, warp operations
+# (shuffles, ldmatrix, mma.sync) emulated by their PTX fragment layouts. Checks kernel logic -
+# schedules, masks, online softmax, fragments, split keys, decode packing, gather, both
+# backward paths - by DESIGN.md's rule against flashlite.reference. Not checked: races, timing.
+# ---------------------------------------------------------------------------------------------
+EMU_FLAGS = ["-std=c++20", "-O1", "-w", "-x", "c++", "-DFLASHLITE_CUDA_EMULATION",
+             "-DFLASHLITE_CUDA_FEW_INSTANTIATIONS", f"-I{CSRC}"]
+EMU_SOURCES = [CUDA_DIR / s for s in CU_SOURCES] + [CUDA_DIR / "tools" / "emulate_main.cpp"]
+
+
+def _emulation_jobs(tmp: Path) -> dict | str:
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    cuda_include = _find_cuda_include()
+    if cxx is None or cuda_include is None:
+        return "needs g++ and the CUDA headers"
+    lib = Path(cuda_include).parent / "lib64"
+    if not (lib / "libcudart.so").exists():
+        return f"libcudart.so not found in {lib}"
+    (tmp / "emu").mkdir(exist_ok=True)
+    return {("emu", src.name): [cxx, *EMU_FLAGS, f"-I{cuda_include}", "-c", str(src), "-o",
+                                str(tmp / "emu" / f"{src.name}.o")] for src in EMU_SOURCES}
+
+
+def _link_emulator(tmp: Path, cuda_include: str) -> subprocess.CompletedProcess:
+    lib = Path(cuda_include).parent / "lib64"
+    objects = sorted(str(p) for p in (tmp / "emu").glob("*.o"))
+    return _run([shutil.which(os.environ.get("CXX", "g++")), *objects, f"-L{lib}", f"-Wl,-rpath,{lib}", "-lcudart",
+                 "-o", str(tmp / "emu" / "emulate")])
+
+
+def _emulator(builds) -> Path:
+    result = builds["emulator"]
+    if isinstance(result, str):
+        pytest.skip(f"CUDA emulation not built: {result}")
+    assert result.returncode == 0, f"emulation build failed:\n{_tail(result.stderr)}"
+    return builds["tmp"] / "emu" / "emulate"
+
+
+def _to_bytes(t) -> bytes:
+    import torch
+
+    t = t.detach().contiguous().cpu()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16).numpy().tobytes()
+    return t.numpy().tobytes()
+
+
+def _from_file(path: Path, dtype, shape):
+    import torch
+
+    raw = bytearray(path.read_bytes())
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.frombuffer(raw, dtype=torch.int16).view(dtype).reshape(shape).clone()
+    return torch.frombuffer(raw, dtype=dtype).reshape(shape).clone()
+
+
+_DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
+
+
+def _emulate(emulator: Path, workdir: Path, case: dict, arrays: dict) -> str:
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for key, value in case.items():
+        lines.append(f"{key} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    for name, tensor in arrays.items():
+        (workdir / f"{name}.bin").write_bytes(_to_bytes(tensor))
+        if name in ("kv_tiles", "kv_count", "q_tiles", "q_count", "indices", "key_offsets", "key_rows"):
+            lines.append(f"{name}_shape {' '.join(map(str, tensor.shape))}")
+    (workdir / "case.txt").write_text("\n".join(lines) + "\n")
+    run = subprocess.run([str(emulator), str(workdir)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"emulator failed ({case.get('mode')}):\n{run.stderr[-3000:]}"
+    return run.stdout
+
+
+def _key_rows_csr(indices, nq: int, nk: int, causal: bool):
+    """What bindings_cuda.cpp builds for the deterministic top-k backward."""
+    import torch
+
+    idx = indices.long()
+    if idx.dim() == 3:
+        idx = idx.unsqueeze(2).expand(idx.shape[0], idx.shape[1], nq, idx.shape[2])
+    batch, heads, _, top_k = idx.shape
+    valid = idx >= 0
+    if causal:
+        valid &= idx <= (torch.arange(nq) + nk - nq).view(1, 1, nq, 1)
+    sentinel = batch * heads * nk
+    segment = (torch.arange(batch * heads) * nk).view(batch, heads, 1, 1)
+    key = torch.where(valid, segment + idx, torch.full_like(idx, sentinel)).reshape(-1)
+    ordered, order = torch.sort(key, stable=True)
+    offsets = torch.searchsorted(ordered, torch.arange(sentinel + 1))
+    rows = torch.div(order, top_k, rounding_mode="floor").remainder(nq).to(torch.int32)
+    return offsets, rows
+
+
+def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, alibi=None, pad=0,
+                        deterministic=True, block_size=0):
+    """Forward and backward of `pattern` through the emulated CUDA launchers.
+    Returns (out, lse, dq, dk, dv, grad_out, forward stdout)."""
+    import torch
+
+    from flashlite import TopK
+
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    scale = D ** -0.5
+    case = dict(dtype=_DTYPE_CODE[str(q.dtype).split(".")[-1]], B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D,
+                scale=repr(scale), softcap=repr(float(softcap)), pad=pad, deterministic=int(deterministic))
+    arrays = dict(q=q, k=k, v=v)
+    if alibi is not None:
+        case["alibi"] = 1 if alibi.dim() == 1 else 2
+        arrays["alibi"] = alibi.float()
+    gather = isinstance(pattern, TopK)
+    if gather:
+        case.update(mode="gather_forward", causal=int(pattern.causal))
+        arrays["indices"] = pattern.indices.long()
+    else:
+        cfg = _emulate(emulator, workdir / "config", dict(mode="config", head_dim=D, block_size=block_size), {})
+        block_m, block_n = map(int, cfg.splitlines()[case["dtype"]].split())
+        sched = pattern.schedule(Nq, Nk, block_m, block_n, torch.device("cpu"))
+        case.update(mode="tile_forward", block_m=block_m, block_n=block_n, is_list=int(sched.is_list),
+                    window_left=sched.window_left, window_right=sched.window_right)
+        arrays.update(kv_tiles=sched.kv_tiles, kv_count=sched.kv_count, q_tiles=sched.q_tiles, q_count=sched.q_count)
+    stdout = _emulate(emulator, workdir, case, arrays)
+    out = _from_file(workdir / "out.bin", q.dtype, q.shape)
+    lse = _from_file(workdir / "lse.bin", torch.float32, q.shape[:3])
+
+    grad_out = torch.randn(q.shape).to(q.dtype)
+    delta = (grad_out.float() * out.float()).sum(-1)
+    case["mode"] = "gather_backward" if gather else "tile_backward"
+    arrays.update(grad_out=grad_out, out=out, lse=lse, delta=delta)
+    if gather and deterministic:
+        arrays["key_offsets"], arrays["key_rows"] = _key_rows_csr(pattern.indices, Nq, Nk, pattern.causal)
+    _emulate(emulator, workdir, case, arrays)
+    dq = _from_file(workdir / "dq.bin", q.dtype, q.shape)
+    dk = _from_file(workdir / "dk.bin", q.dtype, k.shape)
+    dv = _from_file(workdir / "dv.bin", q.dtype, v.shape)
+    return out, lse, dq, dk, dv, grad_out, stdout
+
+
+def _check_emulated(emulator, workdir, q, k, v, pattern, **kw):
+    """DESIGN.md's rule (conftest.assert_rule) for out, lse, dq, dk, dv of the emulated kernels."""
+    import torch
+
+    from flashlite import reference
+
+    from conftest import assert_rule
+
+    softcap, alibi = kw.get("softcap") or None, kw.get("alibi")
+    out, lse, dq, dk, dv, grad_out, stdout = _emulated_attention(emulator, workdir, q, k, v, pattern, **kw)
+    ref = {}
+    for name, dtype in (("exact", torch.float64), ("lowp", None)):
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_(True) for t in (q, k, v)]
+        o, l = reference.attention(*leaves, pattern, softcap=softcap, alibi_slopes=alibi, return_lse=True,
+                                   compute_dtype=dtype)
+        o.backward(grad_out.to(o.dtype))
+        ref[name] = (o, l, *[t.grad for t in leaves])
+    assert not torch.isnan(out).any(), "NaN in the emulated output"
+    for index, name, got in zip(range(5), ("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv)):
+        assert_rule(name, got, ref["lowp"][index], ref["exact"][index])
+    return stdout
+
+
+def _qkv(B, Hq, Hkv, Nq, Nk, D, dtype, seed):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, n, D, generator=gen).to(dtype) for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk))]
+
+
+def _emulation_cases():
+    """(id, dtype, (B, Hq, Hkv, Nq, Nk, D), pattern factory, extra kwargs)."""
+    import torch
+
+    from flashlite import BlockSparse, Full, SlidingWindow, TopK
+    from flashlite.schedule import cdiv
+
+    def topk(B, Hkv, Nq, Nk, K, causal, shared=False, heads=None, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        rows = 1 if shared else Nq
+        idx = torch.rand(B, heads or Hkv, rows, Nk, generator=gen).argsort(-1)[..., :K]
+        idx[..., -1] = -1
+        return TopK(idx[:, :, 0] if shared else idx, causal=causal)
+
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    layout = torch.Generator().manual_seed(1)
+    return [
+        # tensor cores (64, 64) tiles, head_dim 64: causal with Nq < Nk, GQA, band, block-sparse list
+        ("mma_causal", f16, (1, 4, 2, 70, 90, 64), lambda: Full(True), {}),
+        # >= 3 steps in every pipeline (forward key tiles, dK/dV query chunks, dQ key tiles): the
+        # emulation's cp.async timing and scheduling then expose missing waits or barriers
+        ("mma_long_pipeline", f16, (1, 2, 2, 150, 250, 64), lambda: Full(True), {}),
+        ("mma_window_bf16", bf16, (1, 2, 1, 90, 70, 64), lambda: SlidingWindow(17, 9), {}),
+        ("mma_block_sparse", f16, (2, 2, 1, 130, 100, 64),
+         lambda: BlockSparse(torch.rand(2, 2, cdiv(130, 64), cdiv(100, 64), generator=layout) < 0.6, 64), {}),
+        ("mma_softcap_alibi", bf16, (1, 2, 2, 40, 75, 64), lambda: Full(True),
+         dict(softcap=5.0, alibi=torch.tensor([0.3, 0.1]))),
+        # head_dim 40 on the 64 template through unaligned rows (element loads), empty rows (Nq > Nk)
+        ("mma_padded_d40", f16, (1, 2, 1, 50, 30, 40), lambda: Full(True), dict(pad=3)),
+        # head_dim 256: (64, 32) tiles, Q fragments from shared memory, dK/dV split over 2 warps
+        ("mma_d256", bf16, (1, 2, 1, 33, 70, 256), lambda: Full(True), {}),
+        # decode: GQA heads packed in one block, keys split across blocks, merged by the combine
+        ("mma_decode_split", f16, (1, 8, 2, 1, 700, 64), lambda: Full(True), {}),
+        ("mma_decode3_window", bf16, (1, 4, 1, 3, 600, 64), lambda: SlidingWindow(300, 0), {}),
+        # the atomic dQ path
+        ("mma_atomic_dq", f16, (1, 2, 1, 70, 90, 64), lambda: Full(True), dict(deterministic=False)),
+        # SIMT: float32 tile engine, 16-bit block-sparse 16/32 tiles
+        ("simt_f32_window", f32, (1, 2, 1, 45, 61, 40), lambda: SlidingWindow(7, 3), {}),
+        ("simt_f32_decode_split", f32, (1, 2, 2, 1, 300, 64), lambda: Full(False), {}),
+        ("simt_bs16_f16", f16, (1, 2, 2, 40, 50, 32),
+         lambda: BlockSparse(torch.rand(1, 2, cdiv(40, 16), cdiv(50, 16), generator=layout) < 0.5, 16),
+         dict(block_size=16)),
+        ("simt_bs32_bf16_causal", bf16, (1, 2, 1, 70, 70, 64),
+         lambda: BlockSparse(torch.rand(1, 1, cdiv(70, 32), cdiv(70, 32), generator=layout) < 0.7, 32, causal=True),
+         dict(block_size=32)),
+        # top-k gather: per-query (GQA), shared lists, broadcast head lists, causal, atomic scatter
+        ("topk_per_query", f16, (2, 4, 2, 30, 50, 64), lambda: topk(2, 2, 30, 50, 12, True), {}),
+        ("topk_shared_bf16", bf16, (1, 4, 2, 20, 40, 64), lambda: topk(1, 2, 20, 40, 9, False, shared=True), {}),
+        ("topk_broadcast_heads_f32", f32, (1, 4, 2, 25, 45, 40), lambda: topk(1, 2, 25, 45, 10, True, heads=1), {}),
+        ("topk_atomic", f16, (1, 2, 1, 30, 60, 64), lambda: topk(1, 1, 30, 60, 14, True), dict(deterministic=False)),
+        ("topk_decode_split", bf16, (1, 4, 1, 1, 400, 64), lambda: topk(1, 1, 1, 400, 300, True), {}),
+        ("topk_alibi_softcap", f32, (1, 2, 1, 20, 30, 64), lambda: topk(1, 1, 20, 30, 8, True),
+         dict(softcap=3.0, alibi=torch.tensor([0.2, 0.5]))),
+    ]
+
+
+EMULATION_CASES = _emulation_cases() if NVCC else []
+
+
+@pytest.mark.parametrize("case", EMULATION_CASES, ids=[c[0] for c in EMULATION_CASES])
+def test_kernels_on_cpu_emulation(builds, case, tmp_path):
+    name, dtype, shape, make_pattern, kw = case
+    emulator = _emulator(builds)
+    q, k, v = _qkv(*shape, dtype, seed=sum(map(ord, name)))
+    stdout = _check_emulated(emulator, tmp_path, q, k, v, make_pattern(), **kw)
+    if "split" in name:  # the case exists to take the split-key path: it must have
+        assert int(re.search(r"splits_workspace_bytes (\d+)", stdout).group(1)) > 0

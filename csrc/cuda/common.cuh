@@ -8,8 +8,23 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#if defined(FLASHLITE_CUDA_EMULATION) && !defined(__CUDACC__)
+#include "cuda/emulation.h"  // CPU emulation of the kernels (logic checks without a GPU)
+#define FL_EMULATED 1
+#else
+#define FL_EMULATED 0
+#endif
+
+// The block's dynamic shared memory as `unsigned char* name` (16-byte aligned).
+#if FL_EMULATED
+#define FL_DYNAMIC_SMEM(name) unsigned char* const name = ::flashlite_emu::dynamic_smem()
+#else
+#define FL_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "common/params.h"
 
@@ -62,6 +77,19 @@ struct Elem<__nv_bfloat16> {
 // ---------------------------------------------------------------------------------------------
 // cp.async (sm_80+): global -> shared without registers. `src_bytes` 0 zero-fills the target.
 // ---------------------------------------------------------------------------------------------
+#if FL_EMULATED
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  ::flashlite_emu::cp_async(smem, gmem, 16, valid);
+}
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
+  ::flashlite_emu::cp_async(smem, gmem, 4, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { ::flashlite_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  ::flashlite_emu::cp_async_wait(N);
+}
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
@@ -87,6 +115,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // ldmatrix / mma.sync m16n8k16 (f32 accumulate)
@@ -97,6 +126,76 @@ __device__ __forceinline__ void cp_async_wait() {
 //   B 16x8  (k x n):     b0 = (k 2q..2q+1, n g)       b1 = (k 2q+8..+9, n g)
 //   C 16x8  (f32):       c0,c1 = (row g, n 2q..2q+1)  c2,c3 = (row g+8, n 2q..2q+1)
 // ---------------------------------------------------------------------------------------------
+#if FL_EMULATED
+// Each lane posts its row address; lane t then takes, from matrix q (rows posted by lanes
+// 8q..8q+7), the pair (row t/4, cols 2(t%4), 2(t%4)+1), or with .trans (rows 2(t%4), 2(t%4)+1, col t/4).
+inline void emulated_ldmatrix(uint32_t (&r)[4], const void* smem, bool trans) {
+  using namespace ::flashlite_emu;
+  const int t = lane_id();
+  const void* mine = smem;
+  std::memcpy(lane_slot(t), &mine, sizeof(mine));
+  syncwarp();
+  for (int q = 0; q < 4; ++q) {
+    uint16_t pair[2];
+    for (int e = 0; e < 2; ++e) {
+      const int row = trans ? 2 * (t % 4) + e : t / 4;
+      const int col = trans ? t / 4 : 2 * (t % 4) + e;
+      const uint16_t* base;
+      std::memcpy(&base, lane_slot(8 * q + row), sizeof(base));
+      pair[e] = base[col];
+    }
+    r[q] = static_cast<uint32_t>(pair[0]) | (static_cast<uint32_t>(pair[1]) << 16);
+  }
+  syncwarp();
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { emulated_ldmatrix(r, smem, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  emulated_ldmatrix(r, smem, true);
+}
+
+// D = A·B + C over the warp: lanes post their fragments, then each computes its 4 outputs.
+template <typename T>
+inline void emulated_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  using namespace ::flashlite_emu;
+  struct Frag {
+    uint32_t a[4], b[2];
+  };
+  const int t = lane_id();
+  Frag mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+  std::memcpy(lane_slot(t), &mine, sizeof(mine));
+  syncwarp();
+  auto half_of = [](uint32_t bits, int e) {
+    const uint16_t h = static_cast<uint16_t>(e ? bits >> 16 : bits & 0xFFFF);
+    T x;
+    std::memcpy(&x, &h, sizeof(h));
+    return static_cast<float>(x);
+  };
+  auto frag = [&](int lane) {
+    Frag f;
+    std::memcpy(&f, lane_slot(lane), sizeof(f));
+    return f;
+  };
+  // A[row][k]: lane 4·(row%8) + (k%8)/2, register (row>=8) + 2·(k>=8), element k%2
+  auto A = [&](int row, int k) {
+    return half_of(frag(4 * (row % 8) + (k % 8) / 2).a[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
+  };
+  // B[k][n]: lane 4·n + (k%8)/2, register k>=8, element k%2
+  auto B = [&](int k, int n) { return half_of(frag(4 * n + (k % 8) / 2).b[k >= 8 ? 1 : 0], k % 2); };
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = t / 4 + (e >= 2 ? 8 : 0), col = 2 * (t % 4) + (e & 1);
+    float acc = 0.f;
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    out[e] = d[e] + acc;
+  }
+  syncwarp();
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emulated_mma<T>(d, a, b0, b1);
+}
+#else
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -130,6 +229,7 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 // Fragment loads from a shared tile with row pitch `pitch` (elements, a multiple of 8).
 // A fragment of the 16x16 block at (row0, col0) of a row-major [rows][k] tile.
@@ -351,6 +451,10 @@ __device__ __forceinline__ void load_rows_16(T* tile, int pitch, RowSrc row_src,
 template <typename Kernel, typename Args>
 cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
                              const Args& args) {
+#if FL_EMULATED
+  (void)stream;
+  return ::flashlite_emu::launch(kernel, grid, threads, smem, args);
+#else
   if (smem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -358,6 +462,18 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, size_t smem,
   }
   kernel<<<grid, threads, smem, stream>>>(args);
   return cudaGetLastError();
+#endif
+}
+
+// cudaMemsetAsync (a plain memset in the CPU emulation, where "device" memory is host memory).
+inline cudaError_t memset_async(void* ptr, int value, size_t bytes, cudaStream_t stream) {
+#if FL_EMULATED
+  (void)stream;
+  std::memset(ptr, value, bytes);
+  return cudaSuccess;
+#else
+  return cudaMemsetAsync(ptr, value, bytes, stream);
+#endif
 }
 
 }  // namespace detail

@@ -312,10 +312,16 @@ SplitOutput split_output(const AttentionParams& p, int splits, void* workspace) 
 }
 
 // ---- small kernels: merge split partials; fp32 accumulators -> output dtype ------------------------
+struct CombineArgs {
+  AttentionParams p;
+  SplitOutput split;
+};
+
 // One warp per row: lse = log Σ_s exp(lse_s); out = Σ_s exp(lse_s − lse)·out_s.
 template <typename T>
-__global__ void __launch_bounds__(128) combine_splits_kernel(const __grid_constant__ AttentionParams p,
-                                                             const SplitOutput split) {
+__global__ void __launch_bounds__(128) combine_splits_kernel(const __grid_constant__ CombineArgs args) {
+  const AttentionParams& p = args.p;
+  const SplitOutput& split = args.split;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t rid = static_cast<int64_t>(blockIdx.x) * 4 + warp;
   if (rid >= split.rows) return;
@@ -347,26 +353,33 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const __grid_consta
   if (lane == 0) p.lse[rid] = lse;
 }
 
-// fp32 [rows, head_dim] (row = (b·heads + h)·seqlen + n) -> a strided [B, heads, seqlen, head_dim].
+struct ConvertArgs {
+  const float* src;  // [rows, head_dim], row = (b·heads + h)·seqlen + n
+  void* dst;         // strided [B, heads, seqlen, head_dim]
+  Strides3 st;
+  int heads, seqlen, head_dim;
+  int64_t rows;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(128) accum_to_tensor_kernel(const float* src, void* dst, Strides3 st, int heads,
-                                                              int seqlen, int head_dim, int64_t rows) {
+__global__ void __launch_bounds__(128) accum_to_tensor_kernel(const __grid_constant__ ConvertArgs a) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t rid = static_cast<int64_t>(blockIdx.x) * 4 + warp;
-  if (rid >= rows) return;
-  const int n = static_cast<int>(rid % seqlen);
-  const int64_t bh = rid / seqlen;
-  const int h = static_cast<int>(bh % heads), b = static_cast<int>(bh / heads);
-  T* row = row_ptr_mut<T>(dst, st, b, h, n);
-  for (int col = lane; col < head_dim; col += 32) row[col] = Elem<T>::from_float(src[rid * head_dim + col]);
+  if (rid >= a.rows) return;
+  const int n = static_cast<int>(rid % a.seqlen);
+  const int64_t bh = rid / a.seqlen;
+  const int h = static_cast<int>(bh % a.heads), b = static_cast<int>(bh / a.heads);
+  T* row = row_ptr_mut<T>(a.dst, a.st, b, h, n);
+  for (int col = lane; col < a.head_dim; col += 32) row[col] = Elem<T>::from_float(a.src[rid * a.head_dim + col]);
 }
 
 template <typename T>
 cudaError_t combine_splits(const AttentionParams& p, const SplitOutput& split, cudaStream_t stream) {
   const int64_t blocks = (split.rows + 3) / 4;
   if (blocks == 0) return cudaSuccess;
-  combine_splits_kernel<T><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(p, split);
-  return checked(cudaGetLastError(), "combine_splits_kernel launch");
+  return checked(launch_with_smem(combine_splits_kernel<T>, dim3(static_cast<unsigned>(blocks)), 128, 0, stream,
+                                  CombineArgs{p, split}),
+                 "combine_splits_kernel launch");
 }
 
 template <typename T>
@@ -375,9 +388,9 @@ cudaError_t accum_to_tensor(const float* src, void* dst, const Strides3& st, int
   const int64_t rows = static_cast<int64_t>(batch) * heads * seqlen;
   const int64_t blocks = (rows + 3) / 4;
   if (blocks == 0) return cudaSuccess;
-  accum_to_tensor_kernel<T><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(src, dst, st, heads, seqlen,
-                                                                              head_dim, rows);
-  return checked(cudaGetLastError(), "accum_to_tensor_kernel launch");
+  return checked(launch_with_smem(accum_to_tensor_kernel<T>, dim3(static_cast<unsigned>(blocks)), 128, 0, stream,
+                                  ConvertArgs{src, dst, st, heads, seqlen, head_dim, rows}),
+                 "accum_to_tensor_kernel launch");
 }
 
 // Head-dim template -> its instantiation file's launcher.
@@ -462,7 +475,7 @@ cudaError_t tile_backward_impl(const AttentionParams& p, const BackwardParams& g
         const bool atomic_dq = !g.deterministic && workspace != nullptr;
         if (atomic_dq) {
           args.dq_accum = static_cast<float*>(workspace);
-          cudaError_t e = cudaMemsetAsync(workspace, 0, tile_backward_workspace_bytes(p), stream);
+          cudaError_t e = memset_async(workspace, 0, tile_backward_workspace_bytes(p), stream);
           if (e != cudaSuccess) return checked(e, "cudaMemsetAsync(dq accumulator)");
         }
         cudaError_t e = mma_backward_dispatch<T>(args, D, p.block_m, p.block_n, smem_limit, stream);
@@ -518,7 +531,7 @@ cudaError_t gather_backward_impl(const AttentionParams& p_in, const BackwardPara
   if (atomic) {
     args.dk_accum = static_cast<float*>(workspace);
     args.dv_accum = args.dk_accum + kv_elems;
-    const cudaError_t e = cudaMemsetAsync(workspace, 0, 2 * kv_elems * sizeof(float), stream);
+    const cudaError_t e = memset_async(workspace, 0, 2 * kv_elems * sizeof(float), stream);
     if (e != cudaSuccess) return checked(e, "cudaMemsetAsync(dk/dv accumulators)");
   }
   const size_t smem_limit = device_info().smem_optin;

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(Cfg::kKvThreads) mma_dkdv_kernel(const __grid_
   constexpr int DS = Cfg::kDSplit, DW = D / DS;  // dK/dV columns per warp
   constexpr int kThreads = Cfg::kKvThreads, kWarps = Cfg::kKvWarps;
   constexpr int DSP = Cfg::kDsPitch;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_DYNAMIC_SMEM(smem_raw);
   const AttentionParams& p = args.p;
   const BackwardParams& g = args.g;
   const ScoreMath& math = args.math;
@@ -285,7 +285,7 @@ template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kQThreads) mma_dq_kernel(const __grid_constant__ BackwardArgs args) {
   constexpr int D = Cfg::D, BM = Cfg::BM, BN = Cfg::BN, P = Cfg::kPitch;
   constexpr int kThreads = Cfg::kQThreads;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_DYNAMIC_SMEM(smem_raw);
   const AttentionParams& p = args.p;
   const BackwardParams& g = args.g;
   const ScoreMath& math = args.math;

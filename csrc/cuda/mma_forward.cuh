@@ -21,7 +21,7 @@ template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid_constant__ ForwardArgs args) {
   constexpr int D = Cfg::D, BM = Cfg::BM, BN = Cfg::BN, P = Cfg::kPitch;
   constexpr int kThreads = Cfg::kThreads;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_DYNAMIC_SMEM(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   // Q is staged in K/V stage 1 when it moves to registers, else it has its own region.
   T* const q_s = Cfg::kQInRegs ? smem + Cfg::kStage : smem + 2 * Cfg::kStage;

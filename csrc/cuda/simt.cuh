@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kSimtThreads) simt_forward_kernel(const __grid
   const AttentionParams& p = args.p;
   const ScoreMath& math = args.math;
   const int hd = p.head_dim, pitch = simt_pitch(sizeof(T), hd), stages = args.kv_stages;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_DYNAMIC_SMEM(smem_raw);
   T* const q_s = reinterpret_cast<T*>(smem_raw);
   T* const kv_base = q_s + kSimtRows * pitch;  // stage s: K at s·2·32·pitch, V 32·pitch later
   int32_t* const key_base = reinterpret_cast<int32_t*>(kv_base + stages * 2 * kSimtKeys * pitch);
@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(kSimtThreads)
   const ScoreMath& math = args.math;
   const int hd = p.head_dim, pitch = simt_pitch(sizeof(T), hd), stages = args.kv_stages;
   const bool scatter = args.dk_accum != nullptr;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_DYNAMIC_SMEM(smem_raw);
   T* const q_s = reinterpret_cast<T*>(smem_raw);
   T* const do_s = q_s + kSimtRows * pitch;
   T* const kv_base = do_s + kSimtRows * pitch;
@@ -496,7 +496,7 @@ __global__ void __launch_bounds__(kSimtThreads) simt_dkdv_kernel(const __grid_co
   const BackwardParams& g = args.g;
   const ScoreMath& math = args.math;
   const int hd = p.head_dim, pitch = simt_pitch(sizeof(T), hd);
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FL_DYNAMIC_SMEM(smem_raw);
   T* const k_s = reinterpret_cast<T*>(smem_raw);
   T* const v_s = k_s + kSimtKeys * pitch;
   T* const q_s = v_s + kSimtKeys * pitch;
