@@ -132,6 +132,7 @@ __device__ __forceinline__ void cp_async_wait() {
 inline void emulated_ldmatrix(uint32_t (&r)[4], const void* smem, bool trans) {
   using namespace ::flashlite_emu;
   const int t = lane_id();
+  check_smem(smem, 16, "ldmatrix row");
   const void* mine = smem;
   std::memcpy(lane_slot(t), &mine, sizeof(mine));
   syncwarp();

@@ -210,7 +210,24 @@ inline Fiber& current_fiber() { return g_block->fibers[g_block->current]; }
 // A copy lands either at once or only when waited for (chosen at random, seeded): the first
 // exposes reads of a buffer that is being refilled (missing barrier after use), the second reads
 // before the wait / barrier.
+// What the hardware requires of a shared-memory access: inside the block's dynamic shared memory
+// and aligned to its size (cp.async 4/16 bytes, ldmatrix rows 16 bytes).
+inline void check_smem(const void* ptr, int bytes, const char* what) {
+  const unsigned char* p = static_cast<const unsigned char*>(ptr);
+  const unsigned char* base = g_block->smem.data();
+  if (p < base || p + bytes > base + g_block->smem.size() || reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    std::fprintf(stderr, "flashlite emulation: %s at shared offset %td (%d bytes) is out of range or misaligned\n",
+                 what, p - base, bytes);
+    std::abort();
+  }
+}
+
 inline void cp_async(void* dst, const void* src, int bytes, bool valid) {
+  check_smem(dst, bytes, "cp.async destination");
+  if (valid && reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+    std::fprintf(stderr, "flashlite emulation: cp.async source %p is not %d-byte aligned\n", src, bytes);
+    std::abort();
+  }
   if (rng()() & 1u) {
     if (valid) std::memcpy(dst, src, bytes);
     else std::memset(dst, 0, bytes);
