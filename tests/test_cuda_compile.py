@@ -600,6 +600,9 @@ def _emulation_cases():
         ("topk_shared_bf16", bf16, (1, 4, 2, 20, 40, 64), lambda: topk(1, 2, 20, 40, 9, False, shared=True), {}),
         ("topk_broadcast_heads_f32", f32, (1, 4, 2, 25, 45, 40), lambda: topk(1, 2, 25, 45, 10, True, heads=1), {}),
         ("topk_atomic", f16, (1, 2, 1, 30, 60, 64), lambda: topk(1, 1, 30, 60, 14, True), dict(deterministic=False)),
+        # GQA group of 18 (> 16 rows per block), unaligned rows (element loads), shared lists
+        ("topk_gqa18_padded", f16, (1, 36, 2, 5, 40, 64), lambda: topk(1, 2, 5, 40, 11, True), dict(pad=1)),
+        ("topk_shared_gqa18", bf16, (1, 36, 2, 6, 40, 32), lambda: topk(1, 2, 6, 40, 7, True, shared=True), {}),
         ("topk_decode_split", bf16, (1, 4, 1, 1, 400, 64), lambda: topk(1, 1, 1, 400, 300, True), {}),
         ("topk_alibi_softcap", f32, (1, 2, 1, 20, 30, 64), lambda: topk(1, 1, 20, 30, 8, True),
          dict(softcap=3.0, alibi=torch.tensor([0.2, 0.5]))),
