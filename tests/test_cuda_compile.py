@@ -160,7 +160,7 @@ int main() {
         std::printf("CONFIG dtype=%d d=%d bs=%d bm=%d bn=%d\n", (int)dt, d, bs, bm, bn);
       }
   // Decode, GQA 32/4, 64k keys, shared schedule: packed heads + split keys.
-  AttentionParams dec = problem(f16, 2, 32, 4, 1, 65536, 128, 128, 64, false);
+  AttentionParams dec = problem(f16, 2, 32, 4, 1, 65536, 128, 128, 32, false);
   std::printf("WORKSPACE decode=%zu\n", cuda::tile_forward_workspace_bytes(dec));
   run("decode_no_ws", cuda::tile_forward(dec, nullptr));
   // Per-head schedule: no head packing.
@@ -327,7 +327,7 @@ def _lines(text: str, prefix: str) -> list[str]:
 def test_planner_on_an_assumed_h100(builds):
     text = _planner_output(builds, "132:232448")  # H100 SXM: 132 SMs, 227 KiB opt-in shared memory
     configs = _configs(text)
-    mma = {(128, 64), (64, 64), (64, 32)}
+    mma = {(128, 64), (128, 32), (64, 64), (64, 32)}
     for (dtype, d, bs), (bm, bn) in configs.items():
         if bs:
             assert bs % bm == 0 and bs % bn == 0, f"tile ({bm}, {bn}) does not divide block_size {bs}"
@@ -337,15 +337,17 @@ def test_planner_on_an_assumed_h100(builds):
             assert (bm, bn) in mma, f"16-bit head_dim {d} block_size {bs} got ({bm}, {bn})"
         else:
             assert (bm, bn) == (16, bs)
-    assert configs[(0, 128, 0)] == (128, 64)
+    assert configs[(0, 128, 0)] == (128, 32)
+    assert configs[(0, 64, 0)] == (128, 64)
     assert configs[(1, 256, 0)] == (64, 32)
     assert configs[(0, 64, 64)] == (64, 64)
+    assert configs[(0, 128, 64)] == (64, 64)  # block_size 64: block_m must divide it
 
     results = {line.split()[1]: line for line in _lines(text, "RESULT")}
     launches = _lines(text, "LAUNCH")
     # Decode with 8 query heads per KV head packed into one 64-row block, keys split (2 x 4 groups
     # = 8 blocks < 132 SMs); without a workspace it does not split.
-    assert "LAUNCH mma_forward D=128 bm=64 bn=64 blocks=8 splits=1 hpb=8" in text
+    assert "LAUNCH mma_forward D=128 bm=64 bn=32 blocks=8 splits=1 hpb=8" in text
     ws = int(re.search(r"WORKSPACE decode=(\d+)", text).group(1))
     assert ws > 0 and ws % (2 * 32 * 1 * (128 + 1) * 4) == 0
     assert "LAUNCH mma_forward D=256 bm=64 bn=32 blocks=8 splits=1 hpb=1" in text
@@ -368,7 +370,7 @@ def test_planner_on_an_assumed_h100(builds):
 def test_planner_on_an_assumed_small_smem_card(builds):
     text = _planner_output(builds, "84:101376")  # sm_86: 99 KiB opt-in shared memory
     configs = _configs(text)
-    assert configs[(0, 128, 0)] == (64, 64), "the (128, 64) dQ kernel does not fit 99 KiB"
+    assert configs[(0, 128, 0)] == (128, 32)
     assert configs[(1, 256, 0)] == (64, 32)
     assert configs[(0, 64, 0)] == (128, 64)
 

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/common.cuh"
 #include "cuda/dispatch.h"
@@ -548,10 +549,32 @@ cudaError_t gather_backward_impl(const AttentionParams& p_in, const BackwardPara
 }
 
 // ---- tile sizes ------------------------------------------------------------------------------------
+// FLASHLITE_CUDA_TILES="<block_m>x<block_n>" (tuning): prefer that tensor-core shape when it is
+// instantiated for the head dim, fits the device and divides the block size.
+bool preferred_tiles(int* block_m, int* block_n) {
+  static const std::pair<int, int> preferred = [] {
+    int m = 0, n = 0;
+    const char* spec = std::getenv("FLASHLITE_CUDA_TILES");
+    if (spec == nullptr || std::sscanf(spec, "%dx%d", &m, &n) != 2) m = n = 0;
+    return std::make_pair(m, n);
+  }();
+  *block_m = preferred.first;
+  *block_n = preferred.second;
+  return preferred.first > 0;
+}
+
 void tile_config_impl(int head_dim, DType dtype, int block_size, int* block_m, int* block_n) {
   if (dtype != DType::kFloat32 && !simt_only()) {
     const int D = mma_head_dim(head_dim);
     const size_t limit = device_info().smem_optin;
+    int want_m = 0, want_n = 0;
+    if (preferred_tiles(&want_m, &want_n) && mma_tile_supported(D, want_m, want_n) &&
+        (block_size <= 0 || (block_size % want_m == 0 && block_size % want_n == 0)) &&
+        mma_fits(D, want_m, want_n, limit)) {
+      *block_m = want_m;
+      *block_n = want_n;
+      return;
+    }
 #define FL_PICK(d, m, n)                                                                                  \
   if (D == d && (block_size <= 0 || (block_size % m == 0 && block_size % n == 0)) && mma_fits(d, m, n, limit)) { \
     *block_m = m;                                                                                         \

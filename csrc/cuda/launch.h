@@ -13,7 +13,8 @@
 //              intersected); gather engine: top-k indices [B, Hkv|1, Nq, K] or [B, Hkv|1, K]
 //              int64, -1 = empty, causal option. softcap and ALiBi ([Hq] or [B,Hq]) everywhere.
 //   tiles      float16/bfloat16 with block_m >= 64: tensor-core kernels, (block_m, block_n) in
-//              {(128,64), (64,64)} for head_dim <= 128, (64,32) for head_dim <= 256.
+//              {(128,64), (64,64)} for head_dim <= 64, {(128,32), (128,64), (64,64), (64,32)} for
+//              head_dim <= 128, (64,32) for head_dim <= 256 (csrc/cuda/tiles.h FLASHLITE_MMA_TILES).
 //              block_m == 16 (float32, block-sparse block_size 16/32, or a device with too little
 //              shared memory): SIMT kernels, block_n 16 or 32. Other tile sizes -> cudaErrorInvalidValue.
 //   decode     Nq <= 64 in one query tile: the query heads of a GQA group share a block, and few

@@ -2,8 +2,8 @@
 //
 // One block per (query tile, head, batch) [or, packed for decode, per (head group, batch)], and
 // optionally per split of the key tiles (Flash-Decoding; partials are merged by the combine
-// kernel). One warp owns 16 query rows: its Q fragments stay in registers (D <= 128), scores and
-// the output accumulator live in MMA accumulator registers. K/V tiles of the schedule stream
+// kernel). One warp owns 16·MW query rows (tiles.h): its Q fragments stay in registers when they
+// are few, scores and the output accumulator live in MMA accumulator registers. K/V tiles of the schedule stream
 // through a two-stage cp.async ring in shared memory.
 //
 // Notation per query row i and key j: s_ij = transformed score in log2 units (x·log2 e),
@@ -20,6 +20,7 @@ namespace detail {
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid_constant__ ForwardArgs args) {
   constexpr int D = Cfg::D, BM = Cfg::BM, BN = Cfg::BN, P = Cfg::kPitch;
+  constexpr int MW = Cfg::MW, RW = Cfg::kRowsPerWarp, NR = 2 * MW;  // NR: rows per thread
   constexpr int kThreads = Cfg::kThreads;
   FL_DYNAMIC_SMEM(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
@@ -60,21 +61,21 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
   const int t_begin = static_cast<int>(static_cast<int64_t>(count) * split / splits);
   const int t_end = static_cast<int>(static_cast<int64_t>(count) * (split + 1) / splits);
 
-  // ---- the two rows of each thread (g and g+8 of the warp's 16): position, band, ALiBi slope --
-  bool row_valid[2];
-  int row_h[2], row_i[2];
-  int64_t pos[2];
-  KeyRange range[2];
-  float slope[2];
+  // ---- the rows of each thread: ri = 2·mw + rr is row g + 8·rr of the warp's m-block mw --------
+  bool row_valid[NR];
+  int row_h[NR], row_i[NR];
+  int64_t pos[NR];
+  KeyRange range[NR];
+  float slope[NR];
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int r = warp * 16 + group + 8 * rr;
-    row_valid[rr] = r < rows_used;
-    row_h[rr] = row_valid[rr] ? row_head(r) : h0;
-    row_i[rr] = row_valid[rr] ? row_query(r) : 0;
-    pos[rr] = row_i[rr] + shift;
-    range[rr] = band_range(p, pos[rr]);
-    slope[rr] = math.has_alibi ? p.alibi(b, row_h[rr]) : 0.f;
+  for (int ri = 0; ri < NR; ++ri) {
+    const int r = warp * RW + (ri >> 1) * 16 + group + 8 * (ri & 1);
+    row_valid[ri] = r < rows_used;
+    row_h[ri] = row_valid[ri] ? row_head(r) : h0;
+    row_i[ri] = row_valid[ri] ? row_query(r) : 0;
+    pos[ri] = row_i[ri] + shift;
+    range[ri] = band_range(p, pos[ri]);
+    slope[ri] = math.has_alibi ? p.alibi(b, row_h[ri]) : 0.f;
   }
   // A key tile needs the element mask unless every valid row sees all of it: the band is
   // monotone in p(i), so compare with the last row's lower edge and the first row's upper edge.
@@ -106,20 +107,25 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
   if (t_begin < t_end) load_kv(t_begin, 0);
   cp_async_commit();
 
-  uint32_t q_frag[Cfg::kQInRegs ? D / 16 : 1][4];
+  uint32_t q_frag[Cfg::kQInRegs ? MW : 1][Cfg::kQInRegs ? D / 16 : 1][4];
   if constexpr (Cfg::kQInRegs) {
     cp_async_wait<1>();  // Q has landed (the first K/V tile may still be in flight)
     __syncthreads();
 #pragma unroll
-    for (int kb = 0; kb < D / 16; ++kb) load_a(q_frag[kb], q_s, P, warp * 16, kb * 16);
+    for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+      for (int kb = 0; kb < D / 16; ++kb) load_a(q_frag[mw][kb], q_s, P, warp * RW + mw * 16, kb * 16);
     __syncthreads();  // stage 1 is free for K/V again
   }
 
-  float o[D / 8][4];
+  float o[MW][D / 8][4];
 #pragma unroll
-  for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY};
-  float l_run[2] = {0.f, 0.f};  // per-thread partial sums (quad-reduced at the end)
+  for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) o[mw][nd][0] = o[mw][nd][1] = o[mw][nd][2] = o[mw][nd][3] = 0.f;
+  float m_run[NR], l_run[NR];  // l_run: per-thread partial sums (quad-reduced at the end)
+#pragma unroll
+  for (int ri = 0; ri < NR; ++ri) m_run[ri] = -INFINITY, l_run[ri] = 0.f;
 
   for (int t = t_begin; t < t_end; ++t) {
     const int stage = (t - t_begin) & 1;
@@ -133,43 +139,70 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
     __syncthreads();
     const T* k_s = smem + stage * Cfg::kStage;
     const T* v_s = k_s + Cfg::kTile;
-    const int64_t key0 = static_cast<int64_t>(fs.tile(b, h0, m, t)) * BN;
+    const int key0 = fs.tile(b, h0, m, t) * BN;  // key indices fit int32 (Nk is int32)
 
-    // -- S = Q·Kᵀ: 16 rows x BN keys per warp, f32 accumulators -------------------------------
-    float s[BN / 8][4];
+    // -- S = Q·Kᵀ: RW rows x BN keys per warp, f32 accumulators; each K fragment feeds MW MMAs --
+    float s[MW][BN / 8][4];
 #pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+    for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb) s[mw][nb][0] = s[mw][nb][1] = s[mw][nb][2] = s[mw][nb][3] = 0.f;
 #pragma unroll
     for (int kb = 0; kb < D / 16; ++kb) {
-      uint32_t a[4];
-      if constexpr (Cfg::kQInRegs) {
-        a[0] = q_frag[kb][0], a[1] = q_frag[kb][1], a[2] = q_frag[kb][2], a[3] = q_frag[kb][3];
-      } else {
-        load_a(a, q_s, P, warp * 16, kb * 16);
+      uint32_t a[MW][4];
+#pragma unroll
+      for (int mw = 0; mw < MW; ++mw) {
+        if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[mw][e] = q_frag[mw][kb][e];
+        } else {
+          load_a(a[mw], q_s, P, warp * RW + mw * 16, kb * 16);
+        }
       }
 #pragma unroll
       for (int nb2 = 0; nb2 < BN / 16; ++nb2) {
         uint32_t bk[4];
         load_b_nk(bk, k_s, P, nb2 * 16, kb * 16);
-        mma_16816<T>(s[2 * nb2], a, bk[0], bk[1]);
-        mma_16816<T>(s[2 * nb2 + 1], a, bk[2], bk[3]);
+#pragma unroll
+        for (int mw = 0; mw < MW; ++mw) {
+          mma_16816<T>(s[mw][2 * nb2], a[mw], bk[0], bk[1]);
+          mma_16816<T>(s[mw][2 * nb2 + 1], a[mw], bk[2], bk[3]);
+        }
       }
     }
 
     // -- scores in log2 units: x2 = (softcap/ALiBi transform of raw·scale)·log2 e; keys outside
     //    the band or past Nk get −inf (only on tiles that straddle the band / sequence end) ------
     const bool need_mask = key0 < lo_max || key0 + BN - 1 > hi_min;
-    float tile_max[2] = {-INFINITY, -INFINITY};
+    float tile_max[NR];
 #pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb) {
+    for (int ri = 0; ri < NR; ++ri) tile_max[ri] = -INFINITY;
+    if (math.plain() && !need_mask) {  // the common case: one multiply per score
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int rr = e >> 1;
-        const int64_t j = key0 + nb * 8 + 2 * quad + (e & 1);
-        float x = math.log2_units(s[nb][e], slope[rr], pos[rr], j);
-        if (need_mask && (j < range[rr].lo || j > range[rr].hi)) x = -INFINITY;
-        s[nb][e] = x;
-        tile_max[rr] = fmaxf(tile_max[rr], x);
+      for (int mw = 0; mw < MW; ++mw)
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int ri = 2 * mw + (e >> 1);
+            s[mw][nb][e] *= math.scale_log2;
+            tile_max[ri] = fmaxf(tile_max[ri], s[mw][nb][e]);
+          }
+    } else {
+#pragma unroll
+      for (int mw = 0; mw < MW; ++mw) {
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int ri = 2 * mw + (e >> 1);
+            const int j = key0 + nb * 8 + 2 * quad + (e & 1);
+            float x = math.log2_units(s[mw][nb][e], slope[ri], pos[ri], j);
+            if (need_mask && (j < range[ri].lo || j > range[ri].hi)) x = -INFINITY;
+            s[mw][nb][e] = x;
+            tile_max[ri] = fmaxf(tile_max[ri], x);
+          }
+        }
       }
     }
 
@@ -178,46 +211,54 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
     //      l' = α·l + Σ_j p_ij;      O' = α·O + P·V
     //    A row with no visible key so far keeps m = −inf; 0 stands in for it in the exponents
     //    (2^(−inf − 0) = 0, never NaN). ------------------------------------------------------
-    float m_use[2], alpha[2];
+    float m_use[NR], alpha[NR], row_sum[NR];
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const float m_new = fmaxf(m_run[rr], quad_max(tile_max[rr]));
-      m_use[rr] = m_new == -INFINITY ? 0.f : m_new;
-      alpha[rr] = exp2f(m_run[rr] - m_use[rr]);
-      m_run[rr] = m_new;
+    for (int ri = 0; ri < NR; ++ri) {
+      const float m_new = fmaxf(m_run[ri], quad_max(tile_max[ri]));
+      m_use[ri] = m_new == -INFINITY ? 0.f : m_new;
+      alpha[ri] = exp2f(m_run[ri] - m_use[ri]);
+      m_run[ri] = m_new;
+      row_sum[ri] = 0.f;
     }
-    float row_sum[2] = {0.f, 0.f};
 #pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb) {
+    for (int mw = 0; mw < MW; ++mw) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pr = exp2f(s[nb][e] - m_use[e >> 1]);
-        s[nb][e] = pr;
-        row_sum[e >> 1] += pr;
+      for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int ri = 2 * mw + (e >> 1);
+          const float pr = exp2f(s[mw][nb][e] - m_use[ri]);
+          s[mw][nb][e] = pr;
+          row_sum[ri] += pr;
+        }
+      }
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        o[mw][nd][0] *= alpha[2 * mw];
+        o[mw][nd][1] *= alpha[2 * mw];
+        o[mw][nd][2] *= alpha[2 * mw + 1];
+        o[mw][nd][3] *= alpha[2 * mw + 1];
       }
     }
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) l_run[rr] = l_run[rr] * alpha[rr] + row_sum[rr];
-#pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd) {
-      o[nd][0] *= alpha[0];
-      o[nd][1] *= alpha[0];
-      o[nd][2] *= alpha[1];
-      o[nd][3] *= alpha[1];
-    }
+    for (int ri = 0; ri < NR; ++ri) l_run[ri] = l_run[ri] * alpha[ri] + row_sum[ri];
 
     // -- O += P·V: P (rounded to T) re-used from the accumulators as A fragments; V via
-    //    ldmatrix.trans ----------------------------------------------------------------------
+    //    ldmatrix.trans, each fragment feeding MW MMAs -----------------------------------------
 #pragma unroll
     for (int kb = 0; kb < BN / 16; ++kb) {
-      uint32_t a[4];
-      accum_to_a<T>(a, s, kb);
+      uint32_t a[MW][4];
+#pragma unroll
+      for (int mw = 0; mw < MW; ++mw) accum_to_a<T>(a[mw], s[mw], kb);
 #pragma unroll
       for (int nd2 = 0; nd2 < D / 16; ++nd2) {
         uint32_t bv[4];
         load_b_kn(bv, v_s, P, kb * 16, nd2 * 16);
-        mma_16816<T>(o[2 * nd2], a, bv[0], bv[1]);
-        mma_16816<T>(o[2 * nd2 + 1], a, bv[2], bv[3]);
+#pragma unroll
+        for (int mw = 0; mw < MW; ++mw) {
+          mma_16816<T>(o[mw][2 * nd2], a[mw], bv[0], bv[1]);
+          mma_16816<T>(o[mw][2 * nd2 + 1], a[mw], bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
@@ -226,17 +267,18 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
 
   // ---- finish: out = O / l, lse = (m + log2 l)·ln 2; rows that saw no key: 0 and −inf -----------
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const float l = quad_sum(l_run[rr]);
-    if (!row_valid[rr]) continue;
+  for (int ri = 0; ri < NR; ++ri) {
+    const int mw = ri >> 1, rr = ri & 1;
+    const float l = quad_sum(l_run[ri]);
+    if (!row_valid[ri]) continue;
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? (m_run[rr] + log2f(l)) * kLn2 : -INFINITY;
-    const int64_t rid = row_id(p, b, row_h[rr], row_i[rr]);
+    const float lse = l > 0.f ? (m_run[ri] + log2f(l)) * kLn2 : -INFINITY;
+    const int64_t rid = row_id(p, b, row_h[ri], row_i[ri]);
     if (splits == 1) {
-      T* out_row = row_ptr_mut<T>(p.out, p.out_strides, b, row_h[rr], row_i[rr]);
+      T* out_row = row_ptr_mut<T>(p.out, p.out_strides, b, row_h[ri], row_i[ri]);
 #pragma unroll
       for (int nd = 0; nd < D / 8; ++nd)
-        store_pair(out_row, nd * 8 + 2 * quad, p.head_dim, o[nd][2 * rr] * inv, o[nd][2 * rr + 1] * inv,
+        store_pair(out_row, nd * 8 + 2 * quad, p.head_dim, o[mw][nd][2 * rr] * inv, o[mw][nd][2 * rr + 1] * inv,
                    args.aligned16);
       if (quad == 0) p.lse[rid] = lse;
     } else {
@@ -245,8 +287,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
 #pragma unroll
       for (int nd = 0; nd < D / 8; ++nd) {
         const int col = nd * 8 + 2 * quad;
-        if (col < p.head_dim) dst[col] = o[nd][2 * rr] * inv;
-        if (col + 1 < p.head_dim) dst[col + 1] = o[nd][2 * rr + 1] * inv;
+        if (col < p.head_dim) dst[col] = o[mw][nd][2 * rr] * inv;
+        if (col + 1 < p.head_dim) dst[col + 1] = o[mw][nd][2 * rr + 1] * inv;
       }
       if (quad == 0) args.split.lse[slot] = lse;
     }

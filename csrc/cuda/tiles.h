@@ -3,7 +3,7 @@
 // Two kernel families:
 //  * tensor-core ("MMA") tile engine, float16/bfloat16: head-dim templates 32/64/96/128/256
 //    (a head_dim in between runs on the next template with masked columns), tiles
-//    (block_m, block_n) = (128, 64) or (64, 64) for D <= 128 and (64, 32) for D = 256;
+//    (block_m, block_n) per FLASHLITE_MMA_TILES below;
 //  * SIMT engine (CUDA cores, every dtype): 16 query rows x up to 32 keys per step. It runs the
 //    float32 tile engine, tiles that the MMA shapes cannot serve (block-sparse block_size 16/32,
 //    devices with too little shared memory) and the top-k gather engine.
@@ -25,15 +25,22 @@ namespace detail {
 // ---------------------------------------------------------------------------------------------
 // Tensor-core tile engine
 // ---------------------------------------------------------------------------------------------
-// Forward: one block per (query tile, head, batch); one warp per 16 query rows. Row pitch D + 8
-// elements (16 bytes of padding: the 8 rows an ldmatrix reads fall in distinct banks).
+// Forward: one block per (query tile, head, batch); a warp owns MW blocks of 16 query rows (32
+// rows for most 128-row tiles: every K/V fragment read from shared memory then serves two MMAs,
+// halving the shared-memory traffic per MMA). Row pitch D + 8 elements (16 bytes of padding: the 8
+// rows an ldmatrix reads fall in distinct banks).
 template <int D_, int BM_, int BN_>
 struct FwdTile {
   static constexpr int D = D_, BM = BM_, BN = BN_;
-  static constexpr int kWarps = BM / 16;
+  // (32 rows per warp fit in 255 registers without spills for D <= 64, and for D <= 128 with
+  // 32-key tiles; the (128, 64) tiles of D = 96/128 run 16 rows per warp.)
+  static constexpr int MW = (BM >= 128 && D <= 128 && (D <= 64 || BN <= 32)) ? 2 : 1;
+  static constexpr int kRowsPerWarp = 16 * MW;
+  static constexpr int kWarps = BM / kRowsPerWarp;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kPitch = D + 8;
-  static constexpr bool kQInRegs = D <= 128;  // D = 256 reloads Q fragments from shared memory
+  // Q fragments stay in registers when they are few; else they are re-read from shared memory.
+  static constexpr bool kQInRegs = MW == 1 && D <= 128;
   static constexpr int kTile = BN * kPitch;    // one K or V tile, elements
   static constexpr int kStage = 2 * kTile;     // K then V
   static constexpr int kQ = BM * kPitch;
@@ -79,11 +86,14 @@ FL_HD int mma_head_dim(int head_dim) {
 // The instantiated tensor-core shapes X(D, block_m, block_n), per head-dim template in order of
 // preference. FLASHLITE_CUDA_FEW_INSTANTIATIONS (compile tests only) keeps two of them.
 #if defined(FLASHLITE_CUDA_FEW_INSTANTIATIONS)
-#define FLASHLITE_MMA_TILES(X) X(64, 64, 64) X(256, 64, 32)
+#define FLASHLITE_MMA_TILES(X) X(64, 128, 64) X(64, 64, 64) X(256, 64, 32)
 #else
-#define FLASHLITE_MMA_TILES(X)                                                                   \
-  X(32, 128, 64) X(32, 64, 64) X(64, 128, 64) X(64, 64, 64) X(96, 128, 64) X(96, 64, 64) \
-  X(128, 128, 64) X(128, 64, 64) X(256, 64, 32)
+#define FLASHLITE_MMA_TILES(X)                                                                       \
+  X(32, 128, 64) X(32, 64, 64)                                                                       \
+  X(64, 128, 64) X(64, 64, 64)                                                                       \
+  X(96, 128, 32) X(96, 128, 64) X(96, 64, 64) X(96, 64, 32)                                          \
+  X(128, 128, 32) X(128, 128, 64) X(128, 64, 64) X(128, 64, 32)                                      \
+  X(256, 64, 32)
 #endif
 
 FL_HD bool mma_tile_supported(int D, int block_m, int block_n) {
