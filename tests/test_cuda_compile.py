@@ -583,6 +583,9 @@ def _emulation_cases():
         # the atomic dQ path (64-column and, for head_dim 96, 32-column dQ work items)
         ("mma_atomic_dq", f16, (1, 2, 1, 70, 90, 64), lambda: Full(True), dict(deterministic=False)),
         ("mma_atomic_dq_d96", bf16, (1, 2, 1, 70, 90, 96), lambda: Full(True), dict(deterministic=False)),
+        # head_dim 128: (128, 32) tiles with 32 rows per warp; decode on (64, 32)
+        ("mma_d128_causal", bf16, (1, 2, 1, 150, 170, 128), lambda: Full(True), {}),
+        ("mma_d128_decode_split", f16, (1, 4, 1, 2, 400, 128), lambda: Full(True), {}),
         # the other head-dim templates, and (64, 64) tiles for head_dim 128 (block_size 64)
         ("mma_d32_window", f16, (1, 2, 2, 140, 100, 32), lambda: SlidingWindow(40, 5), {}),
         ("mma_d128_bs64", bf16, (1, 2, 1, 100, 130, 128),
