@@ -257,7 +257,8 @@ def builds(tmp_path_factory):
             results[("binding",)] = binding
         else:
             jobs[("binding",)] = binding
-    emulation = _emulation_jobs(tmp)
+    emulation = "the real kernels run on this machine (tests/test_cuda_backend.py)" if CUDA_BUILD_PRESENT \
+        else _emulation_jobs(tmp)
     if isinstance(emulation, str):
         results["emulator"] = emulation
     else:
