@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .schedule import TileSchedule, band_schedule, block_layout_schedule, cdiv, expand_layout, compress_layout
 
@@ -19,6 +20,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 _BAND_SCHEDULES: dict = {}
 _BAND_CACHE_SIZE = 512
 _PATTERN_CACHE_SIZE = 64
+_INDEX_RANGES = WeakTensorKeyDictionary()  # indices tensor -> (version, min, max)
 
 
 def _nonneg_int(value, name: str) -> int:
@@ -228,6 +230,17 @@ class BlockSparse(Pattern):
                 f"density={float(self.layout.float().mean()):.3f}, causal={self.causal})")
 
 
+def _index_range(ind: torch.Tensor) -> tuple:
+    """(min, max) of an index tensor, computed once per tensor version: a model that reuses its
+    indices over layers or steps pays one reduction (and on a GPU one sync), not one per call."""
+    cached = _INDEX_RANGES.get(ind)
+    if cached is not None and cached[0] == ind._version:
+        return cached[1], cached[2]
+    low, high = (int(x) for x in torch.aminmax(ind))
+    _INDEX_RANGES[ind] = (ind._version, low, high)
+    return low, high
+
+
 class TopK(Pattern):
     """Each query attends exactly the key positions listed for it.
 
@@ -266,7 +279,7 @@ class TopK(Pattern):
         if ind.device != q.device:
             raise ValueError(f"indices is on {ind.device} but q is on {q.device}")
         if ind.numel():
-            low, high = (int(x) for x in torch.aminmax(ind))
+            low, high = _index_range(ind)
             if low < -1 or high >= seqlen_k:
                 raise ValueError(f"indices must lie in [-1, Nk) = [-1, {seqlen_k}); got values in [{low}, {high}]")
 

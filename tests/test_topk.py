@@ -240,6 +240,19 @@ def test_bad_indices(make, error, match):
         flashlite.topk_attention(q, k, v, indices)
 
 
+def test_index_range_revalidated_after_in_place_change():
+    """The (min, max) check is cached per indices tensor and version: a valid call first, then an
+    in-place write of an out-of-range index (to a view: same version counter) must still raise."""
+    q, k, v = qkv(1, 2, 2, 5, 9, 32)
+    indices = torch.randint(0, 9, (1, 2, 5, 3), device=DEVICE)
+    flashlite.topk_attention(q, k, v, indices)
+    indices[0, 1, 4, 2:] = 9
+    with pytest.raises(ValueError, match=r"indices must lie in \[-1, Nk\)"):
+        flashlite.topk_attention(q, k, v, indices)
+    indices[0, 1, 4, 2:] = -1
+    flashlite.topk_attention(q, k, v, indices)
+
+
 AOT_COMPILE = r'''
 from flashlite.kernels import gather_engine as ge
 

@@ -18,6 +18,7 @@ namespace flashlite {
 namespace cpu {
 namespace FL_ISA {
 
+#define FL_ALWAYS_INLINE inline __attribute__((always_inline))
 constexpr int L = FL_LANES;
 constexpr int MR = FL_MR;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -150,6 +151,7 @@ inline vf merge_halves(vf a, vf b, std::integer_sequence<int, J...>) {
 }
 template <int W>
 inline vf reduce_lanes(vf* acc, int count) {
+#pragma GCC unroll 16
   for (int i = 0; i < count / 2; ++i)
     acc[i] = merge_halves<W>(acc[2 * i], acc[2 * i + 1], std::make_integer_sequence<int, L>());
   if constexpr (W > 2) {
@@ -160,8 +162,9 @@ inline vf reduce_lanes(vf* acc, int count) {
 }
 
 // out[t] = x · rows[t] for t < L (rows of Dp floats; Dp a multiple of L).
-inline vf dots(const float* x, const float* const* rows, int Dp) {
+FL_ALWAYS_INLINE vf dots(const float* x, const float* const* rows, int Dp) {
   vf acc[L];
+#pragma GCC unroll 16
   for (int t = 0; t < L; ++t) acc[t] = vf{};
   for (int d = 0; d < Dp; d += L) {
     const vf xd = load(x + d);
@@ -592,34 +595,53 @@ inline float gather_row_scores(const AttentionParams& p, int b, int kv_head, int
   return hmax(row_max);
 }
 
-// Prefetch the key and value rows that query row i selects (the gathered rows are scattered over
-// k and v, so without it each row's loads wait on cache misses one batch at a time).
-inline void gather_prefetch(const AttentionParams& p, int b, int kv_head, int i) {
+// Prefetch what row i streams through: its index list, its query row and (for writing) its
+// output row. They are read in order, but the hardware prefetchers lose track of these streams
+// among the scattered key/value loads; fetching them a few rows ahead removes most of the stalls
+// (top-k 64 of 8192 keys, float32: 26 -> 17 ms on one core). The scattered key/value rows
+// themselves are better left to the hardware: prefetching a whole row's 2·K rows ahead evicts
+// the current row's from L1 and was slower.
+// always_inline: a function whose only effect is __builtin_prefetch is "const" to GCC's IPA,
+// and its calls are deleted as dead code unless it is inlined first.
+constexpr int kStreamAhead = 4;
+FL_ALWAYS_INLINE void gather_prefetch_streams(const AttentionParams& p, int b, int h, int kv_head, int i) {
   if (i >= p.seqlen_q) return;
-  const int64_t* idx = gather_row_indices(p, b, kv_head, i);
   const int elem = p.dtype == DType::kFloat32 ? 4 : 2;
-  const int row_bytes = p.head_dim * elem;
-  const char* k_base = static_cast<const char*>(p.k) + offset(p.k_strides, b, kv_head, 0) * elem;
-  const char* v_base = static_cast<const char*>(p.v) + offset(p.v_strides, b, kv_head, 0) * elem;
-  for (int t = 0; t < p.top_k; ++t) {
-    const int64_t j = idx[t];
-    if (j < 0 || j >= p.seqlen_k) continue;
-    const char* k_row = k_base + j * p.k_strides.row * elem;
-    const char* v_row = v_base + j * p.v_strides.row * elem;
-    for (int byte = 0; byte < row_bytes; byte += 64) {
-      __builtin_prefetch(k_row + byte);
-      __builtin_prefetch(v_row + byte);
-    }
+  const char* indices = reinterpret_cast<const char*>(gather_row_indices(p, b, kv_head, i));
+  for (int byte = 0; byte < p.top_k * int(sizeof(int64_t)); byte += 64) __builtin_prefetch(indices + byte);
+  const char* q_row = static_cast<const char*>(p.q) + offset(p.q_strides, b, h, i) * elem;
+  char* out_row = static_cast<char*>(p.out) + offset(p.out_strides, b, h, i) * elem;
+  for (int byte = 0; byte < p.head_dim * elem; byte += 64) {
+    __builtin_prefetch(q_row + byte);
+    __builtin_prefetch(out_row + byte, 1);
   }
 }
 
 inline void pack_query_row(const AttentionParams& p, const void* base, const Strides3& strides, int b, int h, int i,
                            float factor, float* out) {
   const int D = p.head_dim, Dp = round_up(D, L);
+  if (p.dtype == DType::kFloat32 && D % L == 0) {  // whole vectors: no copy call, no second pass
+    const float* row = static_cast<const float*>(base) + offset(strides, b, h, i);
+    for (int d = 0; d < D; d += L) store(out + d, load(row + d) * factor);
+    return;
+  }
   load_row(p.dtype, base, offset(strides, b, h, i), D, out);
   if (factor != 1.f)
     for (int d = 0; d < D; ++d) out[d] *= factor;
   fill(out + D, Dp - D, 0.f);
+}
+
+// Row i of a [B, H, N, D] output = acc[0:D]·factor (acc is Dp floats, scaled in place).
+inline void store_scaled_row(const AttentionParams& p, void* base, const Strides3& strides, int b, int h, int i,
+                             float* acc, float factor) {
+  const int D = p.head_dim;
+  if (p.dtype == DType::kFloat32 && D % L == 0) {  // whole vectors: no copy call
+    float* row = static_cast<float*>(base) + offset(strides, b, h, i);
+    for (int d = 0; d < D; d += L) store(row + d, load(acc + d) * factor);
+    return;
+  }
+  for (int d = 0; d < D; ++d) acc[d] *= factor;
+  store_row(p.dtype, base, offset(strides, b, h, i), D, acc);
 }
 
 // Forward of rows [row_begin, row_end) of (b, h):
@@ -633,15 +655,14 @@ void gather_forward(const AttentionParams& p, int b, int h, int row_begin, int r
   GatherRow row = gather_row_alloc(p, ws, acc + Dp);
   const float slope = p.alibi(b, h), factor = query_factor(p);
   float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q;
-  if (row_begin < row_end) gather_prefetch(p, b, kv_head, row_begin);
   for (int i = row_begin; i < row_end; ++i) {
-    gather_prefetch(p, b, kv_head, i + 1);
+    gather_prefetch_streams(p, b, h, kv_head, i + kStreamAhead);
     pack_query_row(p, p.q, p.q_strides, b, h, i, factor, qv);
     const float row_max = gather_row_scores(p, b, kv_head, i, qv, slope, row);
     fill(acc, Dp, 0.f);
     if (row_max == -kInf) {
       lse[i] = -kInf;
-      store_row(p.dtype, p.out, offset(p.out_strides, b, h, i), D, acc);
+      store_scaled_row(p, p.out, p.out_strides, b, h, i, acc, 1.f);
       continue;
     }
     vf sum = {};
@@ -652,9 +673,7 @@ void gather_forward(const AttentionParams& p, int b, int h, int row_begin, int r
     }
     const float l = hsum(sum);
     weighted_rows(row.s, row.values, K, Dp, acc);
-    const float inv = 1.f / l;
-    for (int d = 0; d < D; ++d) acc[d] *= inv;
-    store_row(p.dtype, p.out, offset(p.out_strides, b, h, i), D, acc);
+    store_scaled_row(p, p.out, p.out_strides, b, h, i, acc, 1.f / l);
     lse[i] = (row_max + log2f(l)) * kLn2;
   }
 }
