@@ -2,24 +2,12 @@
 #include "prelude.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
 #define FL_ISA avx2
 #define FL_ISA_NAME "avx2"
 #define FL_LANES 8
 #define FL_MR 6
-#include "engine.h"
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#define FL_TARGET "avx2,fma,f16c"
+#include "isa_target.h"
 
 namespace flashlite {
 namespace cpu {
