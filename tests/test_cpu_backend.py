@@ -91,6 +91,47 @@ def test_decode_and_long_band():
     check_against_reference(*qkv(1, 2, 2, 260, 260, 32), SlidingWindow(70, 10), "cpu")
 
 
+# Decode (at most 4 query rows) runs a row kernel with the keys along the vector lanes, one work
+# item per KV head when the group shares its schedule rows, else per head; 5 rows is the tile kernel.
+def decode_pattern(name: str, Hq: int, Nq: int, Nk: int):
+    blocks = (cdiv(Nq, 16), cdiv(Nk, 16))
+    if name == "block_sparse_shared":  # one layout for every head: the group shares each key tile
+        layout = torch.rand(1, 1, *blocks) < 0.5
+        layout[..., -1] = True
+        return BlockSparse(layout, 16)
+    if name == "block_sparse_per_head":  # a layout per head; head 1 sees no key at all
+        layout = torch.rand(1, Hq, *blocks) < 0.5
+        layout[:, 1] = False
+        return BlockSparse(layout, 16)
+    return {"full": Full(False), "causal": Full(True), "window": SlidingWindow(5, 0),
+            "window_both_sides": SlidingWindow(40, 3)}[name]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5])
+@pytest.mark.parametrize("pattern", ["full", "causal", "window", "window_both_sides", "block_sparse_shared",
+                                     "block_sparse_per_head"])
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.float16, 40), (torch.bfloat16, 128)], ids=str)
+def test_decode_rows(ext, isa, rows, pattern, dtype, head_dim):
+    B, Hq, Hkv, Nk = 1, 8, 2, 133
+    made = decode_pattern(pattern, Hq, rows, Nk)
+    for name in isa:
+        ext.cpu_set_isa(name)
+        check_against_reference(*qkv(B, Hq, Hkv, rows, Nk, head_dim, dtype), made, "cpu")
+
+
+@pytest.mark.parametrize("softcap,alibi", [(4.0, False), (None, True), (3.0, True)], ids=str)
+def test_decode_rows_softcap_alibi_mqa(softcap, alibi):
+    q, k, v = qkv(1, 6, 1, 3, 130, 64)
+    slopes = torch.rand(6) * 0.5 if alibi else None
+    check_against_reference(q * 3, k, v, Full(True), "cpu", softcap=softcap, alibi_slopes=slopes)
+
+
+def test_decode_rows_with_more_queries_than_keys():
+    """Causal, 3 queries over 2 keys: the first query sees no key (zeros, lse -inf)."""
+    out = check_against_reference(*qkv(1, 4, 2, 3, 2, 64), Full(True), "cpu")
+    assert out[:, :, 0].abs().max() == 0
+
+
 def test_python_tile_sizes_match_the_extension(ext):
     """The backend picks tile sizes in Python (traceable by torch.compile); they must be the C++ ones."""
     from flashlite._backends.native import cpu_tile_sizes

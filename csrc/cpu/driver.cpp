@@ -117,9 +117,34 @@ void tile_config(int head_dim, DType dtype, int block_size, int* block_m, int* b
   *block_n = *block_m;
 }
 
+namespace {
+// Up to this many query rows (decode), the forward runs row by row with keys along the vector
+// lanes (KernelTable::tile_forward_rows); more rows fill the query-major tile kernel's lanes.
+constexpr int kDecodeRows = 4;
+
+// Decode: one work item per (b, KV head) when the group's heads share their schedule rows (a
+// broadcast schedule: full, causal, window, a layout without a head dimension), so each key tile
+// is loaded once for the whole group; else one per (b, head).
+void tile_forward_decode(const KernelTable& kernels, const AttentionParams& p, int num_threads) {
+  const ScheduleView& schedule = p.forward_schedule;
+  const bool shared = schedule.tiles_stride_h == 0 && schedule.count_stride_h == 0;
+  const int heads = shared ? p.group() : 1, items = p.heads_q / heads;
+  const int64_t tasks = int64_t(p.batch) * items;
+#pragma omp parallel num_threads(thread_count(num_threads))
+  {
+    Workspace ws;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task)
+      kernels.tile_forward_rows(p, static_cast<int>(task / items), static_cast<int>(task % items) * heads, heads, 0,
+                                ws);
+  }
+}
+}  // namespace
+
 void tile_forward(const AttentionParams& p, int num_threads) {
   if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return;
   const KernelTable& kernels = active();
+  if (p.seqlen_q <= kDecodeRows && p.seqlen_q <= p.block_m) return tile_forward_decode(kernels, p, num_threads);
   const int num_m = cdiv(p.seqlen_q, p.block_m);
   const int64_t tasks = int64_t(p.batch) * p.heads_q * num_m;
 #pragma omp parallel num_threads(thread_count(num_threads))

@@ -34,6 +34,7 @@ inline void store(float* p, vf x) { *reinterpret_cast<vf_unaligned*>(p) = x; }
 inline vf splat(float x) { return vf{} + x; }
 inline vf select(vi mask, vf a, vf b) { return mask ? a : b; }
 inline vf vmax(vf a, vf b) { return select(a > b, a, b); }
+inline vi splat_int(int x) { return vi{} + x; }
 inline vi iota() {
   vi v;
   for (int i = 0; i < L; ++i) v[i] = i;
@@ -269,7 +270,52 @@ inline void store_rows(DType dtype, void* base, const Strides3& s, int b, int h,
   for (int r = 0; r < rows; ++r) store_row(dtype, base, offset(s, b, h, i0 + r), D, src + r * ld);
 }
 
+// One query row q̃ = q·factor as Dp floats (zero past D).
+inline void pack_query_row(const AttentionParams& p, const void* base, const Strides3& strides, int b, int h, int i,
+                           float factor, float* out) {
+  const int D = p.head_dim, Dp = round_up(D, L);
+  if (p.dtype == DType::kFloat32 && D % L == 0) {  // whole vectors: no copy call, no second pass
+    const float* row = static_cast<const float*>(base) + offset(strides, b, h, i);
+    for (int d = 0; d < D; d += L) store(out + d, load(row + d) * factor);
+    return;
+  }
+  load_row(p.dtype, base, offset(strides, b, h, i), D, out);
+  if (factor != 1.f)
+    for (int d = 0; d < D; ++d) out[d] *= factor;
+  fill(out + D, Dp - D, 0.f);
+}
+
+// Row i of a [B, H, N, D] output = acc[0:D]·factor (acc is Dp floats, scaled in place).
+inline void store_scaled_row(const AttentionParams& p, void* base, const Strides3& strides, int b, int h, int i,
+                             float* acc, float factor) {
+  const int D = p.head_dim;
+  if (p.dtype == DType::kFloat32 && D % L == 0) {  // whole vectors: no copy call
+    float* row = static_cast<float*>(base) + offset(strides, b, h, i);
+    for (int d = 0; d < D; d += L) store(row + d, load(acc + d) * factor);
+    return;
+  }
+  for (int d = 0; d < D; ++d) acc[d] *= factor;
+  store_row(p.dtype, base, offset(strides, b, h, i), D, acc);
+}
+
 // ---------------------------------------------------------------------------------------------
+// Scores of L (query, key) pairs from x = q̃·k and dist = p(i) − j (the formulas of score_tile);
+// slope_units = slope with softcap, slope·log2e without. chain (if given) gets 1 − tanh².
+inline vf score_lanes(vf x, vi dist, float cap, float slope_units, float* chain) {
+  vf s = x;
+  if (cap != 0.f) {
+    const vf t = tanhv(x * (1.f / cap));
+    s = t * cap;
+    if (chain) store(chain, 1.f - t * t);
+  }
+  if (slope_units != 0.f) {
+    const vf d = __builtin_convertvector(dist, vf);
+    s -= slope_units * select(d < 0.f, -d, d);
+  }
+  return cap != 0.f ? s * kLog2e : s;
+}
+inline vi in_band(const AttentionParams& p, vi dist) { return (dist <= p.window_left) & (dist >= -p.window_right); }
+
 // Scores of one tile, in place on Sᵀ[c][r] (keys j0 + c, c < nk; queries i0 + r, r < Y), from
 // x = q̃·k:
 //   softcap:  t = tanh(x/cap),  s = log2e·(cap·t − slope·|p(i) − j|),  chain[c][r] = 1 − t²
@@ -287,19 +333,9 @@ inline void score_tile(const AttentionParams& p, float slope, int i0, int rows, 
   for (int c = 0; c < nk; ++c) {
     float* s_row = st + c * ld;
     for (int y = 0; y < Y; y += L) {
-      vf s = load(s_row + y);
       const vi dist = row_pos + (y - (j0 + c));  // p(i) − j
-      if (cap != 0.f) {
-        const vf t = tanhv(s * (1.f / cap));
-        s = t * cap;
-        if (chain) store(chain + c * ld + y, 1.f - t * t);
-      }
-      if (slope != 0.f) {
-        const vf d = __builtin_convertvector(dist, vf);
-        s -= slope_units * select(d < 0.f, -d, d);
-      }
-      if (cap != 0.f) s *= kLog2e;
-      if (masked) s = select((dist <= p.window_left) & (dist >= -p.window_right), s, splat(-kInf));
+      vf s = score_lanes(load(s_row + y), dist, cap, slope_units, chain ? chain + c * ld + y : nullptr);
+      if (masked) s = select(in_band(p, dist), s, splat(-kInf));
       store(s_row + y, s);
     }
   }
@@ -367,6 +403,82 @@ void tile_forward(const AttentionParams& p, int b, int h, int m, Workspace& ws) 
     alpha[r] = l > 0.f ? 1.f / l : 0.f;
   }
   store_transposed(p.dtype, p.out, p.out_strides, b, h, i0, rows, D, ot, BM, alpha, tmp);
+}
+
+// Tile engine, forward, for a few query rows (decode): query tile m of heads h_first ..
+// h_first + heads − 1 (one KV head's group sharing a schedule row) over the key tiles of that
+// row, one query row at a time with the keys along the vector lanes: the query-major kernel
+// above would fill 1 of its L lanes per row. Each key tile is loaded once for all rows.
+// Per row r and key tile (keys j0 + c, c < nk), in log2 units:
+//   s_c = score(q̃_r·k_c) (−inf outside the band),  m' = max(m, max_c s_c),  α = 2^(m − m'),
+//   P_c = 2^(s_c − m'),  l' = α·l + Σ_c P_c,  acc' = α·acc + Σ_c P_c·v_c
+// and at the end out_r = acc / l, lse_r = ln2·(m + log2 l) (a row that saw no key: 0 and −inf).
+void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, int m, Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, BNp = round_up(BN, L), D = p.head_dim, Dp = round_up(D, L);
+  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), R = heads * rows;
+  const int kv_head = h_first / p.group();
+  float* q_rows = ws.floats(size_t(R * (2 * Dp + 2) + 2 * BNp * Dp + BNp + Dp));
+  float* acc = q_rows + R * Dp;
+  float* row_max = acc + R * Dp;
+  float* row_sum = row_max + R;
+  float* kbuf = row_sum + R;
+  float* vbuf = kbuf + BNp * Dp;
+  float* s = vbuf + BNp * Dp;
+  float* zero = s + BNp;
+  const float** keys = ws.pointers(size_t(2 * BNp));
+  const float** values = keys + BNp;
+  fill(zero, Dp, 0.f);
+  for (int r = 0; r < R; ++r)
+    pack_query_row(p, p.q, p.q_strides, b, h_first + r / rows, i0 + r % rows, query_factor(p), q_rows + r * Dp);
+  fill(acc, R * Dp, 0.f);
+  fill(row_max, R, -kInf);
+  fill(row_sum, R, 0.f);
+  const float cap = p.softcap;
+  const ScheduleView& schedule = p.forward_schedule;
+  const int count = schedule.num_tiles(b, h_first, m);
+  for (int t = 0; t < count; ++t) {
+    const int j0 = schedule.tile(b, h_first, m, t) * BN, nk = imin(BN, p.seqlen_k - j0), nkp = round_up(nk, L);
+    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, true, kbuf);
+    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, true, vbuf);
+    for (int c = 0; c < nkp; ++c) {
+      keys[c] = c < nk ? k.data + c * k.ld : zero;
+      values[c] = c < nk ? v.data + c * v.ld : zero;
+    }
+    for (int r = 0; r < R; ++r) {
+      const int h = h_first + r / rows, pos = i0 + r % rows + p.seqlen_k - p.seqlen_q;
+      const float slope = p.alibi(b, h), slope_units = cap != 0.f ? slope : slope * kLog2e;
+      vf tile_max = splat(-kInf);
+      for (int c0 = 0; c0 < nkp; c0 += L) {
+        const vi dist = splat_int(pos - j0 - c0) - iota();  // p(i) − j for keys j0 + c0 + lane
+        const vf x = dots(q_rows + r * Dp, keys + c0, Dp);
+        const vf sc = select(in_band(p, dist) & (iota() < nk - c0), score_lanes(x, dist, cap, slope_units, nullptr),
+                             splat(-kInf));
+        store(s + c0, sc);
+        tile_max = vmax(tile_max, sc);
+      }
+      const float m_old = row_max[r], m_new = fmaxf(m_old, hmax(tile_max));
+      if (m_new == -kInf) continue;  // nothing visible yet
+      vf sum = {};
+      for (int c0 = 0; c0 < nkp; c0 += L) {
+        const vf prob = exp2v(load(s + c0) - m_new);
+        store(s + c0, prob);
+        sum += prob;
+      }
+      const float alpha = m_old == -kInf ? 0.f : exp2f(m_old - m_new);
+      row_sum[r] = row_sum[r] * alpha + hsum(sum);
+      row_max[r] = m_new;
+      float* acc_r = acc + r * Dp;
+      if (alpha != 1.f)
+        for (int d = 0; d < Dp; d += L) store(acc_r + d, load(acc_r + d) * alpha);
+      weighted_rows(s, values, nk, Dp, acc_r);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int h = h_first + r / rows, i = i0 + r % rows;
+    const float l = row_sum[r];
+    p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : -kInf;
+    store_scaled_row(p, p.out, p.out_strides, b, h, i, acc + r * Dp, l > 0.f ? 1.f / l : 0.f);
+  }
 }
 
 // Backward helpers: a query tile's lse in log2 units (+inf for a row with no key, so that every
@@ -617,33 +729,6 @@ FL_ALWAYS_INLINE void gather_prefetch_streams(const AttentionParams& p, int b, i
   }
 }
 
-inline void pack_query_row(const AttentionParams& p, const void* base, const Strides3& strides, int b, int h, int i,
-                           float factor, float* out) {
-  const int D = p.head_dim, Dp = round_up(D, L);
-  if (p.dtype == DType::kFloat32 && D % L == 0) {  // whole vectors: no copy call, no second pass
-    const float* row = static_cast<const float*>(base) + offset(strides, b, h, i);
-    for (int d = 0; d < D; d += L) store(out + d, load(row + d) * factor);
-    return;
-  }
-  load_row(p.dtype, base, offset(strides, b, h, i), D, out);
-  if (factor != 1.f)
-    for (int d = 0; d < D; ++d) out[d] *= factor;
-  fill(out + D, Dp - D, 0.f);
-}
-
-// Row i of a [B, H, N, D] output = acc[0:D]·factor (acc is Dp floats, scaled in place).
-inline void store_scaled_row(const AttentionParams& p, void* base, const Strides3& strides, int b, int h, int i,
-                             float* acc, float factor) {
-  const int D = p.head_dim;
-  if (p.dtype == DType::kFloat32 && D % L == 0) {  // whole vectors: no copy call
-    float* row = static_cast<float*>(base) + offset(strides, b, h, i);
-    for (int d = 0; d < D; d += L) store(row + d, load(acc + d) * factor);
-    return;
-  }
-  for (int d = 0; d < D; ++d) acc[d] *= factor;
-  store_row(p.dtype, base, offset(strides, b, h, i), D, acc);
-}
-
 // Forward of rows [row_begin, row_end) of (b, h):
 //   s_t = score(q_i·k_{idx_t}),  m = max_t s_t,  P_t = 2^(s_t − m),  l = Σ_t P_t,
 //   out_i = Σ_t P_t·v_{idx_t} / l,  lse_i = ln2·(m + log2 l)   (no valid slot: 0 and −inf)
@@ -751,7 +836,7 @@ void gather_backward_keys(const AttentionParams& p, const BackwardParams& g, con
 
 const KernelTable& table() {
   static const KernelTable kernels = {
-      FL_ISA_NAME, L, &tile_forward, &tile_backward_kv, &tile_backward_q, &gather_forward, &gather_backward_rows,
+      FL_ISA_NAME, L, &tile_forward, &tile_forward_rows, &tile_backward_kv, &tile_backward_q, &gather_forward, &gather_backward_rows,
       &gather_backward_keys,
   };
   return kernels;
