@@ -83,6 +83,8 @@ def test_every_instruction_set_build(ext, isa):
         check_against_reference(*qkv(1, 2, 2, 50, 67, 64), BlockSparse(layout, 16), "cpu")
         indices = distinct_indices((1, 2, 50), 67, 9, empty=0.2)
         check_against_reference(*qkv(1, 4, 2, 50, 67, 59, torch.bfloat16), TopK(indices, causal=True), "cpu")
+        # float32 rows of whole vectors: addresses computed L/2 slots at a time, then a tail (K = 9)
+        check_against_reference(*qkv(1, 4, 2, 50, 67, 64), TopK(indices, causal=True), "cpu")
 
 
 def test_decode_and_long_band():

@@ -27,6 +27,11 @@ constexpr float kInf = __builtin_inff();
 
 typedef float vf __attribute__((vector_size(L * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(L * sizeof(int32_t))));
+typedef int64_t vi64 __attribute__((vector_size(L * sizeof(float))));  // L/2 64-bit lanes
+typedef uint64_t vu64 __attribute__((vector_size(L * sizeof(float))));
+typedef float vfh __attribute__((vector_size(L / 2 * sizeof(float))));
+typedef int32_t vih __attribute__((vector_size(L / 2 * sizeof(int32_t))));
+constexpr int L64 = L / 2;
 typedef float vf_unaligned __attribute__((vector_size(L * sizeof(float)), aligned(4), may_alias));
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
@@ -166,11 +171,11 @@ inline vf reduce_lanes(vf* acc, int count) {
 FL_ALWAYS_INLINE vf dots(const float* x, const float* const* rows, int Dp) {
   vf acc[L];
 #pragma GCC unroll 16
-  for (int t = 0; t < L; ++t) acc[t] = vf{};
-  for (int d = 0; d < Dp; d += L) {
-    const vf xd = load(x + d);
-#pragma GCC unroll 16
-    for (int t = 0; t < L; ++t) acc[t] += xd * load(rows[t] + d);
+  for (int t = 0; t < L; ++t) {
+    const float* row = rows[t];
+    vf sum = load(x) * load(row);
+    for (int d = L; d < Dp; d += L) sum += load(x + d) * load(row + d);
+    acc[t] = sum;
   }
   if constexpr (L == 1) {
     return acc[0];
@@ -664,7 +669,25 @@ inline float gather_row_scores(const AttentionParams& p, int b, int kv_head, int
   if (direct) {  // branch-free: valid iff 0 <= j <= last, i.e. j < limit as unsigned numbers
     const int64_t k_row = p.k_strides.row, v_row = p.v_strides.row;
     const uint64_t limit = last < 0 ? 0 : static_cast<uint64_t>(last) + 1;
-    for (int t = 0; t < K; ++t) {
+    int t = 0;
+    if constexpr (L64 > 1) {  // L64 slots per step, addresses as 64-bit lanes (was ~40 % of the row's instructions)
+      const vu64 limit_v = vu64{} + limit;
+      const vi64 k_addr = vi64{} + reinterpret_cast<int64_t>(k_base), v_addr = vi64{} + reinterpret_cast<int64_t>(v_base);
+      const vi64 zero_addr = vi64{} + reinterpret_cast<int64_t>(row.zero);
+      const vi64 k_step = vi64{} + k_row * int64_t(sizeof(float)), v_step = vi64{} + v_row * int64_t(sizeof(float));
+      for (; t + L64 <= K; t += L64) {
+        vi64 j;
+        std::memcpy(&j, idx + t, sizeof j);
+        const vi64 ok = reinterpret_cast<vi64>(reinterpret_cast<vu64>(j) < limit_v);  // −1 where valid
+        const vi64 keys = ok ? k_addr + j * k_step : zero_addr;
+        const vi64 values = ok ? v_addr + j * v_step : zero_addr;
+        std::memcpy(row.keys + t, &keys, sizeof keys);
+        std::memcpy(row.values + t, &values, sizeof values);
+        const vfh bias = __builtin_convertvector(ok, vih) ? vfh{} : vfh{} - kInf;
+        std::memcpy(row.bias + t, &bias, sizeof bias);
+      }
+    }
+    for (; t < K; ++t) {
       const int64_t j = idx[t];
       const bool ok = static_cast<uint64_t>(j) < limit;
       const int64_t jj = ok ? j : 0;
