@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import _backends
 from .schedule import TileSchedule
@@ -141,6 +142,17 @@ gather_attention_op.register_autograd(_gather_backward, setup_context=_gather_se
 # ---------------------------------------------------------------------------------------------
 # Entry used by flashlite.api
 # ---------------------------------------------------------------------------------------------
+def _plain_eager(*tensors: Tensor) -> bool:
+    """True when a call needs nothing from the custom op: plain tensors, no torch.compile / export
+    tracing, no dispatch or function mode (fake, functional, meta tracing). Such a call without
+    autograd runs the backend directly, which saves the op machinery's Python (tens of µs, what a
+    decode step over a short cache costs in all)."""
+    return (all(type(t) is Tensor for t in tensors) and not torch.compiler.is_compiling()
+            and _current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled())
+
+
+
+# ---------------------------------------------------------------------------------------------
 def run(q: Tensor, k: Tensor, v: Tensor, pattern, *, scale: float, softcap: Optional[float],
         alibi_slopes: Optional[Tensor], backend: Optional[str]) -> Tuple[Tensor, Tensor]:
     """Pick a backend for (device, pattern, dtype) and run it. Returns (out, lse)."""
@@ -158,11 +170,17 @@ def run(q: Tensor, k: Tensor, v: Tensor, pattern, *, scale: float, softcap: Opti
         return reference.attention(q, k, v, pattern, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
                                    return_lse=True)
     softcap_value = float(softcap or 0.0)
+    direct = not req.requires_grad and _plain_eager(q, k, v)
     if pattern.engine == "gather":
+        if direct:
+            return _backends.get(chosen.name).gather_forward(q, k, v, pattern.indices, pattern.causal, scale,
+                                                             softcap_value, alibi_slopes)
         return gather_attention_op(q, k, v, pattern.indices, alibi_slopes, pattern.causal, scale, softcap_value,
                                    chosen.name)
     sizes = chosen.tile_config(req)
     sched = pattern.schedule(q.shape[2], k.shape[2], sizes.block_m, sizes.block_n, q.device)
+    if direct:
+        return _backends.get(chosen.name).tile_forward(q, k, v, sched, scale, softcap_value, alibi_slopes)
     return tile_attention_op(q, k, v, sched.kv_tiles, sched.kv_count, sched.q_tiles, sched.q_count, alibi_slopes,
                              sched.is_list, sched.block_m, sched.block_n, sched.window_left, sched.window_right,
                              scale, softcap_value, chosen.name)

@@ -137,3 +137,36 @@ def test_auto_backend_on_cpu_is_native_or_reference():
 
 def test_reference_backend_matches_rule():
     check_against_reference(*qkv(Hq=4, Hkv=2), Full(True), "reference")
+
+
+@pytest.mark.parametrize("pattern", [Full(True), SlidingWindow(5), TopK(torch.randint(0, 24, (1, 2, 20, 4)))],
+                         ids=["causal", "window", "topk"])
+def test_inference_call_bypasses_the_custom_op_with_the_same_result(pattern, monkeypatch):
+    """Without autograd or tracing, dispatch calls the backend directly (no torch.library op, whose
+    Python costs more than a short decode step); the result must be the op's, bit for bit, and the
+    op path must still serve autograd and fake tensors."""
+    from flashlite import dispatch
+
+    if isinstance(pattern, TopK):
+        pattern = TopK(pattern.indices.to(DEVICE))
+    q, k, v = qkv()
+    ops = []
+    for name in ("tile_attention_op", "gather_attention_op"):
+        real = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, _real=real, **kw: ops.append(1) or _real(*a, **kw))
+    with torch.no_grad():
+        direct, direct_lse = flashlite.attention(q, k, v, pattern, return_lse=True)
+    assert ops == []
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    through_op, op_lse = flashlite.attention(*leaves, pattern, return_lse=True)
+    assert ops == [1]
+    assert torch.equal(direct, through_op.detach()) and torch.equal(direct_lse, op_lse)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):  # a mode sees ops: the call must go through the op
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), PassThrough():
+        moded = flashlite.attention(q, k, v, pattern)
+    assert ops == [1, 1] and torch.equal(moded, direct)
