@@ -19,8 +19,6 @@ namespace {
 
 using at::Tensor;
 using c10::optional;
-using flashlite::AttentionParams;
-using flashlite::BackwardParams;
 
 // The kernels' thread count: torch's (torch.set_num_threads applies to flashlite too).
 int threads() { return at::get_num_threads(); }
@@ -33,36 +31,27 @@ py::tuple cpu_tile_config(int64_t head_dim, py::object dtype, int64_t block_size
   return py::make_tuple(block_m, block_n);
 }
 
-void set_band(AttentionParams& p, int64_t block_m, int64_t block_n, int64_t window_left, int64_t window_right) {
-  TORCH_CHECK_VALUE(block_m > 0 && block_n > 0 && block_m % 16 == 0 && block_n % 16 == 0,
-                    "flashlite: block_m and block_n must be positive multiples of 16 (use cpu_tile_config)");
-  p.block_m = static_cast<int32_t>(block_m);
-  p.block_n = static_cast<int32_t>(block_n);
-  p.window_left = static_cast<int32_t>(window_left);
-  p.window_right = static_cast<int32_t>(window_right);
+// grad_out/out like q and lse [B, Hq, Nq] (sizes and grad_out's dtype).
+void check_saved(const Tensor& grad_out, const Tensor& out, const Tensor& lse, const Tensor& q) {
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
+                        out.sizes() == q.sizes() && lse.sizes() == q.sizes().slice(0, 3),
+                    "flashlite: grad_out/out must be like q and lse [B, Hq, Nq]");
 }
 
 std::tuple<Tensor, Tensor> cpu_tile_forward(Tensor q, Tensor k, Tensor v, const Tensor& kv_tiles,
                                             const Tensor& kv_count, const optional<Tensor>& alibi_slopes, bool is_list,
                                             int64_t block_m, int64_t block_n, int64_t window_left,
                                             int64_t window_right, double scale, double softcap) {
-  q = flashlite::last_dim_contiguous(q);
-  k = flashlite::last_dim_contiguous(k);
-  v = flashlite::last_dim_contiguous(v);
+  flashlite::make_last_dims_contiguous({&q, &k, &v});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
-  Tensor out = at::empty_like(q);
-  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  flashlite::poison({out, lse});
-  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
-  AttentionParams p = flashlite::make_params(q, k, v, out, lse, alibi, scale, softcap);
-  set_band(p, block_m, block_n, window_left, window_right);
-  p.forward_schedule = flashlite::make_schedule(kv_tiles, kv_count, is_list, (q.size(2) + block_m - 1) / block_m, q,
-                                                "kv_tiles/kv_count");
+  flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap);
+  flashlite::set_tile_schedule(call.params, q, block_m, block_n, window_left, window_right, kv_tiles, kv_count,
+                               is_list, "cpu_tile_config");
   {
     py::gil_scoped_release no_gil;
-    flashlite::cpu::tile_forward(p, threads());
+    flashlite::cpu::tile_forward(call.params, threads());
   }
-  return {out, lse};
+  return {call.out, call.lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
@@ -70,78 +59,50 @@ std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
     const Tensor& kv_count, const Tensor& q_tiles, const Tensor& q_count, const optional<Tensor>& alibi_slopes,
     bool is_list, int64_t block_m, int64_t block_n, int64_t window_left, int64_t window_right, double scale,
     double softcap, bool deterministic) {
-  q = flashlite::last_dim_contiguous(q);
-  k = flashlite::last_dim_contiguous(k);
-  v = flashlite::last_dim_contiguous(v);
-  grad_out = flashlite::last_dim_contiguous(grad_out);
+  flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
-                        out.sizes() == q.sizes() && lse.sizes() == q.sizes().slice(0, 3),
-                    "flashlite: grad_out/out must be like q and lse [B, Hq, Nq]");
-  const Tensor lse_f = lse.to(at::kFloat).contiguous();
-  const Tensor delta = flashlite::softmax_delta(grad_out, out);
-  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  flashlite::poison({dq, dk, dv});
-  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
-  AttentionParams p = flashlite::make_params(q, k, v, Tensor(), lse_f, alibi, scale, softcap);
-  set_band(p, block_m, block_n, window_left, window_right);
-  p.forward_schedule = flashlite::make_schedule(kv_tiles, kv_count, is_list, (q.size(2) + block_m - 1) / block_m, q,
-                                                "kv_tiles/kv_count");
-  p.backward_schedule = flashlite::make_schedule(q_tiles, q_count, is_list, (k.size(2) + block_n - 1) / block_n, q,
-                                                 "q_tiles/q_count");
-  const BackwardParams g = flashlite::make_backward_params(grad_out, delta, dq, dk, dv, deterministic);
+  check_saved(grad_out, out, lse, q);
+  flashlite::BackwardCall call =
+      flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap, deterministic);
+  flashlite::set_tile_schedule(call.params, q, block_m, block_n, window_left, window_right, kv_tiles, kv_count,
+                               is_list, "cpu_tile_config");
+  flashlite::set_backward_schedule(call.params, q, k, q_tiles, q_count, is_list);
   {
     py::gil_scoped_release no_gil;
-    flashlite::cpu::tile_backward(p, g, threads());
+    flashlite::cpu::tile_backward(call.params, call.grads, threads());
   }
-  return {dq, dk, dv};
+  return {call.dq, call.dk, call.dv};
 }
 
 std::tuple<Tensor, Tensor> cpu_gather_forward(Tensor q, Tensor k, Tensor v, const Tensor& indices,
                                               const optional<Tensor>& alibi_slopes, bool causal, double scale,
                                               double softcap) {
-  q = flashlite::last_dim_contiguous(q);
-  k = flashlite::last_dim_contiguous(k);
-  v = flashlite::last_dim_contiguous(v);
+  flashlite::make_last_dims_contiguous({&q, &k, &v});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
-  Tensor out = at::empty_like(q);
-  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  flashlite::poison({out, lse});
-  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
-  AttentionParams p = flashlite::make_params(q, k, v, out, lse, alibi, scale, softcap);
-  flashlite::set_indices(p, indices, causal);
+  flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap);
+  flashlite::set_indices(call.params, indices, causal);
   {
     py::gil_scoped_release no_gil;
-    flashlite::cpu::gather_forward(p, threads());
+    flashlite::cpu::gather_forward(call.params, threads());
   }
-  return {out, lse};
+  return {call.out, call.lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v,
                                                        const Tensor& out, const Tensor& lse, const Tensor& indices,
                                                        const optional<Tensor>& alibi_slopes, bool causal,
                                                        double scale, double softcap, bool deterministic) {
-  q = flashlite::last_dim_contiguous(q);
-  k = flashlite::last_dim_contiguous(k);
-  v = flashlite::last_dim_contiguous(v);
-  grad_out = flashlite::last_dim_contiguous(grad_out);
+  flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
-                        out.sizes() == q.sizes() && lse.sizes() == q.sizes().slice(0, 3),
-                    "flashlite: grad_out/out must be like q and lse [B, Hq, Nq]");
-  const Tensor lse_f = lse.to(at::kFloat).contiguous();
-  const Tensor delta = flashlite::softmax_delta(grad_out, out);
-  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  flashlite::poison({dq, dk, dv});
-  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
-  AttentionParams p = flashlite::make_params(q, k, v, Tensor(), lse_f, alibi, scale, softcap);
-  flashlite::set_indices(p, indices, causal);
-  const BackwardParams g = flashlite::make_backward_params(grad_out, delta, dq, dk, dv, deterministic);
+  check_saved(grad_out, out, lse, q);
+  flashlite::BackwardCall call =
+      flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap, deterministic);
+  flashlite::set_indices(call.params, indices, causal);
   {
     py::gil_scoped_release no_gil;
-    flashlite::cpu::gather_backward(p, g, threads());
+    flashlite::cpu::gather_backward(call.params, call.grads, threads());
   }
-  return {dq, dk, dv};
+  return {call.dq, call.dk, call.dv};
 }
 
 std::vector<std::string> cpu_isas() {

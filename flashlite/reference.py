@@ -63,17 +63,24 @@ def attention(
         visible = visible & mask.to(q.device)
     scores = scores.masked_fill(~visible, float("-inf"))
 
-    # Softmax that tolerates rows with no visible key: such rows give p = 0, out = 0, lse = -inf.
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - row_max)
-    row_sum = weights.sum(dim=-1, keepdim=True)
-    probs = weights / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    # Rows with no visible key give p = 0, out = 0, lse = -inf.
+    probs, row_max, row_sum = safe_softmax(scores)
     out = torch.matmul(probs, vc).to(q.dtype)
     if not return_lse:
         return out
     lse = (row_max + torch.log(row_sum)).squeeze(-1).to(torch.float32)
     return out, lse
+
+
+def safe_softmax(scores: torch.Tensor):
+    """Softmax over the last dim that tolerates rows with no visible key (all -inf): they give p = 0.
+    Returns ``(probs, row_max, row_sum)``, with ``lse = row_max + log(row_sum)`` (-inf for such rows)."""
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    row_sum = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    return probs, row_max, row_sum
 
 
 def attention_weights(q, k, pattern: Optional[Pattern] = None, **kw) -> torch.Tensor:

@@ -23,16 +23,56 @@ sum has a fixed order, so the backward is bitwise deterministic (on a GPU too), 
 does the same amount of work however unevenly keys are selected (sinks selected by all queries).
 
 Notation as in ``tile_engine``: ``s_ij`` score, ``m_i`` running max, ``l_i`` running sum,
-``lse_i = m_i + log l_i``; scores carried in base 2 in the hot loop (``exp2``). Helpers are
-inlined on purpose: under the interpreter each nested jit call costs as much as a dozen ops.
+``lse_i = m_i + log l_i``; scores carried in base 2 in the hot loop (``exp2``). The stages shared
+with the tile engine (scores, online softmax, softmax backward) are in ``attention_steps``.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+from .attention_steps import LOG2E, capped_scores, dot, online_softmax_step, score_grad, scores, softmax_finish
+
+
+@triton.jit
+def _program_rows(tile, kv_head, group, seqlen_q, seqlen_k, BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """The rows of a forward/dQ program: row r is query tile·BLOCK_Q + r // GROUP_PAD of head
+    kv_head·group + r % GROUP_PAD; padding rows (past Nq or the group) are not ok. Returns
+    (query, head, row_ok, query_pos) with query_pos = p(i) = i + Nk − Nq (bottom-right alignment)."""
+    r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    query = tile * BLOCK_Q + r // GROUP_PAD
+    head = kv_head * group + r % GROUP_PAD
+    row_ok = (query < seqlen_q) & (r % GROUP_PAD < group)
+    query_pos = query + (seqlen_k - seqlen_q)
+    return query, head, row_ok, query_pos
+
+
+@triton.jit
+def _gather_keys(list_base, stride_list_s, start, count, k_base, v_base, stride_kn, stride_vn, cols_d, d_ok,
+                 member_rows, row_ok, query_pos, CAUSAL: tl.constexpr, HAS_MEMBER: tl.constexpr,
+                 UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One chunk of the key list: j = list[slot] for slots start .. start + BLOCK_K − 1, the rows
+    k_j, v_j (an empty slot, j = −1, gives index 0 and zero rows), and which (row, key) pairs are
+    visible: filled slot, real row, selected by this row (union mode), j ≤ p(i) (causal).
+    Returns (key, k_tile, v_tile, visible)."""
+    slots = start + tl.arange(0, BLOCK_K)
+    slot_ok = slots < count
+    key = tl.load(list_base + slots.to(tl.int64) * stride_list_s, mask=slot_ok, other=-1).to(tl.int32)
+    key_ok = key >= 0
+    key = tl.where(key_ok, key, 0)
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k_tile = tl.load(k_base + key.to(tl.int64)[:, None] * stride_kn + cols_d[None, :], mask=kv_mask, other=0.0)
+    v_tile = tl.load(v_base + key.to(tl.int64)[:, None] * stride_vn + cols_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k_tile = k_tile.to(tl.float32)
+        v_tile = v_tile.to(tl.float32)
+    visible = row_ok[:, None] & key_ok[None, :]
+    if CAUSAL:
+        visible = visible & (key[None, :] <= query_pos[:, None])
+    if HAS_MEMBER:
+        bit = tl.load(member_rows[:, None] + slots[None, :], mask=row_ok[:, None] & slot_ok[None, :], other=0)
+        visible = visible & (bit != 0)
+    return key, k_tile, v_tile, visible
 
 
 @triton.jit
@@ -54,11 +94,7 @@ def gather_forward_kernel(
     kv_head = batch_kv % heads_kv
 
     # Rows: (query position, head of the group); padding rows are masked everywhere.
-    r = tl.arange(0, BLOCK_Q * GROUP_PAD)
-    query = tile * BLOCK_Q + r // GROUP_PAD
-    head = kv_head * group + r % GROUP_PAD
-    row_ok = (query < seqlen_q) & (r % GROUP_PAD < group)
-    query_pos = query + (seqlen_k - seqlen_q)  # p(i), bottom-right alignment
+    query, head, row_ok, query_pos = _program_rows(tile, kv_head, group, seqlen_q, seqlen_k, BLOCK_Q, GROUP_PAD)
     cols_d = tl.arange(0, BLOCK_D)
     d_ok = cols_d < head_dim
     qd_mask = row_ok[:, None] & d_ok[None, :]
@@ -82,55 +118,18 @@ def gather_forward_kernel(
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], dtype=tl.float32)
     for start in range(0, count, BLOCK_K):
-        # Gather: j = list[slot] for the chunk's slots; k_j, v_j rows (empty slot j = −1 -> zeros).
-        slots = start + tl.arange(0, BLOCK_K)
-        slot_ok = slots < count
-        key = tl.load(list_base + slots.to(tl.int64) * stride_list_s, mask=slot_ok, other=-1).to(tl.int32)
-        key_ok = key >= 0
-        key = tl.where(key_ok, key, 0)
-        kv_mask = key_ok[:, None] & d_ok[None, :]
-        k_tile = tl.load(k_base + key.to(tl.int64)[:, None] * stride_kn + cols_d[None, :], mask=kv_mask, other=0.0)
-        v_tile = tl.load(v_base + key.to(tl.int64)[:, None] * stride_vn + cols_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k_tile = k_tile.to(tl.float32)
-            v_tile = v_tile.to(tl.float32)
-        # Visible: filled slot, real row, selected by this row (union), j ≤ p(i) (causal).
-        visible = row_ok[:, None] & key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (key[None, :] <= query_pos[:, None])
-        if HAS_MEMBER:
-            bit = tl.load(member_rows[:, None] + slots[None, :], mask=row_ok[:, None] & slot_ok[None, :], other=0)
-            visible = visible & (bit != 0)
-        # s_ij = softcap·tanh(q_i·k_j·scale / softcap) − slope·|p(i) − j|   (tanh via exp: exact at ±inf)
-        if IEEE_DOT:
-            s = tl.dot(q, tl.trans(k_tile), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k_tile)) * scale
-        if HAS_SOFTCAP:
-            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
-        if HAS_ALIBI:
-            s = s - slope[:, None] * tl.abs(query_pos[:, None] - key[None, :]).to(tl.float32)
+        # Gather: j = list[slot] for the chunk's slots, k_j, v_j rows, and which (i, j) are visible.
+        key, k_tile, v_tile, visible = _gather_keys(list_base, stride_list_s, start, count, k_base, v_base, stride_kn,
+                                                    stride_vn, cols_d, d_ok, member_rows, row_ok, query_pos, CAUSAL,
+                                                    HAS_MEMBER, UPCAST, BLOCK_K)
+        # s_ij = softcap·tanh(q_i·k_j·scale / softcap) − slope·|p(i) − j|, in log2 units (−inf: not visible)
+        s = scores(q, k_tile, query_pos, key, slope[:, None], scale, softcap, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
         s = tl.where(visible, s * LOG2E, float("-inf"))
-
-        # Online softmax (base 2):
-        #   m' = max(m, max_j s_ij);  α = 2^(m − m');  p_ij = 2^(s_ij − m')
-        #   l' = α·l + Σ_j p_ij;      acc' = α·acc + p·V
-        # Rows with no visible key yet keep m = −inf; 0 stands in for it so 2^(−inf − 0) = 0.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
-        m_i = m_new
+        # Online softmax (base 2): m, l, acc over this chunk's keys.
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT)
 
     # out = acc / l, lse = (m + log2 l)·ln 2; a row that saw no key gets 0 and −inf.
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    out, lse = softmax_finish(m_i, l_i, acc)
     row_o = batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + query.to(tl.int64) * stride_on
     tl.store(OUT + row_o[:, None] + cols_d[None, :], out.to(OUT.dtype.element_ty), mask=qd_mask)
     tl.store(LSE + (batch.to(tl.int64) * heads_q + head) * seqlen_q + query, lse, mask=row_ok)
@@ -156,11 +155,7 @@ def gather_backward_q_kernel(
     batch = batch_kv // heads_kv
     kv_head = batch_kv % heads_kv
 
-    r = tl.arange(0, BLOCK_Q * GROUP_PAD)
-    query = tile * BLOCK_Q + r // GROUP_PAD
-    head = kv_head * group + r % GROUP_PAD
-    row_ok = (query < seqlen_q) & (r % GROUP_PAD < group)
-    query_pos = query + (seqlen_k - seqlen_q)
+    query, head, row_ok, query_pos = _program_rows(tile, kv_head, group, seqlen_q, seqlen_k, BLOCK_Q, GROUP_PAD)
     cols_d = tl.arange(0, BLOCK_D)
     d_ok = cols_d < head_dim
     qd_mask = row_ok[:, None] & d_ok[None, :]
@@ -189,47 +184,19 @@ def gather_backward_q_kernel(
 
     dq = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], dtype=tl.float32)
     for start in range(0, count, BLOCK_K):
-        slots = start + tl.arange(0, BLOCK_K)
-        slot_ok = slots < count
-        key = tl.load(list_base + slots.to(tl.int64) * stride_list_s, mask=slot_ok, other=-1).to(tl.int32)
-        key_ok = key >= 0
-        key = tl.where(key_ok, key, 0)
-        kv_mask = key_ok[:, None] & d_ok[None, :]
-        k_tile = tl.load(k_base + key.to(tl.int64)[:, None] * stride_kn + cols_d[None, :], mask=kv_mask, other=0.0)
-        v_tile = tl.load(v_base + key.to(tl.int64)[:, None] * stride_vn + cols_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k_tile = k_tile.to(tl.float32)
-            v_tile = v_tile.to(tl.float32)
-        visible = row_ok[:, None] & key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (key[None, :] <= query_pos[:, None])
-        if HAS_MEMBER:
-            bit = tl.load(member_rows[:, None] + slots[None, :], mask=row_ok[:, None] & slot_ok[None, :], other=0)
-            visible = visible & (bit != 0)
+        key, k_tile, v_tile, visible = _gather_keys(list_base, stride_list_s, start, count, k_base, v_base, stride_kn,
+                                                    stride_vn, cols_d, d_ok, member_rows, row_ok, query_pos, CAUSAL,
+                                                    HAS_MEMBER, UPCAST, BLOCK_K)
         # s_ij as in the forward (sc: after softcap, before ALiBi);  p_ij = exp(s_ij − lse_i)
-        if IEEE_DOT:
-            sc = tl.dot(q, tl.trans(k_tile), input_precision="ieee") * scale
-        else:
-            sc = tl.dot(q, tl.trans(k_tile)) * scale
-        if HAS_SOFTCAP:
-            sc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * sc / softcap) + 1.0))
+        sc = capped_scores(q, k_tile, scale, softcap, HAS_SOFTCAP, IEEE_DOT)
         s = sc
         if HAS_ALIBI:
             s = sc - slope[:, None] * tl.abs(query_pos[:, None] - key[None, :]).to(tl.float32)
         p = tl.where(visible, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
         # dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ) · (1 − tanh²) · scale ;  dQ += dS·K
-        if IEEE_DOT:
-            dp = tl.dot(do, tl.trans(v_tile), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(v_tile))
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - (sc / softcap) * (sc / softcap))
-        ds = ds * scale
-        if IEEE_DOT:
-            dq += tl.dot(ds, k_tile, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k_tile.dtype), k_tile)
+        dp = dot(do, tl.trans(v_tile), IEEE_DOT)
+        ds = score_grad(p, dp, delta, sc, scale, softcap, HAS_SOFTCAP)
+        dq += dot(ds.to(k_tile.dtype), k_tile, IEEE_DOT)
 
     row_dq = batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + query.to(tl.int64) * stride_dqn
     tl.store(DQ + row_dq[:, None] + cols_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)

@@ -7,23 +7,15 @@ applies the band ``p(i) − left ≤ j ≤ p(i) + right`` and the sequence end.
 
 Notation (per query row i, key column j): ``s_ij`` the score after scale/softcap/ALiBi,
 ``m_i`` the running max, ``l_i`` the running sum of ``exp(s_ij − m_i)``, ``lse_i = m_i + log l_i``.
-Scores are carried in base 2 (``s·log2(e)``) so the hot loop uses ``exp2``.
+Scores are carried in base 2 (``s·log2(e)``) so the hot loop uses ``exp2``. The stages shared
+with the gather engine (scores, online softmax, softmax backward) are in ``attention_steps``.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _dot(a, b, IEEE_DOT: tl.constexpr):
-    """a·b with fp32 accumulation; fp32 inputs use IEEE (not TF32) products."""
-    if IEEE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+from .attention_steps import LOG2E, dot, online_softmax_step, score_grad, scores, softmax_finish
 
 
 @triton.jit
@@ -43,19 +35,6 @@ def _scheduled_tile(schedule_row, first_tile, t, IS_LIST: tl.constexpr):
     if IS_LIST:
         tile = tl.load(schedule_row + t)
     return tile
-
-
-@triton.jit
-def _scores(q, k_tile, query_pos, key_index, slope, scale, softcap,
-            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE_DOT: tl.constexpr):
-    """s = softcap·tanh(q·kᵀ·scale / softcap) − slope·|p(i) − j|   (natural units, fp32)."""
-    s = _dot(q, tl.trans(k_tile), IEEE_DOT) * scale
-    if HAS_SOFTCAP:
-        # tanh(x) = 1 − 2 / (exp(2x) + 1): exact at ±inf, no libdevice needed.
-        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
-    if HAS_ALIBI:
-        s = s - slope * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
-    return s
 
 
 @triton.jit
@@ -112,28 +91,15 @@ def tile_forward_kernel(
         key_index = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N + tile_cols
         k_tile = _load_rows(k_base, key_index, stride_kn, cols_d, seqlen_k, d_ok, UPCAST)
         v_tile = _load_rows(v_base, key_index, stride_vn, cols_d, seqlen_k, d_ok, UPCAST)
-        s = _scores(q, k_tile, query_pos, key_index, slope, scale, softcap, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
+        s = scores(q, k_tile, query_pos, key_index, slope, scale, softcap, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
         visible = _visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAND)
         s = tl.where(visible, s * LOG2E, float("-inf"))
-
-        # Online softmax update (base 2):
-        #   m' = max(m, max_j s_ij);   α = 2^(m − m');   p_ij = 2^(s_ij − m')
-        #   l' = α·l + Σ_j p_ij;       acc' = α·acc + p·V
-        # A row that has seen no visible key yet keeps m = −inf; using 0 in its place keeps
-        # 2^(−inf − 0) = 0 instead of NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v_tile.dtype), v_tile, IEEE_DOT)
-        m_i = m_new
+        # Online softmax update (base 2): m, l, acc over this tile's keys.
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT)
         visited += 1
 
     # Finish: out = acc / l, lse = (m + log2 l)·ln 2; rows that saw no key give 0 and −inf.
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    out, lse = softmax_finish(m_i, l_i, acc)
     o_ptrs = (OUT + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
               + rows.to(tl.int64)[:, None] * stride_on + cols_d[None, :])
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -148,23 +114,11 @@ def _recompute_probs(q, k_tile, lse, query_pos, key_index, slope, scale, softcap
                      HAS_ALIBI: tl.constexpr, IEEE_DOT: tl.constexpr):
     """p_ij = exp(s_ij − lse_i) from the saved lse; also tanh(raw/cap) for the softcap chain rule.
     Rows with lse = −inf (no key) get p = 0."""
-    s = _scores(q, k_tile, query_pos, key_index, slope, scale, softcap, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
+    s = scores(q, k_tile, query_pos, key_index, slope, scale, softcap, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
     visible = _visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAND)
     lse_use = tl.where(lse == float("-inf"), float("inf"), lse)
     p = tl.exp2((tl.where(visible, s, float("-inf")) - lse_use[:, None]) * LOG2E)
     return p, s
-
-
-@triton.jit
-def _score_grad(p, dp, delta, s, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """dS/d(q·kᵀ): softmax backward ds = p ⊙ (dp − δ) with δ_i = Σ_d dO_id·O_id, then the
-    softcap chain (1 − tanh²) and the scale."""
-    ds = p * (dp - delta[:, None])
-    if HAS_SOFTCAP:
-        # Callers pass s without ALiBi (it has no q/k gradient), so s / softcap = tanh(...).
-        tanh = s / softcap
-        ds = ds * (1.0 - tanh * tanh)
-    return ds * scale
 
 
 @triton.jit
@@ -224,12 +178,12 @@ def tile_backward_kv_kernel(
             p, s = _recompute_probs(q, k_tile, lse, query_pos, key_index, slope, scale, softcap, seqlen_k,
                                     window_left, window_right, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
             # dV += pᵀ·dO ;  dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ) ;  dK += dSᵀ·Q
-            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
-            dp = _dot(do, tl.trans(v_tile), IEEE_DOT)
+            dv += dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
+            dp = dot(do, tl.trans(v_tile), IEEE_DOT)
             if HAS_ALIBI:
                 s = s + slope * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
-            ds = _score_grad(p, dp, delta, s, scale, softcap, HAS_SOFTCAP)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
+            ds = score_grad(p, dp, delta, s, scale, softcap, HAS_SOFTCAP)
+            dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
 
     dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
                + key_rows * stride_dkn + cols_d[None, :])
@@ -292,11 +246,11 @@ def tile_backward_q_kernel(
         p, s = _recompute_probs(q, k_tile, lse, query_pos, key_index, slope, scale, softcap, seqlen_k,
                                 window_left, window_right, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
         # dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ) ;  dQ += dS·K
-        dp = _dot(do, tl.trans(v_tile), IEEE_DOT)
+        dp = dot(do, tl.trans(v_tile), IEEE_DOT)
         if HAS_ALIBI:
             s = s + slope * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
-        ds = _score_grad(p, dp, delta, s, scale, softcap, HAS_SOFTCAP)
-        dq += _dot(ds.to(k_tile.dtype), k_tile, IEEE_DOT)
+        ds = score_grad(p, dp, delta, s, scale, softcap, HAS_SOFTCAP)
+        dq += dot(ds.to(k_tile.dtype), k_tile, IEEE_DOT)
 
     tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + row_offsets * stride_dqn
              + cols_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)

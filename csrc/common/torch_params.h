@@ -1,6 +1,10 @@
 // Tensor -> flashlite::AttentionParams / BackwardParams conversion for the binding translation
 // units (csrc/bindings.cpp, csrc/cuda/bindings_cuda.cpp). Unlike the rest of csrc/common this
 // header needs torch; the kernels never include it.
+//
+// A binding's steps: make_last_dims_contiguous, its own device checks (check_qkv), then
+// prepare_forward / prepare_backward (outputs + params), set_tile_schedule (tile engine) or
+// set_indices (gather engine), and the kernel call.
 #pragma once
 
 #include <torch/extension.h>
@@ -28,6 +32,10 @@ inline DType dtype_of(const at::Tensor& t) { return dtype_of(t.scalar_type()); }
 // A tensor whose last dimension is contiguous (a copy only if it is not).
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1 ? t.contiguous() : t;
+}
+// The same in place, for the inputs of a binding (q, k, v; grad_out in a backward).
+inline void make_last_dims_contiguous(std::initializer_list<at::Tensor*> tensors) {
+  for (at::Tensor* t : tensors) *t = last_dim_contiguous(*t);
 }
 
 inline Strides3 strides_of(const at::Tensor& t) {  // [B, H, N, D]
@@ -118,6 +126,30 @@ inline ScheduleView make_schedule(const at::Tensor& tiles, const at::Tensor& cou
   return s;
 }
 
+// Tile engine: the (block_m, block_n) tiles, the band and the forward schedule (kv_tiles/kv_count:
+// key tiles per query tile). tile_config: the function that gives valid tiles, for the message.
+inline void set_tile_schedule(AttentionParams& p, const at::Tensor& q, int64_t block_m, int64_t block_n,
+                              int64_t window_left, int64_t window_right, const at::Tensor& kv_tiles,
+                              const at::Tensor& kv_count, bool is_list, const char* tile_config) {
+  TORCH_CHECK_VALUE(block_m > 0 && block_n > 0 && block_m % 16 == 0 && block_n % 16 == 0,
+                    "flashlite: block_m and block_n must be positive multiples of 16 (use ", tile_config, "), got (",
+                    block_m, ", ", block_n, ")");
+  p.block_m = static_cast<int32_t>(block_m);
+  p.block_n = static_cast<int32_t>(block_n);
+  p.window_left = static_cast<int32_t>(window_left);
+  p.window_right = static_cast<int32_t>(window_right);
+  p.forward_schedule = make_schedule(kv_tiles, kv_count, is_list, (q.size(2) + block_m - 1) / block_m, q,
+                                     "kv_tiles/kv_count");
+}
+
+// Tile engine backward: also the transposed schedule (q_tiles/q_count: query tiles per key tile).
+// After set_tile_schedule.
+inline void set_backward_schedule(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& q_tiles, const at::Tensor& q_count, bool is_list) {
+  p.backward_schedule = make_schedule(q_tiles, q_count, is_list, (k.size(2) + p.block_n - 1) / p.block_n, q,
+                                      "q_tiles/q_count");
+}
+
 // Gather indices: int64 [B, Hkv|1, Nq, K] or [B, Hkv|1, K] (shared by every query), last dim contiguous.
 inline void set_indices(AttentionParams& p, const at::Tensor& indices, bool causal) {
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "flashlite: indices must be int64 (the Python side converts)");
@@ -161,6 +193,50 @@ inline void poison(std::initializer_list<at::Tensor> tensors) {
   const char* value = std::getenv("FLASHLITE_POISON");
   if (value == nullptr || std::string(value) != "1") return;
   for (const at::Tensor& t : tensors) t.fill_(std::numeric_limits<float>::quiet_NaN());
+}
+
+// A forward call: out like q, lse float32 [B, Hq, Nq] (both poisoned), and the parameters over
+// q, k, v (checked, last dims contiguous) and them. alibi lives as long as the parameters use it.
+struct ForwardCall {
+  at::Tensor out, lse, alibi;
+  AttentionParams params;
+};
+
+inline ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const c10::optional<at::Tensor>& alibi_slopes, double scale, double softcap) {
+  ForwardCall call;
+  call.out = at::empty_like(q);
+  call.lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  poison({call.out, call.lse});
+  call.alibi = prepare_alibi(alibi_slopes, q);
+  call.params = make_params(q, k, v, call.out, call.lse, call.alibi, scale, softcap);
+  return call;
+}
+
+// A backward call: dq, dk, dv like q, k, v (poisoned), the saved lse as float32, δ = Σ_d dO·O
+// (float32 [B, Hq, Nq]), and the parameters over them (grad_out, q, k, v checked, last dims
+// contiguous; out and lse shaped like q and [B, Hq, Nq]).
+struct BackwardCall {
+  at::Tensor dq, dk, dv, lse, delta, alibi;
+  AttentionParams params;
+  BackwardParams grads;
+};
+
+inline BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                     const c10::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
+                                     bool deterministic) {
+  BackwardCall call;
+  call.lse = lse.to(at::kFloat).contiguous();
+  call.delta = softmax_delta(grad_out, out);
+  call.dq = at::empty_like(q);
+  call.dk = at::empty_like(k);
+  call.dv = at::empty_like(v);
+  poison({call.dq, call.dk, call.dv});
+  call.alibi = prepare_alibi(alibi_slopes, q);
+  call.params = make_params(q, k, v, at::Tensor(), call.lse, call.alibi, scale, softcap);
+  call.grads = make_backward_params(grad_out, call.delta, call.dq, call.dk, call.dv, deterministic);
+  return call;
 }
 
 }  // namespace flashlite

@@ -18,8 +18,6 @@ namespace {
 
 using at::Tensor;
 using c10::optional;
-using flashlite::AttentionParams;
-using flashlite::BackwardParams;
 namespace fc = flashlite::cuda;
 
 void check_launch(cudaError_t err, const char* function) {
@@ -48,16 +46,6 @@ void check_saved(const Tensor& grad_out, const Tensor& out, const Tensor& lse, c
                     "flashlite: grad_out and out must be shaped like q ", q.sizes(), " and lse [B, Hq, Nq]");
 }
 
-void set_tiles(AttentionParams& p, int64_t block_m, int64_t block_n, int64_t window_left, int64_t window_right) {
-  TORCH_CHECK_VALUE(block_m > 0 && block_n > 0 && block_m % 16 == 0 && block_n % 16 == 0,
-                    "flashlite: block_m and block_n must be positive multiples of 16 (use cuda_tile_config), got (",
-                    block_m, ", ", block_n, ")");
-  p.block_m = static_cast<int32_t>(block_m);
-  p.block_n = static_cast<int32_t>(block_n);
-  p.window_left = static_cast<int32_t>(window_left);
-  p.window_right = static_cast<int32_t>(window_right);
-}
-
 void check_indices_device(const Tensor& indices, const Tensor& q) {
   TORCH_CHECK_VALUE(indices.device() == q.device(), "flashlite: indices is on ", indices.device(),
                     " but q is on ", q.device());
@@ -82,23 +70,16 @@ std::tuple<Tensor, Tensor> cuda_tile_forward(Tensor q, Tensor k, Tensor v, const
                                              const Tensor& kv_count, const optional<Tensor>& alibi_slopes,
                                              bool is_list, int64_t block_m, int64_t block_n, int64_t window_left,
                                              int64_t window_right, double scale, double softcap) {
-  q = flashlite::last_dim_contiguous(q);
-  k = flashlite::last_dim_contiguous(k);
-  v = flashlite::last_dim_contiguous(v);
+  flashlite::make_last_dims_contiguous({&q, &k, &v});
   check_cuda_inputs(q, k, v);
   const c10::cuda::CUDAGuard guard(q.device());
-  Tensor out = at::empty_like(q);
-  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  flashlite::poison({out, lse});
-  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
-  AttentionParams p = flashlite::make_params(q, k, v, out, lse, alibi, scale, softcap);
-  set_tiles(p, block_m, block_n, window_left, window_right);
-  p.forward_schedule = flashlite::make_schedule(kv_tiles, kv_count, is_list, (q.size(2) + block_m - 1) / block_m, q,
-                                                "kv_tiles/kv_count");
-  const Tensor ws = workspace(fc::tile_forward_workspace_bytes(p), q);
+  flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap);
+  flashlite::set_tile_schedule(call.params, q, block_m, block_n, window_left, window_right, kv_tiles, kv_count,
+                               is_list, "cuda_tile_config");
+  const Tensor ws = workspace(fc::tile_forward_workspace_bytes(call.params), q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  check_launch(fc::tile_forward(p, data_or_null(ws), stream), "cuda_tile_forward");
-  return {out, lse};
+  check_launch(fc::tile_forward(call.params, data_or_null(ws), stream), "cuda_tile_forward");
+  return {call.out, call.lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> cuda_tile_backward(
@@ -106,50 +87,34 @@ std::tuple<Tensor, Tensor, Tensor> cuda_tile_backward(
     const Tensor& kv_count, const Tensor& q_tiles, const Tensor& q_count, const optional<Tensor>& alibi_slopes,
     bool is_list, int64_t block_m, int64_t block_n, int64_t window_left, int64_t window_right, double scale,
     double softcap, bool deterministic) {
-  q = flashlite::last_dim_contiguous(q);
-  k = flashlite::last_dim_contiguous(k);
-  v = flashlite::last_dim_contiguous(v);
-  grad_out = flashlite::last_dim_contiguous(grad_out);
+  flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   check_cuda_inputs(q, k, v);
   check_saved(grad_out, out, lse, q);
   const c10::cuda::CUDAGuard guard(q.device());
-  const Tensor lse_f = lse.to(at::kFloat).contiguous();
-  const Tensor delta = flashlite::softmax_delta(grad_out, out);  // δ_i = Σ_d dO·O, float32 [B, Hq, Nq]
-  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  flashlite::poison({dq, dk, dv});
-  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
-  AttentionParams p = flashlite::make_params(q, k, v, Tensor(), lse_f, alibi, scale, softcap);
-  set_tiles(p, block_m, block_n, window_left, window_right);
-  p.forward_schedule = flashlite::make_schedule(kv_tiles, kv_count, is_list, (q.size(2) + block_m - 1) / block_m, q,
-                                                "kv_tiles/kv_count");
-  p.backward_schedule = flashlite::make_schedule(q_tiles, q_count, is_list, (k.size(2) + block_n - 1) / block_n, q,
-                                                 "q_tiles/q_count");
-  const BackwardParams g = flashlite::make_backward_params(grad_out, delta, dq, dk, dv, deterministic);
-  const Tensor ws = deterministic ? Tensor() : workspace(fc::tile_backward_workspace_bytes(p), q);
+  flashlite::BackwardCall call =
+      flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap, deterministic);
+  flashlite::set_tile_schedule(call.params, q, block_m, block_n, window_left, window_right, kv_tiles, kv_count,
+                               is_list, "cuda_tile_config");
+  flashlite::set_backward_schedule(call.params, q, k, q_tiles, q_count, is_list);
+  const Tensor ws = deterministic ? Tensor() : workspace(fc::tile_backward_workspace_bytes(call.params), q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  check_launch(fc::tile_backward(p, g, data_or_null(ws), stream), "cuda_tile_backward");
-  return {dq, dk, dv};
+  check_launch(fc::tile_backward(call.params, call.grads, data_or_null(ws), stream), "cuda_tile_backward");
+  return {call.dq, call.dk, call.dv};
 }
 
 std::tuple<Tensor, Tensor> cuda_gather_forward(Tensor q, Tensor k, Tensor v, const Tensor& indices,
                                                const optional<Tensor>& alibi_slopes, bool causal, double scale,
                                                double softcap) {
-  q = flashlite::last_dim_contiguous(q);
-  k = flashlite::last_dim_contiguous(k);
-  v = flashlite::last_dim_contiguous(v);
+  flashlite::make_last_dims_contiguous({&q, &k, &v});
   check_cuda_inputs(q, k, v);
   check_indices_device(indices, q);
   const c10::cuda::CUDAGuard guard(q.device());
-  Tensor out = at::empty_like(q);
-  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  flashlite::poison({out, lse});
-  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
-  AttentionParams p = flashlite::make_params(q, k, v, out, lse, alibi, scale, softcap);
-  flashlite::set_indices(p, indices, causal);
-  const Tensor ws = workspace(fc::gather_forward_workspace_bytes(p), q);
+  flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap);
+  flashlite::set_indices(call.params, indices, causal);
+  const Tensor ws = workspace(fc::gather_forward_workspace_bytes(call.params), q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  check_launch(fc::gather_forward(p, data_or_null(ws), stream), "cuda_gather_forward");
-  return {out, lse};
+  check_launch(fc::gather_forward(call.params, data_or_null(ws), stream), "cuda_gather_forward");
+  return {call.out, call.lse};
 }
 
 // For the deterministic top-k backward: per (batch, index head, key j) the query rows i that
@@ -182,33 +147,25 @@ std::tuple<Tensor, Tensor, Tensor> cuda_gather_backward(Tensor grad_out, Tensor 
                                                         const Tensor& out, const Tensor& lse, const Tensor& indices,
                                                         const optional<Tensor>& alibi_slopes, bool causal,
                                                         double scale, double softcap, bool deterministic) {
-  q = flashlite::last_dim_contiguous(q);
-  k = flashlite::last_dim_contiguous(k);
-  v = flashlite::last_dim_contiguous(v);
-  grad_out = flashlite::last_dim_contiguous(grad_out);
+  flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   check_cuda_inputs(q, k, v);
   check_saved(grad_out, out, lse, q);
   check_indices_device(indices, q);
   const c10::cuda::CUDAGuard guard(q.device());
-  const Tensor lse_f = lse.to(at::kFloat).contiguous();
-  const Tensor delta = flashlite::softmax_delta(grad_out, out);
-  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  flashlite::poison({dq, dk, dv});
-  const Tensor alibi = flashlite::prepare_alibi(alibi_slopes, q);
-  AttentionParams p = flashlite::make_params(q, k, v, Tensor(), lse_f, alibi, scale, softcap);
-  flashlite::set_indices(p, indices, causal);
-  BackwardParams g = flashlite::make_backward_params(grad_out, delta, dq, dk, dv, deterministic);
+  flashlite::BackwardCall call =
+      flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap, deterministic);
+  flashlite::set_indices(call.params, indices, causal);
   Tensor ws, offsets, rows;
   if (deterministic) {
     std::tie(offsets, rows) = key_rows_csr(indices, q.size(2), k.size(2), causal);
-    g.key_offsets = offsets.data_ptr<int64_t>();
-    g.key_rows = rows.data_ptr<int32_t>();
+    call.grads.key_offsets = offsets.data_ptr<int64_t>();
+    call.grads.key_rows = rows.data_ptr<int32_t>();
   } else {
-    ws = workspace(fc::gather_backward_workspace_bytes(p), q);
+    ws = workspace(fc::gather_backward_workspace_bytes(call.params), q);
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  check_launch(fc::gather_backward(p, g, data_or_null(ws), stream), "cuda_gather_backward");
-  return {dq, dk, dv};
+  check_launch(fc::gather_backward(call.params, call.grads, data_or_null(ws), stream), "cuda_gather_backward");
+  return {call.dq, call.dk, call.dv};
 }
 
 }  // namespace

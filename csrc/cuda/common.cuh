@@ -265,6 +265,14 @@ __device__ __forceinline__ void accum_to_a(uint32_t (&a)[4], const float (&c)[NB
   a[3] = Elem<T>::pack(c[2 * kb + 1][2], c[2 * kb + 1][3]);
 }
 
+// C += A·B over the 16 columns of a B fragment pair b (load_b_nk / load_b_kn): the two 16x8
+// MMAs into n-blocks 2·n2 and 2·n2 + 1 of the accumulators c[n-block][4].
+template <typename T, int NB>
+__device__ __forceinline__ void mma_16x16(float (&c)[NB][4], int n2, const uint32_t (&a)[4], const uint32_t (&b)[4]) {
+  mma_16816<T>(c[2 * n2], a, b[0], b[1]);
+  mma_16816<T>(c[2 * n2 + 1], a, b[2], b[3]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Warp reductions
 // ---------------------------------------------------------------------------------------------
@@ -446,6 +454,20 @@ __device__ __forceinline__ void load_rows_16(T* tile, int pitch, RowSrc row_src,
       *reinterpret_cast<uint4*>(dst) = tmp;
     }
   }
+}
+
+// load_rows_16 of rows first .. first + ROWS − 1 of head h (batch b) of a [B, H, N, D] tensor
+// (q, k, v, dO); rows >= n are zero-filled. base, first and n are taken by reference, as the
+// kernels' row lambdas captured them, so each is still read where a row is decided (the kernels
+// compile to the same code as with the lambdas inline).
+template <typename T, int ROWS, int D, int THREADS, typename Index>
+__device__ __forceinline__ void load_head_rows(T* tile, int pitch, const void* const& base, const Strides3& strides,
+                                               int b, int h, const Index& first, const int& n, int head_dim,
+                                               bool aligned) {
+  auto row = [&](int r) -> const T* {
+    return first + r < n ? row_ptr<T>(base, strides, b, h, first + r) : nullptr;
+  };
+  load_rows_16<T, ROWS, D, THREADS>(tile, pitch, row, head_dim, aligned, base);
 }
 
 // Launch with `smem` bytes of dynamic shared memory (opting in above 48 KiB); returns the launch error.

@@ -21,6 +21,34 @@ namespace flashlite {
 namespace cuda {
 namespace detail {
 
+// The two score-shaped products of a step, in one pass over the head dim (each A fragment is read
+// once per k-block, each B fragment pair feeds its two MMAs at once):
+//   c1 = A1·B1ᵀ,  c2 = A2·B2ᵀ   (A: rows row0 .. row0 + 15 of a1, a2; B: rows 0 .. N − 1 of b1, b2)
+// over [rows][D] shared tiles of pitch P; f32 accumulators, zeroed here.
+// dK/dV kernel: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ;  dQ kernel: S = Q·Kᵀ, dP = dO·Vᵀ.
+template <typename T, int D, int N, int P>
+__device__ __forceinline__ void mma_score_pair(float (&c1)[N / 8][4], float (&c2)[N / 8][4], const T* a1,
+                                               const T* a2, int row0, const T* b1, const T* b2) {
+#pragma unroll
+  for (int nb = 0; nb < N / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c1[nb][e] = c2[nb][e] = 0.f;
+#pragma unroll
+  for (int kb = 0; kb < D / 16; ++kb) {
+    uint32_t x1[4], x2[4];
+    load_a(x1, a1, P, row0, kb * 16);
+    load_a(x2, a2, P, row0, kb * 16);
+#pragma unroll
+    for (int nb2 = 0; nb2 < N / 16; ++nb2) {
+      uint32_t y1[4], y2[4];
+      load_b_nk(y1, b1, P, nb2 * 16, kb * 16);
+      load_b_nk(y2, b2, P, nb2 * 16, kb * 16);
+      mma_16x16<T>(c1, nb2, x1, y1);
+      mma_16x16<T>(c2, nb2, x2, y2);
+    }
+  }
+}
+
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kKvThreads) mma_dkdv_kernel(const __grid_constant__ BackwardArgs args) {
   constexpr int D = Cfg::D, BM = Cfg::BM, BN = Cfg::BN, CM = Cfg::kChunk, P = Cfg::kPitch;
@@ -54,14 +82,8 @@ __global__ void __launch_bounds__(Cfg::kKvThreads) mma_dkdv_kernel(const __grid_
   const ScheduleView& bs = p.backward_schedule;
 
   // K, V tile: loaded once.
-  auto k_row = [&](int r) -> const T* {
-    return key0 + r < p.seqlen_k ? row_ptr<T>(p.k, p.k_strides, b, kvh, key0 + r) : nullptr;
-  };
-  auto v_row = [&](int r) -> const T* {
-    return key0 + r < p.seqlen_k ? row_ptr<T>(p.v, p.v_strides, b, kvh, key0 + r) : nullptr;
-  };
-  load_rows_16<T, BN, D, kThreads>(k_s, P, k_row, p.head_dim, args.aligned16, p.k);
-  load_rows_16<T, BN, D, kThreads>(v_s, P, v_row, p.head_dim, args.aligned16, p.v);
+  load_head_rows<T, BN, D, kThreads>(k_s, P, p.k, p.k_strides, b, kvh, key0, p.seqlen_k, p.head_dim, args.aligned16);
+  load_head_rows<T, BN, D, kThreads>(v_s, P, p.v, p.v_strides, b, kvh, key0, p.seqlen_k, p.head_dim, args.aligned16);
   cp_async_commit();
 
   // Walk (query head g, schedule entry t, chunk c) in order; `seek` normalizes a cursor to the
@@ -99,14 +121,9 @@ __global__ void __launch_bounds__(Cfg::kKvThreads) mma_dkdv_kernel(const __grid_
     T* do_s = q_s + CM * P;
     float* lse_s = stat_base + stage * 2 * CM;
     float* delta_s = lse_s + CM;
-    auto q_row = [&](int r) -> const T* {
-      return i0 + r < p.seqlen_q ? row_ptr<T>(p.q, p.q_strides, b, h, i0 + r) : nullptr;
-    };
-    auto do_row = [&](int r) -> const T* {
-      return i0 + r < p.seqlen_q ? row_ptr<T>(g.grad_out, g.grad_out_strides, b, h, i0 + r) : nullptr;
-    };
-    load_rows_16<T, CM, D, kThreads>(q_s, P, q_row, p.head_dim, args.aligned16, p.q);
-    load_rows_16<T, CM, D, kThreads>(do_s, P, do_row, p.head_dim, args.aligned16, g.grad_out);
+    load_head_rows<T, CM, D, kThreads>(q_s, P, p.q, p.q_strides, b, h, i0, p.seqlen_q, p.head_dim, args.aligned16);
+    load_head_rows<T, CM, D, kThreads>(do_s, P, g.grad_out, g.grad_out_strides, b, h, i0, p.seqlen_q, p.head_dim,
+                                       args.aligned16);
     for (int r = threadIdx.x; r < CM; r += kThreads) {
       const bool ok = i0 + r < p.seqlen_q;
       const int64_t rid = ok ? row_id(p, b, h, i0 + r) : 0;
@@ -150,26 +167,7 @@ __global__ void __launch_bounds__(Cfg::kKvThreads) mma_dkdv_kernel(const __grid_
 
     // -- Sᵀ = K_w·Qᵀ and dPᵀ = V_w·dOᵀ: 16 keys x CM queries per warp ---------------------------
     float st[CM / 8][4], dpt[CM / 8][4];
-#pragma unroll
-    for (int nb = 0; nb < CM / 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[nb][e] = dpt[nb][e] = 0.f;
-#pragma unroll
-    for (int kb = 0; kb < D / 16; ++kb) {
-      uint32_t ak[4], av[4];
-      load_a(ak, k_s, P, key_warp * 16, kb * 16);
-      load_a(av, v_s, P, key_warp * 16, kb * 16);
-#pragma unroll
-      for (int nb2 = 0; nb2 < CM / 16; ++nb2) {
-        uint32_t bq[4], bo[4];
-        load_b_nk(bq, q_s, P, nb2 * 16, kb * 16);
-        load_b_nk(bo, do_s, P, nb2 * 16, kb * 16);
-        mma_16816<T>(st[2 * nb2], ak, bq[0], bq[1]);
-        mma_16816<T>(st[2 * nb2 + 1], ak, bq[2], bq[3]);
-        mma_16816<T>(dpt[2 * nb2], av, bo[0], bo[1]);
-        mma_16816<T>(dpt[2 * nb2 + 1], av, bo[2], bo[3]);
-      }
-    }
+    mma_score_pair<T, D, CM, P>(st, dpt, k_s, v_s, key_warp * 16, q_s, do_s);
 
     // -- Pᵀ and dSᵀ elementwise (rows = keys, columns = queries of the chunk) -----------------------
 #pragma unroll
@@ -202,10 +200,8 @@ __global__ void __launch_bounds__(Cfg::kKvThreads) mma_dkdv_kernel(const __grid_
         uint32_t bo[4], bq[4];
         load_b_kn(bo, do_s, P, kq * 16, d0);
         load_b_kn(bq, q_s, P, kq * 16, d0);
-        mma_16816<T>(dv[2 * nd2], ap, bo[0], bo[1]);
-        mma_16816<T>(dv[2 * nd2 + 1], ap, bo[2], bo[3]);
-        mma_16816<T>(dk[2 * nd2], ads, bq[0], bq[1]);
-        mma_16816<T>(dk[2 * nd2 + 1], ads, bq[2], bq[3]);
+        mma_16x16<T>(dv, nd2, ap, bo);
+        mma_16x16<T>(dk, nd2, ads, bq);
       }
     }
 
@@ -235,8 +231,7 @@ __global__ void __launch_bounds__(Cfg::kKvThreads) mma_dkdv_kernel(const __grid_
           for (int nc2 = 0; nc2 < NC / 16; ++nc2) {
             uint32_t bk[4];
             load_b_kn(bk, k_s, P, kk * 16, cb * NC + nc2 * 16);
-            mma_16816<T>(acc[2 * nc2], a, bk[0], bk[1]);
-            mma_16816<T>(acc[2 * nc2 + 1], a, bk[2], bk[3]);
+            mma_16x16<T>(acc, nc2, a, bk);
           }
         }
 #pragma unroll
@@ -317,14 +312,8 @@ __global__ void __launch_bounds__(Cfg::kQThreads) mma_dq_kernel(const __grid_con
     const int64_t key0 = static_cast<int64_t>(fs.tile(b, h, m, t)) * BN;
     T* k_s = kv_base + stage * 2 * BN * P;
     T* v_s = k_s + BN * P;
-    auto k_row = [&](int r) -> const T* {
-      return key0 + r < p.seqlen_k ? row_ptr<T>(p.k, p.k_strides, b, kvh, key0 + r) : nullptr;
-    };
-    auto v_row = [&](int r) -> const T* {
-      return key0 + r < p.seqlen_k ? row_ptr<T>(p.v, p.v_strides, b, kvh, key0 + r) : nullptr;
-    };
-    load_rows_16<T, BN, D, kThreads>(k_s, P, k_row, p.head_dim, args.aligned16, p.k);
-    load_rows_16<T, BN, D, kThreads>(v_s, P, v_row, p.head_dim, args.aligned16, p.v);
+    load_head_rows<T, BN, D, kThreads>(k_s, P, p.k, p.k_strides, b, kvh, key0, p.seqlen_k, p.head_dim, args.aligned16);
+    load_head_rows<T, BN, D, kThreads>(v_s, P, p.v, p.v_strides, b, kvh, key0, p.seqlen_k, p.head_dim, args.aligned16);
   };
   load_rows_16<T, BM, D, kThreads>(q_s, P, q_row, p.head_dim, args.aligned16, p.q);
   load_rows_16<T, BM, D, kThreads>(do_s, P, do_row, p.head_dim, args.aligned16, g.grad_out);
@@ -370,26 +359,7 @@ __global__ void __launch_bounds__(Cfg::kQThreads) mma_dq_kernel(const __grid_con
 
     // -- S = Q_w·Kᵀ, dP = dO_w·Vᵀ (16 rows x BN keys per warp) -----------------------------------
     float s[BN / 8][4], dp[BN / 8][4];
-#pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.f;
-#pragma unroll
-    for (int kb = 0; kb < D / 16; ++kb) {
-      uint32_t aq[4], ao[4];
-      load_a(aq, q_s, P, warp * 16, kb * 16);
-      load_a(ao, do_s, P, warp * 16, kb * 16);
-#pragma unroll
-      for (int nb2 = 0; nb2 < BN / 16; ++nb2) {
-        uint32_t bk[4], bv[4];
-        load_b_nk(bk, k_s, P, nb2 * 16, kb * 16);
-        load_b_nk(bv, v_s, P, nb2 * 16, kb * 16);
-        mma_16816<T>(s[2 * nb2], aq, bk[0], bk[1]);
-        mma_16816<T>(s[2 * nb2 + 1], aq, bk[2], bk[3]);
-        mma_16816<T>(dp[2 * nb2], ao, bv[0], bv[1]);
-        mma_16816<T>(dp[2 * nb2 + 1], ao, bv[2], bv[3]);
-      }
-    }
+    mma_score_pair<T, D, BN, P>(s, dp, q_s, do_s, warp * 16, k_s, v_s);
 
     // -- p = 2^(s − lse), dS = p·(dP − δ)·(1 − tanh²) -------------------------------------------
     const bool need_mask = key0 < lo_max || key0 + BN - 1 > hi_min;
@@ -415,8 +385,7 @@ __global__ void __launch_bounds__(Cfg::kQThreads) mma_dq_kernel(const __grid_con
       for (int nd2 = 0; nd2 < D / 16; ++nd2) {
         uint32_t bk[4];
         load_b_kn(bk, k_s, P, kb * 16, nd2 * 16);
-        mma_16816<T>(dq[2 * nd2], a, bk[0], bk[1]);
-        mma_16816<T>(dq[2 * nd2 + 1], a, bk[2], bk[3]);
+        mma_16x16<T>(dq, nd2, a, bk);
       }
     }
     __syncthreads();

@@ -92,14 +92,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
     const int64_t key0 = static_cast<int64_t>(fs.tile(b, h0, m, t)) * BN;
     T* k_s = smem + stage * Cfg::kStage;
     T* v_s = k_s + Cfg::kTile;
-    auto k_row = [&](int r) -> const T* {
-      return key0 + r < p.seqlen_k ? row_ptr<T>(p.k, p.k_strides, b, kvh, key0 + r) : nullptr;
-    };
-    auto v_row = [&](int r) -> const T* {
-      return key0 + r < p.seqlen_k ? row_ptr<T>(p.v, p.v_strides, b, kvh, key0 + r) : nullptr;
-    };
-    load_rows_16<T, BN, D, kThreads>(k_s, P, k_row, p.head_dim, args.aligned16, p.k);
-    load_rows_16<T, BN, D, kThreads>(v_s, P, v_row, p.head_dim, args.aligned16, p.v);
+    load_head_rows<T, BN, D, kThreads>(k_s, P, p.k, p.k_strides, b, kvh, key0, p.seqlen_k, p.head_dim, args.aligned16);
+    load_head_rows<T, BN, D, kThreads>(v_s, P, p.v, p.v_strides, b, kvh, key0, p.seqlen_k, p.head_dim, args.aligned16);
   };
 
   load_rows_16<T, BM, D, kThreads>(q_s, P, q_row, p.head_dim, args.aligned16, p.q);
@@ -164,10 +158,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
         uint32_t bk[4];
         load_b_nk(bk, k_s, P, nb2 * 16, kb * 16);
 #pragma unroll
-        for (int mw = 0; mw < MW; ++mw) {
-          mma_16816<T>(s[mw][2 * nb2], a[mw], bk[0], bk[1]);
-          mma_16816<T>(s[mw][2 * nb2 + 1], a[mw], bk[2], bk[3]);
-        }
+        for (int mw = 0; mw < MW; ++mw) mma_16x16<T>(s[mw], nb2, a[mw], bk);
       }
     }
 
@@ -255,10 +246,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
         uint32_t bv[4];
         load_b_kn(bv, v_s, P, kb * 16, nd2 * 16);
 #pragma unroll
-        for (int mw = 0; mw < MW; ++mw) {
-          mma_16816<T>(o[mw][2 * nd2], a[mw], bv[0], bv[1]);
-          mma_16816<T>(o[mw][2 * nd2 + 1], a[mw], bv[2], bv[3]);
-        }
+        for (int mw = 0; mw < MW; ++mw) mma_16x16<T>(o[mw], nd2, a[mw], bv);
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled

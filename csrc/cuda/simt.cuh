@@ -154,6 +154,86 @@ __device__ __forceinline__ void simt_dot4(float (&acc)[4], const T* rows, int pi
   }
 }
 
+// acc[rr][c] += Σ_s w_rr(s)·tile[s][lane + 32c] for the 4 rows of a warp: w_rr(s) = weight[rr] of
+// lane s (the row's p or dS for key slot s), broadcast by shuffles; tile: the step's 32 key rows.
+template <typename T, int DC>
+__device__ __forceinline__ void simt_accumulate(float (&acc)[4][DC], const float (&weight)[4], const T* tile,
+                                                int pitch, int lane, int head_dim) {
+  for (int s = 0; s < kSimtKeys; ++s) {
+    float ws[4];
+#pragma unroll
+    for (int rr = 0; rr < 4; ++rr) ws[rr] = __shfl_sync(0xffffffffu, weight[rr], s);
+    const T* row = tile + s * pitch;
+#pragma unroll
+    for (int c = 0; c < DC; ++c) {
+      const int col = lane + 32 * c;
+      if (col < head_dim) {
+        const float x = Elem<T>::to_float(row[col]);
+#pragma unroll
+        for (int rr = 0; rr < 4; ++rr) acc[rr][c] += ws[rr] * x;
+      }
+    }
+  }
+}
+
+// row[lane + 32c] = x[c]·factor for the columns < head_dim (lanes split a row's columns).
+template <typename T, int DC>
+__device__ __forceinline__ void simt_store_row(T* row, const float (&x)[DC], float factor, int lane, int head_dim) {
+#pragma unroll
+  for (int c = 0; c < DC; ++c) {
+    const int col = lane + 32 * c;
+    if (col < head_dim) row[col] = Elem<T>::from_float(x[c] * factor);
+  }
+}
+
+// The row loaders below take some arguments by const reference, as the kernels' row lambdas
+// captured them, so each is still read where it was and the kernels compile to the same code.
+
+// Rows first + r (r < used, first + r < n) of head h (batch b) of a [B, H, N, D] tensor into the
+// first `rows` rows of a shared tile; the other rows are zero-filled.
+template <typename T, typename Index>
+__device__ __forceinline__ void simt_load_head_rows(T* tile, int pitch, int rows, int used,
+                                                    const void* const& base, const Strides3& strides, int b, int h,
+                                                    const Index& first, const int& n, int head_dim, bool aligned4) {
+  auto row = [&](int r) -> const T* {
+    return r < used && first + r < n ? row_ptr<T>(base, strides, b, h, first + r) : nullptr;
+  };
+  simt_load_rows<T>(tile, pitch, rows, row, head_dim, aligned4, base);
+}
+
+// The block's 16 rows (Rows::row) of a [B, H, Nq, D] tensor (q, dO) into a shared tile; rows
+// without a query are zero-filled.
+template <typename T, class Rows>
+__device__ __forceinline__ void simt_load_block_rows(T* tile, int pitch, const AttentionParams& p, const Rows& rows,
+                                                     const void* const& base, const Strides3& strides, int head_dim,
+                                                     bool aligned4) {
+  auto row = [&](int r) -> const T* {
+    const RowSlot s = rows.row(p, r);
+    return s.valid ? row_ptr<T>(base, strides, rows.b, s.h, s.i) : nullptr;
+  };
+  simt_load_rows<T>(tile, pitch, kSimtRows, row, head_dim, aligned4, base);
+}
+
+// Step `step` of the block's key walk into K/V stage `stage`: its 32 key indices into
+// key_base[stage·32 ..] (−1: no key) and those K, V rows into k_s, v_s (zeros for no key).
+template <typename T, class Rows>
+__device__ __forceinline__ void simt_load_step(const AttentionParams& p, const Rows& rows, int step, int stage,
+                                               int32_t* key_base, T* k_s, T* v_s, int pitch, int head_dim,
+                                               const bool& aligned4) {
+  if (threadIdx.x < kSimtKeys)
+    key_base[stage * kSimtKeys + threadIdx.x] = static_cast<int32_t>(rows.key(p, step, threadIdx.x));
+  auto k_row = [&](int r) -> const T* {
+    const int64_t j = rows.key(p, step, r);
+    return j >= 0 ? row_ptr<T>(p.k, p.k_strides, rows.b, rows.kvh, j) : nullptr;
+  };
+  auto v_row = [&](int r) -> const T* {
+    const int64_t j = rows.key(p, step, r);
+    return j >= 0 ? row_ptr<T>(p.v, p.v_strides, rows.b, rows.kvh, j) : nullptr;
+  };
+  simt_load_rows<T>(k_s, pitch, kSimtKeys, k_row, head_dim, aligned4, p.k);
+  simt_load_rows<T>(v_s, pitch, kSimtKeys, v_row, head_dim, aligned4, p.v);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -176,33 +256,12 @@ __global__ void __launch_bounds__(kSimtThreads) simt_forward_kernel(const __grid
   const int s_begin = static_cast<int>(static_cast<int64_t>(steps) * split / splits);
   const int s_end = static_cast<int>(static_cast<int64_t>(steps) * (split + 1) / splits);
 
-  simt_load_rows<T>(
-      q_s, pitch, kSimtRows,
-      [&](int r) -> const T* {
-        const RowSlot s = rows.row(p, r);
-        return s.valid ? row_ptr<T>(p.q, p.q_strides, rows.b, s.h, s.i) : nullptr;
-      },
-      hd, args.aligned4, p.q);
+  simt_load_block_rows<T>(q_s, pitch, p, rows, p.q, p.q_strides, hd, args.aligned4);
   cp_async_commit();
   auto load_step = [&](int step, int stage) {
     T* k_s = kv_base + stage * 2 * kSimtKeys * pitch;
     T* v_s = k_s + kSimtKeys * pitch;
-    if (threadIdx.x < kSimtKeys)
-      key_base[stage * kSimtKeys + threadIdx.x] = static_cast<int32_t>(rows.key(p, step, threadIdx.x));
-    simt_load_rows<T>(
-        k_s, pitch, kSimtKeys,
-        [&](int r) -> const T* {
-          const int64_t j = rows.key(p, step, r);
-          return j >= 0 ? row_ptr<T>(p.k, p.k_strides, rows.b, rows.kvh, j) : nullptr;
-        },
-        hd, args.aligned4, p.k);
-    simt_load_rows<T>(
-        v_s, pitch, kSimtKeys,
-        [&](int r) -> const T* {
-          const int64_t j = rows.key(p, step, r);
-          return j >= 0 ? row_ptr<T>(p.v, p.v_strides, rows.b, rows.kvh, j) : nullptr;
-        },
-        hd, args.aligned4, p.v);
+    simt_load_step<T>(p, rows, step, stage, key_base, k_s, v_s, pitch, hd, args.aligned4);
   };
   if (s_begin < s_end) load_step(s_begin, 0);
   cp_async_commit();
@@ -258,21 +317,7 @@ __global__ void __launch_bounds__(kSimtThreads) simt_forward_kernel(const __grid
       for (int c = 0; c < DC; ++c) acc[rr][c] *= alpha;
     }
     // O_r += Σ_j p_rj·v_j: lane owns columns lane + 32c; p_j broadcast from lane j
-    for (int s = 0; s < kSimtKeys; ++s) {
-      float ps[4];
-#pragma unroll
-      for (int rr = 0; rr < 4; ++rr) ps[rr] = __shfl_sync(0xffffffffu, prob[rr], s);
-      const T* v_row = v_s + s * pitch;
-#pragma unroll
-      for (int c = 0; c < DC; ++c) {
-        const int col = lane + 32 * c;
-        if (col < hd) {
-          const float vv = Elem<T>::to_float(v_row[col]);
-#pragma unroll
-          for (int rr = 0; rr < 4; ++rr) acc[rr][c] += ps[rr] * vv;
-        }
-      }
-    }
+    simt_accumulate<T>(acc, prob, v_s, pitch, lane, hd);
     __syncthreads();
     if (stages == 1 && step + 1 < s_end) {
       load_step(step + 1, 0);
@@ -292,20 +337,11 @@ __global__ void __launch_bounds__(kSimtThreads) simt_forward_kernel(const __grid
     const int64_t rid = row_id(p, rows.b, slot[rr].h, slot[rr].i);
     if (splits == 1) {
       T* out_row = row_ptr_mut<T>(p.out, p.out_strides, rows.b, slot[rr].h, slot[rr].i);
-#pragma unroll
-      for (int c = 0; c < DC; ++c) {
-        const int col = lane + 32 * c;
-        if (col < hd) out_row[col] = Elem<T>::from_float(acc[rr][c] * inv);
-      }
+      simt_store_row<T>(out_row, acc[rr], inv, lane, hd);
       if (lane == 0) p.lse[rid] = lse;
     } else {
       const int64_t slot_id = static_cast<int64_t>(split) * args.split.rows + rid;
-      float* dst = args.split.out + slot_id * hd;
-#pragma unroll
-      for (int c = 0; c < DC; ++c) {
-        const int col = lane + 32 * c;
-        if (col < hd) dst[col] = acc[rr][c] * inv;
-      }
+      simt_store_row<float>(args.split.out + slot_id * hd, acc[rr], inv, lane, hd);
       if (lane == 0) args.split.lse[slot_id] = lse;
     }
   }
@@ -339,40 +375,13 @@ __global__ void __launch_bounds__(kSimtThreads)
   const int64_t shift = static_cast<int64_t>(p.seqlen_k) - p.seqlen_q;
   const int steps = rows.num_steps(p);
 
-  simt_load_rows<T>(
-      q_s, pitch, kSimtRows,
-      [&](int r) -> const T* {
-        const RowSlot s = rows.row(p, r);
-        return s.valid ? row_ptr<T>(p.q, p.q_strides, rows.b, s.h, s.i) : nullptr;
-      },
-      hd, args.aligned4, p.q);
-  simt_load_rows<T>(
-      do_s, pitch, kSimtRows,
-      [&](int r) -> const T* {
-        const RowSlot s = rows.row(p, r);
-        return s.valid ? row_ptr<T>(g.grad_out, g.grad_out_strides, rows.b, s.h, s.i) : nullptr;
-      },
-      hd, args.aligned4, g.grad_out);
+  simt_load_block_rows<T>(q_s, pitch, p, rows, p.q, p.q_strides, hd, args.aligned4);
+  simt_load_block_rows<T>(do_s, pitch, p, rows, g.grad_out, g.grad_out_strides, hd, args.aligned4);
   cp_async_commit();
   auto load_step = [&](int step, int stage) {
     T* k_s = kv_base + stage * 2 * kSimtKeys * pitch;
     T* v_s = k_s + kSimtKeys * pitch;
-    if (threadIdx.x < kSimtKeys)
-      key_base[stage * kSimtKeys + threadIdx.x] = static_cast<int32_t>(rows.key(p, step, threadIdx.x));
-    simt_load_rows<T>(
-        k_s, pitch, kSimtKeys,
-        [&](int r) -> const T* {
-          const int64_t j = rows.key(p, step, r);
-          return j >= 0 ? row_ptr<T>(p.k, p.k_strides, rows.b, rows.kvh, j) : nullptr;
-        },
-        hd, args.aligned4, p.k);
-    simt_load_rows<T>(
-        v_s, pitch, kSimtKeys,
-        [&](int r) -> const T* {
-          const int64_t j = rows.key(p, step, r);
-          return j >= 0 ? row_ptr<T>(p.v, p.v_strides, rows.b, rows.kvh, j) : nullptr;
-        },
-        hd, args.aligned4, p.v);
+    simt_load_step<T>(p, rows, step, stage, key_base, k_s, v_s, pitch, hd, args.aligned4);
   };
   if (steps > 0) load_step(0, 0);
   cp_async_commit();
@@ -420,21 +429,7 @@ __global__ void __launch_bounds__(kSimtThreads)
       ds[rr] = pr[rr] * (dp[rr] - delta[rr]) * math.cap_grad(sc[rr]);
     }
     // dQ_r += Σ_j dS_rj·k_j
-    for (int s = 0; s < kSimtKeys; ++s) {
-      float dss[4];
-#pragma unroll
-      for (int rr = 0; rr < 4; ++rr) dss[rr] = __shfl_sync(0xffffffffu, ds[rr], s);
-      const T* k_row = k_s + s * pitch;
-#pragma unroll
-      for (int c = 0; c < DC; ++c) {
-        const int col = lane + 32 * c;
-        if (col < hd) {
-          const float kv = Elem<T>::to_float(k_row[col]);
-#pragma unroll
-          for (int rr = 0; rr < 4; ++rr) dq[rr][c] += dss[rr] * kv;
-        }
-      }
-    }
+    simt_accumulate<T>(dq, ds, k_s, pitch, lane, hd);
     if (scatter) {
 #pragma unroll
       for (int rr = 0; rr < 4; ++rr) {
@@ -477,11 +472,7 @@ __global__ void __launch_bounds__(kSimtThreads)
   for (int rr = 0; rr < 4; ++rr) {
     if (!slot[rr].valid) continue;
     T* dq_row = row_ptr_mut<T>(g.dq, g.dq_strides, rows.b, slot[rr].h, slot[rr].i);
-#pragma unroll
-    for (int c = 0; c < DC; ++c) {
-      const int col = lane + 32 * c;
-      if (col < hd) dq_row[col] = Elem<T>::from_float(dq[rr][c] * math.scale);
-    }
+    simt_store_row<T>(dq_row, dq[rr], math.scale, lane, hd);
   }
 }
 
@@ -517,18 +508,8 @@ __global__ void __launch_bounds__(kSimtThreads) simt_dkdv_kernel(const __grid_co
   const int64_t shift = static_cast<int64_t>(p.seqlen_k) - p.seqlen_q;
   const ScheduleView& bs = p.backward_schedule;
 
-  simt_load_rows<T>(
-      k_s, pitch, kSimtKeys,
-      [&](int r) -> const T* {
-        return r < bn && key0 + r < p.seqlen_k ? row_ptr<T>(p.k, p.k_strides, b, kvh, key0 + r) : nullptr;
-      },
-      hd, args.aligned4, p.k);
-  simt_load_rows<T>(
-      v_s, pitch, kSimtKeys,
-      [&](int r) -> const T* {
-        return r < bn && key0 + r < p.seqlen_k ? row_ptr<T>(p.v, p.v_strides, b, kvh, key0 + r) : nullptr;
-      },
-      hd, args.aligned4, p.v);
+  simt_load_head_rows<T>(k_s, pitch, kSimtKeys, bn, p.k, p.k_strides, b, kvh, key0, p.seqlen_k, hd, args.aligned4);
+  simt_load_head_rows<T>(v_s, pitch, kSimtKeys, bn, p.v, p.v_strides, b, kvh, key0, p.seqlen_k, hd, args.aligned4);
   cp_async_commit();
 
   const int64_t j_lane = key0 + lane;
@@ -545,18 +526,10 @@ __global__ void __launch_bounds__(kSimtThreads) simt_dkdv_kernel(const __grid_co
     const int count = bs.num_tiles(b, h, n);
     for (int t = 0; t < count; ++t) {
       const int i0 = bs.tile(b, h, n, t) * kSimtRows;
-      simt_load_rows<T>(
-          q_s, pitch, kSimtRows,
-          [&](int r) -> const T* {
-            return i0 + r < p.seqlen_q ? row_ptr<T>(p.q, p.q_strides, b, h, i0 + r) : nullptr;
-          },
-          hd, args.aligned4, p.q);
-      simt_load_rows<T>(
-          do_s, pitch, kSimtRows,
-          [&](int r) -> const T* {
-            return i0 + r < p.seqlen_q ? row_ptr<T>(g.grad_out, g.grad_out_strides, b, h, i0 + r) : nullptr;
-          },
-          hd, args.aligned4, g.grad_out);
+      simt_load_head_rows<T>(q_s, pitch, kSimtRows, kSimtRows, p.q, p.q_strides, b, h, i0, p.seqlen_q, hd,
+                             args.aligned4);
+      simt_load_head_rows<T>(do_s, pitch, kSimtRows, kSimtRows, g.grad_out, g.grad_out_strides, b, h, i0, p.seqlen_q,
+                             hd, args.aligned4);
       if (threadIdx.x < kSimtRows) {
         const int r = threadIdx.x;
         const bool ok = i0 + r < p.seqlen_q;

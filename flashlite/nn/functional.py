@@ -164,11 +164,7 @@ def dense_attention(
         visible = keep if visible is None else visible & keep
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - row_max)
-    row_sum = weights.sum(dim=-1, keepdim=True)
-    probs = weights / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    probs, _, _ = reference.safe_softmax(scores)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs, vc).to(q.dtype)

@@ -1,0 +1,91 @@
+"""Triton stages shared by the tile engine (``tile_engine``) and the gather engine (``gather_engine``).
+
+Notation as in ``tile_engine``: ``s_ij`` the score after scale/softcap/ALiBi, ``m_i`` the running
+max, ``l_i`` the running sum, ``lse_i = m_i + log l_i``; the online softmax runs in base 2 (scores
+in log2 units, ``exp2``).
+
+Under Triton's interpreter every nested ``@triton.jit`` call costs about 0.1 ms (the interpreter
+patches ``triton.language`` again on each call), so the helpers that run once per block of keys
+call ``tl.dot`` directly rather than ``dot``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def dot(a, b, IEEE_DOT: tl.constexpr):
+    """a·b with fp32 accumulation; fp32 inputs use IEEE (not TF32) products."""
+    if IEEE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def capped_scores(q, k_tile, scale, softcap, HAS_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """softcap·tanh(q·kᵀ·scale / softcap) (natural units, fp32): the scores before ALiBi."""
+    if IEEE_DOT:
+        s = tl.dot(q, tl.trans(k_tile), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k_tile)) * scale
+    if HAS_SOFTCAP:
+        # tanh(x) = 1 − 2 / (exp(2x) + 1): exact at ±inf, no libdevice needed.
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+    return s
+
+
+@triton.jit
+def scores(q, k_tile, query_pos, key_index, slope, scale, softcap,
+           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """s = softcap·tanh(q·kᵀ·scale / softcap) − slope·|p(i) − j|   (natural units, fp32; slope a
+    scalar or a column [rows, 1])."""
+    s = capped_scores(q, k_tile, scale, softcap, HAS_SOFTCAP, IEEE_DOT)
+    if HAS_ALIBI:
+        s = s - slope * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
+    return s
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT: tl.constexpr):
+    """One block of keys of the online softmax (base 2), s in log2 units (−inf = not visible):
+
+        m' = max(m, max_j s_ij);   α = 2^(m − m');   p_ij = 2^(s_ij − m')
+        l' = α·l + Σ_j p_ij;       acc' = α·acc + p·V
+
+    A row that has seen no visible key yet keeps m = −inf; using 0 in its place keeps
+    2^(−inf − 0) = 0 instead of NaN. Returns (m', l', acc')."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def softmax_finish(m_i, l_i, acc):
+    """out = acc / l, lse = (m + log2 l)·ln 2; a row that saw no key gets 0 and −inf."""
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    return out, lse
+
+
+@triton.jit
+def score_grad(p, dp, delta, s, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """dS/d(q·kᵀ): softmax backward ds = p ⊙ (dp − δ) with δ_i = Σ_d dO_id·O_id, then the
+    softcap chain (1 − tanh²) and the scale."""
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        # Callers pass s without ALiBi (it has no q/k gradient), so s / softcap = tanh(...).
+        tanh = s / softcap
+        ds = ds * (1.0 - tanh * tanh)
+    return ds * scale
