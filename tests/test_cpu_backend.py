@@ -134,6 +134,27 @@ def test_decode_rows_with_more_queries_than_keys():
     assert out[:, :, 0].abs().max() == 0
 
 
+@pytest.mark.parametrize("pattern", ["causal", "window_both_sides", "block_sparse_shared", "block_sparse_per_head"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_split_keys(pattern, dtype):
+    """A long cache is split into ~1024-key pieces merged in order (2500 keys: 2 uneven pieces,
+    5000: 4 with the layout leaving some empty); the same bits for 1, 2 and 3 threads."""
+    threads = torch.get_num_threads()
+    for Nk in (2500, 5000):
+        q, k, v = qkv(1, 4, 1, 2, Nk, 64, dtype)
+        made = decode_pattern(pattern, 4, 2, Nk)
+        if pattern == "window_both_sides":
+            made = SlidingWindow(1500, 3)  # spans both pieces
+        results = []
+        try:
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                results.append(check_against_reference(q, k, v, made, "cpu", grads=count == 1))
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(results[0], other) for other in results[1:])
+
+
 def test_python_tile_sizes_match_the_extension(ext):
     """The backend picks tile sizes in Python (traceable by torch.compile); they must be the C++ ones."""
     from flashlite._backends.native import cpu_tile_sizes

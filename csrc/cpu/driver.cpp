@@ -1,6 +1,7 @@
 // The OpenMP driver of the CPU kernels: splits each call into independent work items, runs them
 // on the best instruction-set build of engine.h for this CPU, and builds the gather backward's
 // key -> (row, slot) lists. Torch-free.
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -124,19 +125,43 @@ constexpr int kDecodeRows = 4;
 
 // Decode: one work item per (b, KV head) when the group's heads share their schedule rows (a
 // broadcast schedule: full, causal, window, a layout without a head dimension), so each key tile
-// is loaded once for the whole group; else one per (b, head).
+// is loaded once for the whole group; else one per (b, head). A long key range is split into
+// pieces of about kDecodeSplitKeys keys, run as separate items and merged in order, so that a
+// batch of one with few KV heads still uses every thread. The split depends on the sizes only,
+// never on the thread count: results are the same bits for any number of threads.
+constexpr int kDecodeSplitKeys = 1024;
+constexpr int kDecodeMaxSplits = 64;
+
 void tile_forward_decode(const KernelTable& kernels, const AttentionParams& p, int num_threads) {
   const ScheduleView& schedule = p.forward_schedule;
   const bool shared = schedule.tiles_stride_h == 0 && schedule.count_stride_h == 0;
   const int heads = shared ? p.group() : 1, items = p.heads_q / heads;
-  const int64_t tasks = int64_t(p.batch) * items;
+  const int64_t groups = int64_t(p.batch) * items;
+  const int splits = std::min(kDecodeMaxSplits, std::max(1, p.seqlen_k / kDecodeSplitKeys));
+  const int rows = std::min(p.block_m, p.seqlen_q);
+  const int record = ((p.head_dim + kernels.lanes - 1) / kernels.lanes + 1) * kernels.lanes;  // row_record_floats
+  const int64_t group_floats = int64_t(splits) * heads * rows * record;
+  std::vector<float> partials(splits > 1 ? size_t(groups * group_floats) : 0);
 #pragma omp parallel num_threads(thread_count(num_threads))
   {
     Workspace ws;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task)
-      kernels.tile_forward_rows(p, static_cast<int>(task / items), static_cast<int>(task % items) * heads, heads, 0,
-                                ws);
+    for (int64_t task = 0; task < groups * splits; ++task) {
+      const int64_t group = task / splits;
+      const int split = static_cast<int>(task % splits);
+      const int b = static_cast<int>(group / items), h_first = static_cast<int>(group % items) * heads;
+      const int count = schedule.num_tiles(b, h_first, 0), per = cdiv(count, splits);
+      const int begin = std::min(count, split * per), end = std::min(count, begin + per);
+      float* part = splits > 1 ? partials.data() + group * group_floats + int64_t(split) * heads * rows * record
+                               : nullptr;
+      kernels.tile_forward_rows(p, b, h_first, heads, 0, begin, end, part, ws);
+    }
+    if (splits > 1) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t group = 0; group < groups; ++group)
+        kernels.tile_forward_rows_merge(p, static_cast<int>(group / items), static_cast<int>(group % items) * heads,
+                                        heads, 0, splits, partials.data() + group * group_floats, ws);
+    }
   }
 }
 }  // namespace

@@ -411,37 +411,47 @@ void tile_forward(const AttentionParams& p, int b, int h, int m, Workspace& ws) 
 }
 
 // Tile engine, forward, for a few query rows (decode): query tile m of heads h_first ..
-// h_first + heads − 1 (one KV head's group sharing a schedule row) over the key tiles of that
-// row, one query row at a time with the keys along the vector lanes: the query-major kernel
-// above would fill 1 of its L lanes per row. Each key tile is loaded once for all rows.
-// Per row r and key tile (keys j0 + c, c < nk), in log2 units:
+// h_first + heads − 1 (one KV head's group sharing a schedule row) over key tiles
+// [tile_begin, tile_end) of that row, one query row at a time with the keys along the vector
+// lanes: the query-major kernel above would fill 1 of its L lanes per row. Each key tile is
+// loaded once for all rows. Per row r and key tile (keys j0 + c, c < nk), in log2 units:
 //   s_c = score(q̃_r·k_c) (−inf outside the band),  m' = max(m, max_c s_c),  α = 2^(m − m'),
 //   P_c = 2^(s_c − m'),  l' = α·l + Σ_c P_c,  acc' = α·acc + Σ_c P_c·v_c
-// and at the end out_r = acc / l, lse_r = ln2·(m + log2 l) (a row that saw no key: 0 and −inf).
-void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, int m, Workspace& ws) {
+// The state of row r is a record of row_record_floats floats, [acc (Dp) | m | l | pad]. With
+// `partials`, the records are left there (a split of the keys, merged by
+// tile_forward_rows_merge); without, out_r = acc / l and lse_r = ln2·(m + log2 l) are written (a
+// row that saw no key: 0 and −inf).
+inline int row_record_floats(const AttentionParams& p) { return round_up(p.head_dim, L) + L; }
+
+inline void finish_row(const AttentionParams& p, int b, int h, int i, float* record, float row_max, float row_sum) {
+  p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i] = row_sum > 0.f ? (row_max + log2f(row_sum)) * kLn2 : -kInf;
+  store_scaled_row(p, p.out, p.out_strides, b, h, i, record, row_sum > 0.f ? 1.f / row_sum : 0.f);
+}
+
+void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, int m, int tile_begin, int tile_end,
+                       float* partials, Workspace& ws) {
   const int BM = p.block_m, BN = p.block_n, BNp = round_up(BN, L), D = p.head_dim, Dp = round_up(D, L);
-  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), R = heads * rows;
+  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), R = heads * rows, W = row_record_floats(p);
   const int kv_head = h_first / p.group();
-  float* q_rows = ws.floats(size_t(R * (2 * Dp + 2) + 2 * BNp * Dp + BNp + Dp));
-  float* acc = q_rows + R * Dp;
-  float* row_max = acc + R * Dp;
-  float* row_sum = row_max + R;
-  float* kbuf = row_sum + R;
+  float* q_rows = ws.floats(size_t(R * (Dp + W) + 2 * BNp * Dp + BNp + Dp));
+  float* records = partials ? partials : q_rows + R * Dp;
+  float* kbuf = q_rows + R * (Dp + W);
   float* vbuf = kbuf + BNp * Dp;
   float* s = vbuf + BNp * Dp;
   float* zero = s + BNp;
   const float** keys = ws.pointers(size_t(2 * BNp));
   const float** values = keys + BNp;
   fill(zero, Dp, 0.f);
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
     pack_query_row(p, p.q, p.q_strides, b, h_first + r / rows, i0 + r % rows, query_factor(p), q_rows + r * Dp);
-  fill(acc, R * Dp, 0.f);
-  fill(row_max, R, -kInf);
-  fill(row_sum, R, 0.f);
+    float* record = records + r * W;
+    fill(record, Dp, 0.f);
+    record[Dp] = -kInf;    // m
+    record[Dp + 1] = 0.f;  // l
+  }
   const float cap = p.softcap;
   const ScheduleView& schedule = p.forward_schedule;
-  const int count = schedule.num_tiles(b, h_first, m);
-  for (int t = 0; t < count; ++t) {
+  for (int t = tile_begin; t < tile_end; ++t) {
     const int j0 = schedule.tile(b, h_first, m, t) * BN, nk = imin(BN, p.seqlen_k - j0), nkp = round_up(nk, L);
     const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, true, kbuf);
     const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, true, vbuf);
@@ -461,7 +471,8 @@ void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, 
         store(s + c0, sc);
         tile_max = vmax(tile_max, sc);
       }
-      const float m_old = row_max[r], m_new = fmaxf(m_old, hmax(tile_max));
+      float* record = records + r * W;
+      const float m_old = record[Dp], m_new = fmaxf(m_old, hmax(tile_max));
       if (m_new == -kInf) continue;  // nothing visible yet
       vf sum = {};
       for (int c0 = 0; c0 < nkp; c0 += L) {
@@ -470,19 +481,43 @@ void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, 
         sum += prob;
       }
       const float alpha = m_old == -kInf ? 0.f : exp2f(m_old - m_new);
-      row_sum[r] = row_sum[r] * alpha + hsum(sum);
-      row_max[r] = m_new;
-      float* acc_r = acc + r * Dp;
+      record[Dp + 1] = record[Dp + 1] * alpha + hsum(sum);
+      record[Dp] = m_new;
       if (alpha != 1.f)
-        for (int d = 0; d < Dp; d += L) store(acc_r + d, load(acc_r + d) * alpha);
-      weighted_rows(s, values, nk, Dp, acc_r);
+        for (int d = 0; d < Dp; d += L) store(record + d, load(record + d) * alpha);
+      weighted_rows(s, values, nk, Dp, record);
     }
   }
+  if (partials) return;
   for (int r = 0; r < R; ++r) {
-    const int h = h_first + r / rows, i = i0 + r % rows;
-    const float l = row_sum[r];
-    p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : -kInf;
-    store_scaled_row(p, p.out, p.out_strides, b, h, i, acc + r * Dp, l > 0.f ? 1.f / l : 0.f);
+    float* record = records + r * W;
+    finish_row(p, b, h_first + r / rows, i0 + r % rows, record, record[Dp], record[Dp + 1]);
+  }
+}
+
+// Merge of a decode split: row r's records of the `splits` key ranges (records of split s at
+// partials + (s·R + r)·W), in split order:
+//   M = max_s m_s,  w_s = 2^(m_s − M),  l = Σ_s w_s·l_s,  out = Σ_s w_s·acc_s / l,  lse = ln2·(M + log2 l)
+void tile_forward_rows_merge(const AttentionParams& p, int b, int h_first, int heads, int m, int splits,
+                             const float* partials, Workspace& ws) {
+  const int Dp = round_up(p.head_dim, L), i0 = m * p.block_m, rows = imin(p.block_m, p.seqlen_q - i0);
+  const int R = heads * rows, W = row_record_floats(p);
+  float* merged = ws.floats(size_t(Dp));
+  for (int r = 0; r < R; ++r) {
+    float top = -kInf;
+    for (int sp = 0; sp < splits; ++sp) top = fmaxf(top, partials[(sp * R + r) * W + Dp]);
+    fill(merged, Dp, 0.f);
+    float sum = 0.f;
+    if (top != -kInf) {
+      for (int sp = 0; sp < splits; ++sp) {
+        const float* record = partials + (sp * R + r) * W;
+        if (record[Dp] == -kInf) continue;  // this split saw no key of the row
+        const float weight = exp2f(record[Dp] - top);
+        sum += weight * record[Dp + 1];
+        axpy(weight, record, merged, Dp);
+      }
+    }
+    finish_row(p, b, h_first + r / rows, i0 + r % rows, merged, top, sum);
   }
 }
 
@@ -859,7 +894,7 @@ void gather_backward_keys(const AttentionParams& p, const BackwardParams& g, con
 
 const KernelTable& table() {
   static const KernelTable kernels = {
-      FL_ISA_NAME, L, &tile_forward, &tile_forward_rows, &tile_backward_kv, &tile_backward_q, &gather_forward, &gather_backward_rows,
+      FL_ISA_NAME, L, &tile_forward, &tile_forward_rows, &tile_forward_rows_merge, &tile_backward_kv, &tile_backward_q, &gather_forward, &gather_backward_rows,
       &gather_backward_keys,
   };
   return kernels;

@@ -45,8 +45,13 @@ struct KernelTable {
   // Forward of query tile m of (b, h).
   void (*tile_forward)(const AttentionParams&, int b, int h, int m, Workspace&);
   // The same for a few query rows (decode), rows along the keys: query tile m of heads
-  // h_first .. h_first + heads − 1, which share one KV head and one schedule row.
-  void (*tile_forward_rows)(const AttentionParams&, int b, int h_first, int heads, int m, Workspace&);
+  // h_first .. h_first + heads − 1, which share one KV head and one schedule row, over key tiles
+  // [tile_begin, tile_end) of that row. With `partials` (a split of the keys) the rows' running
+  // max, sum and accumulator are left there for tile_forward_rows_merge instead of out/lse.
+  void (*tile_forward_rows)(const AttentionParams&, int b, int h_first, int heads, int m, int tile_begin,
+                            int tile_end, float* partials, Workspace&);
+  void (*tile_forward_rows_merge)(const AttentionParams&, int b, int h_first, int heads, int m, int splits,
+                                  const float* partials, Workspace&);
   // dK, dV of key tile n of (b, kv head), over the GQA group's query tiles.
   void (*tile_backward_kv)(const AttentionParams&, const BackwardParams&, int b, int kv_head, int n, Workspace&);
   // dQ of query tile m of (b, h).
