@@ -137,8 +137,8 @@ def test_decode_rows_with_more_queries_than_keys():
 @pytest.mark.parametrize("pattern", ["causal", "window_both_sides", "block_sparse_shared", "block_sparse_per_head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_decode_split_keys(pattern, dtype):
-    """A long cache is split into ~1024-key pieces merged in order (2500 keys: 2 uneven pieces,
-    5000: 4 with the layout leaving some empty); the same bits for 1, 2 and 3 threads."""
+    """A long cache is split into ~512-key pieces merged in order (2500 keys: 4 pieces of uneven
+    tile counts, 5000: 9, some left empty by a layout); the same bits for 1, 2 and 3 threads."""
     threads = torch.get_num_threads()
     for Nk in (2500, 5000):
         q, k, v = qkv(1, 4, 1, 2, Nk, 64, dtype)

@@ -129,7 +129,7 @@ constexpr int kDecodeRows = 4;
 // pieces of about kDecodeSplitKeys keys, run as separate items and merged in order, so that a
 // batch of one with few KV heads still uses every thread. The split depends on the sizes only,
 // never on the thread count: results are the same bits for any number of threads.
-constexpr int kDecodeSplitKeys = 1024;
+constexpr int kDecodeSplitKeys = 512;
 constexpr int kDecodeMaxSplits = 64;
 
 void tile_forward_decode(const KernelTable& kernels, const AttentionParams& p, int num_threads) {
