@@ -219,18 +219,28 @@ inline float query_factor(const AttentionParams& p) { return p.softcap != 0.f ? 
 // rows ≤ r < Y are zero.
 inline void pack_rows(DType dtype, const void* base, const Strides3& s, int b, int h, int i0, int rows, int Y, int D,
                       int Dp, float factor, float* out_t, int ld_t, float* out_rows, float* tmp) {
-  for (int r = 0; r < Y; ++r) {
-    if (r < rows) {
-      load_row(dtype, base, offset(s, b, h, i0 + r), D, tmp);
-    } else {
-      fill(tmp, D, 0.f);
+  // L rows at a time through tmp [L][Dp] (Y is a multiple of L): each column of out_t then gets
+  // one vector store instead of L single floats in L different cache lines.
+  for (int r0 = 0; r0 < Y; r0 += L) {
+    for (int x = 0; x < L; ++x) {
+      const int r = r0 + x;
+      float* row = tmp + x * Dp;
+      if (r < rows) {
+        load_row(dtype, base, offset(s, b, h, i0 + r), D, row);
+      } else {
+        fill(row, D, 0.f);
+      }
+      if (out_rows) {
+        for (int d = 0; d < D; ++d) out_rows[r * Dp + d] = row[d];
+        fill(out_rows + r * Dp + D, Dp - D, 0.f);
+      }
     }
     if (out_t)
-      for (int d = 0; d < D; ++d) out_t[d * ld_t + r] = tmp[d] * factor;
-    if (out_rows) {
-      for (int d = 0; d < D; ++d) out_rows[r * Dp + d] = tmp[d];
-      fill(out_rows + r * Dp + D, Dp - D, 0.f);
-    }
+      for (int d = 0; d < D; ++d) {
+        vf column;
+        for (int x = 0; x < L; ++x) column[x] = tmp[x * Dp + d];
+        store(out_t + d * ld_t + r0, column * factor);
+      }
   }
 }
 
@@ -352,7 +362,7 @@ void tile_forward(const AttentionParams& p, int b, int h, int m, Workspace& ws) 
   const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L);
   const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
   const int kv_head = h / p.group();
-  float* qt = ws.floats(size_t(2 * Dp * BM + BN * BM + 2 * BN * Dp + 3 * BM + Dp));
+  float* qt = ws.floats(size_t(2 * Dp * BM + BN * BM + 2 * BN * Dp + 3 * BM + L * Dp));
   float* ot = qt + Dp * BM;
   float* st = ot + Dp * BM;
   float* kbuf = st + BN * BM;
@@ -557,7 +567,7 @@ inline void probs_and_score_grads(const AttentionParams& p, int nk, int Y, float
 void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, int b, int kv_head, int n, Workspace& ws) {
   const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), group = p.group();
   const int j0 = n * BN, nk = imin(BN, p.seqlen_k - j0);
-  float* qt = ws.floats(size_t(4 * Dp * BM + 3 * BN * BM + 4 * BN * Dp + 2 * BM + Dp));
+  float* qt = ws.floats(size_t(4 * Dp * BM + 3 * BN * BM + 4 * BN * Dp + 2 * BM + L * Dp));
   float* q_rows = qt + Dp * BM;
   float* do_t = q_rows + BM * Dp;
   float* do_rows = do_t + Dp * BM;
@@ -604,7 +614,7 @@ void tile_backward_q(const AttentionParams& p, const BackwardParams& g, int b, i
   const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L);
   const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
   const int kv_head = h / p.group();
-  float* qt = ws.floats(size_t(2 * Dp * BM + 3 * BN * BM + 2 * BN * Dp + BM * Dp + 2 * BM + Dp));
+  float* qt = ws.floats(size_t(2 * Dp * BM + 3 * BN * BM + 2 * BN * Dp + BM * Dp + 2 * BM + L * Dp));
   float* do_t = qt + Dp * BM;
   float* st = do_t + Dp * BM;
   float* dpt = st + BN * BM;
