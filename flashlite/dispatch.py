@@ -151,8 +151,6 @@ def _plain_eager(*tensors: Tensor) -> bool:
             and _current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled())
 
 
-
-# ---------------------------------------------------------------------------------------------
 def run(q: Tensor, k: Tensor, v: Tensor, pattern, *, scale: float, softcap: Optional[float],
         alibi_slopes: Optional[Tensor], backend: Optional[str]) -> Tuple[Tensor, Tensor]:
     """Pick a backend for (device, pattern, dtype) and run it. Returns (out, lse)."""

@@ -139,7 +139,7 @@ void tile_forward_decode(const KernelTable& kernels, const AttentionParams& p, i
   const int64_t groups = int64_t(p.batch) * items;
   const int splits = std::min(kDecodeMaxSplits, std::max(1, p.seqlen_k / kDecodeSplitKeys));
   const int rows = std::min(p.block_m, p.seqlen_q);
-  const int record = ((p.head_dim + kernels.lanes - 1) / kernels.lanes + 1) * kernels.lanes;  // row_record_floats
+  const int record = decode_record_floats(p.head_dim, kernels.lanes);
   const int64_t group_floats = int64_t(splits) * heads * rows * record;
   std::vector<float> partials(splits > 1 ? size_t(groups * group_floats) : 0);
 #pragma omp parallel num_threads(thread_count(num_threads))

@@ -431,7 +431,7 @@ void tile_forward(const AttentionParams& p, int b, int h, int m, Workspace& ws) 
 // `partials`, the records are left there (a split of the keys, merged by
 // tile_forward_rows_merge); without, out_r = acc / l and lse_r = ln2·(m + log2 l) are written (a
 // row that saw no key: 0 and −inf).
-inline int row_record_floats(const AttentionParams& p) { return round_up(p.head_dim, L) + L; }
+inline int row_record_floats(const AttentionParams& p) { return decode_record_floats(p.head_dim, L); }
 
 inline void finish_row(const AttentionParams& p, int b, int h, int i, float* record, float row_max, float row_sum) {
   p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i] = row_sum > 0.f ? (row_max + log2f(row_sum)) * kLn2 : -kInf;
@@ -907,7 +907,6 @@ void gather_backward_keys(const AttentionParams& p, const BackwardParams& g, con
   // hardware cannot predict but the entry list names: they are prefetched kEntriesAhead entries
   // early (the list runs on across keys).
   const int64_t last_entry = offsets[key_end];
-  const int elem = p.dtype == DType::kFloat32 ? 4 : 2;
   auto locate = [&](int64_t entry, int& h, int& i) {
     const int64_t head_row = entry / K;
     i = static_cast<int>(head_row % p.seqlen_q);
@@ -921,12 +920,8 @@ void gather_backward_keys(const AttentionParams& p, const BackwardParams& g, con
       if (e + kEntriesAhead < last_entry) {
         int ah, ai;
         const int64_t ahead = locate(entries[e + kEntriesAhead], ah, ai);
-        const char* q_row = static_cast<const char*>(p.q) + offset(p.q_strides, b, ah, ai) * elem;
-        const char* do_row = static_cast<const char*>(g.grad_out) + offset(g.grad_out_strides, b, ah, ai) * elem;
-        for (int byte = 0; byte < D * elem; byte += 64) {
-          __builtin_prefetch(q_row + byte);
-          __builtin_prefetch(do_row + byte);
-        }
+        prefetch_row<0>(p, p.q, p.q_strides, b, ah, ai);
+        prefetch_row<0>(p, g.grad_out, g.grad_out_strides, b, ah, ai);
         __builtin_prefetch(gg.score_grads + ahead);
         __builtin_prefetch(gg.probs + ahead);
       }

@@ -38,6 +38,11 @@ struct GatherGrads {
   int64_t entries_stride = 0;            // entries per (b, kv head) block
 };
 
+// Floats per query row of decode state (tile_forward_rows): [acc (head_dim rounded up to the
+// vector width) | running max | running sum | pad to the next vector]. The driver sizes the
+// split buffers with it, the kernels lay their records out with it.
+inline int decode_record_floats(int head_dim, int lanes) { return ((head_dim + lanes - 1) / lanes + 1) * lanes; }
+
 // One instruction-set build of the kernels; each function handles one work item.
 struct KernelTable {
   const char* name;
