@@ -1,6 +1,6 @@
 // The OpenMP driver of the CPU kernels: splits each call into independent work items, runs them
-// on the best instruction-set build of engine.h for this CPU, and builds the gather backward's
-// key -> (row, slot) lists. Torch-free.
+// on the best instruction-set build of the kernels (isa_kernels.h) for this CPU, and builds the
+// gather backward's key -> (row, slot) lists. Torch-free.
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>

@@ -9,7 +9,7 @@
 #else
 #define FL_MR 6  // 16 vector registers
 #endif
-#include "engine.h"
+#include "isa_kernels.h"
 
 namespace flashlite {
 namespace cpu {

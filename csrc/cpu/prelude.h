@@ -1,5 +1,6 @@
-// What every instruction-set build of engine.h includes *before* its target region: standard and
-// shared headers stay compiled for the baseline target, so no variant's code leaks into them.
+// What every instruction-set build of the kernels (isa_kernels.h) includes *before* its target
+// region: standard and shared headers stay compiled for the baseline target, so no variant's code
+// leaks into them.
 #pragma once
 
 #include <math.h>

@@ -1,5 +1,5 @@
 // Internal interface between the OpenMP driver (driver.cpp) and the per-instruction-set kernel
-// builds (isa_*.cpp, each compiling engine.h with its own target options).
+// builds (isa_*.cpp, each compiling isa_kernels.h with its own target options).
 #pragma once
 
 #include <cstddef>

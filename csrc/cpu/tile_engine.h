@@ -1,0 +1,359 @@
+// The tile engine (full, causal, sliding window, block-sparse: one loop over a block schedule),
+// forward, decode rows and backward, one instruction-set build.
+//
+// A tile computation keeps everything in float32, query-major along the vector dimension:
+//   q̃ᵀ [Dp][BM]  the query tile transposed and pre-scaled (scale·log2e; scale alone with softcap),
+//   Sᵀ [BN][BM]  scores of key c (row) against query r: the softmax's per-query max and sum are
+//                element-wise vector operations down the rows,
+//   Oᵀ [Dp][BM]  the output accumulator.
+// One register-blocked micro-kernel (gemm.h) computes every product (forward and backward).
+// Scores are carried in base 2 (s·log2e) so the softmax uses 2^x; lse is returned in natural units.
+#pragma once
+
+#ifndef FL_ISA
+#error "include isa_kernels.h from an isa_*.cpp (FL_ISA, FL_LANES, FL_MR defined), not this header"
+#endif
+
+#include "simd.h"
+#include "gemm.h"
+#include "pack.h"
+
+namespace flashlite {
+namespace cpu {
+namespace FL_ISA {
+
+// Scores of L (query, key) pairs from x = q̃·k and dist = p(i) − j (the formulas of score_tile);
+// slope_units = slope with softcap, slope·log2e without. chain (if given) gets 1 − tanh².
+inline vf score_lanes(vf x, vi dist, float cap, float slope_units, float* chain) {
+  vf s = x;
+  if (cap != 0.f) {
+    const vf t = tanhv(x * (1.f / cap));
+    s = t * cap;
+    if (chain) store(chain, 1.f - t * t);
+  }
+  if (slope_units != 0.f) {
+    const vf d = __builtin_convertvector(dist, vf);
+    s -= slope_units * select(d < 0.f, -d, d);
+  }
+  return cap != 0.f ? s * kLog2e : s;
+}
+inline vi in_band(const AttentionParams& p, vi dist) { return (dist <= p.window_left) & (dist >= -p.window_right); }
+
+// Scores of one tile, in place on Sᵀ[c][r] (keys j0 + c, c < nk; queries i0 + r, r < Y), from
+// x = q̃·k:
+//   softcap:  t = tanh(x/cap),  s = log2e·(cap·t − slope·|p(i) − j|),  chain[c][r] = 1 − t²
+//   no cap:   s = x − log2e·slope·|p(i) − j|
+//   outside the band p(i) − left ≤ j ≤ p(i) + right:  s = −inf
+// A tile wholly inside the band skips the mask.
+inline void score_tile(const AttentionParams& p, float slope, int i0, int rows, int Y, int j0, int nk, float* st,
+                       float* chain, int ld) {
+  const float cap = p.softcap;
+  const int pos0 = i0 + p.seqlen_k - p.seqlen_q;
+  const bool masked = j0 < pos0 + rows - 1 - p.window_left || j0 + nk - 1 > pos0 + p.window_right;
+  if (cap == 0.f && slope == 0.f && !masked) return;
+  const float slope_units = cap != 0.f ? slope : slope * kLog2e;
+  const vi row_pos = iota() + pos0;
+  for (int c = 0; c < nk; ++c) {
+    float* s_row = st + c * ld;
+    for (int y = 0; y < Y; y += L) {
+      const vi dist = row_pos + (y - (j0 + c));  // p(i) − j
+      vf s = score_lanes(load(s_row + y), dist, cap, slope_units, chain ? chain + c * ld + y : nullptr);
+      if (masked) s = select(in_band(p, dist), s, splat(-kInf));
+      store(s_row + y, s);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile engine, forward: query tile m of (b, h) over the key tiles of its schedule row.
+void tile_forward(const AttentionParams& p, int b, int h, int m, Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L);
+  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+  const int kv_head = h / p.group();
+  float* qt = ws.floats(size_t(2 * Dp * BM + BN * BM + 2 * BN * Dp + 3 * BM + L * Dp));
+  float* ot = qt + Dp * BM;
+  float* st = ot + Dp * BM;
+  float* kbuf = st + BN * BM;
+  float* vbuf = kbuf + BN * Dp;
+  float* row_max = vbuf + BN * Dp;
+  float* row_sum = row_max + BM;
+  float* alpha = row_sum + BM;
+  float* tmp = alpha + BM;
+
+  pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), qt, BM, nullptr, tmp);
+  fill(ot, D * BM, 0.f);
+  fill(row_max, BM, -kInf);
+  fill(row_sum, BM, 0.f);
+  const float slope = p.alibi(b, h);
+  const ScheduleView& schedule = p.forward_schedule;
+  const int count = schedule.num_tiles(b, h, m);
+  for (int t = 0; t < count; ++t) {
+    const int j0 = schedule.tile(b, h, m, t) * BN, nk = imin(BN, p.seqlen_k - j0);
+    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, false, kbuf);
+    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
+    // Sᵀ[c][r] = Σ_d k[j0 + c][d]·q̃[i0 + r][d]
+    gemm(nk, Y, D, k.data, k.ld, 1, qt, BM, st, BM, false);
+    score_tile(p, slope, i0, rows, Y, j0, nk, st, nullptr, BM);
+    // Online softmax, per query r (vectors along r):
+    //   m' = max(m, max_c s[c][r]),  α = 2^(m − m'),  P[c][r] = 2^(s[c][r] − m'),  l' = α·l + Σ_c P[c][r]
+    // A row with no visible key so far keeps m = −inf; 0 stands in for it so 2^(−inf − 0) = 0.
+    for (int y = 0; y < Y; y += L) {
+      const vf m_old = load(row_max + y);
+      vf m_new = m_old;
+      for (int c = 0; c < nk; ++c) m_new = vmax(m_new, load(st + c * BM + y));
+      const vf m_use = select(m_new == -kInf, splat(0.f), m_new);
+      vf sum = {};
+      for (int c = 0; c < nk; ++c) {
+        const vf prob = exp2v(load(st + c * BM + y) - m_use);
+        store(st + c * BM + y, prob);
+        sum += prob;
+      }
+      const vf a = exp2v(m_old - m_use);
+      store(alpha + y, a);
+      store(row_sum + y, load(row_sum + y) * a + sum);
+      store(row_max + y, m_new);
+    }
+    // Oᵀ[d][r] = α[r]·Oᵀ[d][r] + Σ_c v[j0 + c][d]·P[c][r]
+    for (int d = 0; d < D; ++d)
+      for (int y = 0; y < Y; y += L) store(ot + d * BM + y, load(ot + d * BM + y) * load(alpha + y));
+    gemm(D, Y, nk, v.data, 1, v.ld, st, BM, ot, BM, true);
+  }
+  // out = Oᵀ / l,  lse = ln2·(m + log2 l); a row that saw no key (l = 0) gives 0 and −inf.
+  float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q + i0;
+  for (int r = 0; r < rows; ++r) {
+    const float l = row_sum[r];
+    lse[r] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : -kInf;
+    alpha[r] = l > 0.f ? 1.f / l : 0.f;
+  }
+  store_transposed(p.dtype, p.out, p.out_strides, b, h, i0, rows, D, ot, BM, alpha, tmp);
+}
+
+// Tile engine, forward, for a few query rows (decode): query tile m of heads h_first ..
+// h_first + heads − 1 (one KV head's group sharing a schedule row) over key tiles
+// [tile_begin, tile_end) of that row, one query row at a time with the keys along the vector
+// lanes: the query-major kernel above would fill 1 of its L lanes per row. Each key tile is
+// loaded once for all rows. Per row r and key tile (keys j0 + c, c < nk), in log2 units:
+//   s_c = score(q̃_r·k_c) (−inf outside the band),  m' = max(m, max_c s_c),  α = 2^(m − m'),
+//   P_c = 2^(s_c − m'),  l' = α·l + Σ_c P_c,  acc' = α·acc + Σ_c P_c·v_c
+// The state of row r is a record of row_record_floats floats, [acc (Dp) | m | l | pad]. With
+// `partials`, the records are left there (a split of the keys, merged by
+// tile_forward_rows_merge); without, out_r = acc / l and lse_r = ln2·(m + log2 l) are written (a
+// row that saw no key: 0 and −inf).
+inline int row_record_floats(const AttentionParams& p) { return decode_record_floats(p.head_dim, L); }
+
+inline void finish_row(const AttentionParams& p, int b, int h, int i, float* record, float row_max, float row_sum) {
+  p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i] = row_sum > 0.f ? (row_max + log2f(row_sum)) * kLn2 : -kInf;
+  store_scaled_row(p, p.out, p.out_strides, b, h, i, record, row_sum > 0.f ? 1.f / row_sum : 0.f);
+}
+
+void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, int m, int tile_begin, int tile_end,
+                       float* partials, Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, BNp = round_up(BN, L), D = p.head_dim, Dp = round_up(D, L);
+  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), R = heads * rows, W = row_record_floats(p);
+  const int kv_head = h_first / p.group();
+  float* q_rows = ws.floats(size_t(R * (Dp + W) + 2 * BNp * Dp + BNp + Dp));
+  float* records = partials ? partials : q_rows + R * Dp;
+  float* kbuf = q_rows + R * (Dp + W);
+  float* vbuf = kbuf + BNp * Dp;
+  float* s = vbuf + BNp * Dp;
+  float* zero = s + BNp;
+  const float** keys = ws.pointers(size_t(2 * BNp));
+  const float** values = keys + BNp;
+  fill(zero, Dp, 0.f);
+  for (int r = 0; r < R; ++r) {
+    pack_query_row(p, p.q, p.q_strides, b, h_first + r / rows, i0 + r % rows, query_factor(p), q_rows + r * Dp);
+    float* record = records + r * W;
+    fill(record, Dp, 0.f);
+    record[Dp] = -kInf;    // m
+    record[Dp + 1] = 0.f;  // l
+  }
+  const float cap = p.softcap;
+  const ScheduleView& schedule = p.forward_schedule;
+  for (int t = tile_begin; t < tile_end; ++t) {
+    const int j0 = schedule.tile(b, h_first, m, t) * BN, nk = imin(BN, p.seqlen_k - j0), nkp = round_up(nk, L);
+    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, true, kbuf);
+    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, true, vbuf);
+    for (int c = 0; c < nkp; ++c) {
+      keys[c] = c < nk ? k.data + c * k.ld : zero;
+      values[c] = c < nk ? v.data + c * v.ld : zero;
+    }
+    for (int r = 0; r < R; ++r) {
+      const int h = h_first + r / rows, pos = i0 + r % rows + p.seqlen_k - p.seqlen_q;
+      const float slope = p.alibi(b, h), slope_units = cap != 0.f ? slope : slope * kLog2e;
+      vf tile_max = splat(-kInf);
+      for (int c0 = 0; c0 < nkp; c0 += L) {
+        const vi dist = splat_int(pos - j0 - c0) - iota();  // p(i) − j for keys j0 + c0 + lane
+        const vf x = dots(q_rows + r * Dp, keys + c0, Dp);
+        const vf sc = select(in_band(p, dist) & (iota() < nk - c0), score_lanes(x, dist, cap, slope_units, nullptr),
+                             splat(-kInf));
+        store(s + c0, sc);
+        tile_max = vmax(tile_max, sc);
+      }
+      float* record = records + r * W;
+      const float m_old = record[Dp], m_new = fmaxf(m_old, hmax(tile_max));
+      if (m_new == -kInf) continue;  // nothing visible yet
+      vf sum = {};
+      for (int c0 = 0; c0 < nkp; c0 += L) {
+        const vf prob = exp2v(load(s + c0) - m_new);
+        store(s + c0, prob);
+        sum += prob;
+      }
+      const float alpha = m_old == -kInf ? 0.f : exp2f(m_old - m_new);
+      record[Dp + 1] = record[Dp + 1] * alpha + hsum(sum);
+      record[Dp] = m_new;
+      if (alpha != 1.f)
+        for (int d = 0; d < Dp; d += L) store(record + d, load(record + d) * alpha);
+      weighted_rows(s, values, nk, Dp, record);
+    }
+  }
+  if (partials) return;
+  for (int r = 0; r < R; ++r) {
+    float* record = records + r * W;
+    finish_row(p, b, h_first + r / rows, i0 + r % rows, record, record[Dp], record[Dp + 1]);
+  }
+}
+
+// Merge of a decode split: row r's records of the `splits` key ranges (records of split s at
+// partials + (s·R + r)·W), in split order:
+//   M = max_s m_s,  w_s = 2^(m_s − M),  l = Σ_s w_s·l_s,  out = Σ_s w_s·acc_s / l,  lse = ln2·(M + log2 l)
+void tile_forward_rows_merge(const AttentionParams& p, int b, int h_first, int heads, int m, int splits,
+                             const float* partials, Workspace& ws) {
+  const int Dp = round_up(p.head_dim, L), i0 = m * p.block_m, rows = imin(p.block_m, p.seqlen_q - i0);
+  const int R = heads * rows, W = row_record_floats(p);
+  float* merged = ws.floats(size_t(Dp));
+  for (int r = 0; r < R; ++r) {
+    float top = -kInf;
+    for (int sp = 0; sp < splits; ++sp) top = fmaxf(top, partials[(sp * R + r) * W + Dp]);
+    fill(merged, Dp, 0.f);
+    float sum = 0.f;
+    if (top != -kInf) {
+      for (int sp = 0; sp < splits; ++sp) {
+        const float* record = partials + (sp * R + r) * W;
+        if (record[Dp] == -kInf) continue;  // this split saw no key of the row
+        const float weight = exp2f(record[Dp] - top);
+        sum += weight * record[Dp + 1];
+        axpy(weight, record, merged, Dp);
+      }
+    }
+    finish_row(p, b, h_first + r / rows, i0 + r % rows, merged, top, sum);
+  }
+}
+
+// Backward helpers: a query tile's lse in log2 units (+inf for a row with no key, so that every
+// P = 2^(s − lse) is 0) and its δ = Σ_d dO·O; padded rows get +inf and 0.
+inline void pack_row_stats(const AttentionParams& p, const BackwardParams& g, int b, int h, int i0, int rows, int Y,
+                           float* lse2, float* delta) {
+  const int64_t base = (int64_t(b) * p.heads_q + h) * p.seqlen_q + i0;
+  for (int r = 0; r < Y; ++r) {
+    const float lse = r < rows ? p.lse[base + r] : -kInf;
+    lse2[r] = lse == -kInf ? kInf : lse * kLog2e;
+    delta[r] = r < rows ? g.delta[base + r] : 0.f;
+  }
+}
+
+// P, then dS in place of dPᵀ:  P[c][r] = 2^(s[c][r] − lse_r),  dS = P ⊙ (dP − δ_r) ⊙ chain · scale
+// (chain = 1 − tanh² with softcap, else 1).
+inline void probs_and_score_grads(const AttentionParams& p, int nk, int Y, float* st, float* dpt, const float* chain,
+                                  const float* lse2, const float* delta, int ld, bool grads) {
+  const vf scale = splat(p.scale);
+  for (int c = 0; c < nk; ++c) {
+    for (int y = 0; y < Y; y += L) {
+      const vf prob = exp2v(load(st + c * ld + y) - load(lse2 + y));
+      store(st + c * ld + y, prob);
+      if (grads) {
+        vf ds = prob * (load(dpt + c * ld + y) - load(delta + y)) * scale;
+        if (chain) ds *= load(chain + c * ld + y);
+        store(dpt + c * ld + y, ds);
+      }
+    }
+  }
+}
+
+// Tile engine, backward for key tile n of (b, kv head): over every query head of the GQA group
+// and the query tiles of the transposed schedule (no atomics: this item owns these dK/dV rows).
+//   dV_j = Σ_i P_ij·dO_i,   dP_ij = dO_i·v_j,   dS_ij = P_ij (dP_ij − δ_i)·chain·scale,   dK_j = Σ_i dS_ij·q_i
+void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, int b, int kv_head, int n, Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), group = p.group();
+  const int j0 = n * BN, nk = imin(BN, p.seqlen_k - j0);
+  float* qt = ws.floats(size_t(4 * Dp * BM + 3 * BN * BM + 4 * BN * Dp + 2 * BM + L * Dp));
+  float* q_rows = qt + Dp * BM;
+  float* do_t = q_rows + BM * Dp;
+  float* do_rows = do_t + Dp * BM;
+  float* st = do_rows + BM * Dp;
+  float* dpt = st + BN * BM;
+  float* chain = dpt + BN * BM;
+  float* kbuf = chain + BN * BM;
+  float* vbuf = kbuf + BN * Dp;
+  float* dk = vbuf + BN * Dp;
+  float* dv = dk + BN * Dp;
+  float* lse2 = dv + BN * Dp;
+  float* delta = lse2 + BM;
+  float* tmp = delta + BM;
+
+  const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, false, kbuf);
+  const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
+  fill(dk, BN * Dp, 0.f);
+  fill(dv, BN * Dp, 0.f);
+  const ScheduleView& schedule = p.backward_schedule;
+  for (int gi = 0; gi < group; ++gi) {
+    const int h = kv_head * group + gi;
+    const float slope = p.alibi(b, h);
+    const int count = schedule.num_tiles(b, h, n);
+    for (int t = 0; t < count; ++t) {
+      const int i0 = schedule.tile(b, h, n, t) * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+      pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), qt, BM, q_rows, tmp);
+      pack_rows(p.dtype, g.grad_out, g.grad_out_strides, b, h, i0, rows, Y, D, Dp, 1.f, do_t, BM, do_rows, tmp);
+      pack_row_stats(p, g, b, h, i0, rows, Y, lse2, delta);
+      gemm(nk, Y, D, k.data, k.ld, 1, qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
+      score_tile(p, slope, i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
+      gemm(nk, Y, D, v.data, v.ld, 1, do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
+      probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, lse2, delta, BM, true);
+      gemm(nk, Dp, rows, st, BM, 1, do_rows, Dp, dv, Dp, true);   // dV += Pᵀ·dO
+      gemm(nk, Dp, rows, dpt, BM, 1, q_rows, Dp, dk, Dp, true);   // dK += dSᵀ·Q
+    }
+  }
+  store_rows(p.dtype, g.dk, g.dk_strides, b, kv_head, j0, nk, D, dk, Dp);
+  store_rows(p.dtype, g.dv, g.dv_strides, b, kv_head, j0, nk, D, dv, Dp);
+}
+
+// Tile engine, backward for query tile m of (b, h) over the forward schedule (a separate pass,
+// so dQ needs no atomics either):  dQ_i = Σ_j dS_ij·k_j
+void tile_backward_q(const AttentionParams& p, const BackwardParams& g, int b, int h, int m, Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L);
+  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+  const int kv_head = h / p.group();
+  float* qt = ws.floats(size_t(2 * Dp * BM + 3 * BN * BM + 2 * BN * Dp + BM * Dp + 2 * BM + L * Dp));
+  float* do_t = qt + Dp * BM;
+  float* st = do_t + Dp * BM;
+  float* dpt = st + BN * BM;
+  float* chain = dpt + BN * BM;
+  float* kbuf = chain + BN * BM;
+  float* vbuf = kbuf + BN * Dp;
+  float* dq = vbuf + BN * Dp;
+  float* lse2 = dq + BM * Dp;
+  float* delta = lse2 + BM;
+  float* tmp = delta + BM;
+
+  pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), qt, BM, nullptr, tmp);
+  pack_rows(p.dtype, g.grad_out, g.grad_out_strides, b, h, i0, rows, Y, D, Dp, 1.f, do_t, BM, nullptr, tmp);
+  pack_row_stats(p, g, b, h, i0, rows, Y, lse2, delta);
+  fill(dq, BM * Dp, 0.f);
+  const float slope = p.alibi(b, h);
+  const ScheduleView& schedule = p.forward_schedule;
+  const int count = schedule.num_tiles(b, h, m);
+  for (int t = 0; t < count; ++t) {
+    const int j0 = schedule.tile(b, h, m, t) * BN, nk = imin(BN, p.seqlen_k - j0);
+    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, true, kbuf);
+    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
+    gemm(nk, Y, D, k.data, k.ld, 1, qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
+    score_tile(p, slope, i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
+    gemm(nk, Y, D, v.data, v.ld, 1, do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
+    probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, lse2, delta, BM, true);
+    gemm(rows, Dp, nk, dpt, 1, BM, k.data, k.ld, dq, Dp, true);  // dQ += dS·K
+  }
+  store_rows(p.dtype, g.dq, g.dq_strides, b, h, i0, rows, D, dq, Dp);
+}
+
+}  // namespace FL_ISA
+}  // namespace cpu
+}  // namespace flashlite
