@@ -105,7 +105,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["flashlite", "flashlite._backends", "flashlite.nn", "flashlite.integrations", "flashlite.kernels",
+    packages=["flashlite", "flashlite.core", "flashlite.dispatch", "flashlite.backend", "flashlite.nn",
+              "flashlite.integrations", "flashlite.kernels",
               "flashlite.bench"],
     package_dir={"flashlite": "flashlite", "flashlite.kernels": "kernels", "flashlite.bench": "bench"},
     ext_modules=ext_modules,

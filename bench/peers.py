@@ -78,17 +78,17 @@ def _is_oom(exc: BaseException) -> bool:
 # ---------------------------------------------------------------------------------------------
 def backend_why_not(name: str, case: Case, data: PatternData, device: torch.device, grad: bool) -> Optional[str]:
     """The backend's own answer to "can you run this?" (None = yes)."""
-    from flashlite import _backends
+    from flashlite import backend
 
-    state = _backends.report().get(name)
+    state = backend.report().get(name)
     if state != "available":
         return state or f"unknown backend {name!r}"
     pattern = data.pattern
     try:
-        request = _backends.Request(
+        request = backend.Request(
             device_type=device.type, dtype=case.torch_dtype, head_dim=case.shape.head_dim, engine=pattern.engine,
             pattern=pattern.name, requires_grad=grad, block_size=getattr(pattern, "block_size", None))
-        return _backends.get(name).why_not(request)
+        return backend.get(name).why_not(request)
     except TypeError:  # the Request fields changed: let the call itself answer
         return None
 

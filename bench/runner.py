@@ -67,22 +67,30 @@ def build_parser(prog: str = "flashlite bench") -> argparse.ArgumentParser:
         prog=prog,
         description="Validate every flashlite backend against the reference, then time forward, backward and "
                     "forward+backward of each pattern beside PyTorch SDPA and FlexAttention measured in the same run. "
-                    "Prints a table, writes JSON and PNG plots.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "Prints a table, writes JSON and PNG plots. The sweep options default to the profile's values.")
+    # Each help text states its default itself (argparse's ArgumentDefaultsHelpFormatter would repeat it,
+    # and print "(default: True)" for the --no-* switches).
     add = parser.add_argument
     add("--quick", action="store_true", help="a short run (about a minute): fewer, smaller shapes")
     add("--profile", choices=sorted(C.PROFILES), default=None,
         help="size profile (default: gpu/gpu-quick on a GPU, cpu/cpu-quick on a CPU)")
     add("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    add("--patterns", type=_list(C.parse_pattern), default=None, help=f"comma list of {', '.join(C.PATTERNS)}")
-    add("--seqlens", type=_list(_positive_int), default=None, help="comma list of sequence lengths")
-    add("--head-dims", type=_list(_positive_int), default=None, help="comma list of head dims (first = base)")
-    add("--dtypes", type=_list(C.parse_dtype), default=None, help="comma list: bf16, fp16, fp32 (first = base)")
-    add("--batch-heads", type=_list(C.parse_batch_heads), default=None, help="comma list like 2x16 (first = base)")
-    add("--window", type=_positive_int, default=None, help="sliding-window size (keys to the left)")
-    add("--densities", type=_list(_density), default=None, help="block-sparse densities, e.g. 0.1,0.25 or 10%%")
-    add("--block-size", type=int, choices=(16, 32, 64, 128), default=None, help="block-sparse block size")
-    add("--topk", type=_positive_int, default=None, help="keys per query of the top-k pattern")
+    add("--patterns", type=_list(C.parse_pattern), default=None,
+        help=f"comma list of {', '.join(C.PATTERNS)} (default: all)")
+    add("--seqlens", type=_list(_positive_int), default=None,
+        help="comma list of sequence lengths (default: the profile's)")
+    add("--head-dims", type=_list(_positive_int), default=None,
+        help="comma list of head dims, the first is the base (default: the profile's)")
+    add("--dtypes", type=_list(C.parse_dtype), default=None,
+        help="comma list of bf16, fp16, fp32, the first is the base (default: the profile's)")
+    add("--batch-heads", type=_list(C.parse_batch_heads), default=None,
+        help="comma list like 2x16, the first is the base (default: the profile's)")
+    add("--window", type=_positive_int, default=None,
+        help="sliding-window size, keys to the left (default: the profile's)")
+    add("--densities", type=_list(_density), default=None,
+        help="block-sparse densities, e.g. 0.1,0.25 or 10%% (default: the profile's)")
+    add("--block-size", type=int, choices=(16, 32, 64, 128), default=None, help="block-sparse block size (default: 64)")
+    add("--topk", type=_positive_int, default=None, help="keys per query of the top-k pattern (default: the profile's)")
     add("--grid", action="store_true", help="full cross product of seqlens x head dims x dtypes x batch-heads "
                                             "(default: the base line over seqlens, other values at the middle seqlen)")
     add("--backends", type=_list(str), default=None,
@@ -92,17 +100,21 @@ def build_parser(prog: str = "flashlite bench") -> argparse.ArgumentParser:
              "(default: sdpa,flex on GPU; sdpa on CPU)")
     add("--modes", type=_list(str), default=None, help="fwd, bwd, fwd+bwd (default: all)")
     add("--peak", action="store_true", help="measure matmul TFLOP/s and copy bandwidth first (the %%peak column)")
-    add("--no-validate", dest="validate", action="store_false", help="skip the validation against the reference")
-    add("--out", type=Path, default=None, help="folder for the JSON and plots (default: bench/results/)")
+    add("--no-validate", dest="validate", action="store_false",
+        help="skip the validation against the reference (default: validate)")
+    add("--out", type=Path, default=None,
+        help="folder for the JSON and plots (default: bench/results/ in a checkout, else ./flashlite-bench-results)")
     add("--json", type=Path, default=None, help="path of the JSON report (default: OUT/<date>-<device>.json)")
-    add("--no-plot", dest="plot", action="store_false", help="no PNG plots")
-    add("--target-ms", type=float, default=None, help="time spent in timed calls per measurement")
-    add("--budget", type=float, default=None, help="stop timing after this many seconds (rows left: skipped)")
-    add("--max-mask-mib", type=float, default=2048, help="largest dense mask a peer may build")
+    add("--no-plot", dest="plot", action="store_false", help="no PNG plots (default: write them)")
+    add("--target-ms", type=float, default=None,
+        help="time spent in timed calls per measurement (default: 100, 60 in cpu-quick)")
+    add("--budget", type=float, default=None,
+        help="stop timing after this many seconds, the rows left marked skipped (default: no limit)")
+    add("--max-mask-mib", type=float, default=2048, help="largest dense mask a peer may build (default: %(default)s)")
     add("--flex-all", action="store_true",
         help="run FlexAttention on every case (default: the base line and extra cases only; each shape compiles)")
     add("--no-extras", dest="extras", action="store_false",
-        help="leave out the profile's extra goal cases (also left out when --seqlens is given)")
+        help="leave out the profile's extra goal cases (default: run them, unless --seqlens is given)")
     add("--threads", type=_positive_int, default=None, help="torch.set_num_threads on CPU (default: torch's)")
     add("--seed", type=int, default=None, help="seed of the validation inputs (default: fresh)")
     add("--list", action="store_true", help="print the cases and implementations, run nothing")

@@ -1,10 +1,23 @@
 """flashlite: exact attention kernels (Triton and C++/CUDA) over full, sliding-window,
-block-sparse and top-k selected patterns, for PyTorch."""
+block-sparse and top-k selected patterns, for PyTorch.
+
+The layers, each importing only the ones below it:
+
+    faces      flashlite.nn (and flashlite.swap), SelectiveKVCache, flashlite.integrations, the CLI
+    api        flashlite.api: the public functions (validate, build the pattern)
+    dispatch   flashlite.dispatch: backend choice, the plan (cached), custom ops + autograd
+    backend    flashlite.backend: triton (flashlite.kernels), cpu and cuda (flashlite._C), reference
+    kernels    flashlite.kernels (Triton), csrc/ (C++ and CUDA, built into flashlite._C)
+    base       flashlite.core (patterns, schedules, top-k rows), flashlite.reference (the oracle),
+               flashlite.selection (marks -> indices)
+
+The faces and the selection helpers load on first use, so ``import flashlite`` stays cheap.
+"""
 from __future__ import annotations
 
+import importlib
 from typing import Dict
 
-from . import reference
 from .api import (
     attention,
     block_sparse_attention,
@@ -12,25 +25,46 @@ from .api import (
     sliding_window_attention,
     topk_attention,
 )
+from .core.patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
 from .dispatch import last_backend
-from .patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
-from . import nn  # noqa: E402  (drop-in modules)
-from .swap import swap  # noqa: E402
-from . import selection  # noqa: E402  (marks / top-k -> indices)
-from .cache import SelectiveKVCache  # noqa: E402
 
 __version__ = "0.1.0"
+
+# Public names loaded on first use: name -> (module, attribute or None for the module itself).
+_LAZY = {
+    "nn": ("flashlite.nn", None),
+    "selection": ("flashlite.selection", None),
+    "reference": ("flashlite.reference", None),
+    "integrations": ("flashlite.integrations", None),
+    "kernels": ("flashlite.kernels", None),
+    "swap": ("flashlite.nn.swap", "swap"),
+    "SelectiveKVCache": ("flashlite.cache", "SelectiveKVCache"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'flashlite' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def backends() -> Dict[str, str]:
     """Each backend name -> ``"available"`` or why it is not (e.g. the C++ extension is not built)."""
-    from . import _backends
+    from . import backend as registry
 
-    return _backends.report()
+    return registry.report()
 
 
 __all__ = [
     "attention", "flash_attention", "sliding_window_attention", "block_sparse_attention", "topk_attention",
     "Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "reference", "backends", "last_backend",
-    "nn", "swap", "selection", "SelectiveKVCache",
+    "nn", "swap", "selection", "SelectiveKVCache", "integrations",
 ]

@@ -1,15 +1,14 @@
-"""Public functions: validate the inputs, build the pattern, dispatch."""
+"""The api layer: the public functions. Validate the inputs, build the pattern, hand over to dispatch."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import dispatch
-from ._backends.base import DTYPES, MAX_HEAD_DIM
-from .patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
+from .backend.base import DTYPES, MAX_HEAD_DIM
+from .core.patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
 
 Window = Union[int, Tuple[int, int], Sequence[int]]
 
@@ -43,7 +42,8 @@ def _check_qkv(q, k, v) -> Tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
-def _check_scalars(q: Tensor, scale, softcap, alibi_slopes) -> Tuple[float, Optional[float], Optional[Tensor]]:
+def _check_scalars(q: Tensor, scale, softcap, alibi_slopes) -> Tuple[float, float, Optional[Tensor]]:
+    """(scale, softcap with 0.0 = off, alibi slopes as float32 contiguous): converted here, once."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -51,7 +51,7 @@ def _check_scalars(q: Tensor, scale, softcap, alibi_slopes) -> Tuple[float, Opti
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap < 0:
             raise ValueError(f"softcap must be a float > 0 or None, got {softcap!r}")
-        softcap = float(softcap) or None
+    softcap = float(softcap or 0.0)
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.is_floating_point():
             raise TypeError("alibi_slopes must be a float tensor [Hq] or [B, Hq]")
@@ -68,7 +68,7 @@ def _check_scalars(q: Tensor, scale, softcap, alibi_slopes) -> Tuple[float, Opti
 def attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
     softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
-    backend: Optional[str] = None,
+    backend: Optional[str] = None, deterministic: bool = True,
 ):
     """Exact attention ``softmax(q·kᵀ·scale + bias)·v`` over ``pattern``.
 
@@ -82,6 +82,8 @@ def attention(
         return_lse: also return the log-sum-exp per query, ``[B, Hq, Nq]`` float32.
         backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"`` or None (auto; the environment
             variable ``FLASHLITE_BACKEND`` overrides auto).
+        deterministic: ``True`` (default) keeps the backward bitwise reproducible; ``False`` lets a
+            backend use a faster backward with atomic adds where it has one (CUDA).
 
     Returns ``out`` shaped like q (and ``lse``). A query that sees no key gets zeros and lse = −inf.
     """
@@ -94,13 +96,15 @@ def attention(
                         f"got {type(pattern).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError("return_lse must be a bool")
+    if not isinstance(deterministic, bool):
+        raise TypeError("deterministic must be a bool")
     pattern.validate(q, k)
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()  # keeps autograd links
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
         return (out, lse) if return_lse else out
     out, lse = dispatch.run(q, k, v, pattern, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                            backend=backend)
+                            backend=backend, deterministic=deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -128,26 +132,11 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: Window, ca
     return attention(q, k, v, window_pattern(window, causal), **kw)
 
 
-_LAYOUT_PATTERNS = WeakTensorKeyDictionary()  # layout tensor -> {(block_size, version): pattern}
-
-
-def block_sparse_pattern(layout: Tensor, block_size: int = 64) -> BlockSparse:
-    """The ``BlockSparse`` pattern of ``layout``, made once per (layout tensor, block_size) and reused
-    while the tensor lives and is not modified in place, so its schedule is converted once."""
-    per_layout = _LAYOUT_PATTERNS.setdefault(layout, {}) if isinstance(layout, Tensor) else {}
-    key = (block_size, layout._version if isinstance(layout, Tensor) else None)
-    pattern = per_layout.get(key)
-    if pattern is None:
-        pattern = BlockSparse(layout, block_size)
-        per_layout.clear()  # older versions of an in-place-modified layout are stale
-        per_layout[key] = pattern
-    return pattern
-
-
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, block_size: int = 64, **kw):
     """Attention over the ``block_size`` tiles marked in ``layout`` (bool ``[B|1, Hq|1, ⌈Nq/bs⌉, ⌈Nk/bs⌉]``),
-    or a prebuilt ``BlockSparse`` pattern. The layout's schedule is built once and cached."""
-    pattern = layout if isinstance(layout, BlockSparse) else block_sparse_pattern(layout, block_size)
+    or a prebuilt ``BlockSparse`` pattern. The layout's schedule is built once per layout (and
+    version) and reused by the plan cache."""
+    pattern = layout if isinstance(layout, BlockSparse) else BlockSparse(layout, block_size)
     return attention(q, k, v, pattern, **kw)
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .patterns import Pattern
+from .core.patterns import Pattern
 
 
 def alibi_bias(alibi_slopes: torch.Tensor, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int,

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .patterns import BLOCK_SIZES, BlockSparse
+from .core.patterns import BLOCK_SIZES, BlockSparse
 
 Marks = Union[None, Tensor, Sequence[int], Sequence[Sequence[int]]]
 

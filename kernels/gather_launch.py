@@ -1,16 +1,16 @@
-"""Host side of the gather (top-k) engine: index plans, tile sizes, launches.
+"""Host side of the gather (top-k) engine: the plan pieces it needs, and the launches.
 
-``gather_forward`` / ``gather_backward`` take ``indices`` as the API hands them over (int32 or
-int64, ``[B, Hkv|1, Nq, K]`` per query or ``[B, Hkv|1, K]`` shared, ``-1`` = empty slot, entries
-of a row distinct, values in ``[-1, Nk)``).
+The rows arrive canonical (``flashlite.core.gather_rows``): int64 ``[B, Hi, Nq, K]`` per query or
+``[B, Hi, K]`` shared, each row sorted with repeats dropped (``-1`` = empty slot), values in
+``[-1, Nk)``. The inverse key index for the backward arrives as CSR (``key_offsets``,
+``key_slots``, the same one the C++ backends read).
 
 Forward modes (see ``gather_engine``): ``"row"`` (each query its own list, one query position
 per program), ``"shared"`` (one list for all queries, a query tile per program) and ``"union"``
 (a query tile gathers the union of its rows' keys once; chosen for per-query indices whose tile
-rows overlap a lot, as ``flashlite.selection.from_marks`` produces). The plans (unions,
-membership masks, inverse lists for the backward) are built with vectorized torch ops and cached
-per index tensor (keyed by identity and version), so a model's layers that share one index
-tensor - and the backward of a call - build them once.
+rows overlap a lot, as ``flashlite.selection.from_marks`` produces). ``forward_plan`` and
+``inverse_plan`` build the pieces with vectorized torch ops; the caller's plan keeps them (this
+module caches nothing).
 
 Determinism: the backward uses no atomics (dK/dV reduce over per-key inverse lists in a fixed
 order), so forward and backward are bitwise deterministic for fixed inputs, on a GPU too.
@@ -18,8 +18,6 @@ Memory: O(B·H·Nq·K) for the plans; nothing of size Nq × Nk is allocated.
 """
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -43,17 +41,37 @@ FORCE_MODE: Optional[str] = None
 
 @dataclass
 class ForwardPlan:
-    """Key lists per program: ``lists [B|1.., Hi, T, S]`` with explicit strides, counts, optional
-    membership mask ``[B, Hi, T·BLOCK_Q, S]`` (union mode)."""
+    """Key lists per program: ``lists`` (the rows themselves in row/shared mode, the tile unions
+    ``[B, Hi, T, U]`` in union mode), per-program counts, optional membership mask
+    ``[B, Hi, T·BLOCK_Q, U]`` (union mode)."""
 
     mode: str
     block_q: int
     num_tiles: int
     lists: torch.Tensor
-    list_strides: Tuple[int, int, int, int]
     counts: torch.Tensor
-    count_strides: Tuple[int, int, int]
     member: Optional[torch.Tensor]
+
+    @property
+    def list_strides(self) -> Tuple[int, int, int, int]:
+        """(batch, head, program, slot) strides; a shared list is the same for every program."""
+        if self.mode == "shared":
+            return self.lists.stride(0), self.lists.stride(1), 0, self.lists.stride(2)
+        return tuple(self.lists.stride())
+
+    @property
+    def count_strides(self) -> Tuple[int, int, int]:
+        return tuple(self.counts.stride()) if self.mode == "union" else (0, 0, 0)
+
+    def parts(self) -> Tuple[Tuple[int, ...], Tuple[torch.Tensor, ...]]:
+        """(ints, tensors) that rebuild this plan with ``from_parts`` (a plan crosses custom ops so)."""
+        member = self.member if self.member is not None else self.counts
+        return (MODES.index(self.mode), self.block_q, self.num_tiles), (self.lists, self.counts, member)
+
+    @classmethod
+    def from_parts(cls, ints, tensors) -> "ForwardPlan":
+        mode = MODES[ints[0]]
+        return cls(mode, ints[1], ints[2], tensors[0], tensors[1], tensors[2] if mode == "union" else None)
 
 
 @dataclass
@@ -79,6 +97,14 @@ class InversePlan:
     def num_pieces(self) -> int:
         return int(self.chunk_piece[-1]) if self.num_entries else 0
 
+    def parts(self) -> Tuple[Tuple[int, ...], Tuple[torch.Tensor, ...]]:
+        return (self.block_e,), (self.entry_query, self.entry_key, self.entry_piece, self.chunk_piece, self.key_id,
+                                 self.key_piece_start, self.key_piece_count)
+
+    @classmethod
+    def from_parts(cls, ints, tensors) -> "InversePlan":
+        return cls(ints[0], *tensors)
+
 
 def _block_sizes(head_dim: int, group: int, device: torch.device) -> Tuple[int, int, int]:
     """(BLOCK_K, GROUP_PAD, rows per program target). The interpreter likes few, large programs."""
@@ -89,49 +115,8 @@ def _block_sizes(head_dim: int, group: int, device: torch.device) -> Tuple[int, 
     return (64 if block_d <= 128 else 32), group_pad, (64 if block_d <= 128 else 32)
 
 
-def _alive(ref, tensor) -> bool:
-    return ref() is tensor
-
-
-class _PlanCache:
-    """Plans keyed by the index tensor's identity and version (weak: an entry dies with its tensor)."""
-
-    def __init__(self, size: int = 16) -> None:
-        self.size = size
-        self.entries: "OrderedDict[tuple, tuple]" = OrderedDict()
-
-    def get(self, indices: torch.Tensor, key: tuple):
-        full_key = (id(indices), indices._version) + key
-        hit = self.entries.get(full_key)
-        if hit is not None and _alive(hit[0], indices):
-            self.entries.move_to_end(full_key)
-            return hit[1]
-        return None
-
-    def put(self, indices: torch.Tensor, key: tuple, plan) -> None:
-        full_key = (id(indices), indices._version) + key
-        try:
-            ref = weakref.ref(indices)
-        except TypeError:  # pragma: no cover - tensors support weak references
-            return
-        self.entries[full_key] = (ref, plan)
-        self.entries.move_to_end(full_key)
-        for stale in [k for k, (r, _) in self.entries.items() if r() is None]:
-            del self.entries[stale]
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-
-
-_CACHE = _PlanCache()
-
-
-def clear_plan_cache() -> None:
-    _CACHE.entries.clear()
-
-
-def _valid_keys(indices: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool) -> torch.Tensor:
-    """Row indices ``[B, Hi, Nq, K]`` int64 with empty and causally excluded slots set to −1."""
-    rows = indices.long()
+def _valid_keys(rows: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool) -> torch.Tensor:
+    """Canonical rows as ``[B, Hi, Nq, K]`` (a shared list broadcast) with causally excluded slots −1."""
     if rows.dim() == 3:
         rows = rows.unsqueeze(2).expand(-1, -1, seqlen_q, -1)
     if causal:
@@ -178,57 +163,47 @@ def _union_reuse(rows: torch.Tensor, block_q: int, seqlen_k: int, samples: int =
     return float(selected) / max(float(count.sum()), 1.0)
 
 
-def forward_plan(indices: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool, group: int,
+def forward_plan(rows: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool, group: int,
                  head_dim: int, mode: Optional[str] = None) -> ForwardPlan:
-    """How the forward and dQ kernels walk the keys (cached per index tensor)."""
+    """How the forward and dQ kernels walk the keys of canonical ``rows``."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
-    shared = indices.dim() == 3
+    shared = rows.dim() == 3
     mode = mode or FORCE_MODE
     if shared:
         mode = "shared"  # one list for every query: nothing to choose
     elif mode == "shared":
         raise ValueError("mode 'shared' needs indices [B, Hkv|1, K]")
-    _, group_pad, rows_target = _block_sizes(head_dim, group, indices.device)
+    _, group_pad, rows_target = _block_sizes(head_dim, group, rows.device)
     block_q = max(1, rows_target // group_pad, 16 // group_pad)
-    key = ("fwd", seqlen_q, seqlen_k, causal, group_pad, block_q, mode)
-    plan = _CACHE.get(indices, key)
-    if plan is not None:
-        return plan
-
-    width = indices.shape[-1]
+    width = rows.shape[-1]
     if shared:
-        tiles = -(-seqlen_q // block_q)
-        counts = torch.full((1,), width, dtype=torch.int32, device=indices.device)
-        plan = ForwardPlan("shared", block_q, tiles, indices,
-                           (indices.stride(0), indices.stride(1), 0, indices.stride(2)), counts, (0, 0, 0), None)
-    else:
-        chosen = mode
-        rows = None
-        if chosen is None:
-            # The interpreter runs few large programs much faster than many small ones, so on CPU
-            # tensors a little sharing already favours union mode.
-            interpreted = indices.device.type != "cuda"
-            chosen = "row"
-            if seqlen_q > 1 and (interpreted or seqlen_q >= 2 * block_q):
-                rows = _valid_keys(indices, seqlen_q, seqlen_k, causal)
-                if _union_reuse(rows, block_q, seqlen_k) >= (UNION_MIN_REUSE_INTERPRETED if interpreted
-                                                             else UNION_MIN_REUSE):
-                    chosen = "union"
-        if chosen == "row":
-            plan = _row_plan(indices, seqlen_q, width)
-        else:
-            rows = rows if rows is not None else _valid_keys(indices, seqlen_q, seqlen_k, causal)
-            plan = _union_plan(rows, block_q, seqlen_k)
-            if mode is None and plan.member.numel() > UNION_MAX_MEMBER * rows.numel():
-                plan = _row_plan(indices, seqlen_q, width)  # the sample was not representative
-    _CACHE.put(indices, key, plan)
+        counts = torch.full((1,), width, dtype=torch.int32, device=rows.device)
+        return ForwardPlan("shared", block_q, -(-seqlen_q // block_q), rows, counts, None)
+    chosen = mode
+    valid = None
+    if chosen is None:
+        # The interpreter runs few large programs much faster than many small ones, so on CPU
+        # tensors a little sharing already favours union mode.
+        interpreted = rows.device.type != "cuda"
+        chosen = "row"
+        if seqlen_q > 1 and (interpreted or seqlen_q >= 2 * block_q):
+            valid = _valid_keys(rows, seqlen_q, seqlen_k, causal)
+            if _union_reuse(valid, block_q, seqlen_k) >= (UNION_MIN_REUSE_INTERPRETED if interpreted
+                                                          else UNION_MIN_REUSE):
+                chosen = "union"
+    if chosen == "row":
+        return _row_plan(rows, seqlen_q, width)
+    valid = valid if valid is not None else _valid_keys(rows, seqlen_q, seqlen_k, causal)
+    plan = _union_plan(valid, block_q, seqlen_k)
+    if mode is None and plan.member.numel() > UNION_MAX_MEMBER * valid.numel():
+        return _row_plan(rows, seqlen_q, width)  # the sample was not representative
     return plan
 
 
-def _row_plan(indices: torch.Tensor, seqlen_q: int, width: int) -> ForwardPlan:
-    counts = torch.full((1,), width, dtype=torch.int32, device=indices.device)
-    return ForwardPlan("row", 1, seqlen_q, indices, tuple(indices.stride()), counts, (0, 0, 0), None)
+def _row_plan(rows: torch.Tensor, seqlen_q: int, width: int) -> ForwardPlan:
+    counts = torch.full((1,), width, dtype=torch.int32, device=rows.device)
+    return ForwardPlan("row", 1, seqlen_q, rows, counts, None)
 
 
 def _union_plan(rows: torch.Tensor, block_q: int, seqlen_k: int) -> ForwardPlan:
@@ -247,28 +222,23 @@ def _union_plan(rows: torch.Tensor, block_q: int, seqlen_k: int) -> ForwardPlan:
         -1, (torch.arange(block_q, device=rows.device).repeat_interleave(width) * (width_u + 1))
         .view(1, 1, 1, -1) + position, 1)
     member = member[..., :width_u].reshape(batch, heads, tiles * block_q, width_u)
-    lists = union.to(torch.int32).contiguous()
-    counts = count.to(torch.int32).contiguous()
-    return ForwardPlan("union", block_q, tiles, lists, tuple(lists.stride()), counts, tuple(counts.stride()),
-                       member)
+    return ForwardPlan("union", block_q, tiles, union.to(torch.int32).contiguous(),
+                       count.to(torch.int32).contiguous(), member)
 
 
-def inverse_plan(indices: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool, block_e: int) -> InversePlan:
-    """Selections sorted by key, chunked for the dK/dV kernel (cached per index tensor)."""
-    key = ("inv", seqlen_q, seqlen_k, causal, block_e)
-    plan = _CACHE.get(indices, key)
-    if plan is not None:
-        return plan
-    rows = _valid_keys(indices, seqlen_q, seqlen_k, causal)
-    batch, heads, _, width = rows.shape
-    device = rows.device
-    num_keys = batch * heads * seqlen_k
-    head_offset = (torch.arange(batch * heads, device=device) * seqlen_k).view(batch, heads, 1, 1)
-    flat = torch.where(rows >= 0, rows + head_offset, torch.full_like(rows, num_keys)).reshape(-1)
-    ordered, order = flat.sort(stable=True)  # by key, then by query (stable): a fixed order
-    entries = int((ordered < num_keys).sum())
-    entry_key, order = ordered[:entries].contiguous(), order[:entries]
-    entry_query = ((order % (seqlen_q * width)) // width).to(torch.int32)
+def backward_block_e(group: int) -> int:
+    """Entries per dK/dV program (times the group's heads)."""
+    return max(16, 64 // triton.next_power_of_2(group))
+
+
+def inverse_plan(key_offsets: torch.Tensor, key_slots: torch.Tensor, top_k: int, block_e: int) -> InversePlan:
+    """The dK/dV kernel's view of the inverse key index (CSR over keys, ``flashlite.core.gather_rows``):
+    entries in key order cut into chunks of ``block_e``; a run of one key inside a chunk is a piece."""
+    device = key_offsets.device
+    per_key = key_offsets[1:] - key_offsets[:-1]
+    entries = int(key_offsets[-1])
+    entry_key = torch.repeat_interleave(torch.arange(per_key.numel(), device=device), per_key)
+    entry_query = torch.div(key_slots[:entries], top_k, rounding_mode="floor").to(torch.int32)
     # A piece starts at every chunk start and wherever the key changes.
     position = torch.arange(entries, device=device)
     new_piece = position % block_e == 0
@@ -278,10 +248,8 @@ def inverse_plan(indices: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bo
     entry_piece = (piece - chunk_piece[position // block_e]).to(torch.int32)
     key_id, key_piece_count = torch.unique_consecutive(entry_key[new_piece], return_counts=True)
     key_piece_start = key_piece_count.cumsum(0) - key_piece_count
-    plan = InversePlan(block_e, entry_query, entry_key, entry_piece, chunk_piece.contiguous(), key_id,
+    return InversePlan(block_e, entry_query, entry_key.contiguous(), entry_piece, chunk_piece.contiguous(), key_id,
                        key_piece_start, key_piece_count.to(torch.int32))
-    _CACHE.put(indices, key, plan)
-    return plan
 
 
 def _index_head_stride(plan_strides, index_heads: int):
@@ -314,21 +282,17 @@ def _plan_args(plan: ForwardPlan, index_heads: int):
                                                *count_strides, *member_strides)
 
 
-def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, causal: bool,
-                   scale: float, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                   *, mode: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-k attention forward. Returns (out like q, lse float32 ``[B, Hq, Nq]``).
-
-    ``mode`` forces ``"row"`` / ``"union"`` for per-query indices (None: chosen from the indices).
-    """
+def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ForwardPlan, index_heads: int,
+                   causal: bool, scale: float, softcap: float = 0.0,
+                   alibi_slopes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k attention forward over ``plan`` (``forward_plan``). Returns (out like q, lse float32 ``[B, Hq, Nq]``)."""
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
-    plan = forward_plan(indices, seqlen_q, seqlen_k, causal, group, head_dim, mode)
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads_q, seqlen_q), device=q.device, dtype=torch.float32)
     _poison(out, lse)
-    tensors, plan_strides = _plan_args(plan, indices.shape[1])
+    tensors, plan_strides = _plan_args(plan, index_heads)
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
     flags = _flags(q, causal, softcap, alibi_slopes, plan, group)
     gather_engine.gather_forward_kernel[(plan.num_tiles, batch * heads_kv)](
@@ -348,17 +312,16 @@ def _launch(q: torch.Tensor, flags: dict) -> dict:
 
 
 def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                    lse: torch.Tensor, indices: torch.Tensor, causal: bool, scale: float, softcap: float = 0.0,
-                    alibi_slopes: Optional[torch.Tensor] = None, *, mode: Optional[str] = None,
-                    block_e: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    lse: torch.Tensor, plan: ForwardPlan, inverse: InversePlan, index_heads: int, causal: bool,
+                    scale: float, softcap: float = 0.0,
+                    alibi_slopes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k attention backward: (dq, dk, dv). Bitwise deterministic (no atomics).
 
-    dQ walks the forward's key lists; dK/dV walk the selections sorted by key in chunks of
-    ``block_e`` entries (default from the device and group size), then add each key's pieces."""
+    dQ walks the forward's key lists; dK/dV walk the inverse key index (``inverse_plan``) in chunks
+    of ``inverse.block_e`` entries, then add each key's pieces in order."""
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
-    index_heads = indices.shape[1]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     # δ_i = Σ_d dO_id · O_id  (the softmax-backward row term), float32 [B, Hq, Nq]
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
@@ -366,7 +329,6 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
     common = (float(scale), float(softcap or 0.0))
 
-    plan = forward_plan(indices, seqlen_q, seqlen_k, causal, group, head_dim, mode)
     dq = torch.empty_like(q)
     _poison(dq)
     tensors, plan_strides = _plan_args(plan, index_heads)
@@ -379,8 +341,7 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     )
 
     group_pad = triton.next_power_of_2(group)
-    block_e = block_e or max(16, 64 // group_pad)
-    inverse = inverse_plan(indices, seqlen_q, seqlen_k, causal, block_e)
+    block_e = inverse.block_e
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # keys nobody selected get zero gradient
     if inverse.num_entries == 0:
         return dq, dk, dv
@@ -409,4 +370,5 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     return dq, dk, dv
 
 
-__all__ = ["gather_forward", "gather_backward", "forward_plan", "inverse_plan", "clear_plan_cache", "MODES"]
+__all__ = ["gather_forward", "gather_backward", "forward_plan", "inverse_plan", "backward_block_e", "ForwardPlan",
+           "InversePlan", "MODES"]

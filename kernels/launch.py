@@ -48,13 +48,10 @@ def _poison(*tensors: torch.Tensor) -> None:
 
 
 def _flags(q: torch.Tensor, schedule, softcap: float, alibi_slopes) -> dict:
-    from flashlite.schedule import unbounded  # flashlite.kernels is part of the flashlite package
-
-    big = unbounded(schedule.seqlen_q, schedule.seqlen_k)
     interpreted = q.device.type != "cuda"
     return dict(
         IS_LIST=schedule.is_list,
-        MASK_BAND=schedule.window_left < big or schedule.window_right < big,
+        MASK_BAND=schedule.bounded,
         HAS_SOFTCAP=bool(softcap),
         HAS_ALIBI=alibi_slopes is not None,
         UPCAST=interpreted,  # Triton's interpreter gets bf16 tl.dot wrong; fp32 math there

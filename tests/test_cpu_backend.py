@@ -11,7 +11,7 @@ import torch
 
 import flashlite
 from flashlite import BlockSparse, Full, SlidingWindow, TopK
-from flashlite.schedule import cdiv
+from flashlite.core.schedule import cdiv
 
 from conftest import check_against_reference
 
@@ -155,14 +155,19 @@ def test_decode_split_keys(pattern, dtype):
         assert all(torch.equal(results[0], other) for other in results[1:])
 
 
-def test_python_tile_sizes_match_the_extension(ext):
-    """The backend picks tile sizes in Python (traceable by torch.compile); they must be the C++ ones."""
-    from flashlite._backends.native import cpu_tile_sizes
+def test_cpu_tile_table_holds_for_every_head_dim_and_dtype(ext):
+    """The backend reads the C++ tile rule once per block size into a table (so torch.compile plans
+    without calling the extension); the rule must not depend on head_dim or dtype."""
+    from flashlite import backend
+    from flashlite.backend.base import Request
 
+    cpu = backend.get("cpu")
     for dtype in LOW_DTYPES:
         for head_dim in (1, 8, 40, 59, 64, 128, 256):
             for block_size in (0, 16, 32, 64, 128):
-                assert tuple(ext.cpu_tile_config(head_dim, dtype, block_size)) == cpu_tile_sizes(block_size)
+                req = Request("cpu", dtype, head_dim, "tile", "block_sparse", block_size=block_size or None)
+                config = cpu.tile_config(req, torch.device("cpu"))
+                assert (config.block_m, config.block_n) == tuple(ext.cpu_tile_config(head_dim, dtype, block_size))
 
 
 def test_set_isa_rejects_unknown(ext):
@@ -260,18 +265,18 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     and CPU tensors run on the reference."""
     import sys
 
-    from flashlite import _backends
-    from flashlite._backends import native
+    from flashlite import backend as _backends
+    from flashlite.backend import native
 
     monkeypatch.setitem(sys.modules, "flashlite._C", None)  # makes `import flashlite._C` fail
-    monkeypatch.setattr(native, "_warned", False)
     monkeypatch.setattr(native, "missing_reason", None)
+    monkeypatch.setattr(_backends, "_native_loaded", False)
     registry = {name: b for name, b in _backends._REGISTRY.items() if name not in ("cpu", "cuda")}
     monkeypatch.setattr(_backends, "_REGISTRY", registry)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        native.register_all()
-        native.register_all()
+        _backends.report()
+        _backends.report()
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "pip install --no-build-isolation" in messages[0]
     report = flashlite.backends()

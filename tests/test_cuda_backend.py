@@ -19,7 +19,7 @@ import torch
 
 import flashlite
 from flashlite import BlockSparse, Full, SlidingWindow, TopK
-from flashlite.schedule import cdiv
+from flashlite.core.schedule import cdiv
 
 from conftest import HAS_CUDA, check_against_reference, randn, requires_cuda
 

@@ -552,7 +552,7 @@ def _emulation_cases():
     import torch
 
     from flashlite import BlockSparse, Full, SlidingWindow, TopK
-    from flashlite.schedule import cdiv
+    from flashlite.core.schedule import cdiv
 
     def topk(B, Hkv, Nq, Nk, K, causal, shared=False, heads=None, seed=0):
         gen = torch.Generator().manual_seed(seed)

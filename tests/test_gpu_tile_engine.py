@@ -7,7 +7,7 @@ import torch
 
 import flashlite
 from flashlite import BlockSparse, Full, SlidingWindow
-from flashlite.schedule import cdiv
+from flashlite.core.schedule import cdiv
 
 from conftest import HAS_CUDA, check_against_reference, kernel_backends, randn, requires_cuda
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import flashlite
 from flashlite import BlockSparse, Full, SlidingWindow, TopK
-from flashlite.schedule import cdiv
+from flashlite.core.schedule import cdiv
 
 from conftest import DEVICE, HAS_CUDA, check_against_reference, kernel_backends
 

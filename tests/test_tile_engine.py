@@ -7,7 +7,7 @@ import torch
 
 import flashlite
 from flashlite import BlockSparse, Full, SlidingWindow
-from flashlite.schedule import cdiv
+from flashlite.core.schedule import cdiv
 
 from conftest import DEVICE, DTYPES, check_against_reference, kernel_backends, randn
 

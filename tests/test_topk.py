@@ -194,14 +194,16 @@ def test_plans_are_linear_in_selections():
     path, whose plan is the index tensor itself; the inverse lists hold one entry per selection."""
     from flashlite.kernels import gather_launch
 
+    from flashlite.core.gather_rows import canonical_rows, key_index
+
     Nq = Nk = 2048
     K = 8
-    indices = random_indices((1, 1, Nq), Nk, K)
-    plan = gather_launch.forward_plan(indices, Nq, Nk, True, 1, 64)
-    assert plan.mode == "row" and plan.lists is indices and plan.member is None
-    inverse = gather_launch.inverse_plan(indices, Nq, Nk, True, 64)
+    rows = canonical_rows(random_indices((1, 1, Nq), Nk, K), Nq, Nk, True)
+    plan = gather_launch.forward_plan(rows, Nq, Nk, True, 1, 64)
+    assert plan.mode == "row" and plan.lists is rows and plan.member is None
+    inverse = gather_launch.inverse_plan(*key_index(rows, Nq, Nk, True), K, 64)
     assert inverse.entry_query.numel() <= Nq * K and inverse.key_id.numel() <= Nk
-    forced = gather_launch.forward_plan(indices, Nq, Nk, True, 1, 64, "union")
+    forced = gather_launch.forward_plan(rows, Nq, Nk, True, 1, 64, "union")
     assert forced.member.numel() <= Nq * min(Nk, forced.block_q * K)
 
 
@@ -212,8 +214,10 @@ def test_union_plan_dedupes_overlapping_rows():
 
     Nq, K = 256, 16
     pos = torch.arange(Nq, device=DEVICE)[:, None] - torch.arange(K, device=DEVICE)[None, :]
+    from flashlite.core.gather_rows import canonical_rows
+
     indices = torch.where(pos >= 0, pos, torch.full_like(pos, -1))[None, None]
-    plan = gather_launch.forward_plan(indices, Nq, Nq, True, 1, 64)
+    plan = gather_launch.forward_plan(canonical_rows(indices, Nq, Nq, True), Nq, Nq, True, 1, 64)
     assert plan.mode == "union" and plan.block_q == 64
     assert int(plan.counts.max()) == 64 + K - 1
     assert plan.member.numel() == Nq * (64 + K - 1)

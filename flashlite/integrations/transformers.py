@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ..nn import functional as FL
-from ..patterns import Full, Pattern, SlidingWindow, TopK
+from ..core.patterns import Full, Pattern, SlidingWindow, TopK
 
 MAIN_NAME = "fl_attention"
 TOPK_NAME = "fl_topk"

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import reference
 from ..api import attention as _attention
-from ..patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
+from ..core.patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
 
 # PyTorch's own function, captured before anyone monkey-patches ours in its place; used only for
 # inputs flashlite does not take (e.g. float64, value head_dim != key head_dim).

@@ -28,7 +28,7 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
-from ..patterns import Full, Pattern
+from ..core.patterns import Full, Pattern
 from . import functional as FL
 
 # need_weights materialises [B, H, Nq, Nk]; above this many elements ask for need_weights=False.

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple, Union
 from torch import Tensor, nn
 
 from ..api import attention, window_pattern
-from ..patterns import BlockSparse, Full, Pattern, TopK
+from ..core.patterns import BlockSparse, Full, Pattern, TopK
 
 
 class Attention(nn.Module):

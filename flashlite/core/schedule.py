@@ -58,9 +58,11 @@ class TileSchedule:
     def num_kv_tiles(self) -> int:
         return cdiv(self.seqlen_k, self.block_n)
 
-    def tiles_visited(self) -> torch.Tensor:
-        """Key tiles each query tile visits in the forward pass, ``[Bs, Hs, num_q_tiles]``."""
-        return self.kv_count
+    @property
+    def bounded(self) -> bool:
+        """True when the band limits some key on either side (the kernels then mask by it)."""
+        big = unbounded(self.seqlen_q, self.seqlen_k)
+        return self.window_left < big or self.window_right < big
 
     def density(self) -> float:
         """Share of all (query tile, key tile) pairs that the forward pass computes."""

@@ -6,8 +6,8 @@ from typing import Dict, Optional, Tuple, Union
 
 from torch import nn
 
-from .nn.mha import MultiheadAttention
-from .patterns import Pattern
+from .mha import MultiheadAttention
+from ..core.patterns import Pattern
 
 logger = logging.getLogger("flashlite")
 

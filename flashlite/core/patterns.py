@@ -1,9 +1,11 @@
 """Attention patterns: pure data describing which keys each query sees.
 
-A pattern knows three things: how to check itself against q/k (``validate``), the dense
-boolean mask the reference uses (``dense_mask``), and - for the tile engine - its block
-schedule at a given tile size (``schedule``, cached on the object so a model's layers and
-steps pay for it once). ``TopK`` is served by the gather engine and has no tile schedule.
+A pattern knows four things: how to check its shapes against q/k (``validate``, no device
+sync) and its values (``check_values``, once per plan), the dense boolean mask the reference
+uses (``dense_mask``), its identity for the plan cache (``cache_key``), and - for the tile
+engine - its block schedule at a given tile size (``schedule``; the plan in
+``flashlite.dispatch.plan`` builds it once per call shape and reuses it). ``TopK`` is served by
+the gather engine: its rows are made canonical by ``flashlite.core.gather_rows``.
 
 Positions are aligned bottom-right: query ``i`` sits at ``p(i) = i + Nk - Nq``.
 """
@@ -12,15 +14,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from .schedule import TileSchedule, band_schedule, block_layout_schedule, cdiv, expand_layout, compress_layout
 
 BLOCK_SIZES = (16, 32, 64, 128)
-_BAND_SCHEDULES: dict = {}
-_BAND_CACHE_SIZE = 512
-_PATTERN_CACHE_SIZE = 64
-_INDEX_RANGES = WeakTensorKeyDictionary()  # indices tensor -> (version, min, max)
 
 
 def _nonneg_int(value, name: str) -> int:
@@ -37,9 +34,6 @@ class Pattern:
     engine = "tile"
     name = "pattern"
 
-    def __init__(self) -> None:
-        self._schedules: dict = {}
-
     # -- tile engine -------------------------------------------------------------------------
     def band(self) -> tuple[Optional[int], Optional[int]]:
         """(left, right) band limits; None means unbounded on that side."""
@@ -47,28 +41,18 @@ class Pattern:
 
     def schedule(self, seqlen_q: int, seqlen_k: int, block_m: int, block_n: int,
                  device: Union[str, torch.device] = "cpu") -> TileSchedule:
-        """The block schedule at this tile size, built once and cached on the pattern."""
-        key = (seqlen_q, seqlen_k, block_m, block_n, str(torch.device(device)))
-        cached = self._schedules.get(key)
-        if cached is None:
-            if len(self._schedules) >= _PATTERN_CACHE_SIZE:  # e.g. one entry per decode step
-                self._schedules.clear()
-            cached = self._build_schedule(seqlen_q, seqlen_k, block_m, block_n, torch.device(device))
-            self._schedules[key] = cached
-        return cached
-
-    def _build_schedule(self, seqlen_q, seqlen_k, block_m, block_n, device) -> TileSchedule:
-        # Band schedules depend only on sizes, so they are shared by every pattern object
-        # (``flash_attention(..., causal=True)`` makes a new Full each call).
+        """The block schedule at this tile size (built anew; plans keep the one they use)."""
         left, right = self.band()
-        key = (seqlen_q, seqlen_k, block_m, block_n, left, right, str(device))
-        cached = _BAND_SCHEDULES.get(key)
-        if cached is None:
-            if len(_BAND_SCHEDULES) >= _BAND_CACHE_SIZE:
-                _BAND_SCHEDULES.clear()
-            cached = band_schedule(seqlen_q, seqlen_k, block_m, block_n, left, right, device)
-            _BAND_SCHEDULES[key] = cached
-        return cached
+        return band_schedule(seqlen_q, seqlen_k, block_m, block_n, left, right, torch.device(device))
+
+    def cache_key(self) -> tuple:
+        """What identifies this pattern for the plan cache: plain values, plus the tensors it holds
+        (the cache keys those by identity and version and holds them weakly)."""
+        return (type(self).__name__,) + tuple(x if x is not None else -1 for x in self.band())
+
+    def tensors(self) -> tuple:
+        """The tensors the pattern holds (keyed by identity + version in the plan cache)."""
+        return ()
 
     # -- reference ----------------------------------------------------------------------------
     def dense_mask(self, batch: int, heads_q: int, heads_kv: int, seqlen_q: int, seqlen_k: int,
@@ -78,7 +62,12 @@ class Pattern:
         return band_mask(seqlen_q, seqlen_k, left, right, device)[None, None]
 
     def validate(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Raise ValueError/TypeError if the pattern does not fit q ``[B,Hq,Nq,D]`` / k ``[B,Hkv,Nk,D]``."""
+        """Raise ValueError/TypeError if the pattern's shapes do not fit q ``[B,Hq,Nq,D]`` /
+        k ``[B,Hkv,Nk,D]``. Reads no tensor values (no device sync)."""
+
+    def check_values(self, seqlen_k: int) -> None:
+        """Raise ValueError if the pattern's tensor values are out of range (may sync a device;
+        run once per plan, skipped while compiling or capturing a CUDA graph)."""
 
     def keys_per_query(self, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
         """How many keys each query attends (``[B|1, H|1, Nq]``), for FLOP counts and tests."""
@@ -106,7 +95,6 @@ class Full(Pattern):
     name = "full"
 
     def __init__(self, causal: bool = False) -> None:
-        super().__init__()
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         self.causal = causal
@@ -128,7 +116,6 @@ class SlidingWindow(Pattern):
     name = "window"
 
     def __init__(self, left: int, right: int = 0) -> None:
-        super().__init__()
         self.left = _nonneg_int(left, "window left")
         self.right = _nonneg_int(right, "window right")
 
@@ -162,7 +149,6 @@ class BlockSparse(Pattern):
     name = "block_sparse"
 
     def __init__(self, layout: torch.Tensor, block_size: int = 64, causal: bool = False) -> None:
-        super().__init__()
         self.layout = _check_bool_layout(layout, "layout")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
@@ -198,10 +184,16 @@ class BlockSparse(Pattern):
     def band(self):
         return (None, 0) if self.causal else (None, None)
 
-    def _build_schedule(self, seqlen_q, seqlen_k, block_m, block_n, device) -> TileSchedule:
+    def schedule(self, seqlen_q, seqlen_k, block_m, block_n, device="cpu") -> TileSchedule:
         left, right = self.band()
         return block_layout_schedule(self.layout.to(device), self.block_size, seqlen_q, seqlen_k,
                                      block_m, block_n, left, right)
+
+    def cache_key(self) -> tuple:
+        return ("BlockSparse", self.block_size, self.causal)
+
+    def tensors(self) -> tuple:
+        return (self.layout,)
 
     def validate(self, q: torch.Tensor, k: torch.Tensor) -> None:
         batch, heads_q, seqlen_q = q.shape[0], q.shape[1], q.shape[2]
@@ -230,17 +222,6 @@ class BlockSparse(Pattern):
                 f"density={float(self.layout.float().mean()):.3f}, causal={self.causal})")
 
 
-def _index_range(ind: torch.Tensor) -> tuple:
-    """(min, max) of an index tensor, computed once per tensor version: a model that reuses its
-    indices over layers or steps pays one reduction (and on a GPU one sync), not one per call."""
-    cached = _INDEX_RANGES.get(ind)
-    if cached is not None and cached[0] == ind._version:
-        return cached[1], cached[2]
-    low, high = (int(x) for x in torch.aminmax(ind))
-    _INDEX_RANGES[ind] = (ind._version, low, high)
-    return low, high
-
-
 class TopK(Pattern):
     """Each query attends exactly the key positions listed for it.
 
@@ -253,7 +234,6 @@ class TopK(Pattern):
     name = "topk"
 
     def __init__(self, indices: torch.Tensor, causal: bool = False) -> None:
-        super().__init__()
         if not isinstance(indices, torch.Tensor):
             raise TypeError(f"indices must be an int32/int64 torch.Tensor, got {type(indices).__name__}")
         if indices.dtype not in (torch.int32, torch.int64):
@@ -278,10 +258,18 @@ class TopK(Pattern):
             raise ValueError(f"indices must have shape {form}, got {tuple(ind.shape)}")
         if ind.device != q.device:
             raise ValueError(f"indices is on {ind.device} but q is on {q.device}")
-        if ind.numel():
-            low, high = _index_range(ind)
+
+    def check_values(self, seqlen_k: int) -> None:
+        if self.indices.numel():
+            low, high = (int(x) for x in torch.aminmax(self.indices))
             if low < -1 or high >= seqlen_k:
                 raise ValueError(f"indices must lie in [-1, Nk) = [-1, {seqlen_k}); got values in [{low}, {high}]")
+
+    def cache_key(self) -> tuple:
+        return ("TopK", self.causal)
+
+    def tensors(self) -> tuple:
+        return (self.indices,)
 
     def row_indices(self, seqlen_q: int) -> torch.Tensor:
         """Indices as ``[B, Hkv|1, Nq, K]`` (a shared list is broadcast to every query)."""
@@ -311,5 +299,4 @@ class TopK(Pattern):
         return f"TopK(indices={tuple(self.indices.shape)}, causal={self.causal})"
 
 
-PatternLike = Union[Pattern, None]
 __all__ = ["Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "band_mask", "BLOCK_SIZES"]

@@ -1,17 +1,18 @@
-"""Backend registry and selection.
+"""The backends and their registry.
 
 ``select(request, backend)`` returns the backend to run: the one named by ``backend=`` or
 ``FLASHLITE_BACKEND``, or the first of ``AUTO_ORDER[device]`` that serves the request. When
-none fits, the error lists every backend's reason.
+none fits, the error lists every backend's reason. The C++ backends (``cpu``, ``cuda``) are
+registered when ``flashlite._C`` is first needed, not at import.
 """
 from __future__ import annotations
 
 import os
 from typing import Dict, Optional
 
-from .base import Backend, Request, TileSizes
-from .reference_backend import ReferenceBackend
-from .triton_backend import TritonBackend
+from .base import Backend, Request, TileConfig
+from .reference import ReferenceBackend
+from .triton import TritonBackend
 
 _REGISTRY: Dict[str, Backend] = {}
 
@@ -21,40 +22,53 @@ AUTO_ORDER = {
     "cuda": ("cuda", "triton", "reference"),
     "cpu": ("cpu", "reference"),
 }
-NAMES = ("triton", "cuda", "cpu", "reference")
+NAMES = ("triton", "cuda", "cpu", "reference")  # a plan carries its backend as an index into this
+_native_loaded = False
 
 
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
+def _load_native() -> None:
+    """Register "cpu" / "cuda" if flashlite._C was built (once, on first need)."""
+    global _native_loaded
+    if not _native_loaded:
+        _native_loaded = True
+        from . import native
+
+        native.register_all(register)
+
+
 def get(name: str) -> Backend:
     if name not in NAMES:
         raise ValueError(f"backend must be one of {NAMES} or None, got {name!r}")
     backend = _REGISTRY.get(name)
+    if backend is None and name in ("cpu", "cuda"):
+        _load_native()
+        backend = _REGISTRY.get(name)
     if backend is None:
         raise ValueError(f"backend {name!r} is not available: {unavailable_reason(name)}")
     return backend
 
 
 def unavailable_reason(name: str) -> str:
+    from . import native
+
     if name == "cpu":
-        native = globals().get("native")  # set once flashlite._backends.native has been imported
-        return getattr(native, "missing_reason", None) or "flashlite._C (the C++ extension) is not built"
+        return native.missing_reason or "flashlite._C (the C++ extension) is not built"
     if name == "cuda":
-        return "flashlite._C was built without CUDA kernels, or no CUDA device is present"
+        return native.missing_reason or "flashlite._C was built without CUDA kernels, or no CUDA device is present"
     return "not registered"
 
 
 def report() -> Dict[str, str]:
     """Each backend name -> "available" or the reason it is not."""
+    _load_native()
     out = {}
     for name in NAMES:
         backend = _REGISTRY.get(name)
-        if backend is None:
-            out[name] = unavailable_reason(name)
-        else:
-            out[name] = backend.available() or "available"
+        out[name] = unavailable_reason(name) if backend is None else (backend.available() or "available")
     return out
 
 
@@ -70,6 +84,7 @@ def select(req: Request, backend: Optional[str] = None) -> Backend:
         if reason:
             raise ValueError(f"{source}{requested!r} cannot run this call: {reason}")
         return chosen
+    _load_native()
     reasons = []
     for name in AUTO_ORDER.get(req.device_type, ("reference",)):
         candidate = _REGISTRY.get(name)
@@ -86,15 +101,4 @@ def select(req: Request, backend: Optional[str] = None) -> Backend:
 register(TritonBackend())
 register(ReferenceBackend())
 
-
-def _register_native() -> None:
-    """Register the C++ backends if flashlite._C was built (see csrc/)."""
-    try:
-        from . import native  # noqa: F401  (registers "cpu" / "cuda" when flashlite._C imports)
-    except ImportError:
-        pass
-
-
-_register_native()
-
-__all__ = ["Backend", "Request", "TileSizes", "register", "get", "select", "report", "AUTO_ORDER", "NAMES"]
+__all__ = ["Backend", "Request", "TileConfig", "register", "get", "select", "report", "AUTO_ORDER", "NAMES"]

@@ -1,0 +1,100 @@
+"""What a backend is: a named set of kernels that declares what it serves and answers "why not".
+
+A backend declares its devices, dtypes, largest head_dim, engines (``"tile"`` for full, causal,
+window and block-sparse schedules; ``"gather"`` for top-k) and whether its backward can be
+non-deterministic (atomics, GPU only). ``why_not(request)`` reads those declarations (plus
+``available()``, which says whether the backend runs on this machine at all), so the dispatcher
+can list every backend's reason when none fits.
+
+Work goes through a plan (``flashlite.dispatch.plan``): the backend contributes its launch
+configuration (``tile_config``) and any tensors of its own (``prepare_gather``), and its
+``forward`` / ``backward`` take the plan. ``out`` is like q, ``lse`` float32 ``[B, Hq, Nq]``;
+``softcap`` is 0.0 when off; ``alibi_slopes`` is None or float32 contiguous ``[Hq]`` / ``[B, Hq]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a call needs, as a backend sees it."""
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    engine: str  # "tile" or "gather"
+    pattern: str  # "full", "causal", "window", "block_sparse", "topk"
+    requires_grad: bool = False
+    deterministic: bool = True
+    block_size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """A tile-engine launch: tile sizes, and for GPU kernels warps and pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 0
+    num_stages: int = 0
+
+
+class Backend:
+    """Base class: declarations plus the kernels a subclass implements."""
+
+    name = "base"
+    devices: Tuple[str, ...] = ()
+    dtypes: Tuple[torch.dtype, ...] = DTYPES
+    max_head_dim = MAX_HEAD_DIM
+    engines: Tuple[str, ...] = ("tile", "gather")
+    # True where the backend has a faster backward with atomics that `deterministic=False` selects.
+    atomic_backward = False
+    # True when forward is plain differentiable PyTorch (autograd needs no custom op).
+    differentiable = False
+
+    def available(self) -> Optional[str]:
+        """None if the backend can run on this machine, else the reason it cannot."""
+        return None
+
+    def why_not(self, req: Request) -> Optional[str]:
+        """None if the backend serves ``req``, else a short reason."""
+        reason = self.available()
+        if reason:
+            return reason
+        if req.device_type not in self.devices:
+            return f"runs on {'/'.join(self.devices)} tensors; these are on {req.device_type}"
+        if req.dtype not in self.dtypes:
+            return f"dtype {req.dtype} not supported"
+        if req.head_dim > self.max_head_dim:
+            return f"head_dim {req.head_dim} > {self.max_head_dim}"
+        if req.engine not in self.engines:
+            return f"no {req.engine} engine (pattern {req.pattern})"
+        return None
+
+    # -- plan ingredients -------------------------------------------------------------------------
+    def tile_config(self, req: Request, device: torch.device) -> TileConfig:
+        """The complete launch configuration of the tile engine for this request."""
+        raise NotImplementedError(f"backend {self.name!r} has no tile engine")
+
+    def prepare_gather(self, rows: torch.Tensor, key_offsets: Optional[torch.Tensor],
+                       key_slots: Optional[torch.Tensor], req: Request, shape: Tuple[int, ...],
+                       causal: bool) -> Tuple[Tuple[int, ...], Tuple[torch.Tensor, ...]]:
+        """Backend-specific part of a top-k plan: (ints, tensors) (none by default)."""
+        return (), ()
+
+    # -- kernels ----------------------------------------------------------------------------------
+    def forward(self, plan, q, k, v, scale: float, softcap: float, alibi_slopes):
+        raise NotImplementedError(f"backend {self.name!r} has no forward")
+
+    def backward(self, plan, grad_out, q, k, v, out, lse, scale: float, softcap: float, alibi_slopes):
+        raise NotImplementedError(f"backend {self.name!r} has no backward")
+
+    def __repr__(self) -> str:
+        return f"<flashlite backend {self.name}>"

@@ -1,0 +1,130 @@
+"""The C++ backends: flashlite._C's CPU kernels ("cpu") and CUDA kernels ("cuda").
+
+``register_all`` registers them once flashlite._C imports. If it is missing (not built, or built
+against another torch), flashlite still works: one warning says how to build it, CPU tensors
+fall back to the reference backend, and ``flashlite.backends()`` reports the reason.
+
+Tile sizes come from the C++ side (``cpu_tile_config`` / ``cuda_tile_config``), read once into a
+table per backend (per device for CUDA), so planning under ``torch.compile`` reads a Python dict
+instead of calling into the extension.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..core.patterns import BLOCK_SIZES
+from .base import MAX_HEAD_DIM, Backend, Request, TileConfig
+
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make setup`) in the flashlite checkout"
+
+# Why flashlite._C could not be imported (None when it was, or before the first attempt).
+missing_reason: Optional[str] = None
+
+
+def load_extension():
+    """Import flashlite._C; on failure record why, warn once, and return None."""
+    global missing_reason
+    try:
+        return importlib.import_module("flashlite._C")
+    except ImportError as exc:
+        missing_reason = f"flashlite._C (the C++ extension) is not built or does not load ({exc}); {BUILD_HINT}"
+        warnings.warn(f"{missing_reason}. CPU tensors fall back to the reference backend.", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
+class NativeBackend(Backend):
+    """Shared wiring of the flashlite._C kernels ``{prefix}_tile_forward`` etc. (named arguments)."""
+
+    prefix = ""
+    engines = ("tile", "gather")
+
+    def __init__(self, extension) -> None:
+        self._ext = extension
+        self._fns = {name: getattr(extension, f"{self.prefix}_{name}")
+                     for name in ("tile_forward", "tile_backward", "gather_forward", "gather_backward")}
+
+    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes):
+        if plan.engine == "tile":
+            s = plan.schedule
+            return self._fns["tile_forward"](
+                q, k, v, kv_tiles=s.kv_tiles, kv_count=s.kv_count, alibi_slopes=alibi_slopes, is_list=s.is_list,
+                block_m=s.block_m, block_n=s.block_n, window_left=s.window_left, window_right=s.window_right,
+                scale=scale, softcap=softcap)
+        return self._fns["gather_forward"](q, k, v, indices=plan.rows, alibi_slopes=alibi_slopes, causal=plan.causal,
+                                           scale=scale, softcap=softcap)
+
+    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+        if plan.engine == "tile":
+            s = plan.schedule
+            return self._fns["tile_backward"](
+                grad_out, q, k, v, out, lse, kv_tiles=s.kv_tiles, kv_count=s.kv_count, q_tiles=s.q_tiles,
+                q_count=s.q_count, alibi_slopes=alibi_slopes, is_list=s.is_list, block_m=s.block_m,
+                block_n=s.block_n, window_left=s.window_left, window_right=s.window_right, scale=scale,
+                softcap=softcap, deterministic=plan.deterministic)
+        return self._fns["gather_backward"](
+            grad_out, q, k, v, out, lse, indices=plan.rows, key_offsets=plan.key_offsets, key_slots=plan.key_slots,
+            alibi_slopes=alibi_slopes, causal=plan.causal, scale=scale, softcap=softcap,
+            deterministic=plan.deterministic)
+
+
+class CpuBackend(NativeBackend):
+    """C++ kernels for CPU tensors (OpenMP, vectorized; float16/bfloat16 computed in float32)."""
+
+    name = "cpu"
+    prefix = "cpu"
+    devices = ("cpu",)
+
+    def __init__(self, extension) -> None:
+        super().__init__(extension)
+        # The CPU tile depends only on a block-sparse layout's block size (0 = none); the test
+        # suite checks that against every head_dim and dtype.
+        self._tiles = {size: tuple(extension.cpu_tile_config(64, torch.float32, size))
+                       for size in (0,) + BLOCK_SIZES}
+
+    def tile_config(self, req: Request, device: torch.device) -> TileConfig:
+        return TileConfig(*self._tiles[req.block_size or 0])
+
+
+class CudaBackend(NativeBackend):
+    """CUDA C++ kernels (csrc/cuda/) for CUDA tensors."""
+
+    name = "cuda"
+    prefix = "cuda"
+    devices = ("cuda",)
+    atomic_backward = True
+
+    def __init__(self, extension) -> None:
+        super().__init__(extension)
+        self._tables: Dict[int, Dict[Tuple[int, torch.dtype, int], Tuple[int, int]]] = {}
+
+    def available(self) -> Optional[str]:
+        return None if torch.cuda.is_available() else "no CUDA device is present"
+
+    def _table(self, device: int):
+        """cuda_tile_config for every (head_dim, dtype, block size) of one device, read once."""
+        table = self._tables.get(device)
+        if table is None:
+            config = self._ext.cuda_tile_config
+            table = {(d, dtype, size): tuple(config(d, dtype, size, device))
+                     for d in range(1, MAX_HEAD_DIM + 1) for dtype in self.dtypes for size in (0,) + BLOCK_SIZES}
+            self._tables[device] = table
+        return table
+
+    def tile_config(self, req: Request, device: torch.device) -> TileConfig:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return TileConfig(*self._table(index)[(req.head_dim, req.dtype, req.block_size or 0)])
+
+
+def register_all(register) -> None:
+    """Register "cpu" (and "cuda" where flashlite._C has CUDA kernels and a device exists)."""
+    extension = load_extension()
+    if extension is None:
+        return
+    register(CpuBackend(extension))
+    if hasattr(extension, "cuda_tile_forward") and torch.cuda.is_available():
+        register(CudaBackend(extension))

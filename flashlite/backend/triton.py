@@ -1,0 +1,77 @@
+"""The Triton backend: flashlite.kernels on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .base import Backend, Request, TileConfig
+
+FORWARD_PARTS = 3  # ints and tensors of the gather ForwardPlan lead a plan's extras; the InversePlan follows
+
+
+def _kernels():
+    from flashlite import kernels  # imported lazily: Triton reads TRITON_INTERPRET at decoration
+
+    return kernels
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    devices = ("cuda", "cpu")
+
+    def available(self) -> Optional[str]:
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - triton is a dependency
+            return f"triton is not importable ({exc})"
+        return None
+
+    def why_not(self, req: Request) -> Optional[str]:
+        reason = super().why_not(req)
+        if reason:
+            return reason
+        if req.device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            return ("these tensors are on the CPU, where Triton runs only in its interpreter: set "
+                    "TRITON_INTERPRET=1 in the environment before flashlite.kernels is imported")
+        return None
+
+    # -- plan ingredients -------------------------------------------------------------------------
+    def tile_config(self, req: Request, device: torch.device) -> TileConfig:
+        config = _kernels().tile_config(req.head_dim, req.dtype, device, req.block_size)
+        return TileConfig(config.block_m, config.block_n, config.num_warps, config.num_stages)
+
+    def prepare_gather(self, rows, key_offsets, key_slots, req, shape, causal):
+        from flashlite.kernels import gather_launch as gl
+
+        batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = shape
+        group = heads_q // heads_kv
+        ints, tensors = gl.forward_plan(rows, seqlen_q, seqlen_k, causal, group, head_dim).parts()
+        if key_offsets is not None:
+            inverse = gl.inverse_plan(key_offsets, key_slots, rows.shape[-1], gl.backward_block_e(group))
+            inverse_ints, inverse_tensors = inverse.parts()
+            ints, tensors = ints + inverse_ints, tensors + inverse_tensors
+        return ints, tensors
+
+    # -- kernels ----------------------------------------------------------------------------------
+    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes):
+        kernels = _kernels()
+        if plan.engine == "tile":
+            return kernels.tile_forward(q, k, v, plan.schedule, scale, softcap, alibi_slopes, config=plan.config)
+        from flashlite.kernels import gather_launch as gl
+
+        forward = gl.ForwardPlan.from_parts(plan.extra_ints[:FORWARD_PARTS], plan.extra[:FORWARD_PARTS])
+        return gl.gather_forward(q, k, v, forward, plan.rows.shape[1], plan.causal, scale, softcap, alibi_slopes)
+
+    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+        kernels = _kernels()
+        if plan.engine == "tile":
+            return kernels.tile_backward(grad_out, q, k, v, out, lse, plan.schedule, scale, softcap, alibi_slopes,
+                                         config=plan.config)
+        from flashlite.kernels import gather_launch as gl
+
+        forward = gl.ForwardPlan.from_parts(plan.extra_ints[:FORWARD_PARTS], plan.extra[:FORWARD_PARTS])
+        inverse = gl.InversePlan.from_parts(plan.extra_ints[FORWARD_PARTS:], plan.extra[FORWARD_PARTS:])
+        return gl.gather_backward(grad_out, q, k, v, out, lse, forward, inverse, plan.rows.shape[1], plan.causal,
+                                  scale, softcap, alibi_slopes)

@@ -1,0 +1,54 @@
+"""The dispatch layer: choose a backend, get the call's plan, run it through the custom op.
+
+``run`` is the whole path below the public functions: ``backend.select`` picks the backend
+for (device, pattern, dtype, head_dim), ``plan.plan_for`` returns the plan (cached), and the
+plan's backend runs - through ``ops.attention_op`` when autograd, ``torch.compile`` or a
+dispatch mode needs the op, directly otherwise (an inference call in plain eager mode skips the
+op machinery's Python, tens of µs, what a short decode step costs in all). The reference
+backend is plain differentiable PyTorch and always runs directly.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backend as backends
+from ..backend.base import Request
+from ..core.patterns import Pattern
+from .ops import attention_op
+from .plan import plan_for, tracing
+
+_last = threading.local()
+
+
+def last_backend() -> Optional[str]:
+    """Name of the backend that served the most recent flashlite call in this thread."""
+    return getattr(_last, "name", None)
+
+
+def _needs_op(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Tensor subclasses, compiling/tracing and torch-function modes go through the custom op."""
+    return (type(k) is not Tensor or type(v) is not Tensor or tracing(q)
+            or torch._C._is_torch_function_mode_enabled())
+
+
+def run(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float, softcap: float,
+        alibi_slopes: Optional[Tensor], backend: Optional[str], deterministic: bool = True) -> Tuple[Tensor, Tensor]:
+    """Attention over ``pattern`` on the chosen backend. Returns (out, lse)."""
+    requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    req = Request(device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], engine=pattern.engine,
+                  pattern=pattern.name, requires_grad=requires_grad, deterministic=deterministic,
+                  block_size=getattr(pattern, "block_size", None))
+    chosen = backends.select(req, backend)
+    _last.name = chosen.name
+    plan = plan_for(pattern, q, k, chosen, req)
+    if chosen.differentiable or not (requires_grad or _needs_op(q, k, v)):
+        return chosen.forward(plan, q, k, v, scale, softcap, alibi_slopes)
+    tensors, ints = plan.op_args()
+    return attention_op(q, k, v, tensors, ints, alibi_slopes, [scale, softcap])
+
+
+__all__ = ["run", "last_backend"]

@@ -1,0 +1,174 @@
+"""One plan per call: a pattern compiled, for given shapes and a chosen backend, into everything
+the backend's kernels consume.
+
+* tile engine (full, causal, window, block-sparse): the backend's complete launch configuration
+  and the block schedule at its tile size (forward lists and the transposed backward lists);
+* gather engine (top-k): the canonical rows (sorted, repeats dropped), the inverse key index for
+  the backward (one, shared by every backend), and whatever the backend adds of its own (the
+  Triton gather modes and reduction pieces).
+
+``plan_for`` builds a plan or takes it from the one bounded cache, keyed by the pattern's values
+and its tensors' identity and version, the call's shapes, dtype, device, backend and whether a
+backward is needed. The cache holds pattern tensors weakly (an entry dies with them) and attaches
+nothing to user tensors. While compiling, tracing or capturing a CUDA graph the plan is built
+fresh (its torch ops become part of the graph) and neither cached nor value-checked.
+
+A plan crosses the custom op as ``op_args()``: a list of tensors and a short list of ints, from
+which ``Plan.from_op_args`` rebuilds it on the other side.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .. import backend as backends
+from ..backend.base import Backend, Request, TileConfig
+from ..core.gather_rows import canonical_rows, key_index
+from ..core.patterns import Pattern
+from ..core.schedule import TileSchedule
+
+ENGINES = ("tile", "gather", "dense")
+CACHE_SIZE = 256
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Everything one call's kernels need besides q, k, v and the scalars."""
+
+    backend: Backend
+    engine: str  # "tile", "gather" or "dense" (the reference: the pattern's mask)
+    deterministic: bool = True
+    # tile engine
+    schedule: Optional[TileSchedule] = None
+    config: Optional[TileConfig] = None
+    # gather engine
+    rows: Optional[Tensor] = None  # canonical rows, int64, like the pattern's indices
+    causal: bool = False
+    key_offsets: Optional[Tensor] = None  # inverse key index (backward only)
+    key_slots: Optional[Tensor] = None
+    extra_ints: Tuple[int, ...] = ()  # the backend's own part
+    extra: Tuple[Tensor, ...] = ()
+    # dense (reference backend): the pattern itself
+    pattern: Optional[Pattern] = None
+
+    @property
+    def has_backward(self) -> bool:
+        return self.engine != "gather" or self.key_offsets is not None
+
+    # -- across the custom op ------------------------------------------------------------------
+    def op_args(self) -> Tuple[List[Tensor], List[int]]:
+        """(tensors, ints) that carry the plan through the custom op."""
+        head = [backends.NAMES.index(self.backend.name), ENGINES.index(self.engine), int(self.deterministic)]
+        if self.engine == "tile":
+            s, c = self.schedule, self.config
+            return ([s.kv_tiles, s.kv_count, s.q_tiles, s.q_count],
+                    head + [int(s.is_list), s.block_m, s.block_n, s.window_left, s.window_right,
+                            c.num_warps, c.num_stages])
+        if self.engine == "gather":
+            none = self.rows.new_empty(0)
+            inverse = [self.key_offsets, self.key_slots] if self.has_backward else [none, none]
+            return ([self.rows, *inverse, *self.extra],
+                    head + [int(self.causal), int(self.has_backward), *self.extra_ints])
+        raise ValueError("the reference backend's plan does not cross the custom op")
+
+    @classmethod
+    def from_op_args(cls, tensors: List[Tensor], ints: List[int], seqlen_q: int, seqlen_k: int) -> "Plan":
+        backend = backends.get(backends.NAMES[ints[0]])
+        engine, deterministic = ENGINES[ints[1]], bool(ints[2])
+        if engine == "tile":
+            is_list, block_m, block_n, left, right, warps, stages = ints[3:10]
+            schedule = TileSchedule("list" if is_list else "range", block_m, block_n, seqlen_q, seqlen_k,
+                                    left, right, *tensors[:4])
+            return cls(backend, engine, deterministic, schedule=schedule,
+                       config=TileConfig(block_m, block_n, warps, stages))
+        causal, inverse = bool(ints[3]), bool(ints[4])
+        return cls(backend, engine, deterministic, rows=tensors[0], causal=causal,
+                   key_offsets=tensors[1] if inverse else None, key_slots=tensors[2] if inverse else None,
+                   extra_ints=tuple(ints[5:]), extra=tuple(tensors[3:]))
+
+
+def tracing(q: Tensor) -> bool:
+    """True while compiling / exporting / under a dispatch mode, or capturing a CUDA graph: then
+    no value is read back to the host and nothing is cached."""
+    if type(q) is not Tensor or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return True
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+class _PlanCache:
+    """The one plan cache: bounded LRU; entries hold the pattern's tensors weakly."""
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self.size = size
+        self.entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    @staticmethod
+    def key(pattern: Pattern, shape: tuple, q: Tensor, backend: Backend, req: Request) -> tuple:
+        held = tuple((id(t), t._version) for t in pattern.tensors())
+        return (pattern.cache_key(), held, shape, q.dtype, q.device, backend.name, req.requires_grad,
+                req.deterministic)
+
+    def get(self, key: tuple, pattern: Pattern) -> Optional[Plan]:
+        hit = self.entries.get(key)
+        if hit is None:
+            return None
+        refs, plan = hit
+        if any(ref() is not t for ref, t in zip(refs, pattern.tensors())):
+            del self.entries[key]  # an id reused by a new tensor
+            return None
+        self.entries.move_to_end(key)
+        return plan
+
+    def put(self, key: tuple, pattern: Pattern, plan: Plan) -> None:
+        refs = tuple(weakref.ref(t) for t in pattern.tensors())
+        self.entries[key] = (refs, plan)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+CACHE = _PlanCache()
+
+
+def plan_for(pattern: Pattern, q: Tensor, k: Tensor, backend: Backend, req: Request) -> Plan:
+    """The plan of (pattern, shapes, backend), from the cache or built now."""
+    shape = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
+    if tracing(q):
+        return build(pattern, q, k, backend, req, shape)
+    key = _PlanCache.key(pattern, shape, q, backend, req)
+    plan = CACHE.get(key, pattern)
+    if plan is None:
+        pattern.check_values(k.shape[2])
+        plan = build(pattern, q, k, backend, req, shape)
+        CACHE.put(key, pattern, plan)
+    return plan
+
+
+def build(pattern: Pattern, q: Tensor, k: Tensor, backend: Backend, req: Request, shape: tuple) -> Plan:
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    if backend.differentiable:
+        return Plan(backend, "dense", req.deterministic, pattern=pattern)
+    if pattern.engine == "tile":
+        config = backend.tile_config(req, q.device)
+        schedule = pattern.schedule(seqlen_q, seqlen_k, config.block_m, config.block_n, q.device)
+        return Plan(backend, "tile", req.deterministic, schedule=schedule, config=config)
+    causal = pattern.causal
+    rows = canonical_rows(pattern.indices, seqlen_q, seqlen_k, causal)
+    key_offsets = key_slots = None
+    if req.requires_grad:
+        key_offsets, key_slots = key_index(rows, seqlen_q, seqlen_k, causal)
+    extra_ints, extra = backend.prepare_gather(rows, key_offsets, key_slots, req, shape, causal)
+    return Plan(backend, "gather", req.deterministic, rows=rows, causal=causal, key_offsets=key_offsets,
+                key_slots=key_slots, extra_ints=tuple(extra_ints), extra=tuple(extra))
+
+
+__all__ = ["Plan", "plan_for", "build", "tracing", "CACHE", "ENGINES"]
