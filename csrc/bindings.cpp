@@ -1,9 +1,11 @@
-// flashlite._C: the Python face of the C++ kernels (see /work/notes/native_abi.md's contract in
-// csrc/README.md). The cpu_* functions are always built; the cuda_* ones are registered by
-// csrc/cuda/bindings_cuda.cpp when the extension is built with CUDA (FLASHLITE_WITH_CUDA).
+// flashlite._C: the Python face of the C++ kernels. The contract of every argument (layouts,
+// schedules, the top-k backward's key -> slot index, who builds what) is docs/native_abi.md. The
+// cpu_* functions are always built; the cuda_* ones are registered by csrc/cuda/bindings_cuda.cpp
+// when the extension is built with CUDA (FLASHLITE_WITH_CUDA).
 //
-// Each function checks and converts its tensors into flashlite::AttentionParams, allocates the
-// outputs, and calls the torch-free kernels with the GIL released.
+// Each function checks and converts its tensors into flashlite::AttentionParams (the shared steps
+// are common/torch_params.h), allocates the outputs, and calls the torch-free kernels with the GIL
+// released. Every argument has a name (keyword calls work; the positional order is the one below).
 #include <torch/extension.h>
 
 #include <tuple>
@@ -88,8 +90,10 @@ std::tuple<Tensor, Tensor> cpu_gather_forward(Tensor q, Tensor k, Tensor v, cons
   return {call.out, call.lse};
 }
 
+// key_offsets / key_slots: the key -> slot index of `indices` (torch_params.h set_key_index).
 std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v,
                                                        const Tensor& out, const Tensor& lse, const Tensor& indices,
+                                                       const Tensor& key_offsets, const Tensor& key_slots,
                                                        const optional<Tensor>& alibi_slopes, bool causal,
                                                        double scale, double softcap, bool deterministic) {
   flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
@@ -98,6 +102,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q
   flashlite::BackwardCall call =
       flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap, deterministic);
   flashlite::set_indices(call.params, indices, causal);
+  flashlite::set_key_index(call.grads, call.params, key_offsets, key_slots, q);
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::gather_backward(call.params, call.grads, threads());
@@ -122,10 +127,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flashlite C++ kernels (CPU always; CUDA when built with it)";
   m.def("cpu_tile_config", &cpu_tile_config, py::arg("head_dim"), py::arg("dtype"), py::arg("block_size"),
         "(block_m, block_n) of the CPU tile engine; block_size 0 = no block-sparse constraint");
-  m.def("cpu_tile_forward", &cpu_tile_forward, "tile engine forward -> (out, lse)");
-  m.def("cpu_tile_backward", &cpu_tile_backward, "tile engine backward -> (dq, dk, dv)");
-  m.def("cpu_gather_forward", &cpu_gather_forward, "gather (top-k) forward -> (out, lse)");
-  m.def("cpu_gather_backward", &cpu_gather_backward, "gather (top-k) backward -> (dq, dk, dv)");
+  m.def("cpu_tile_forward", &cpu_tile_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_tiles"),
+        py::arg("kv_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
+        "tile engine forward -> (out, lse)");
+  m.def("cpu_tile_backward", &cpu_tile_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("kv_tiles"), py::arg("kv_count"), py::arg("q_tiles"),
+        py::arg("q_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
+        py::arg("deterministic"), "tile engine backward -> (dq, dk, dv)");
+  m.def("cpu_gather_forward", &cpu_gather_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("indices"),
+        py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"),
+        "gather (top-k) forward -> (out, lse)");
+  m.def("cpu_gather_backward", &cpu_gather_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("indices"), py::arg("key_offsets"), py::arg("key_slots"),
+        py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("deterministic"),
+        "gather (top-k) backward -> (dq, dk, dv); key_offsets/key_slots: the key -> slot index of indices "
+        "(docs/native_abi.md)");
   m.def("cpu_isa", [] { return std::string(flashlite::cpu::isa()); }, "instruction-set build of the CPU kernels in use");
   m.def("cpu_isas", &cpu_isas, "instruction-set builds this CPU can run, best first");
   m.def("cpu_set_isa", &cpu_set_isa, py::arg("name"), "use another runnable build (tests, benchmarks)");

@@ -10,8 +10,18 @@
 //   Tile schedule, forward: for (b, h, query tile m), kv_count[b,h,m] key tiles; tile t is
 //   kv_tiles[b,h,m,0] + t ("range") or kv_tiles[b,h,m,t] ("list"). Backward: the same with
 //   q_tiles/q_count per key tile. Strides of broadcast dims are 0.
-//   Gather (top-k): indices [B, Hkv|1, Nq, K] (per query) or [B, Hkv|1, K] (shared), int64,
-//   -1 = empty slot; with causal, an index > p(i) is ignored.
+//   Gather (top-k): indices [B, Hi, Nq, K] (per query) or [B, Hi, K] (shared), int64, Hi =
+//   index_heads = 1 (one list for every KV head) or Hkv; -1 = empty slot; with causal, an index
+//   > p(i) is ignored. The rows arrive canonical (the Python side sorts them and turns repeats
+//   into -1): the valid entries of a row are distinct keys.
+//   Gather backward, the key -> slot inverse (CSR), built once per call plan by the Python side
+//   (flashlite/core/gather_rows.py key_index) and read by every backend:
+//     key_offsets int64 [B*Hi*Nk + 1]; for key s = (b*Hi + hi)*Nk + j its entries are
+//     key_slots[key_offsets[s] .. key_offsets[s+1]), each a slot i*K + t (query row i < Nq, list
+//     position t < K) whose index is j, ascending within a key. Only valid selections appear
+//     (index >= 0 and, with causal, j <= p(i)); a shared list [B, Hi, K] still has slot i*K + t,
+//     one entry per query i that sees it. key_slots may be longer than key_offsets[B*Hi*Nk]
+//     (the tail is not read). The full contract: docs/native_abi.md.
 #pragma once
 
 #include <cstdint>
@@ -69,6 +79,7 @@ struct AttentionParams {
   const int64_t* indices = nullptr;
   int64_t indices_stride_b = 0, indices_stride_h = 0, indices_stride_n = 0;  // stride_n 0 = shared list
   int32_t top_k = 0;
+  int32_t index_heads = 0;  // Hi = indices.size(1): 1 (shared by the KV heads) or Hkv
   bool causal = false;
 
   FL_HOST_DEVICE int32_t group() const { return heads_q / heads_kv; }
@@ -91,11 +102,11 @@ struct BackwardParams {
   void* dv = nullptr;
   Strides3 dq_strides, dk_strides, dv_strides;
   bool deterministic = true;
-  // Deterministic top-k backward on CUDA: for each (b, index head, key j) the query rows that
-  // select j, ascending (CSR: rows key_rows[key_offsets[s] .. key_offsets[s+1]), s = (b*Hi + hi)*Nk + j,
-  // Hi = 1 if the indices are shared by the KV heads, else Hkv). Built by the CUDA binding; unused on CPU.
-  const int64_t* key_offsets = nullptr;
-  const int32_t* key_rows = nullptr;
+  // Top-k (gather) backward: the key -> slot inverse index (see the header comment; Hi =
+  // AttentionParams::index_heads, hi = Hi == 1 ? 0 : kv_head). Built by the Python side, checked
+  // by the binding (set_key_index in torch_params.h); the CPU gather backward requires it.
+  const int64_t* key_offsets = nullptr;  // [B*Hi*Nk + 1]
+  const int64_t* key_slots = nullptr;    // [>= key_offsets[B*Hi*Nk]]: slots i*K + t, ascending per key
 };
 
 }  // namespace flashlite

@@ -4,7 +4,8 @@
 //
 // A binding's steps: make_last_dims_contiguous, its own device checks (check_qkv), then
 // prepare_forward / prepare_backward (outputs + params), set_tile_schedule (tile engine) or
-// set_indices (gather engine), and the kernel call.
+// set_indices (gather engine; its backward also set_key_index), and the kernel call. The contract
+// of the tensors and the params: docs/native_abi.md.
 #pragma once
 
 #include <torch/extension.h>
@@ -150,7 +151,9 @@ inline void set_backward_schedule(AttentionParams& p, const at::Tensor& q, const
                                       "q_tiles/q_count");
 }
 
-// Gather indices: int64 [B, Hkv|1, Nq, K] or [B, Hkv|1, K] (shared by every query), last dim contiguous.
+// Gather indices: int64 [B, Hkv|1, Nq, K] or [B, Hkv|1, K] (shared by every query), last dim
+// contiguous, canonical (valid entries of a row distinct; the Python side sorts the rows and turns
+// repeats into -1).
 inline void set_indices(AttentionParams& p, const at::Tensor& indices, bool causal) {
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "flashlite: indices must be int64 (the Python side converts)");
   TORCH_CHECK_VALUE(indices.dim() == 3 || indices.dim() == 4, "flashlite: indices must be [B, Hkv|1, Nq, K] or [B, Hkv|1, K]");
@@ -164,7 +167,43 @@ inline void set_indices(AttentionParams& p, const at::Tensor& indices, bool caus
   p.indices_stride_h = broadcast_stride(indices, 1);
   p.indices_stride_n = per_query ? indices.stride(2) : 0;
   p.top_k = static_cast<int32_t>(indices.size(-1));
+  p.index_heads = static_cast<int32_t>(indices.size(1));
   p.causal = causal;
+}
+
+// The gather backward's key -> slot index (after set_indices): key_offsets int64 contiguous
+// [B*Hi*Nk + 1] (Hi = indices.size(1)) and key_slots int64 contiguous [E'] with E' >=
+// key_offsets[-1], both on q's device; for key s = (b*Hi + hi)*Nk + j the slots i*K + t that
+// select j are key_slots[key_offsets[s] .. key_offsets[s+1]), ascending. The entries are trusted
+// (the Python side builds them); on CPU the offsets' first, last and order are checked too (one
+// pass over B*Hi*Nk + 1 numbers, no device sync anywhere).
+inline void set_key_index(BackwardParams& g, const AttentionParams& p, const at::Tensor& key_offsets,
+                          const at::Tensor& key_slots, const at::Tensor& q) {
+  const int64_t keys = int64_t(p.batch) * p.index_heads * p.seqlen_k;
+  TORCH_CHECK_VALUE(key_offsets.scalar_type() == at::kLong && key_offsets.dim() == 1 && key_offsets.is_contiguous() &&
+                        key_offsets.device() == q.device() && key_offsets.numel() == keys + 1,
+                    "flashlite: key_offsets must be an int64 contiguous 1-D tensor [B*Hi*Nk + 1] = [", keys + 1,
+                    "] on ", q.device(), " (B=", p.batch, ", Hi=indices.size(1)=", p.index_heads, ", Nk=", p.seqlen_k,
+                    "; the top-k backward's key -> slot index, docs/native_abi.md), got ", key_offsets.scalar_type(),
+                    " ", key_offsets.sizes(), key_offsets.is_contiguous() ? "" : " non-contiguous", " on ",
+                    key_offsets.device());
+  TORCH_CHECK_VALUE(key_slots.scalar_type() == at::kLong && key_slots.dim() == 1 && key_slots.is_contiguous() &&
+                        key_slots.device() == q.device(),
+                    "flashlite: key_slots must be an int64 contiguous 1-D tensor [E] on ", q.device(),
+                    " (slots i*K + t per key, ascending, as key_offsets delimits them; docs/native_abi.md), got ",
+                    key_slots.scalar_type(), " ", key_slots.sizes(), key_slots.is_contiguous() ? "" : " non-contiguous",
+                    " on ", key_slots.device());
+  const int64_t* offsets = key_offsets.data_ptr<int64_t>();
+  if (key_offsets.is_cpu()) {
+    bool ordered = offsets[0] == 0;
+    for (int64_t s = 0; s < keys && ordered; ++s) ordered = offsets[s] <= offsets[s + 1];
+    TORCH_CHECK_VALUE(ordered && offsets[keys] <= key_slots.numel() &&
+                          offsets[keys] <= int64_t(p.batch) * p.index_heads * p.seqlen_q * p.top_k,
+                      "flashlite: key_offsets must start at 0, never decrease and end at most at key_slots.numel() = ",
+                      key_slots.numel(), " and at B*Hi*Nq*K (got ", offsets[0], " .. ", offsets[keys], ")");
+  }
+  g.key_offsets = offsets;
+  g.key_slots = key_slots.data_ptr<int64_t>();
 }
 
 inline BackwardParams make_backward_params(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& dq,

@@ -1,6 +1,5 @@
 // The OpenMP driver of the CPU kernels: splits each call into independent work items, runs them
-// on the best instruction-set build of the kernels (isa_kernels.h) for this CPU, and builds the
-// gather backward's key -> (row, slot) lists. Torch-free.
+// on the best instruction-set build of the kernels (isa_kernels.h) for this CPU. Torch-free.
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -250,62 +249,26 @@ void gather_backward(const AttentionParams& p, const BackwardParams& g, int num_
   const int K = p.top_k, group = p.group(), Nq = p.seqlen_q, Nk = p.seqlen_k;
   const int64_t rows_total = int64_t(p.batch) * p.heads_q * Nq;
   std::vector<float> probs(size_t(rows_total * K)), score_grads(size_t(rows_total * K));
-  const int64_t blocks = int64_t(p.batch) * p.heads_kv;
-  const int64_t entries_stride = int64_t(group) * Nq * K;
-  std::vector<int64_t> key_offsets(size_t(blocks * (int64_t(Nk) + 1)));
-  std::vector<int64_t> key_entries(size_t(blocks * entries_stride));
   GatherGrads gg;
   gg.probs = probs.data();
   gg.score_grads = score_grads.data();
-  gg.key_offsets = key_offsets.data();
-  gg.key_entries = key_entries.data();
-  gg.entries_stride = entries_stride;
 
   const int chunks = cdiv(Nq, kGatherRows);
   const int64_t row_tasks = int64_t(p.batch) * p.heads_q * chunks;
   const int key_chunks = cdiv(Nk, kGatherKeys);
-  const int64_t key_tasks = blocks * key_chunks;
+  const int64_t key_tasks = int64_t(p.batch) * p.heads_kv * key_chunks;
 #pragma omp parallel num_threads(thread_count(num_threads))
   {
     Workspace ws;
     // 1. Per query row: dq, P and dS.
-#pragma omp for schedule(dynamic, 1) nowait
+#pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < row_tasks / group; ++task) {
       const GatherRows rows = gather_rows(p, task, chunks);
       for (int gi = 0; gi < group; ++gi)
         kernels.gather_backward_rows(p, g, gg, rows.b, rows.kv_head * group + gi, rows.begin, rows.end, ws);
     }
-    // 2. Per (b, kv head): for each key, the entries (g·Nq + i)·K + t that selected it, ascending
-    //    (a counting sort; the same slots that the row pass treats as valid).
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t block = 0; block < blocks; ++block) {
-      const int b = static_cast<int>(block / p.heads_kv), kv_head = static_cast<int>(block % p.heads_kv);
-      int64_t* offsets = key_offsets.data() + block * (int64_t(Nk) + 1);
-      int64_t* entries = key_entries.data() + block * entries_stride;
-      std::memset(offsets, 0, sizeof(int64_t) * (size_t(Nk) + 1));
-      for (int pass = 0; pass < 2; ++pass) {
-        for (int gi = 0; gi < group; ++gi) {
-          for (int i = 0; i < Nq; ++i) {
-            const int64_t* idx = p.indices + b * p.indices_stride_b + kv_head * p.indices_stride_h +
-                                 int64_t(i) * p.indices_stride_n;
-            const int64_t pos = int64_t(i) + Nk - Nq;
-            for (int t = 0; t < K; ++t) {
-              const int64_t j = idx[t];
-              if (j < 0 || (p.causal && j > pos)) continue;
-              if (pass == 0)
-                ++offsets[j + 1];
-              else
-                entries[offsets[j]++] = (int64_t(gi) * Nq + i) * K + t;
-            }
-          }
-        }
-        if (pass == 0)
-          for (int j = 0; j < Nk; ++j) offsets[j + 1] += offsets[j];  // offsets[j] = start of key j
-      }
-      for (int j = Nk; j > 0; --j) offsets[j] = offsets[j - 1];  // the fill advanced each start to its end
-      offsets[0] = 0;
-    }
-    // 3. Per key chunk: dk, dv (after the barrier of loop 2, which also follows loop 1's work).
+    // 2. Per key chunk of (b, kv head), after the barrier of loop 1: dk, dv from the P and dS of
+    //    the slots that the key -> slot index (g.key_offsets / g.key_slots) lists for each key.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < key_tasks; ++task) {
       const int64_t block = task / key_chunks;

@@ -1,5 +1,5 @@
 // The gather engine (top-k): each query row attends the keys its index list names; forward,
-// and the backward's row pass (dq, P, dS) and key pass (dk, dv), one
+// and the backward's row pass (dq, P, dS) and key pass (dk, dv over the key -> slot index), one
 // instruction-set build. Scores in base 2, as in the tile engine.
 #pragma once
 
@@ -250,8 +250,10 @@ void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, con
   }
 }
 
-// Backward, per key j of (b, kv head), over the (head, row, slot) entries that selected it in
-// ascending order:  dk_j = Σ dS·q_i,  dv_j = Σ P·dO_i
+// Backward, per key j of (b, kv head), over the slots that selected it (the key -> slot index,
+// ascending) and, for each slot, the GQA group's query heads in order:
+//   dk_j = Σ_slot Σ_gi dS·q_i,  dv_j = Σ_slot Σ_gi P·dO_i   (slot = i·K + t)
+// The order is fixed by the index, so the sums are the same bits for any thread count.
 constexpr int kEntriesAhead = 8;  // 4: -15 %, 8 and 16: -20 % of the backward (top-k 64 of 8192, 1 thread)
 void gather_backward_keys(const AttentionParams& p, const BackwardParams& g, const GatherGrads& gg, int b, int kv_head,
                           int key_begin, int key_end, Workspace& ws) {
@@ -260,35 +262,42 @@ void gather_backward_keys(const AttentionParams& p, const BackwardParams& g, con
   float* dv = dk + Dp;
   float* qbuf = dv + Dp;
   float* dobuf = qbuf + Dp;
-  const int64_t block = int64_t(b) * p.heads_kv + kv_head;
-  const int64_t* offsets = gg.key_offsets + block * (int64_t(p.seqlen_k) + 1);
-  const int64_t* entries = gg.key_entries + block * gg.entries_stride;
-  // Each entry reads a q row, a dO row and one P and one dS, all at scattered places that the
-  // hardware cannot predict but the entry list names: they are prefetched kEntriesAhead entries
-  // early (the list runs on across keys).
-  const int64_t last_entry = offsets[key_end];
-  auto locate = [&](int64_t entry, int& h, int& i) {
-    const int64_t head_row = entry / K;
-    i = static_cast<int>(head_row % p.seqlen_q);
-    h = kv_head * group + static_cast<int>(head_row / p.seqlen_q);
-    return ((int64_t(b) * p.heads_q + h) * p.seqlen_q + i) * K + entry % K;
-  };
+  const int hi = p.index_heads == 1 ? 0 : kv_head;
+  const int64_t* offsets = g.key_offsets + (int64_t(b) * p.index_heads + hi) * p.seqlen_k;
+  const int64_t* slots = g.key_slots;
+  // P and dS of (b, kv_head·group + gi, slot) at block[gi·Nq·K + slot] (work.h's GatherGrads).
+  const int64_t head_stride = int64_t(p.seqlen_q) * K;
+  const int64_t block = (int64_t(b) * p.heads_q + int64_t(kv_head) * group) * head_stride;
+  const float* probs = gg.probs + block;
+  const float* score_grads = gg.score_grads + block;
+  const int h0 = kv_head * group;
+  // Each (slot, head) entry reads a q row, a dO row and one P and one dS, all at scattered places
+  // that the hardware cannot predict but the slot list names: they are prefetched about
+  // kEntriesAhead entries early, i.e. `ahead` slots (the list runs on across keys).
+  const int ahead = (kEntriesAhead + group - 1) / group;
+  const int64_t last_slot = offsets[key_end];
   for (int j = key_begin; j < key_end; ++j) {
     fill(dk, Dp, 0.f);
     fill(dv, Dp, 0.f);
     for (int64_t e = offsets[j]; e < offsets[j + 1]; ++e) {
-      if (e + kEntriesAhead < last_entry) {
-        int ah, ai;
-        const int64_t ahead = locate(entries[e + kEntriesAhead], ah, ai);
-        prefetch_row<0>(p, p.q, p.q_strides, b, ah, ai);
-        prefetch_row<0>(p, g.grad_out, g.grad_out_strides, b, ah, ai);
-        __builtin_prefetch(gg.score_grads + ahead);
-        __builtin_prefetch(gg.probs + ahead);
+      if (e + ahead < last_slot) {
+        const int64_t slot = slots[e + ahead];
+        const int i = static_cast<int>(slot / K);
+        for (int gi = 0; gi < group; ++gi) {
+          prefetch_row<0>(p, p.q, p.q_strides, b, h0 + gi, i);
+          prefetch_row<0>(p, g.grad_out, g.grad_out_strides, b, h0 + gi, i);
+          __builtin_prefetch(score_grads + gi * head_stride + slot);
+          __builtin_prefetch(probs + gi * head_stride + slot);
+        }
       }
-      int h, i;
-      const int64_t at = locate(entries[e], h, i);
-      axpy(gg.score_grads[at], vector_row(p.dtype, p.q, offset(p.q_strides, b, h, i), D, Dp, qbuf), dk, Dp);
-      axpy(gg.probs[at], vector_row(p.dtype, g.grad_out, offset(g.grad_out_strides, b, h, i), D, Dp, dobuf), dv, Dp);
+      const int64_t slot = slots[e];
+      const int i = static_cast<int>(slot / K);
+      for (int gi = 0; gi < group; ++gi) {
+        const int h = h0 + gi;
+        const int64_t at = gi * head_stride + slot;
+        axpy(score_grads[at], vector_row(p.dtype, p.q, offset(p.q_strides, b, h, i), D, Dp, qbuf), dk, Dp);
+        axpy(probs[at], vector_row(p.dtype, g.grad_out, offset(g.grad_out_strides, b, h, i), D, Dp, dobuf), dv, Dp);
+      }
     }
     store_row(p.dtype, g.dk, offset(g.dk_strides, b, kv_head, j), D, dk);
     store_row(p.dtype, g.dv, offset(g.dv_strides, b, kv_head, j), D, dv);

@@ -25,7 +25,8 @@ void tile_backward(const AttentionParams& params, const BackwardParams& grads, i
 
 // Gather engine (top-k) over params.indices / top_k / causal: out, lse.
 void gather_forward(const AttentionParams& params, int num_threads);
-// dq per query row; dk/dv per key from the rows that selected it, in row order.
+// dq per query row; dk/dv per key from the slots that selected it, in the order of the key -> slot
+// index grads.key_offsets / key_slots (required; params.h and docs/native_abi.md give its form).
 void gather_backward(const AttentionParams& params, const BackwardParams& grads, int num_threads);
 
 // The instruction-set variant of the kernels in use ("avx512", "avx2", "default") and those this

@@ -28,14 +28,13 @@ class Workspace {
   size_t pointer_capacity_ = 0;
 };
 
-// Gather backward bookkeeping: probabilities and score gradients per (row, slot), and for each
-// key the (head-in-group, row, slot) entries that selected it, in ascending order.
+// Gather backward bookkeeping between the rows pass and the keys pass: probabilities and score
+// gradients per (row, slot). Per (b, kv head) they are a block of group·Nq·K floats laid out
+// (gi·Nq + i)·K + t for query head kv_head·group + gi, so the slot i·K + t of the key -> slot
+// index (BackwardParams::key_slots) is entry gi·Nq·K + slot of its block.
 struct GatherGrads {
   float* probs = nullptr;        // [B, Hq, Nq, K]
   float* score_grads = nullptr;  // [B, Hq, Nq, K]: dL/d(q.k) including scale and softcap chain
-  const int64_t* key_offsets = nullptr;  // [B, Hkv, Nk + 1] into key_entries
-  const int64_t* key_entries = nullptr;  // per (b, kv head): (g * Nq + i) * K + t
-  int64_t entries_stride = 0;            // entries per (b, kv head) block
 };
 
 // Floats per query row of decode state (tile_forward_rows): [acc (head_dim rounded up to the
@@ -66,7 +65,8 @@ struct KernelTable {
   // Gather backward, per rows: dq, and probs/score_grads for the key pass.
   void (*gather_backward_rows)(const AttentionParams&, const BackwardParams&, const GatherGrads&, int b, int h,
                                int row_begin, int row_end, Workspace&);
-  // Gather backward, per keys [key_begin, key_end) of (b, kv head): dk, dv.
+  // Gather backward, per keys [key_begin, key_end) of (b, kv head): dk, dv over the key -> slot
+  // index (BackwardParams::key_offsets / key_slots).
   void (*gather_backward_keys)(const AttentionParams&, const BackwardParams&, const GatherGrads&, int b,
                                int kv_head, int key_begin, int key_end, Workspace&);
 };

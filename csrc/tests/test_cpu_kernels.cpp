@@ -4,10 +4,14 @@
 // Naive math per (b, h, i):  s_j = cap·tanh(q·k_j·scale / cap) − slope·|p(i) − j| over visible j,
 // P = softmax(s), out = Σ P_j v_j, lse = log Σ exp(s_j);  backward: dP_j = dO·v_j,
 // δ = Σ_j P_j dP_j, dS_j = P_j (dP_j − δ)·(1 − tanh²)·scale, dq = Σ dS_j k_j, dk_j += dS_j q,
-// dv_j += P_j dO.
+// dv_j += P_j dO. The gather backward's key -> slot index (CSR, docs/native_abi.md) is built here
+// by a plain loop over (key, query, slot). Every backward also runs with 1 and 3 threads and must
+// give the same bits.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -31,6 +35,8 @@ struct Case {
   bool alibi;
   DType dtype;
   int top_k;  // > 0: gather engine with this many slots per query (causal = window_right == 0)
+  bool one_index_head = false;  // gather: indices [B, 1, ...] shared by every KV head (else [B, Hkv, ...])
+  bool shared_list = false;     // gather: one list per (b, index head), [B, Hi, K], for every query
 };
 
 uint64_t g_state = 0x9E3779B97F4A7C15ull;
@@ -130,10 +136,12 @@ int run_case(const Case& c, const char* isa) {
   dout.fill_random(c.dtype, size_t(B) * Hq * Nq * D);
   std::vector<float> slopes(static_cast<size_t>(Hq));
   for (float& s : slopes) s = c.alibi ? float(0.5 * uniform()) : 0.f;
-  // Gather indices: distinct keys per (b, kv head, row), some slots empty.
+  // Gather indices [B, Hi, Nq | -, K]: distinct keys per list, sorted (canonical, as the Python
+  // side passes them), some slots empty.
+  const int Hi = c.one_index_head ? 1 : Hkv, lists = c.shared_list ? 1 : Nq, K = c.top_k;
   std::vector<int64_t> indices;
   if (gather) {
-    for (int64_t r = 0; r < int64_t(B) * Hkv * Nq; ++r) {
+    for (int64_t r = 0; r < int64_t(B) * Hi * lists; ++r) {
       std::vector<int64_t> keys(static_cast<size_t>(Nk), 0);
       for (int j = 0; j < Nk; ++j) keys[size_t(j)] = j;
       for (int t = 0; t < c.top_k; ++t) {
@@ -141,14 +149,18 @@ int run_case(const Case& c, const char* isa) {
         std::swap(keys[size_t(t)], keys[size_t(pick)]);
         indices.push_back(uniform() < 0.2 ? -1 : keys[size_t(t)]);
       }
+      std::sort(indices.end() - K, indices.end());
     }
   }
+  auto index_list = [&](int b, int hi, int i) {
+    return indices.data() + ((int64_t(b) * Hi + hi) * lists + (c.shared_list ? 0 : i)) * K;
+  };
   auto visible = [&](int b, int h, int i, int j) {
     const int64_t pos = int64_t(i) + Nk - Nq;
     if (!gather) return j >= pos - wl && j <= pos + wr;
     if (causal && j > pos) return false;
-    const int64_t* row = indices.data() + ((int64_t(b) * Hkv + h / group) * Nq + i) * c.top_k;
-    for (int t = 0; t < c.top_k; ++t)
+    const int64_t* row = index_list(b, Hi == 1 ? 0 : h / group, i);
+    for (int t = 0; t < K; ++t)
       if (row[t] == j) return true;
     return false;
   };
@@ -236,10 +248,11 @@ int run_case(const Case& c, const char* isa) {
   std::vector<int32_t> kv_first, kv_count, q_first, q_count;
   if (gather) {
     p.indices = indices.data();
-    p.indices_stride_b = int64_t(Hkv) * Nq * c.top_k;
-    p.indices_stride_h = int64_t(Nq) * c.top_k;
-    p.indices_stride_n = c.top_k;
-    p.top_k = c.top_k;
+    p.indices_stride_b = int64_t(Hi) * lists * K;
+    p.indices_stride_h = Hi == 1 ? 0 : int64_t(lists) * K;
+    p.indices_stride_n = c.shared_list ? 0 : K;
+    p.top_k = K;
+    p.index_heads = Hi;
     p.causal = causal;
     flashlite::cpu::gather_forward(p, 0);
   } else {
@@ -267,11 +280,32 @@ int run_case(const Case& c, const char* isa) {
   g.dv = dv.data();
   g.dq_strides = p.q_strides;
   g.dk_strides = g.dv_strides = p.k_strides;
+  // The key -> slot index: for key s = (b·Hi + hi)·Nk + j, the slots i·K + t whose index is j
+  // (valid: causal hides j > p(i)), ascending.
+  std::vector<int64_t> key_offsets(1, 0), key_slots;
   if (gather) {
-    flashlite::cpu::gather_backward(p, g, 0);
-  } else {
-    flashlite::cpu::tile_backward(p, g, 0);
+    for (int b = 0; b < B; ++b)
+      for (int hi = 0; hi < Hi; ++hi)
+        for (int j = 0; j < Nk; ++j) {
+          for (int i = 0; i < Nq; ++i)
+            for (int t = 0; t < K; ++t)
+              if (index_list(b, hi, i)[t] == j && !(causal && j > i + Nk - Nq)) key_slots.push_back(int64_t(i) * K + t);
+          key_offsets.push_back(int64_t(key_slots.size()));
+        }
+    key_slots.push_back(-1);  // a tail past key_offsets.back() is allowed and never read
+    g.key_offsets = key_offsets.data();
+    g.key_slots = key_slots.data();
   }
+  auto backward = [&](int threads) {
+    if (gather) {
+      flashlite::cpu::gather_backward(p, g, threads);
+    } else {
+      flashlite::cpu::tile_backward(p, g, threads);
+    }
+  };
+  backward(1);
+  const Tensor dq1 = dq, dk1 = dk, dv1 = dv;
+  backward(3);
 
   // ---- compare: float32 to 2e-5, 16-bit types to the output rounding (relative to the largest value) ----
   const double tol = c.dtype == DType::kFloat32 ? 2e-5 : (c.dtype == DType::kFloat16 ? 2e-3 : 1.6e-2);
@@ -295,6 +329,18 @@ int run_case(const Case& c, const char* isa) {
   check("dq", dq, dq_ref);
   check("dk", dk, dk_ref);
   check("dv", dv, dv_ref);
+  auto same_bits = [&](const char* what, const Tensor& a, const Tensor& b) {
+    const bool same = a.dtype == DType::kFloat32
+                          ? std::memcmp(a.f32.data(), b.f32.data(), a.f32.size() * sizeof(float)) == 0
+                          : std::memcmp(a.f16.data(), b.f16.data(), a.f16.size() * sizeof(uint16_t)) == 0;
+    if (!same) {
+      std::printf("FAIL [%s] %s %s: 1 and 3 threads differ\n", isa, c.name, what);
+      ++failures;
+    }
+  };
+  same_bits("dq", dq1, dq);
+  same_bits("dk", dk1, dk);
+  same_bits("dv", dv1, dv);
   return failures;
 }
 
@@ -308,6 +354,10 @@ int main() {
       {"causal bf16 decode", 2, 4, 1, 1, 130, 64, -1, 0, 0.f, true, DType::kBFloat16, 0},
       {"topk f32 GQA", 1, 4, 2, 29, 47, 64, -1, -1, 0.f, false, DType::kFloat32, 7},
       {"topk causal f16 softcap", 1, 2, 1, 33, 33, 59, -1, 0, 4.f, true, DType::kFloat16, 5},
+      {"topk causal bf16 GQA one index head", 2, 4, 2, 37, 53, 40, -1, 0, 0.f, false, DType::kBFloat16, 9, true},
+      {"topk f32 GQA shared list", 1, 6, 2, 37, 53, 40, -1, -1, 0.f, true, DType::kFloat32, 11, false, true},
+      {"topk causal f32 shared list one head Nq<Nk", 2, 4, 4, 21, 53, 64, -1, 0, 3.f, false, DType::kFloat32, 16,
+       true, true},
   };
   int failures = 0, runs = 0;
   for (const char* isa : flashlite::cpu::available_isas()) {
