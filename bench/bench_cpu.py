@@ -12,10 +12,10 @@ Figures (forward, float32, head_dim 64, batch 1):
   * decode: 1 query per head, 32 query heads on 4 KV heads, 8192 cached tokens: flashlite vs SDPA
     (enable_gqa=True).
 
-Protocol (DESIGN.md): the median of ``--reps`` timed calls after a warm-up, inputs rotated over
-two sets so one set's cache residency is not what is measured; useful FLOPs only
-(4·B·H·Nq·keys·D, keys = those each query actually attends); %peak against a float32 matmul
-measured in the same run. ``--threads 1,2`` repeats everything per thread count (on a shared
+Protocol (docs/design.md § Benchmark protocol): the median of ``--reps`` timed calls after a
+warm-up, inputs rotated over two sets so one set's cache residency is not what is measured;
+useful FLOPs only (4·B·H·Nq·keys·D, keys = those each query actually attends); %peak against a
+float32 matmul measured in the same run. ``--threads 1,2`` repeats everything per thread count (on a shared
 machine the 1-thread figures are the least disturbed by other processes). Writes JSON with the
 machine (CPU model, threads, load average), torch version and git commit, and prints a table.
 Takes about a minute per thread count on 2 idle cores.

@@ -6,7 +6,7 @@ the base point (first head dim, first dtype, first batch x heads) runs at every 
 length; every other head dim / dtype / batch x heads runs at the pivot sequence length (one
 factor at a time), unless ``grid=True`` asks for the full cross product.
 
-Useful work (DESIGN.md's benchmark protocol):
+Useful work (docs/design.md § Benchmark protocol):
 
 * FLOPs: ``4 * D * (sum over batch, query heads and queries of the keys the query sees)`` for the
   forward; the backward is 2.5x that, forward+backward 3.5x. Full attention is thus
@@ -26,7 +26,7 @@ PATTERNS = ("full", "causal", "window", "block_sparse", "topk", "decode")
 PATTERN_ALIASES = {"block-sparse": "block_sparse", "blocksparse": "block_sparse", "sparse": "block_sparse",
                    "top-k": "topk", "top_k": "topk", "sliding_window": "window", "sliding-window": "window"}
 MODES = ("fwd", "bwd", "fwd+bwd")
-BACKWARD_FACTOR = 2.5  # backward FLOPs per forward FLOP (DESIGN.md)
+BACKWARD_FACTOR = 2.5  # backward FLOPs per forward FLOP (docs/design.md)
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "fp16": "float16", "f16": "float16",
                  "half": "float16", "bf16": "bfloat16"}

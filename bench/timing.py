@@ -1,4 +1,4 @@
-"""Timing protocol (DESIGN.md): warm-up, then the median of repeated timed calls.
+"""Timing protocol (docs/design.md § Benchmark protocol): warm-up, then the median of repeated timed calls.
 
 * GPU: each call is bracketed by its own pair of CUDA events (the same method as
   ``triton.testing.do_bench``); before each call a buffer of twice the L2 size is zeroed

@@ -1,6 +1,6 @@
 """Validate before timing: every backend x pattern against ``flashlite.reference``.
 
-DESIGN.md's correctness rule: compare with the reference computed in float64; the kernel's max
+The correctness rule (docs/design.md): compare with the reference computed in float64; the kernel's max
 error must be at most twice the error of the same computation done by PyTorch in the kernel's
 dtype, plus 1e-5 — for the output, the log-sum-exp and each gradient (dq, dk, dv). Inputs are
 fresh random draws (the seed is recorded), and kernels' outputs are poisoned with NaN before

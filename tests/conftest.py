@@ -1,4 +1,5 @@
-"""Shared test machinery: device/backends under test and DESIGN.md's correctness rule.
+"""Shared test machinery: device/backends under test and the correctness rule
+(docs/design.md).
 
 Correctness rule: compare with the reference computed in float64; the kernel's max error must
 be at most twice the error of the same computation done by PyTorch in the kernel's dtype,
@@ -60,7 +61,7 @@ def max_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def assert_rule(name: str, got: torch.Tensor, lowp: torch.Tensor, exact: torch.Tensor, slack: float = 1e-5,
                 fallback: "torch.Tensor | None" = None):
-    """DESIGN.md's correctness rule for one tensor.
+    """The correctness rule (docs/design.md) for one tensor.
 
     A baseline that is not finite where the exact result is (PyTorch's low-precision math
     overflowed) would make the rule vacuous; then ``fallback`` (the same math in float32) is the

@@ -1,6 +1,6 @@
 """Failure classes that bit flash-attn, SDPA, FlexAttention and xformers, applied to every kernel
 backend that runs here and every pattern. Each test checks the output *and* the gradients
-against the reference (DESIGN.md's rule) unless it says why not."""
+against the reference (the correctness rule of docs/design.md) unless it says why not."""
 from __future__ import annotations
 
 import pytest
