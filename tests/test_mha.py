@@ -272,13 +272,13 @@ def test_nested_input_is_refused():
 @pytest.fixture
 def attend_calls(monkeypatch):
     calls = []
-    original = FL.attend
+    original = FL.serve
 
     def counting(*a, **k):
         calls.append(1)
         return original(*a, **k)
 
-    monkeypatch.setattr(FL, "attend", counting)
+    monkeypatch.setattr(FL, "serve", counting)
     return calls
 
 

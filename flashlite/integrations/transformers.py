@@ -25,10 +25,16 @@ What is registered:
     causality then comes from ``module.is_causal``, exactly as for ``sdpa``);
   - a bool key mask ``[B, Sk]`` (True = real token) tagged with the band it belongs to (causal,
     sliding-window causal, bidirectional): padding becomes top-k indices over the kept keys and the
-    band a schedule, so no ``[Sq, Sk]`` mask is built;
+    band a schedule, so no ``[Sq, Sk]`` mask is built (while compiling the key mask is returned
+    even when nothing is padded: whether anything is would be a value read);
   - anything it does not recognise (custom ``or``/``and`` mask functions, packed sequences, static
     caches whose queries are not aligned to the end of the keys): the dense bool mask ``sdpa``
     would get, which flashlite serves on its slow path (plain PyTorch with the explicit mask).
+
+Every mask form the attention functions receive (the tagged key mask, a 4-D bool or float mask,
+a position bias) is lowered by the one mask front, :func:`flashlite.core.masks.lower`, and run by
+:func:`flashlite.nn.functional.serve`. Nothing on the way reads a tensor value while compiling, so
+a padded batch compiles into one graph (``torch.compile(model, fullgraph=True)``).
 
 On transformers 4.5x without ``AttentionMaskInterface`` the model builds its own 4-D mask, which
 takes the slow path: correct, not fast.
@@ -47,8 +53,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..nn import functional as FL
+from ..core.masks import Lowered, lower, tracing
 from ..core.patterns import Full, Pattern, SlidingWindow, TopK
+from ..nn import functional as FL
 
 MAIN_NAME = "fl_attention"
 TOPK_NAME = "fl_topk"
@@ -163,7 +170,9 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 
             padded = prepare_padding_mask(attention_mask, kv_length, kv_offset)
             keep = padded[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
-        all_kept = keep is None or bool(keep.all())
+        # While compiling nothing may be read back: a key mask is then kept (the front lowers
+        # it to fixed-width top-k indices, exact whether or not anything is padded).
+        all_kept = keep is None or (not tracing(keep) and bool(keep.all()))
         if all_kept and band == _CAUSAL_BAND:
             return None
         if all_kept and band == _FULL_BAND and allow_is_bidirectional_skip:
@@ -213,19 +222,25 @@ def _resolve(module, query: Tensor, key: Tensor, mask, is_causal, sliding_window
     return None, None, None, mask
 
 
-def _cached_padded(mask: Tensor, pattern: Pattern, seqlen_q: int) -> Optional[Pattern]:
-    """``padded_pattern`` memoised on the mask tensor, which every layer of one forward shares."""
-    cache = getattr(mask, "_flashlite_topk", None)
-    if cache is None:
-        cache = {}
-        try:
-            mask._flashlite_topk = cache
-        except (AttributeError, RuntimeError):
-            pass
-    key = (id(pattern), seqlen_q)
-    if key not in cache:
-        cache[key] = FL.padded_pattern(pattern, mask, seqlen_q)
-    return cache[key]
+def _lower(query: Tensor, key: Tensor, value: Tensor, pattern: Optional[Pattern], key_keep: Optional[Tensor],
+           keep: Optional[Tensor], bias: Optional[Tensor], dropout: float) -> Lowered:
+    """The mask front for one layer. A key mask alone (the common case: every layer of one forward
+    shares it) is lowered once per forward in eager mode: the result is memoised on the tensor."""
+    dense = FL.needs_slow_path(query, key, value, dropout)
+    memo = key_keep is not None and keep is None and bias is None and not dense and not tracing(key_keep)
+    if memo:
+        cache = getattr(key_keep, "_flashlite_lowered", None)
+        if cache is None:
+            cache = {}
+            try:
+                key_keep._flashlite_lowered = cache
+            except (AttributeError, RuntimeError):
+                pass
+        slot = (id(pattern), query.shape[0], query.shape[2], key.shape[2])
+        if slot not in cache:
+            cache[slot] = lower(query, key, pattern=pattern, key_padding_mask=key_keep)
+        return cache[slot]
+    return lower(query, key, pattern=pattern, attn_mask=keep, key_padding_mask=key_keep, attn_bias=bias, dense=dense)
 
 
 def _finish(out: Tensor) -> Tuple[Tensor, None]:
@@ -234,23 +249,17 @@ def _finish(out: Tensor) -> Tuple[Tensor, None]:
 
 
 def _run(query, key, value, pattern, key_keep, keep, bias, scaling, softcap, dropout, s_aux):
-    if key_keep is not None and keep is None and bias is None and dropout == 0.0:
-        if not hasattr(key_keep, "_flashlite_band") and bool(key_keep.all()):
-            key_keep = None
-        else:
-            restricted = _cached_padded(key_keep, pattern, query.shape[2])
-            if restricted is not None:
-                pattern, key_keep = restricted, None
+    lowered = _lower(query, key, value, pattern, key_keep, keep, bias, dropout)
     if s_aux is None:
-        out, _ = FL.attend(query, key, value, pattern, key_keep=key_keep, keep=keep, bias=bias, scale=scaling,
-                           softcap=softcap, dropout_p=dropout, backend=_backend)
+        out, _ = FL.serve(query, key, value, lowered, scale=scaling, softcap=softcap, dropout_p=dropout,
+                          backend=_backend)
         return out
-    if key_keep is not None or keep is not None or bias is not None or dropout:
+    if lowered.dense or dropout:
         raise ValueError(f"{MAIN_NAME}: learned sinks (s_aux) are supported with causal / sliding-window / "
                          f"padding masks and no dropout, not with dense masks")
     # Sink logit s per head joins the softmax denominator: out·e^lse / (e^lse + e^s) = out·sigmoid(lse − s).
-    out, lse = FL.attend(query, key, value, pattern, scale=scaling, softcap=softcap, backend=_backend,
-                         return_lse=True)
+    out, lse = FL.serve(query, key, value, lowered, scale=scaling, softcap=softcap, backend=_backend,
+                        return_lse=True)
     gate = torch.sigmoid(lse - s_aux.float().view(1, -1, 1))
     return (out.float() * gate.unsqueeze(-1)).to(out.dtype)
 
@@ -265,10 +274,6 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     pattern, key_keep, keep, bias = _resolve(module, query, key, attention_mask, is_causal, sliding_window)
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
-        if pattern is not None and not (isinstance(pattern, Full) and not pattern.causal):
-            keep_band = pattern.dense_mask(1, 1, 1, query.shape[2], key.shape[2], query.device)
-            keep = keep_band if keep is None else keep & keep_band
-            pattern = None
     out = _run(query, key, value, pattern, key_keep, keep, bias, scaling, softcap, float(dropout or 0.0), s_aux)
     return _finish(out)
 
@@ -291,10 +296,11 @@ def topk_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, at
     if base is not None and not (isinstance(base, Full)):
         band = base.dense_mask(1, 1, 1, query.shape[2], key.shape[2], query.device)
         keep = band if keep is None else keep & band
-    if key_keep is not None and keep is None and bias is None:
-        pattern, key_keep = FL.padded_pattern(pattern, key_keep, query.shape[2]), None
-    out, _ = FL.attend(query, key, value, pattern, key_keep=key_keep, keep=keep, bias=bias, scale=scaling,
-                       softcap=softcap, dropout_p=float(dropout or 0.0), backend=_backend)
+    dropout = float(dropout or 0.0)
+    lowered = lower(query, key, pattern=pattern, attn_mask=keep, key_padding_mask=key_keep, attn_bias=bias,
+                    dense=FL.needs_slow_path(query, key, value, dropout))
+    out, _ = FL.serve(query, key, value, lowered, scale=scaling, softcap=softcap, dropout_p=dropout,
+                      backend=_backend)
     return _finish(out)
 
 

@@ -4,12 +4,16 @@ Same constructor, same ``forward`` signature and return values, same parameters 
 ``state_dict`` keys, so ``twin.load_state_dict(torch_mha.state_dict())`` works (strict) and the
 outputs match. The attention itself runs on flashlite:
 
+Every mask form is lowered by the one mask front, :func:`flashlite.core.masks.lower`
+(``true_means="masked"``: PyTorch's bool masks are True where a key is *hidden*):
+
 * no mask, ``is_causal=True`` or a causal ``attn_mask`` -> the kernels' full / causal schedules
   (a causal mask is recognised and never used densely; PyTorch's top-left alignment is kept);
 * ``key_padding_mask`` -> top-k indices over the kept keys (still a kernel, no dense mask);
 * other ``attn_mask``\\ s (bool or float), dropout in training mode and ``need_weights=True`` ->
-  the slow path: plain PyTorch with the explicit mask (``flashlite.nn.functional.dense_attention``,
-  the reference's float32 math). ``need_weights=True`` is PyTorch's default: pass
+  the slow path: ``flashlite.reference.attention`` with the explicit mask
+  (``flashlite.nn.functional.dense_attention``). ``need_weights=True`` is PyTorch's default: each
+  module warns once (:class:`SlowPathWarning`) when it is called with it; pass
   ``need_weights=False`` (as ``nn.TransformerEncoderLayer`` does) to stay on the kernels.
 
 Differences from PyTorch, all deliberate: ``is_causal=True`` does not need an ``attn_mask`` (the
@@ -19,6 +23,7 @@ pattern on top of the masks.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -28,11 +33,29 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
-from ..core.patterns import Full, Pattern
+from ..core.masks import lower
+from ..core.patterns import Pattern
 from . import functional as FL
 
 # need_weights materialises [B, H, Nq, Nk]; above this many elements ask for need_weights=False.
 MAX_WEIGHT_ELEMENTS = 1 << 30
+
+
+class SlowPathWarning(UserWarning):
+    """A flashlite module was asked for something only the slow path (dense, O(Nq·Nk)) serves."""
+
+
+_NEED_WEIGHTS_MESSAGE = (
+    "flashlite.nn.MultiheadAttention{shape} was called with need_weights=True (PyTorch's default): the "
+    "attention weights are computed densely on the slow path (flashlite.reference.attention with the explicit "
+    "mask, not the kernels). Pass need_weights=False to run on flashlite's kernels. (Warned once per module.)")
+
+
+def _visible_columns(mask: Optional[Tensor], extra: int) -> Optional[Tensor]:
+    """A PyTorch-convention mask with ``extra`` key columns appended that hide nothing."""
+    if mask is None:
+        return None
+    return F.pad(mask, (0, extra), value=False if mask.dtype == torch.bool else 0.0)
 
 
 def _keep_off_fused_paths(module, args):
@@ -99,7 +122,7 @@ class MultiheadAttention(nn.Module):
         self.add_zero_attn = add_zero_attn
         self.pattern = pattern
         self.backend = backend
-        self._causal_cache: Tuple[Optional[Pattern], Optional[Pattern]] = (None, None)
+        self._warned_need_weights = False
         self._reset_parameters()
         self.register_forward_pre_hook(_keep_off_fused_paths)
 
@@ -147,25 +170,13 @@ class MultiheadAttention(nn.Module):
             extra += f", pattern={self.pattern!r}"
         return extra
 
-    # -- masks ---------------------------------------------------------------------------------
-    @staticmethod
-    def _keep_or_bias(mask: Tensor, name: str) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """A PyTorch-convention mask (bool True = hidden; float = added) -> (keep, bias)."""
-        if mask.dtype == torch.bool:
-            return ~mask, None
-        if not mask.is_floating_point():
-            raise TypeError(f"{name} must be a bool or float tensor, got {mask.dtype}")
-        is_zero = mask == 0
-        if bool((is_zero | torch.isneginf(mask)).all()):
-            return is_zero, None
-        return None, mask
-
-    def _causal_pattern(self) -> Optional[Pattern]:
-        base, cached = self._causal_cache
-        if base is not self.pattern or cached is None:
-            cached = FL.causal_variant(self.pattern)
-            self._causal_cache = (self.pattern, cached)
-        return cached
+    def _warn_need_weights(self) -> None:
+        """Say once per module that need_weights=True takes the slow path (not while compiling)."""
+        if self._warned_need_weights or torch.compiler.is_compiling():
+            return
+        self._warned_need_weights = True
+        warnings.warn(_NEED_WEIGHTS_MESSAGE.format(shape=f"(embed_dim={self.embed_dim}, num_heads={self.num_heads})"),
+                      SlowPathWarning, stacklevel=6)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
@@ -185,6 +196,8 @@ class MultiheadAttention(nn.Module):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if need_weights:
+            self._warn_need_weights()
         out, weights = self._attention(query, key, value, key_padding_mask, need_weights, attn_mask,
                                        average_attn_weights, is_causal)
         if not is_batched:
@@ -222,35 +235,26 @@ class MultiheadAttention(nn.Module):
         heads, head_dim = self.num_heads, self.head_dim
         q, k, v = self._project(query, key, value)
 
-        # Masks in keep-form (True = may attend): key_keep [B, S], keep/bias [B|1, H|1, L, S].
-        key_keep = key_bias = keep = bias = None
-        if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) != (batch, seqlen_k):
-                raise ValueError(f"key_padding_mask must have shape ({batch}, {seqlen_k}), "
-                                 f"got {tuple(key_padding_mask.shape)}")
-            key_keep, key_bias = self._keep_or_bias(key_padding_mask, "key_padding_mask")
-            if key_bias is not None:
-                key_bias = key_bias[:, None, None, :]
+        # Masks stay in PyTorch's convention (bool True = hidden, float added) until the front
+        # lowers them: key_padding_mask [B, S], attn_mask [1|B, 1|H, L, S].
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, seqlen_k):
+            raise ValueError(f"key_padding_mask must have shape ({batch}, {seqlen_k}), "
+                             f"got {tuple(key_padding_mask.shape)}")
         causal = bool(is_causal)
-        if attn_mask is not None and not causal:
+        mask = None
+        if attn_mask is not None and not causal:  # with is_causal the hint is trusted
             if attn_mask.dim() == 2:
                 if tuple(attn_mask.shape) != (seqlen_q, seqlen_k):
                     raise ValueError(f"a 2-D attn_mask must have shape ({seqlen_q}, {seqlen_k}), "
                                      f"got {tuple(attn_mask.shape)}")
-                causal = FL.is_top_left_causal(attn_mask, seqlen_q, seqlen_k,
-                                               True if attn_mask.dtype == torch.bool else float("-inf"))
-                shaped = attn_mask[None, None]
+                mask = attn_mask[None, None]
             elif attn_mask.dim() == 3:
                 if tuple(attn_mask.shape) != (batch * heads, seqlen_q, seqlen_k):
                     raise ValueError(f"a 3-D attn_mask must have shape ({batch * heads}, {seqlen_q}, {seqlen_k}), "
                                      f"got {tuple(attn_mask.shape)}")
-                shaped = attn_mask.view(batch, heads, seqlen_q, seqlen_k)
+                mask = attn_mask.view(batch, heads, seqlen_q, seqlen_k)
             else:
                 raise ValueError(f"attn_mask must be 2-D (L, S) or 3-D (B*num_heads, L, S), got {attn_mask.dim()}-D")
-            if not causal:
-                keep, bias = self._keep_or_bias(shaped, "attn_mask")
-        if key_bias is not None:
-            bias = key_bias if bias is None else bias + key_bias
 
         # Extra key columns (bias_k / zero attention) are visible to every query, as in PyTorch.
         extra = 0
@@ -267,39 +271,24 @@ class MultiheadAttention(nn.Module):
             extra += 1
 
         if extra:
-            key_keep = F.pad(key_keep, (0, extra), value=True) if key_keep is not None else None
-            keep = F.pad(keep, (0, extra), value=True) if keep is not None else None
-            bias = F.pad(bias, (0, extra), value=0.0) if bias is not None else None
-
-        pattern = self.pattern
-        if causal:
+            key_padding_mask = _visible_columns(key_padding_mask, extra)
+            mask = _visible_columns(mask, extra)
             # PyTorch drops the mask and runs top-left causal over *all* keys (the extra columns
-            # included) only for the is_causal hint without padding or weights; otherwise its
-            # mask is causal over the original keys with the extra columns visible.
-            over_all_keys = not extra or (is_causal and key_padding_mask is None and not need_weights)
-            total = k.shape[2]
-            if not over_all_keys or (pattern is not None and seqlen_q != total and
-                                     not (isinstance(pattern, Full) and not pattern.causal)):
-                tri = torch.ones(seqlen_q, total, dtype=torch.bool, device=q.device).tril()
-                if not over_all_keys:
-                    tri[:, seqlen_k:] = True
-                keep = tri[None, None] if keep is None else keep & tri
-            elif pattern is None or (isinstance(pattern, Full) and not pattern.causal):
-                pattern, keys = FL.top_left_causal(seqlen_q, total)
-                if keys < total:
-                    k, v = k[:, :, :keys], v[:, :, :keys]
-                    key_keep = key_keep[:, :keys] if key_keep is not None else None
-                    keep = keep[..., :keys] if keep is not None else None
-                    bias = bias[..., :keys] if bias is not None else None
-            else:
-                pattern = self._causal_pattern()
+            # included) only for the is_causal hint without padding or weights; otherwise its mask
+            # is causal over the original keys with the extra columns visible.
+            if causal and not (key_padding_mask is None and not need_weights):
+                hidden = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device).triu(1)
+                mask, causal = _visible_columns(hidden, extra)[None, None], False
 
         if need_weights and batch * heads * seqlen_q * k.shape[2] > MAX_WEIGHT_ELEMENTS:
             raise ValueError(f"need_weights=True would materialise {batch}x{heads}x{seqlen_q}x{k.shape[2]} attention "
                              f"weights; pass need_weights=False to use the kernels")
         dropout_p = self.dropout if self.training else 0.0
-        out, weights = FL.attend(q, k, v, pattern, key_keep=key_keep, keep=keep, bias=bias, dropout_p=dropout_p,
-                                 need_weights=need_weights, backend=self.backend)
+        lowered = lower(q, k, pattern=self.pattern, attn_mask=mask, key_padding_mask=key_padding_mask,
+                        is_causal=causal, true_means="masked",
+                        dense=FL.needs_slow_path(q, k, v, dropout_p, need_weights))
+        out, weights = FL.serve(q, k, v, lowered, dropout_p=dropout_p, need_weights=need_weights,
+                                backend=self.backend)
         out = out.transpose(1, 2).reshape(batch, seqlen_q, embed)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if weights is not None and average_attn_weights:
@@ -312,4 +301,4 @@ class MultiheadAttention(nn.Module):
         return nn.MultiheadAttention.merge_masks(self, attn_mask, key_padding_mask, query)  # type: ignore[arg-type]
 
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["MultiheadAttention", "SlowPathWarning", "MAX_WEIGHT_ELEMENTS"]

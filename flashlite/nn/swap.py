@@ -25,6 +25,12 @@ def swap(model: nn.Module, pattern: Optional[Pattern] = None, *, backend: Option
     ``nn.TransformerEncoder``'s nested-tensor conversion is disabled (``use_nested_tensor=False``),
     so the swapped modules always run.
 
+    ``need_weights``: PyTorch's ``nn.MultiheadAttention.forward`` defaults to ``need_weights=True``,
+    and the attention weights exist only on flashlite's slow path (dense, the reference with the
+    explicit mask). ``nn.Transformer*`` layers pass ``need_weights=False`` and stay on the kernels;
+    code that calls a swapped module directly should pass ``need_weights=False`` too. A twin called
+    with ``need_weights=True`` warns once (``flashlite.nn.SlowPathWarning``).
+
     Args:
         model: the model (modified in place), or a single ``nn.MultiheadAttention``.
         pattern: a flashlite pattern for every swapped module (None = full attention, as before).
@@ -58,7 +64,8 @@ def swap(model: nn.Module, pattern: Optional[Pattern] = None, *, backend: Option
                 if any(isinstance(m, MultiheadAttention) for m in module.modules()):
                     module.use_nested_tensor = False
     count = len(twins)
-    logger.info("flashlite.swap: replaced %d torch.nn.MultiheadAttention module(s)", count)
+    logger.info("flashlite.swap: replaced %d torch.nn.MultiheadAttention module(s); calls with need_weights=True "
+                "(PyTorch's default) take the slow path - pass need_weights=False to run on the kernels", count)
     return (model, count) if return_count else model
 
 
