@@ -82,10 +82,3 @@ def safe_softmax(scores: torch.Tensor):
     probs = weights / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
     return probs, row_max, row_sum
 
-
-def attention_weights(q, k, pattern: Optional[Pattern] = None, **kw) -> torch.Tensor:
-    """The softmax probabilities ``[B, Hq, Nq, Nk]`` (float32) the reference uses."""
-    heads_q, heads_kv = q.shape[1], k.shape[1]
-    eye_v = torch.eye(k.shape[2], dtype=torch.float32, device=k.device).expand(k.shape[0], heads_kv, -1, -1)
-    q32 = q.float()
-    return attention(q32, k.float(), eye_v, pattern, **kw)

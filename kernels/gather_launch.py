@@ -25,7 +25,7 @@ import torch
 import triton
 
 from . import gather_engine
-from .launch import _alibi_args, _poison
+from .launch import _alibi_args, _poison, row_dot
 
 MODES = ("row", "shared", "union")
 # Union mode is used when a query tile's rows select, on average, each key of the union at least
@@ -81,6 +81,7 @@ class InversePlan:
     *pieces* (a key's pieces are consecutive and are added in order by the reduce kernel)."""
 
     block_e: int
+    num_pieces: int  # known when the plan is built, so a launch reads nothing back from the device
     entry_query: torch.Tensor  # int32 [E]
     entry_key: torch.Tensor  # int64 [E]
     entry_piece: torch.Tensor  # int32 [E], relative to the chunk's first piece
@@ -93,17 +94,14 @@ class InversePlan:
     def num_entries(self) -> int:
         return self.entry_query.numel()
 
-    @property
-    def num_pieces(self) -> int:
-        return int(self.chunk_piece[-1]) if self.num_entries else 0
-
     def parts(self) -> Tuple[Tuple[int, ...], Tuple[torch.Tensor, ...]]:
-        return (self.block_e,), (self.entry_query, self.entry_key, self.entry_piece, self.chunk_piece, self.key_id,
-                                 self.key_piece_start, self.key_piece_count)
+        return (self.block_e, self.num_pieces), (self.entry_query, self.entry_key, self.entry_piece,
+                                                 self.chunk_piece, self.key_id, self.key_piece_start,
+                                                 self.key_piece_count)
 
     @classmethod
     def from_parts(cls, ints, tensors) -> "InversePlan":
-        return cls(ints[0], *tensors)
+        return cls(ints[0], ints[1], *tensors)
 
 
 def _block_sizes(head_dim: int, group: int, device: torch.device) -> Tuple[int, int, int]:
@@ -244,12 +242,13 @@ def inverse_plan(key_offsets: torch.Tensor, key_slots: torch.Tensor, top_k: int,
     new_piece = position % block_e == 0
     new_piece[1:] |= entry_key[1:] != entry_key[:-1]
     piece = new_piece.cumsum(0) - 1
-    chunk_piece = torch.cat([piece[::block_e], piece.new_full((1,), int(piece[-1]) + 1 if entries else 0)])
+    num_pieces = int(piece[-1]) + 1 if entries else 0
+    chunk_piece = torch.cat([piece[::block_e], piece.new_full((1,), num_pieces)])
     entry_piece = (piece - chunk_piece[position // block_e]).to(torch.int32)
     key_id, key_piece_count = torch.unique_consecutive(entry_key[new_piece], return_counts=True)
     key_piece_start = key_piece_count.cumsum(0) - key_piece_count
-    return InversePlan(block_e, entry_query, entry_key.contiguous(), entry_piece, chunk_piece.contiguous(), key_id,
-                       key_piece_start, key_piece_count.to(torch.int32))
+    return InversePlan(block_e, num_pieces, entry_query, entry_key.contiguous(), entry_piece, chunk_piece.contiguous(),
+                       key_id, key_piece_start, key_piece_count.to(torch.int32))
 
 
 def _index_head_stride(plan_strides, index_heads: int):
@@ -323,8 +322,7 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    # δ_i = Σ_d dO_id · O_id  (the softmax-backward row term), float32 [B, Hq, Nq]
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    delta = row_dot(grad_out, out)
     lse = lse.contiguous()
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
     common = (float(scale), float(softcap or 0.0))

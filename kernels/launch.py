@@ -11,10 +11,6 @@ import triton
 from . import tile_engine
 
 
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @dataclass(frozen=True)
 class TileConfig:
     block_m: int
@@ -45,6 +41,23 @@ def _poison(*tensors: torch.Tensor) -> None:
     if os.environ.get("FLASHLITE_POISON") == "1":
         for t in tensors:
             t.fill_(float("nan"))
+
+
+ROW_DOT_CHUNK = 1 << 24  # elements per step of row_dot: bounds its float32 temporaries to ~128 MB
+
+
+def row_dot(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """δ_i = Σ_d dO_id · O_id, the softmax-backward row term: float32 ``[B, H, N]``, contiguous.
+
+    Computed over slices of the sequence so the float32 copies never exceed ``ROW_DOT_CHUNK``
+    elements (a whole-tensor product would build three full-size float32 temporaries)."""
+    batch, heads, seqlen, head_dim = out.shape
+    delta = torch.empty((batch, heads, seqlen), device=out.device, dtype=torch.float32)
+    step = max(1, ROW_DOT_CHUNK // max(1, batch * heads * head_dim))
+    for start in range(0, seqlen, step):
+        rows = slice(start, start + step)
+        delta[:, :, rows] = torch.linalg.vecdot(grad_out[:, :, rows].float(), out[:, :, rows].float())
+    return delta
 
 
 def _flags(q: torch.Tensor, schedule, softcap: float, alibi_slopes) -> dict:
@@ -108,8 +121,7 @@ def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: 
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    # δ_i = Σ_d dO_id · O_id  (the softmax-backward row term), float32 [B, Hq, Nq]
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    delta = row_dot(grad_out, out)
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _poison(dq, dk, dv)

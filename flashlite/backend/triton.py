@@ -1,6 +1,7 @@
 """The Triton backend: flashlite.kernels on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -15,6 +16,11 @@ def _kernels():
     from flashlite import kernels  # imported lazily: Triton reads TRITON_INTERPRET at decoration
 
     return kernels
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class TritonBackend(Backend):
@@ -56,6 +62,14 @@ class TritonBackend(Backend):
 
     # -- kernels ----------------------------------------------------------------------------------
     def forward(self, plan, q, k, v, scale, softcap, alibi_slopes):
+        with _on_device(q.device):
+            return self._forward(plan, q, k, v, scale, softcap, alibi_slopes)
+
+    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+        with _on_device(q.device):
+            return self._backward(plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes)
+
+    def _forward(self, plan, q, k, v, scale, softcap, alibi_slopes):
         kernels = _kernels()
         if plan.engine == "tile":
             return kernels.tile_forward(q, k, v, plan.schedule, scale, softcap, alibi_slopes, config=plan.config)
@@ -64,7 +78,7 @@ class TritonBackend(Backend):
         forward = gl.ForwardPlan.from_parts(plan.extra_ints[:FORWARD_PARTS], plan.extra[:FORWARD_PARTS])
         return gl.gather_forward(q, k, v, forward, plan.rows.shape[1], plan.causal, scale, softcap, alibi_slopes)
 
-    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+    def _backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
         kernels = _kernels()
         if plan.engine == "tile":
             return kernels.tile_backward(grad_out, q, k, v, out, lse, plan.schedule, scale, softcap, alibi_slopes,

@@ -69,16 +69,6 @@ class TileSchedule:
         total = self.num_q_tiles * max(self.num_kv_tiles, 1)
         return float(self.kv_count.float().mean()) * self.num_q_tiles / max(total, 1)
 
-    def to(self, device: torch.device) -> "TileSchedule":
-        if self.kv_tiles.device == torch.device(device):
-            return self
-        return TileSchedule(
-            self.kind, self.block_m, self.block_n, self.seqlen_q, self.seqlen_k,
-            self.window_left, self.window_right,
-            self.kv_tiles.to(device), self.kv_count.to(device),
-            self.q_tiles.to(device), self.q_count.to(device),
-        )
-
 
 def unbounded(seqlen_q: int, seqlen_k: int) -> int:
     """The window size that stands for "no limit" on one side of the band."""

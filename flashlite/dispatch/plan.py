@@ -10,8 +10,9 @@ the backend's kernels consume.
 ``plan_for`` builds a plan or takes it from the one bounded cache, keyed by the pattern's values
 and its tensors' identity and version, the call's shapes, dtype, device, backend and whether a
 backward is needed. The cache holds pattern tensors weakly (an entry dies with them) and attaches
-nothing to user tensors. While compiling, tracing or capturing a CUDA graph the plan is built
-fresh (its torch ops become part of the graph) and neither cached nor value-checked.
+nothing to user tensors. While compiling or tracing, the plan is built fresh (its torch ops become
+part of the graph) and neither cached nor value-checked; while capturing a CUDA graph a cached
+plan is used and a missing one built without host reads, and not cached.
 
 A plan crosses the custom op as ``op_args()``: a list of tensors and a short list of ints, from
 which ``Plan.from_op_args`` rebuilds it on the other side.
@@ -94,10 +95,15 @@ class Plan:
 
 
 def tracing(q: Tensor) -> bool:
-    """True while compiling / exporting / under a dispatch mode, or capturing a CUDA graph: then
-    no value is read back to the host and nothing is cached."""
-    if type(q) is not Tensor or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return True
+    """True while compiling / exporting / under a dispatch mode (q may be a fake tensor): the plan's
+    torch ops then become part of the traced graph, so it is built fresh and never cached."""
+    return type(q) is not Tensor or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def capturing(q: Tensor) -> bool:
+    """True while a CUDA graph is being captured: a cached plan (built before capture) is used, a
+    missing one is built without reading values back to the host, and not cached (its tensors
+    would hold data only after replay)."""
     return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
@@ -147,6 +153,8 @@ def plan_for(pattern: Pattern, q: Tensor, k: Tensor, backend: Backend, req: Requ
     key = _PlanCache.key(pattern, shape, q, backend, req)
     plan = CACHE.get(key, pattern)
     if plan is None:
+        if capturing(q):
+            return build(pattern, q, k, backend, req, shape)
         pattern.check_values(k.shape[2])
         plan = build(pattern, q, k, backend, req, shape)
         CACHE.put(key, pattern, plan)
@@ -171,4 +179,4 @@ def build(pattern: Pattern, q: Tensor, k: Tensor, backend: Backend, req: Request
                 key_slots=key_slots, extra_ints=tuple(extra_ints), extra=tuple(extra))
 
 
-__all__ = ["Plan", "plan_for", "build", "tracing", "CACHE", "ENGINES"]
+__all__ = ["Plan", "plan_for", "build", "tracing", "capturing", "CACHE", "ENGINES"]
