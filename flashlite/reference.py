@@ -39,9 +39,23 @@ def attention(
     ``attn_bias`` (float, same broadcast) is added to the scores. ``compute_dtype=None`` computes
     in the inputs' dtype. Returns ``out`` in q's dtype (and lse ``[B,Hq,Nq]`` float32).
     """
+    dtype = compute_dtype or q.dtype
+    scores, vc = _masked_scores(q, k, v, pattern, dtype, scale, softcap, alibi_slopes, attn_bias, mask)
+
+    # Rows with no visible key give p = 0, out = 0, lse = -inf.
+    probs, row_max, row_sum = safe_softmax(scores)
+    out = torch.matmul(probs, vc).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = (row_max + torch.log(row_sum)).squeeze(-1).to(torch.float32)
+    return out, lse
+
+
+def _masked_scores(q, k, v, pattern, dtype, scale, softcap, alibi_slopes, attn_bias, mask):
+    """``s = softcap·tanh(q·kᵀ·scale / softcap) − slope·|p(i) − j| + bias``, −inf where not visible,
+    ``[B, Hq, Nq, Nk]`` in ``dtype``; and v in ``dtype`` with its heads repeated for GQA."""
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
-    dtype = compute_dtype or q.dtype
     scale = head_dim ** -0.5 if scale is None else scale
     group = heads_q // heads_kv
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -61,15 +75,34 @@ def attention(
         visible = visible & pattern.dense_mask(batch, heads_q, heads_kv, seqlen_q, seqlen_k, q.device)
     if mask is not None:
         visible = visible & mask.to(q.device)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.masked_fill(~visible, float("-inf")), vc
 
-    # Rows with no visible key give p = 0, out = 0, lse = -inf.
-    probs, row_max, row_sum = safe_softmax(scores)
-    out = torch.matmul(probs, vc).to(q.dtype)
-    if not return_lse:
-        return out
-    lse = (row_max + torch.log(row_sum)).squeeze(-1).to(torch.float32)
-    return out, lse
+
+def attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
+    softcap: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = torch.float32,
+):
+    """(dq, dk, dv) of attention whose softmax is normalized by the given ``lse`` and whose output
+    was ``out`` - the kernels' backward contract, also when (out, lse) were merged from several
+    partial calls (context parallelism): with ``P = exp(s − lse)``, ``δ_i = Σ_d dO_id·O_id``,
+    ``dV = Pᵀ·dO``, ``dS = P ⊙ (dO·Vᵀ − δ)``, and dS carried back through the scores."""
+    dtype = compute_dtype or q.dtype
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k)]
+    with torch.enable_grad():
+        scores, vc = _masked_scores(*leaves, v.detach(), pattern, dtype, scale, softcap, alibi_slopes, None, None)
+        finite = torch.isfinite(lse).unsqueeze(-1)
+        probs = torch.where(finite, torch.exp(scores - torch.where(finite, lse.unsqueeze(-1).to(dtype), 0)), 0)
+        grad = grad_out.to(dtype)
+        delta = (grad * out.to(dtype)).sum(-1, keepdim=True)
+        grad_scores = probs * (torch.matmul(grad, vc.transpose(-1, -2)) - delta)
+        dq, dk = torch.autograd.grad(scores, leaves, grad_scores)
+    dv = torch.matmul(probs.detach().transpose(-1, -2), grad)
+    if heads_q != heads_kv:  # GQA: each KV head gathers its group's query heads
+        dv = dv.unflatten(1, (heads_kv, heads_q // heads_kv)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def safe_softmax(scores: torch.Tensor):

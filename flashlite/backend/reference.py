@@ -18,3 +18,7 @@ class ReferenceBackend(Backend):
     def forward(self, plan, q, k, v, scale, softcap, alibi_slopes):
         return reference.attention(q, k, v, plan.pattern, scale=scale, softcap=softcap or None,
                                    alibi_slopes=alibi_slopes, return_lse=True)
+
+    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+        return reference.attention_backward(grad_out, q, k, v, out, lse, plan.pattern, scale=scale,
+                                            softcap=softcap or None, alibi_slopes=alibi_slopes)

@@ -35,13 +35,17 @@ def _needs_op(q: Tensor, k: Tensor, v: Tensor) -> bool:
             or torch._C._is_torch_function_mode_enabled())
 
 
+def _request(q: Tensor, pattern: Pattern, requires_grad: bool, deterministic: bool) -> Request:
+    return Request(device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], engine=pattern.engine,
+                   pattern=pattern.name, requires_grad=requires_grad, deterministic=deterministic,
+                   block_size=getattr(pattern, "block_size", None))
+
+
 def run(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float, softcap: float,
         alibi_slopes: Optional[Tensor], backend: Optional[str], deterministic: bool = True) -> Tuple[Tensor, Tensor]:
     """Attention over ``pattern`` on the chosen backend. Returns (out, lse)."""
     requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    req = Request(device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], engine=pattern.engine,
-                  pattern=pattern.name, requires_grad=requires_grad, deterministic=deterministic,
-                  block_size=getattr(pattern, "block_size", None))
+    req = _request(q, pattern, requires_grad, deterministic)
     chosen = backends.select(req, backend)
     _last.name = chosen.name
     plan = plan_for(pattern, q, k, chosen, req)
@@ -51,4 +55,17 @@ def run(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float, soft
     return attention_op(q, k, v, tensors, ints, alibi_slopes, [scale, softcap])
 
 
-__all__ = ["run", "last_backend"]
+def run_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, pattern: Pattern, *,
+                 scale: float, softcap: float, alibi_slopes: Optional[Tensor], backend: Optional[str],
+                 deterministic: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one call whose softmax is normalized by ``lse`` and whose output was ``out``:
+    the kernels' backward, callable on its own when (out, lse) were merged from several partial
+    calls (context parallelism). Runs eagerly, outside autograd."""
+    req = _request(q, pattern, True, deterministic)
+    chosen = backends.select(req, backend)
+    _last.name = chosen.name
+    plan = plan_for(pattern, q, k, chosen, req)
+    return chosen.backward(plan, grad_out.contiguous(), q, k, v, out, lse, scale, softcap, alibi_slopes)
+
+
+__all__ = ["run", "run_backward", "last_backend"]
