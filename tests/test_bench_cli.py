@@ -240,6 +240,33 @@ def test_sweep_profiles_and_options():
     assert runner.parse_args(["--batch-heads", "2x16"]).batch_heads == [(2, 16)]
 
 
+def test_help_states_each_default_once(monkeypatch, capsys):
+    """`flashlite bench --help`: every option's default appears once, in its own words; no
+    "(default: None)" placeholders, and a --no-* switch never claims "(default: True)"."""
+    monkeypatch.setenv("COLUMNS", "100")
+    from flashlite import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: flashlite bench")
+    blocks, current = {}, None  # option -> its help block (the option line and the lines under it)
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            blocks[current] = line
+        elif current is not None:
+            blocks[current] += " " + line.strip()
+    assert {"--quick", "--no-validate", "--no-plot", "--no-extras", "--max-mask-mib", "--seed"} <= set(blocks)
+    for option, block in blocks.items():
+        assert block.count("(default:") <= 1, block
+        assert "(default: None)" not in block and "(default: False)" not in block, block
+        if option.startswith("--no-"):
+            assert "(default: True)" not in block and "(default:" in block, block
+    assert "(default: 2048)" in blocks["--max-mask-mib"]
+
+
 def _env():
     env = dict(os.environ)
     env.pop("FLASHLITE_BACKEND", None)
