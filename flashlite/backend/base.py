@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..core.gather_rows import canonical_rows, key_index
+
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -82,6 +84,17 @@ class Backend:
     def tile_config(self, req: Request, device: torch.device) -> TileConfig:
         """The complete launch configuration of the tile engine for this request."""
         raise NotImplementedError(f"backend {self.name!r} has no tile engine")
+
+    def gather_rows(self, indices: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool) -> torch.Tensor:
+        """Canonical top-k rows (``flashlite.core.gather_rows.canonical_rows``); a backend may build
+        the same tensor faster on its device."""
+        return canonical_rows(indices, seqlen_q, seqlen_k, causal)
+
+    def key_index(self, rows: torch.Tensor, seqlen_q: int, seqlen_k: int,
+                  causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The inverse key index of canonical rows (``flashlite.core.gather_rows.key_index``); a
+        backend may build the same CSR faster on its device."""
+        return key_index(rows, seqlen_q, seqlen_k, causal)
 
     def prepare_gather(self, rows: torch.Tensor, key_offsets: Optional[torch.Tensor],
                        key_slots: Optional[torch.Tensor], req: Request, shape: Tuple[int, ...],

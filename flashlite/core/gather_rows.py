@@ -5,7 +5,7 @@ list per query) or ``[B, Hi, K]`` (one list shared by every query), ``-1`` = emp
 possibly listed twice. The plan turns them, once, into
 
 * **canonical rows** (``canonical_rows``): int64, same shape, each row sorted ascending with
-  repeated keys dropped (a row is a set, DESIGN.md), out-of-range entries and — for per-query
+  repeated keys dropped (a row is a set: docs/design.md), out-of-range entries and — for per-query
   rows with ``causal`` — keys after ``p(i) = i + Nk − Nq`` turned into ``-1``. Dropped slots
   sort to the end. Every backend reads these, so all of them count a key once.
 * the **inverse key index** (``key_index``) for the backward, CSR over keys:

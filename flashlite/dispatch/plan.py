@@ -30,7 +30,6 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backend as backends
 from ..backend.base import Backend, Request, TileConfig
-from ..core.gather_rows import canonical_rows, key_index
 from ..core.patterns import Pattern
 from ..core.schedule import TileSchedule
 
@@ -170,10 +169,10 @@ def build(pattern: Pattern, q: Tensor, k: Tensor, backend: Backend, req: Request
         schedule = pattern.schedule(seqlen_q, seqlen_k, config.block_m, config.block_n, q.device)
         return Plan(backend, "tile", req.deterministic, schedule=schedule, config=config)
     causal = pattern.causal
-    rows = canonical_rows(pattern.indices, seqlen_q, seqlen_k, causal)
+    rows = backend.gather_rows(pattern.indices, seqlen_q, seqlen_k, causal)
     key_offsets = key_slots = None
     if req.requires_grad:
-        key_offsets, key_slots = key_index(rows, seqlen_q, seqlen_k, causal)
+        key_offsets, key_slots = backend.key_index(rows, seqlen_q, seqlen_k, causal)
     extra_ints, extra = backend.prepare_gather(rows, key_offsets, key_slots, req, shape, causal)
     return Plan(backend, "gather", req.deterministic, rows=rows, causal=causal, key_offsets=key_offsets,
                 key_slots=key_slots, extra_ints=tuple(extra_ints), extra=tuple(extra))
