@@ -1,7 +1,7 @@
 """The C++ CPU backend ("cpu", flashlite._C) beyond the shared suite: bfloat16, odd head dims, every
 instruction-set build of the kernels, the gather (top-k) path, determinism across thread counts,
 auto-dispatch, and the fallback when the extension is missing. Every numeric check applies
-DESIGN.md's correctness rule (conftest.check_against_reference)."""
+the correctness rule of docs/design.md (conftest.check_against_reference)."""
 from __future__ import annotations
 
 import warnings
