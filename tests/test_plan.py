@@ -184,3 +184,22 @@ def test_backward_on_its_own_matches_autograd(backend, pattern):
     assert flashlite.last_backend() == backend
     for name, a, b in zip("qkv", got, want):
         assert (a - b).abs().max() < 1e-4, f"d{name}"
+
+
+def test_auto_selection_routes_cuda_top_k_and_small_blocks_to_triton(monkeypatch):
+    """The CUDA backend serves top-k and 16/32 blocks only with SIMT code: auto picks Triton there,
+    and names the reason when asked; backend="cuda" still takes it. (Registry-level: no GPU needed.)"""
+    from flashlite import backend as registry
+    from flashlite.backend.native import CudaBackend
+
+    fake_cuda = CudaBackend.__new__(CudaBackend)
+    monkeypatch.setattr(CudaBackend, "available", lambda self: None)
+    monkeypatch.setitem(registry._REGISTRY, "cuda", fake_cuda)
+    monkeypatch.setattr(registry, "_native_loaded", True)
+    topk = Request("cuda", torch.float16, 64, "gather", "topk")
+    small = Request("cuda", torch.bfloat16, 64, "tile", "block_sparse", block_size=32)
+    dense = Request("cuda", torch.bfloat16, 64, "tile", "causal")
+    assert registry.select(topk).name == "triton" and registry.select(small).name == "triton"
+    assert registry.select(dense) is fake_cuda
+    assert registry.select(topk, "cuda") is fake_cuda
+    assert registry.select(Request("cuda", torch.float32, 64, "tile", "block_sparse", block_size=32)) is fake_cuda

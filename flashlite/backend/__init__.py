@@ -91,7 +91,7 @@ def select(req: Request, backend: Optional[str] = None) -> Backend:
         if candidate is None:
             reasons.append(f"{name}: {unavailable_reason(name)}")
             continue
-        reason = candidate.why_not(req)
+        reason = candidate.why_not(req) or candidate.slower_here(req)
         if reason is None:
             return candidate
         reasons.append(f"{name}: {reason}")

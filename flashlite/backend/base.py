@@ -80,6 +80,11 @@ class Backend:
             return f"no {req.engine} engine (pattern {req.pattern})"
         return None
 
+    def slower_here(self, req: Request) -> Optional[str]:
+        """For automatic selection only: why another backend is the better choice for ``req`` even
+        though this one serves it (None = no reason). ``backend=`` still picks this one."""
+        return None
+
     # -- plan ingredients -------------------------------------------------------------------------
     def tile_config(self, req: Request, device: torch.device) -> TileConfig:
         """The complete launch configuration of the tile engine for this request."""

@@ -105,6 +105,14 @@ class CudaBackend(NativeBackend):
     def available(self) -> Optional[str]:
         return None if torch.cuda.is_available() else "no CUDA device is present"
 
+    def slower_here(self, req: Request) -> Optional[str]:
+        # Until the CUDA kernels have tensor-core tiles for these, Triton's are faster.
+        if req.engine == "gather":
+            return "top-k runs on SIMT cores here (no tensor-core gather yet): Triton is faster"
+        if req.block_size is not None and req.block_size < 64 and req.dtype != torch.float32:
+            return f"block_size {req.block_size} < 64 falls back to SIMT tiles here: Triton is faster"
+        return None
+
     def _table(self, device: int):
         """cuda_tile_config for every (head_dim, dtype, block size) of one device, read once."""
         table = self._tables.get(device)
