@@ -21,9 +21,15 @@ class TileConfig:
 
 def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device,
                 block_size: Optional[int] = None) -> TileConfig:
-    """Tile sizes per (device, head_dim). Block-sparse layouts need tiles dividing their block."""
+    """Tile sizes per (device, dtype, head_dim). Block-sparse layouts need tiles dividing their block.
+
+    float32 tiles take twice the registers and shared memory of 16-bit ones (and IEEE dots): they
+    get their own smaller tiles, so the fp32 kernels neither spill heavily nor run out of shared
+    memory (the dK/dV kernel at d128 with 128 x 64 fp32 tiles needs ~225 KB)."""
     if device.type != "cuda":  # interpreter: fewer, larger numpy ops are faster
         config = TileConfig(32, 32)
+    elif dtype == torch.float32:
+        config = TileConfig(64, 32, num_warps=4, num_stages=2) if head_dim <= 128 else TileConfig(32, 32, 4, 1)
     elif head_dim <= 64:
         config = TileConfig(128, 64, num_warps=4, num_stages=3)
     elif head_dim <= 128:
