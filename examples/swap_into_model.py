@@ -5,6 +5,11 @@
 Every torch.nn.MultiheadAttention inside the model (here an nn.TransformerEncoder) becomes a
 flashlite.nn.MultiheadAttention sharing the same weights; PyTorch's fused inference path is
 switched off for the swapped layers so flashlite really runs.
+
+Called directly, nn.MultiheadAttention defaults to need_weights=True; the attention weights exist
+only on flashlite's slow path (dense, the reference with the explicit mask), so a swapped module
+warns once when asked for them. Pass need_weights=False to stay on the kernels (the
+nn.Transformer* layers already do).
 """
 import copy
 
@@ -30,3 +35,13 @@ print(f"swapped {swapped} attention modules; flashlite backend used: {flashlite.
 print(f"max |flashlite - torch| = {(got - want).abs().max().item():.2e}")
 assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), "outputs differ"
 print("outputs match")
+
+# A direct call: need_weights=False keeps it on the kernels; a key padding mask becomes top-k indices.
+attn = model.layers[0].self_attn
+padding = torch.zeros(2, 50, dtype=torch.bool)
+padding[1, 40:] = True  # the second sequence has 40 real tokens
+with torch.no_grad():
+    out, weights = attn(x, x, x, key_padding_mask=padding, need_weights=False)
+    want, _ = original.layers[0].self_attn(x, x, x, key_padding_mask=padding, need_weights=False)
+assert weights is None and torch.allclose(out, want, atol=1e-5, rtol=1e-5)
+print(f"direct call with key padding on the kernels: match (backend {flashlite.last_backend()})")

@@ -75,3 +75,40 @@ def test_fullgraph_multihead_twin_matches_torch():
         got = compiled(x)
     assert flashlite.last_backend() == "triton"
     assert_rule("compiled twin", got, low, exact)
+
+
+def test_fullgraph_masks_read_no_values():
+    """Padding and masks through the mask front compile into one graph (no value read while
+    tracing: key padding becomes fixed-width top-k indices, float masks stay biases) and match
+    eager PyTorch."""
+    from flashlite.nn.functional import scaled_dot_product_attention as fl_sdpa
+
+    torch._dynamo.reset()
+    mha = nn.MultiheadAttention(32, 4, batch_first=True, device=DEVICE).eval()
+    twin = MultiheadAttention(32, 4, batch_first=True, device=DEVICE).eval()
+    twin.load_state_dict(mha.state_dict())
+    x = randn(2, 11, 32)
+    kpm = torch.zeros(2, 11, dtype=torch.bool, device=DEVICE)
+    kpm[1, :4] = True  # left padding (True = padded, PyTorch's convention)
+
+    def padded(x, kpm):
+        return twin(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+
+    def sdpa(q, k, v, float_mask, keys):
+        return (fl_sdpa(q, k, v, attn_mask=float_mask) + fl_sdpa(q, k, v, is_causal=True)
+                + fl_sdpa(q, k, v, attn_mask=keys))
+
+    q, k, v = randn(2, 2, 7, 16), randn(2, 2, 9, 16), randn(2, 2, 9, 16)
+    float_mask = torch.zeros(7, 9, device=DEVICE)
+    float_mask[:, 2] = float("-inf")
+    keys = (torch.rand(2, 1, 1, 9, device=DEVICE) > 0.3) | (torch.arange(9, device=DEVICE) == 0)
+    for fn, args in ((padded, (x, kpm)), (sdpa, (q, k, v, float_mask, keys))):
+        explained = torch._dynamo.explain(fn)(*args)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        with torch.no_grad():
+            got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+            want = fn(*args)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x, kpm), mha(x, x, x, key_padding_mask=kpm, need_weights=False)[0],
+                                   atol=1e-5, rtol=1e-5)

@@ -6,18 +6,23 @@ in float64 is at most twice the error of torch's module in the twin's dtype, plu
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import flashlite
-from flashlite.nn import MultiheadAttention
+from flashlite.nn import MultiheadAttention, SlowPathWarning
 from flashlite.nn import functional as FL
 
 from conftest import DEVICE, assert_rule, randn
 
 E, H = 32, 4
+
+# need_weights=True is what these tests compare; its once-per-module warning has its own test.
+pytestmark = pytest.mark.filterwarnings("ignore::flashlite.nn.SlowPathWarning")
 
 
 def twin_of(mha: nn.MultiheadAttention, **kw) -> MultiheadAttention:
@@ -261,6 +266,24 @@ def test_pattern_restricts_heads():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_need_weights_warns_once_per_module():
+    """need_weights=True (PyTorch's default) takes the slow path: each module says so once, naming the fix."""
+    twin, other = (MultiheadAttention(E, H, batch_first=True, device=DEVICE) for _ in range(2))
+    x = randn(2, 6, E)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twin(x, x, x)
+        twin(x, x, x, need_weights=True)
+        other(x, x, x)
+        twin(x, x, x, need_weights=False)
+    slow = [w for w in caught if issubclass(w.category, SlowPathWarning)]
+    assert len(slow) == 2, [str(w.message) for w in slow]  # once per module
+    assert "need_weights=False" in str(slow[0].message) and slow[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)
+        MultiheadAttention(E, H, batch_first=True, device=DEVICE)(x, x, x, need_weights=False)
+
+
 def test_nested_input_is_refused():
     twin = MultiheadAttention(E, H, batch_first=True)
     nt = torch.nested.nested_tensor([torch.randn(3, E), torch.randn(5, E)])
@@ -346,6 +369,14 @@ def test_swap_training_gradients_and_sharing():
     out_ref.sum().backward()
     torch.testing.assert_close(layer.self_attn.in_proj_weight.grad, ref.self_attn.in_proj_weight.grad,
                                atol=1e-4, rtol=1e-4)
+
+
+def test_swap_logs_the_need_weights_slow_path(caplog):
+    model = nn.Sequential(nn.TransformerEncoderLayer(E, H, dim_feedforward=64, batch_first=True))
+    with caplog.at_level(logging.INFO, logger="flashlite"):
+        flashlite.swap(model)
+    assert "replaced 1" in caplog.text and "need_weights=False" in caplog.text
+    assert "need_weights" in flashlite.swap.__doc__
 
 
 def test_swap_single_module_and_pattern():

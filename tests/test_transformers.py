@@ -24,7 +24,8 @@ def tiny(kind: str, **extra):
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
-                  bos_token_id=2, **extra)
+                  bos_token_id=2)
+    common.update(extra)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     else:
@@ -249,3 +250,29 @@ def test_training_gradients_match():
     assert grads[MAIN]
     for name, want in grads["eager"].items():
         torch.testing.assert_close(grads[MAIN][name], want, atol=2e-5, rtol=1e-3, msg=name)
+
+
+def test_left_padded_batch_compiles_into_one_graph():
+    """A left-padded batch on fl_attention under torch.compile: the mask path reads no value while
+    tracing (one graph, no break) and the compiled model gives eager's / sdpa's logits on the real
+    positions. (The "aot_eager" compile backend keeps it quick on CPU.)"""
+    torch._dynamo.reset()
+    model = tiny("llama", num_hidden_layers=1)
+    ids, mask = left_padded()
+    keep = mask.bool()
+    exact = logits(model, "sdpa", ids, mask, torch.float64)[keep]
+    low = logits(model, "eager", ids, mask)[keep]
+    sdpa = logits(model, "sdpa", ids, mask)[keep]
+    model.set_attn_implementation(MAIN)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(**inputs)
+        assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+        assert explained.graph_count == 1
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs).logits[keep]
+        eager = model(**inputs).logits[keep]
+    assert torch.isfinite(exact).all()
+    for name, got in (("eager", eager), ("compiled", compiled)):
+        assert_rule(f"{name} vs eager", got, low, exact)
+        assert_rule(f"{name} vs sdpa", got, sdpa, exact)

@@ -328,6 +328,11 @@ def register(*, topk: int = 64, window: int = 0, sinks: int = 0, block_size: Opt
             raise ValueError(f"{name} must be an int >= {1 if name == 'topk' else 0}, got {value!r}")
     _settings = TopKSettings(k=topk, window=window, sinks=sinks, block_size=block_size)
     _backend = backend
+    # Load the backends now (the C++ extension is imported on first need): a model's first call
+    # may come under torch.compile, where importing it inside the trace would break the graph.
+    from .. import backends
+
+    backends()
     AttentionInterface.register(MAIN_NAME, attention_forward)
     AttentionInterface.register(TOPK_NAME, topk_attention_forward)
     try:
