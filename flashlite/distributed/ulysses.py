@@ -137,14 +137,39 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, ex: Exc
         alibi_slopes = alibi_slopes[..., mine[0]:mine[-1] + 1].contiguous()
     local = local_pattern(pattern, heads_q, heads_kv, ex)
     ex.stats.record_call("forward", local, qh, kh)
-    start = time.perf_counter()
-    out_h, lse_h = dispatch.run(qh, kh, vh, local, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                                backend=backend)
-    ex.stats.add("forward", "compute_s", time.perf_counter() - start)
+    out_h, lse_h = _Local.apply(qh, kh, vh, (local, scale, softcap, alibi_slopes, backend, ex.stats))
     out = _HeadsToSeq.apply(out_h, q_groups, heads_q, ex)
     with torch.no_grad():
-        lse = heads_to_seq(lse_h.detach().unsqueeze(-1), q_groups, heads_q, ex).squeeze(-1)
+        lse = heads_to_seq(lse_h.unsqueeze(-1), q_groups, heads_q, ex).squeeze(-1)
     return out, lse
+
+
+class _Local(torch.autograd.Function):
+    """The local kernel over the whole sequence: ``dispatch.run`` forward, ``dispatch.run_backward``
+    backward (as the ring does; no custom-op machinery between the two all-to-alls)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, args):
+        pattern, scale, softcap, alibi_slopes, backend, stats = args
+        start = time.perf_counter()
+        out, lse = dispatch.run(q, k, v, pattern, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                                backend=backend)
+        stats.add("forward", "compute_s", time.perf_counter() - start)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = args
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        pattern, scale, softcap, alibi_slopes, backend, stats = ctx.args
+        start = time.perf_counter()
+        stats.record_call("backward", pattern, q, k)
+        dq, dk, dv = dispatch.run_backward(grad_out, q, k, v, out, lse, pattern, scale=scale, softcap=softcap,
+                                           alibi_slopes=alibi_slopes, backend=backend)
+        stats.add("backward", "compute_s", time.perf_counter() - start)
+        return dq, dk, dv, None
 
 
 __all__ = ["ulysses_attention", "head_groups", "seq_to_heads", "heads_to_seq", "Exchange"]
