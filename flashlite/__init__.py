@@ -39,6 +39,7 @@ _LAZY = {
     "kernels": ("flashlite.kernels", None),
     "swap": ("flashlite.nn.swap", "swap"),
     "SelectiveKVCache": ("flashlite.cache", "SelectiveKVCache"),
+    "distributed": ("flashlite.distributed", None),
 }
 
 
