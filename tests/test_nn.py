@@ -457,7 +457,7 @@ def test_mask_front_shapes_and_errors():
 def test_mask_front_reads_no_values_while_tracing(monkeypatch):
     """Tracing: key padding becomes top-k of fixed width Nk (nothing read from the mask, even when
     nothing is padded), float masks stay biases, causal masks stay masks - all exact."""
-    monkeypatch.setattr(masks, "tracing", lambda t: True)
+    monkeypatch.setattr(masks, "values_readable", lambda t: False)
     q, k, v = qkv(2, 4, 2, 6, 10, 16)
     keep = _left_padding(10)
     for pattern in (None, Full(causal=True), SlidingWindow(3, 0)):

@@ -139,7 +139,7 @@ def _python(code: str) -> str:
 
 def test_import_costs_little_over_torch():
     """`import flashlite` stays within 0.3 s of `import torch` (cumulative times from -X importtime):
-    no torch._dynamo, no triton, no extension at import."""
+    no torch._dynamo, no triton, no faces at import (the C++ extension does load: ~0.1 s)."""
     result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import flashlite"], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -151,7 +151,7 @@ def test_import_costs_little_over_torch():
     over_torch = (cumulative["flashlite"] - cumulative.get("torch", 0)) / 1e6
     assert over_torch <= 0.3, f"import flashlite costs {over_torch:.2f} s beyond torch"
     loaded = _python("import sys, flashlite; print(' '.join(sorted(sys.modules)))").split()
-    for heavy in ("torch._dynamo", "triton", "flashlite._C", "flashlite.nn", "transformers"):
+    for heavy in ("torch._dynamo", "triton", "flashlite.nn", "transformers"):
         assert heavy not in loaded, f"import flashlite loads {heavy}"
 
 

@@ -137,10 +137,13 @@ def test_mask_function_outputs():
     assert fl_tf.attention_mask(mask_function=causal_mask_function, **kw) is None
     padding = torch.ones(2, 6, dtype=torch.bool)
     padding[1, 0] = False
+    from flashlite.dispatch import plan as plans
+
     got = fl_tf.attention_mask(mask_function=causal_mask_function, attention_mask=padding, **kw)
-    assert got.shape == (2, 6) and got._flashlite_band == (None, 0) and not got._flashlite_all_kept
+    assert got.shape == (2, 6) and plans.recall(("transformers-mask",), (got,)) == ((None, 0), False)
     got = fl_tf.attention_mask(mask_function=sliding_window_causal_mask_function(3), **kw)
-    assert got._flashlite_band == (2, 0) and got._flashlite_all_kept
+    assert plans.recall(("transformers-mask",), (got,)) == ((2, 0), True)
+    assert not got.__dict__  # what the mask function knows is kept in the plan cache, not on the tensor
     custom = and_masks(causal_mask_function, lambda b, h, q, k: k != 1)
     dense = fl_tf.attention_mask(mask_function=custom, **kw)
     assert dense.shape == (2, 1, 4, 6) and not bool(dense[:, :, :, 1].any())

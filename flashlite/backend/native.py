@@ -15,6 +15,7 @@ import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..core.patterns import BLOCK_SIZES
 from .base import MAX_HEAD_DIM, Backend, Request, TileConfig
@@ -85,9 +86,31 @@ class CpuBackend(NativeBackend):
         # suite checks that against every head_dim and dtype.
         self._tiles = {size: tuple(extension.cpu_tile_config(64, torch.float32, size))
                        for size in (0,) + BLOCK_SIZES}
+        # The plan's top-k tensors in C++ (same elements as core.gather_rows); None in an older build.
+        self._canonical_rows = getattr(extension, "cpu_canonical_rows", None)
+        self._key_index = getattr(extension, "cpu_key_index", None)
 
     def tile_config(self, req: Request, device: torch.device) -> TileConfig:
         return TileConfig(*self._tiles[req.block_size or 0])
+
+    @staticmethod
+    def _native(t: torch.Tensor) -> bool:
+        """True for a plain CPU tensor outside compiling/tracing (then the torch builders' ops must
+        become part of the graph, and a fake tensor has no data)."""
+        return (type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
+                and _get_current_dispatch_mode() is None)
+
+    def gather_rows(self, indices: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool) -> torch.Tensor:
+        if (self._canonical_rows is not None and indices.dtype in (torch.int32, torch.int64)
+                and self._native(indices)):
+            return self._canonical_rows(indices, seqlen_q, seqlen_k, causal)
+        return super().gather_rows(indices, seqlen_q, seqlen_k, causal)
+
+    def key_index(self, rows: torch.Tensor, seqlen_q: int, seqlen_k: int,
+                  causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._key_index is not None and rows.dtype == torch.int64 and rows.is_contiguous() and self._native(rows):
+            return self._key_index(rows, seqlen_q, seqlen_k, causal)
+        return super().key_index(rows, seqlen_q, seqlen_k, causal)
 
 
 class CudaBackend(NativeBackend):

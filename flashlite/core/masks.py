@@ -31,7 +31,7 @@ The steps:
    else is left dense; otherwise (or for block-sparse, or with ``dense=True``: the caller runs
    the slow path anyway) it joins the dense mask.
 
-Tracing (``torch.compile``, export, a dispatch mode, CUDA-graph capture; :func:`tracing`): no
+Tracing (``torch.compile``, export, a dispatch mode, CUDA-graph capture; ``flashlite.core.tracing``): no
 value is read and no size depends on the data - step 1 keeps float masks as biases, step 3 is
 skipped, and key padding becomes a ``TopK`` of fixed width ``Nk`` (indices ``arange(Nk)`` with
 the padded keys set to -1) even when nothing is padded. Every choice then depends on shapes,
@@ -45,9 +45,9 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
+from .tracing import values_readable
 
 FULL = Full(causal=False)
 CAUSAL = Full(causal=True)
@@ -68,14 +68,6 @@ class Lowered(NamedTuple):
     def dense(self) -> bool:
         """True if something is left that only the slow path (an explicit mask) can serve."""
         return self.mask is not None or self.bias is not None
-
-
-def tracing(t: Tensor) -> bool:
-    """True while compiling / exporting / under a dispatch mode, or capturing a CUDA graph: then no
-    tensor value may be read back to the host (the same test as the plan layer's)."""
-    if torch.compiler.is_compiling() or type(t) is not Tensor or _get_current_dispatch_mode() is not None:
-        return True
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +156,7 @@ def _shared_key_indices(key_keep: Tensor) -> Tensor:
     ``arange(Nk)`` with the padded keys set to -1 (no size from the data; the plan sorts rows)."""
     seqlen_k = key_keep.shape[-1]
     positions = torch.arange(seqlen_k, device=key_keep.device, dtype=torch.int32)
-    if tracing(key_keep):
+    if not values_readable(key_keep):
         return torch.where(key_keep, positions, torch.full_like(positions, -1)).unsqueeze(1)
     width = max(int(key_keep.sum(-1).max()), 1)
     # Kept keys keep their position, the rest sort to the end as Nk; then take the first K.
@@ -276,7 +268,7 @@ def lower(q: Tensor, k: Tensor, *, pattern: Optional[Pattern] = None, attn_mask:
     if pattern is not None and not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a flashlite pattern or None, got {type(pattern).__name__}")
     batch, seqlen_q, seqlen_k = q.shape[0], q.shape[2], k.shape[2]
-    read_values = not dense and not tracing(q)
+    read_values = not dense and values_readable(q)
     pattern = FULL if pattern is None else pattern
 
     keep, bias = _keep_form(attn_mask, "attn_mask", true_means, read_values)

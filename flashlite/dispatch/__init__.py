@@ -19,7 +19,8 @@ from .. import backend as backends
 from ..backend.base import Request
 from ..core.patterns import Pattern
 from .ops import attention_op
-from .plan import plan_for, tracing
+from ..core.tracing import tracing
+from .plan import plan_for
 
 _last = threading.local()
 

@@ -22,16 +22,16 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backend as backends
 from ..backend.base import Backend, Request, TileConfig
 from ..core.patterns import Pattern
 from ..core.schedule import TileSchedule
+from ..core.tracing import capturing, tracing, values_readable
 
 ENGINES = ("tile", "gather", "dense")
 CACHE_SIZE = 256
@@ -93,46 +93,33 @@ class Plan:
                    extra_ints=tuple(ints[5:]), extra=tuple(tensors[3:]))
 
 
-def tracing(q: Tensor) -> bool:
-    """True while compiling / exporting / under a dispatch mode (q may be a fake tensor): the plan's
-    torch ops then become part of the traced graph, so it is built fresh and never cached."""
-    return type(q) is not Tensor or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-
-
-def capturing(q: Tensor) -> bool:
-    """True while a CUDA graph is being captured: a cached plan (built before capture) is used, a
-    missing one is built without reading values back to the host, and not cached (its tensors
-    would hold data only after replay)."""
-    return q.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 class _PlanCache:
-    """The one plan cache: bounded LRU; entries hold the pattern's tensors weakly."""
+    """The one cache: bounded LRU. An entry is keyed by plain values plus the identity and version
+    of the tensors it was derived from, and holds those tensors weakly (it dies with them)."""
 
     def __init__(self, size: int = CACHE_SIZE) -> None:
         self.size = size
         self.entries: "OrderedDict[tuple, tuple]" = OrderedDict()
 
     @staticmethod
-    def key(pattern: Pattern, shape: tuple, q: Tensor, backend: Backend, req: Request) -> tuple:
-        held = tuple((id(t), t._version) for t in pattern.tensors())
-        return (pattern.cache_key(), held, shape, q.dtype, q.device, backend.name, req.requires_grad,
-                req.deterministic)
+    def key(values: tuple, tensors: tuple) -> tuple:
+        return values + tuple((id(t), t._version) for t in tensors)
 
-    def get(self, key: tuple, pattern: Pattern) -> Optional[Plan]:
+    def get(self, values: tuple, tensors: tuple):
+        key = self.key(values, tensors)
         hit = self.entries.get(key)
         if hit is None:
             return None
-        refs, plan = hit
-        if any(ref() is not t for ref, t in zip(refs, pattern.tensors())):
+        refs, value = hit
+        if any(ref() is not t for ref, t in zip(refs, tensors)):
             del self.entries[key]  # an id reused by a new tensor
             return None
         self.entries.move_to_end(key)
-        return plan
+        return value
 
-    def put(self, key: tuple, pattern: Pattern, plan: Plan) -> None:
-        refs = tuple(weakref.ref(t) for t in pattern.tensors())
-        self.entries[key] = (refs, plan)
+    def put(self, values: tuple, tensors: tuple, value) -> None:
+        key = self.key(values, tensors)
+        self.entries[key] = (tuple(weakref.ref(t) for t in tensors), value)
         self.entries.move_to_end(key)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
@@ -149,15 +136,36 @@ def plan_for(pattern: Pattern, q: Tensor, k: Tensor, backend: Backend, req: Requ
     shape = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
     if tracing(q):
         return build(pattern, q, k, backend, req, shape)
-    key = _PlanCache.key(pattern, shape, q, backend, req)
-    plan = CACHE.get(key, pattern)
+    values = ("plan", pattern.cache_key(), shape, q.dtype, q.device, backend.name, req.requires_grad,
+              req.deterministic)
+    plan = CACHE.get(values, pattern.tensors())
     if plan is None:
         if capturing(q):
             return build(pattern, q, k, backend, req, shape)
         pattern.check_values(k.shape[2])
         plan = build(pattern, q, k, backend, req, shape)
-        CACHE.put(key, pattern, plan)
+        CACHE.put(values, pattern.tensors(), plan)
     return plan
+
+
+def derived(values: tuple, tensors: tuple, make: Callable[[], object]):
+    """A value derived from ``tensors`` (e.g. a mask lowered to a pattern), made once per tensor
+    version and kept in the same cache as the plans. Made fresh, uncached, while tracing or
+    capturing. ``values`` must start with a name of the caller's choosing."""
+    if not tensors or not all(values_readable(t) for t in tensors):
+        return make()
+    value = CACHE.get(values, tensors)
+    if value is None:
+        value = make()
+        CACHE.put(values, tensors, value)
+    return value
+
+
+def recall(values: tuple, tensors: tuple):
+    """What ``derived`` keeps for (values, tensors), or None (also while tracing or capturing)."""
+    if not tensors or not all(values_readable(t) for t in tensors):
+        return None
+    return CACHE.get(values, tensors)
 
 
 def build(pattern: Pattern, q: Tensor, k: Tensor, backend: Backend, req: Request, shape: tuple) -> Plan:
@@ -178,4 +186,4 @@ def build(pattern: Pattern, q: Tensor, k: Tensor, backend: Backend, req: Request
                 key_slots=key_slots, extra_ints=tuple(extra_ints), extra=tuple(extra))
 
 
-__all__ = ["Plan", "plan_for", "build", "tracing", "capturing", "CACHE", "ENGINES"]
+__all__ = ["Plan", "plan_for", "build", "derived", "recall", "CACHE", "ENGINES"]

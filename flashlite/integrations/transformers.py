@@ -53,7 +53,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..core.masks import Lowered, lower, tracing
+from ..core.masks import Lowered, lower
+from ..core.tracing import values_readable
+from ..dispatch import plan as plans
 from ..core.patterns import Full, Pattern, SlidingWindow, TopK
 from ..nn import functional as FL
 
@@ -172,15 +174,14 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
             keep = padded[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
         # While compiling nothing may be read back: a key mask is then kept (the front lowers
         # it to fixed-width top-k indices, exact whether or not anything is padded).
-        all_kept = keep is None or (not tracing(keep) and bool(keep.all()))
+        all_kept = keep is None or (values_readable(keep) and bool(keep.all()))
         if all_kept and band == _CAUSAL_BAND:
             return None
         if all_kept and band == _FULL_BAND and allow_is_bidirectional_skip:
             return None
         if keep is None:
             keep = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
-        keep._flashlite_band = band
-        keep._flashlite_all_kept = all_kept
+        plans.derived(("transformers-mask",), (keep,), lambda: (band, all_kept))  # read by _resolve
         return keep
     from transformers.masking_utils import sdpa_mask
 
@@ -202,11 +203,11 @@ def _resolve(module, query: Tensor, key: Tensor, mask, is_causal, sliding_window
         raise TypeError(f"{MAIN_NAME}: attention_mask must be a tensor or None, got {type(mask).__name__} "
                         f"(masks built for another attn_implementation?)")
     if mask.dim() == 2:
-        band = getattr(mask, "_flashlite_band", None)
+        band, all_kept = plans.recall(("transformers-mask",), (mask,)) or (None, False)
         if band is None:
             band = _module_band(module, is_causal, sliding_window)
         pattern = _pattern_for(band)
-        if getattr(mask, "_flashlite_all_kept", False):
+        if all_kept:
             return pattern, None, None, None
         if mask.shape[-1] != seqlen_k:
             if mask.shape[-1] < seqlen_k:
@@ -225,21 +226,13 @@ def _resolve(module, query: Tensor, key: Tensor, mask, is_causal, sliding_window
 def _lower(query: Tensor, key: Tensor, value: Tensor, pattern: Optional[Pattern], key_keep: Optional[Tensor],
            keep: Optional[Tensor], bias: Optional[Tensor], dropout: float) -> Lowered:
     """The mask front for one layer. A key mask alone (the common case: every layer of one forward
-    shares it) is lowered once per forward in eager mode: the result is memoised on the tensor."""
+    shares it) is lowered once per mask tensor (and version) in eager mode, kept in the plan cache."""
     dense = FL.needs_slow_path(query, key, value, dropout)
-    memo = key_keep is not None and keep is None and bias is None and not dense and not tracing(key_keep)
-    if memo:
-        cache = getattr(key_keep, "_flashlite_lowered", None)
-        if cache is None:
-            cache = {}
-            try:
-                key_keep._flashlite_lowered = cache
-            except (AttributeError, RuntimeError):
-                pass
-        slot = (id(pattern), query.shape[0], query.shape[2], key.shape[2])
-        if slot not in cache:
-            cache[slot] = lower(query, key, pattern=pattern, key_padding_mask=key_keep)
-        return cache[slot]
+    if key_keep is not None and keep is None and bias is None and not dense:
+        values = ("transformers-lowered", pattern.cache_key() if pattern is not None else None, query.shape[0],
+                  query.shape[2], key.shape[2])
+        tensors = (key_keep,) + (pattern.tensors() if pattern is not None else ())
+        return plans.derived(values, tensors, lambda: lower(query, key, pattern=pattern, key_padding_mask=key_keep))
     return lower(query, key, pattern=pattern, attn_mask=keep, key_padding_mask=key_keep, attn_bias=bias, dense=dense)
 
 
