@@ -309,5 +309,5 @@ def lower(q: Tensor, k: Tensor, *, pattern: Optional[Pattern] = None, attn_mask:
     return Lowered(pattern, keep, bias, keys)
 
 
-__all__ = ["Lowered", "lower", "tracing", "top_left_causal", "causal_variant", "is_top_left_causal",
+__all__ = ["Lowered", "lower", "top_left_causal", "causal_variant", "is_top_left_causal",
            "padded_pattern"]

@@ -11,7 +11,7 @@ Positions are aligned bottom-right: query ``i`` sits at ``p(i) = i + Nk - Nq``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 
@@ -91,8 +91,6 @@ def band_mask(seqlen_q: int, seqlen_k: int, left: Optional[int], right: Optional
 
 class Full(Pattern):
     """Every key (``causal=False``) or keys ``j <= p(i)`` (``causal=True``)."""
-
-    name = "full"
 
     def __init__(self, causal: bool = False) -> None:
         if not isinstance(causal, bool):
@@ -248,7 +246,7 @@ class TopK(Pattern):
         return self.indices.dim() == 4
 
     def validate(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        batch, seqlen_q, heads_kv, seqlen_k = q.shape[0], q.shape[2], k.shape[1], k.shape[2]
+        batch, seqlen_q, heads_kv = q.shape[0], q.shape[2], k.shape[1]
         ind = self.indices
         form = f"[{batch}, {heads_kv}|1, {seqlen_q}, K]" if self.per_query else f"[{batch}, {heads_kv}|1, K]"
         ok = ind.shape[0] == batch and ind.shape[1] in (1, heads_kv) and ind.shape[-1] >= 1

@@ -10,7 +10,8 @@ the backend's kernels consume.
 ``plan_for`` builds a plan or takes it from the one bounded cache, keyed by the pattern's values
 and its tensors' identity and version, the call's shapes, dtype, device, backend and whether a
 backward is needed. The cache holds pattern tensors weakly (an entry dies with them) and attaches
-nothing to user tensors. While compiling or tracing, the plan is built fresh (its torch ops become
+nothing to user tensors; it also keeps values derived from tensors for the faces (``derived`` /
+``recall``: a mask lowered once per forward). While compiling or tracing, the plan is built fresh (its torch ops become
 part of the graph) and neither cached nor value-checked; while capturing a CUDA graph a cached
 plan is used and a missing one built without host reads, and not cached.
 
@@ -24,7 +25,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from .. import backend as backends

@@ -196,7 +196,7 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 # ---------------------------------------------------------------------------------------------
 def _resolve(module, query: Tensor, key: Tensor, mask, is_causal, sliding_window):
     """-> (pattern, key_keep [B, Sk] | None, keep 4-D bool | None, bias 4-D float | None)."""
-    seqlen_q, seqlen_k = query.shape[2], key.shape[2]
+    seqlen_k = key.shape[2]
     if mask is None:
         return _pattern_for(_module_band(module, is_causal, sliding_window)), None, None, None
     if not isinstance(mask, Tensor):
