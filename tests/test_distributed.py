@@ -15,8 +15,8 @@ CI machine) and writes its findings to a JSON file per rank; the tests below rea
 * ``test_bad_input_rejected``: uneven lengths, bad groups, unknown layout/method, heads Ulysses
   cannot split, blocks that straddle shards, ALiBi with the ring, out-of-range indices: ValueError
   naming the argument, on every rank concerned, with no rank left hanging;
-* ``test_shard_unshard`` and ``test_attention_module`` (flashlite.nn.Attention's
-  ``context_parallel=`` option), when the module has it.
+* ``test_shard_unshard``; ``test_attention_module``: flashlite.nn.Attention and a subclass with
+  ``context_parallel=`` (ring and Ulysses) against the reference, forward and gradients.
 """
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def _balance(rank, world, torch, flashlite, fld):
 
 
 def _module_case(rank, world, torch, flashlite, fld, reference):
-    """flashlite.nn.Attention(..., context_parallel=...) on shards vs the reference; None if absent."""
+    """flashlite.nn modules with ``context_parallel=`` on shards vs the reference; None if absent."""
     import inspect
 
     from flashlite import nn as fnn
@@ -222,10 +222,28 @@ def _module_case(rank, world, torch, flashlite, fld, reference):
     if "context_parallel" not in inspect.signature(fnn.Attention.__init__).parameters:
         return None
     q, k, v = torch.randn(B, HQ, N, D), torch.randn(B, HKV, N, D), torch.randn(B, HKV, N, D)
-    module = fnn.Attention(flashlite.Full(causal=True), context_parallel=True, backend=BACKEND)
-    out = module(*(fld.shard(t, 2, "zigzag") for t in (q, k, v)))
-    want = fld.shard(reference.attention(q, k, v, flashlite.Full(causal=True)), 2, "zigzag")
-    return float((out - want).abs().max())
+    found = {}
+    for name, module, layout, pattern in (
+            ("attention-zigzag-ring", fnn.Attention(flashlite.Full(causal=True), context_parallel=True,
+                                                    backend=BACKEND), "zigzag", flashlite.Full(causal=True)),
+            ("window-contiguous-ulysses", fnn.SlidingWindowAttention(
+                16, context_parallel={"layout": "contiguous", "method": "ulysses"}, backend=BACKEND), "contiguous",
+             flashlite.SlidingWindow(16, 0))):
+        leaves = [fld.shard(t, 2, layout).requires_grad_() for t in (q, k, v)]
+        out = module(*leaves)
+        out.sum().backward()
+        ref = [t.clone().requires_grad_() for t in (q, k, v)]
+        want = reference.attention(*ref, pattern)
+        want.sum().backward()
+        errs = [(out - fld.shard(want, 2, layout)).abs().max()]
+        errs += [(t.grad - fld.shard(r.grad, 2, layout)).abs().max() for t, r in zip(leaves, ref)]
+        found[name] = max(float(e) for e in errs)
+    try:
+        fnn.TopKAttention(window=4, context_parallel=True)(*(fld.shard(t, 2, "zigzag") for t in (q, k, v)))
+        found["topk-without-indices"] = "ok"
+    except ValueError as exc:
+        found["topk-without-indices"] = f"ValueError: {exc}"
+    return found
 
 
 def worker(rank: int, world: int, folder: str) -> None:
@@ -440,8 +458,11 @@ def test_attention_module(world):
     found = [r["module"] for r in results(world)]
     if found[0] is None:
         pytest.skip("flashlite.nn.Attention has no context_parallel= option in this tree")
-    for rank, err in enumerate(found):
-        assert isinstance(err, float) and err < 1e-5, f"rank {rank}: {err}"
+    for rank, cases in enumerate(found):
+        assert isinstance(cases, dict), f"rank {rank}: {cases}"
+        for name in ("attention-zigzag-ring", "window-contiguous-ulysses"):
+            assert cases[name] < 1e-5, f"rank {rank} {name}: max error {cases[name]}"
+        assert cases["topk-without-indices"].startswith("ValueError: indices"), cases["topk-without-indices"]
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":

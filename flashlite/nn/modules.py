@@ -4,10 +4,15 @@ Every module takes ``q [B, Hq, Nq, D]``, ``k, v [B, Hkv, Nk, D]`` (GQA when ``Hq
 of ``Hkv``) and returns ``out`` shaped like q (``(out, lse)`` with ``return_lse=True``). The
 pattern object is kept on the module, so its block schedule is built once per problem size and
 reused by every call. Modules hold no parameters.
+
+Context parallelism: ``context_parallel=`` (every module) makes the module take this rank's shard
+of a sequence split across a torch.distributed group and run
+``flashlite.distributed.context_parallel_attention`` over the whole sequence, so a model's
+attention runs sharded with no other change (docs/context_parallel.md).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
@@ -22,6 +27,13 @@ class Attention(nn.Module):
         pattern: a flashlite pattern (``Full``, ``SlidingWindow``, ``BlockSparse``, ``TopK``) or None
             (full, non-causal).
         scale, softcap, backend: as :func:`flashlite.attention`.
+        context_parallel: None (default, off); ``True`` (the world group, ``layout="zigzag"``,
+            ``method="ring"``); a ``torch.distributed`` process group (that group, zigzag, ring); or
+            a dict with any of ``group``, ``layout`` (``"zigzag"``, ``"contiguous"``) and ``method``
+            (``"ring"``, ``"ulysses"``). Then q, k, v are this rank's shard of a sequence split over
+            the group in that layout (``flashlite.distributed.shard``), the pattern is over the whole
+            sequence (block-sparse layouts global, top-k indices as global key positions for this
+            rank's queries) and the output is this rank's shard; every rank calls the module.
 
     ``forward(q, k, v, *, pattern=None, alibi_slopes=None, return_lse=False)``: ``pattern`` (the
     pattern input of this call, e.g. a ``TopK`` built from this step's indices) overrides the
@@ -29,7 +41,8 @@ class Attention(nn.Module):
     """
 
     def __init__(self, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
-                 softcap: Optional[float] = None, backend: Optional[str] = None) -> None:
+                 softcap: Optional[float] = None, backend: Optional[str] = None,
+                 context_parallel: Union[None, bool, Any, Dict[str, Any]] = None) -> None:
         super().__init__()
         if pattern is not None and not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a flashlite pattern or None, got {type(pattern).__name__}")
@@ -37,9 +50,16 @@ class Attention(nn.Module):
         self.scale = scale
         self.softcap = softcap
         self.backend = backend
+        self.context_parallel = _context_parallel(context_parallel)
 
     def _run(self, q: Tensor, k: Tensor, v: Tensor, pattern: Optional[Pattern], alibi_slopes: Optional[Tensor],
              return_lse: bool):
+        if self.context_parallel is not None:
+            from ..distributed import context_parallel_attention  # loads torch.distributed only when used
+
+            return context_parallel_attention(q, k, v, pattern, scale=self.scale, softcap=self.softcap,
+                                              alibi_slopes=alibi_slopes, return_lse=return_lse, backend=self.backend,
+                                              **self.context_parallel)
         return attention(q, k, v, pattern, scale=self.scale, softcap=self.softcap, alibi_slopes=alibi_slopes,
                          return_lse=return_lse, backend=self.backend)
 
@@ -50,7 +70,35 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         parts = [repr(self.pattern) if self.pattern is not None else "Full(causal=False)"]
         parts += [f"{n}={getattr(self, n)!r}" for n in ("scale", "softcap", "backend") if getattr(self, n) is not None]
+        if self.context_parallel is not None:
+            cp = self.context_parallel
+            group = "world" if cp["group"] is None else "group"
+            parts.append(f"context_parallel=({group}, {cp['layout']}, {cp['method']})")
         return ", ".join(parts)
+
+
+def _context_parallel(value) -> Optional[Dict[str, Any]]:
+    """``context_parallel=`` as the keyword arguments of ``context_parallel_attention`` (None: off)."""
+    if value is None or value is False:
+        return None
+    options: Dict[str, Any] = {"group": None, "layout": "zigzag", "method": "ring"}
+    if value is True:
+        return options
+    if isinstance(value, dict):
+        unknown = set(value) - set(options)
+        if unknown:
+            raise ValueError(f"context_parallel: unknown keys {sorted(unknown)}; expected group, layout, method")
+        options.update(value)
+    elif type(value).__name__ == "ProcessGroup":
+        options["group"] = value
+    else:
+        raise TypeError(f"context_parallel must be None, a bool, a torch.distributed ProcessGroup or a dict, "
+                        f"got {type(value).__name__}")
+    if options["layout"] not in ("zigzag", "contiguous"):
+        raise ValueError(f"context_parallel: layout must be 'zigzag' or 'contiguous', got {options['layout']!r}")
+    if options["method"] not in ("ring", "ulysses"):
+        raise ValueError(f"context_parallel: method must be 'ring' or 'ulysses', got {options['method']!r}")
+    return options
 
 
 class FlashAttention(Attention):
@@ -138,6 +186,9 @@ class TopKAttention(Attention):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, marks=None, indices: Optional[Tensor] = None,
                 alibi_slopes: Optional[Tensor] = None, return_lse: bool = False):
         if indices is None:
+            if self.context_parallel is not None:
+                raise ValueError("indices: TopKAttention with context_parallel needs indices= (this rank's queries, "
+                                 "global key positions); the selection from marks or scores sees only the shard")
             indices = self.select(q, k, marks)
         return self._run(q, k, v, TopK(indices, causal=self.causal), alibi_slopes, return_lse)
 
