@@ -44,6 +44,13 @@ class RingConfig:
         # ring distance of each visible pair: q rank r sees the shard of r − s at step s
         reach = [(q - k) % world_size for q in range(world_size) for k in range(world_size) if visible[q][k]]
         self.last_step = max(reach, default=0)
+        self._calls = {}
+
+    def calls(self, src: int):
+        """This rank's kernel calls against rank ``src``'s shard (built once, reused by the backward)."""
+        if src not in self._calls:
+            self._calls[src] = self.sharded.calls(src) if self.visible[self.rank][src] else []
+        return self._calls[src]
 
 
 def _merge(out_acc: Tensor, lse_acc: Tensor, out_p: Tensor, lse_p: Tensor) -> None:
@@ -79,7 +86,7 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, cfg: RingConfig) -> Tuple[Tens
         src = (rank - step) % size
         pending = _post_kv(cfg, k_cur, v_cur, "forward") if step < cfg.last_step else None
         start = time.perf_counter()
-        calls = cfg.sharded.calls(src) if cfg.visible[rank][src] else []
+        calls = cfg.calls(src)
         for call in calls:
             qc, kc, vc = _rows(q, call.q0, call.q1), _rows(k_cur, call.k0, call.k1), _rows(v_cur, call.k0, call.k1)
             stats.record_call("forward", call.pattern, qc, kc)
@@ -110,7 +117,7 @@ def ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         src = (rank - step) % size
         kv_pending = _post_kv(cfg, k_cur, v_cur, "backward") if step < cfg.last_step else None
         start = time.perf_counter()
-        calls = cfg.sharded.calls(src) if cfg.visible[rank][src] else []
+        calls = cfg.calls(src)
         dk_step = dv_step = None
         for call in calls:
             qc, kc, vc = _rows(q, call.q0, call.q1), _rows(k_cur, call.k0, call.k1), _rows(v_cur, call.k0, call.k1)
