@@ -65,7 +65,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         torch.set_num_threads(1)  # the ranks share the machine's cores

@@ -93,7 +93,7 @@ def _chunk_ids(t, full, size, torch):
 
 
 def _run_case(name, rank, world, torch, flashlite, fld, dispatch, reference, conftest):
-    kind, layout, method = name.split("-")[0], name.split("-")[-2], name.split("-")[-1]
+    layout, method = name.split("-")[-2], name.split("-")[-1]
     q, k, v, grad, pattern, kw = _inputs(name, torch, flashlite, fld)
     record = {"forward": [], "backward": []}
     seg = N // world // (2 if layout == "zigzag" else 1)
@@ -255,7 +255,7 @@ def worker(rank: int, world: int, folder: str) -> None:
 
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import conftest  # noqa: E402 - the correctness rule (sets FLASHLITE_POISON=1)
+    import conftest  # the correctness rule (sets FLASHLITE_POISON=1)
 
     import flashlite
     from flashlite import dispatch, reference
@@ -313,7 +313,7 @@ def _child(rank: int, world: int, folder: str) -> None:
     """A forked rank: torch and flashlite are already imported (no 3-5 s import per process)."""
     try:
         worker(rank, world, folder)
-    except BaseException:  # noqa: BLE001 - reported to the parent
+    except BaseException:  # reported to the parent, then re-raised
         with open(os.path.join(folder, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
@@ -353,7 +353,10 @@ def results(world: int):
         reports = []
         for r, code in enumerate(codes):
             path, err = os.path.join(folder, f"rank{r}.json"), os.path.join(folder, f"rank{r}.err")
-            log = open(err).read() if os.path.exists(err) else ""
+            log = ""
+            if os.path.exists(err):
+                with open(err) as f:
+                    log = f.read()
             assert code == 0 and os.path.exists(path), f"rank {r} of {world} failed (exit {code}):\n{log[-4000:]}"
             with open(path) as f:
                 reports.append(json.load(f))

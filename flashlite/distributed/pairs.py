@@ -35,7 +35,7 @@ class _Band(SlidingWindow):
     """``SlidingWindow`` with any integer (or None = unbounded) sides: ``p(i) − left <= j <= p(i) + right``.
     Internal: the band of a global pattern seen from one segment pair."""
 
-    def __init__(self, left: Optional[int], right: Optional[int]) -> None:  # noqa: D401 - no range check
+    def __init__(self, left: Optional[int], right: Optional[int]) -> None:  # no range check: negative sides allowed
         self.left, self.right = left, right
 
     def __repr__(self) -> str:

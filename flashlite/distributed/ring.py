@@ -21,7 +21,7 @@ step's). After the last step the accumulator goes straight back to the shard's o
 from __future__ import annotations
 
 import time
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
