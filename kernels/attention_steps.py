@@ -1,8 +1,10 @@
 """Triton stages shared by the tile engine (``tile_engine``) and the gather engine (``gather_engine``).
 
 Notation as in ``tile_engine``: ``s_ij`` the score after scale/softcap/ALiBi, ``m_i`` the running
-max, ``l_i`` the running sum, ``lse_i = m_i + log l_i``; the online softmax runs in base 2 (scores
-in log2 units, ``exp2``).
+max, ``l_i`` the running sum, ``lse_i = m_i + log l_i``. Inside the kernels scores are carried in
+base 2 (``s·log2(e)``, the log2 units): ``log2(e)`` is folded into the score constants once per
+program (``score_scales``), so the hot loop multiplies once and calls ``exp2``. ``lse`` stays in
+natural units at the interface (``softmax_finish`` converts; the backward takes ``lse·log2(e)``).
 
 Under Triton's interpreter every nested ``@triton.jit`` call costs about 0.1 ms (the interpreter
 patches ``triton.language`` again on each call), so the helpers that run once per block of keys
@@ -26,26 +28,40 @@ def dot(a, b, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
-def capped_scores(q, k_tile, scale, softcap, HAS_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr):
-    """softcap·tanh(q·kᵀ·scale / softcap) (natural units, fp32): the scores before ALiBi."""
-    if IEEE_DOT:
-        s = tl.dot(q, tl.trans(k_tile), input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, tl.trans(k_tile)) * scale
+def score_scales(scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """The score constants in log2 units, once per program: (qk_scale, cap2).
+
+        no softcap:  s·log2(e) = q·kᵀ · qk_scale,                 qk_scale = scale·log2(e)
+        softcap:     s·log2(e) = cap2 · tanh(q·kᵀ·scale / softcap),  cap2 = softcap·log2(e),
+                     tanh(x) = 1 − 2 / (2^(2x·log2(e)) + 1),  qk_scale = 2·scale·log2(e) / softcap
+    """
     if HAS_SOFTCAP:
-        # tanh(x) = 1 − 2 / (exp(2x) + 1): exact at ±inf, no libdevice needed.
-        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        return 2.0 * scale * LOG2E / softcap, softcap * LOG2E
+    return scale * LOG2E, softcap * LOG2E
+
+
+@triton.jit
+def capped_scores(q, k_tile, qk_scale, cap2, HAS_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """softcap·tanh(q·kᵀ·scale / softcap) in log2 units (fp32): the scores before ALiBi
+    (constants from ``score_scales``)."""
+    if IEEE_DOT:
+        s = tl.dot(q, tl.trans(k_tile), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k_tile)) * qk_scale
+    if HAS_SOFTCAP:
+        # cap2·tanh(x) with tanh(x) = 1 − 2 / (2^(2x·log2 e) + 1): exact at ±inf, no libdevice needed.
+        s = cap2 * (1.0 - 2.0 / (tl.exp2(s) + 1.0))
     return s
 
 
 @triton.jit
-def scores(q, k_tile, query_pos, key_index, slope, scale, softcap,
+def scores(q, k_tile, query_pos, key_index, slope2, qk_scale, cap2,
            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE_DOT: tl.constexpr):
-    """s = softcap·tanh(q·kᵀ·scale / softcap) − slope·|p(i) − j|   (natural units, fp32; slope a
-    scalar or a column [rows, 1])."""
-    s = capped_scores(q, k_tile, scale, softcap, HAS_SOFTCAP, IEEE_DOT)
+    """s·log2(e) = (softcap·tanh(q·kᵀ·scale / softcap) − slope·|p(i) − j|)·log2(e)   (fp32; slope2 =
+    slope·log2(e), a scalar or a column [rows, 1])."""
+    s = capped_scores(q, k_tile, qk_scale, cap2, HAS_SOFTCAP, IEEE_DOT)
     if HAS_ALIBI:
-        s = s - slope * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
+        s = s - slope2 * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
     return s
 
 
@@ -72,7 +88,7 @@ def online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT: tl.constexpr):
 
 @triton.jit
 def softmax_finish(m_i, l_i, acc):
-    """out = acc / l, lse = (m + log2 l)·ln 2; a row that saw no key gets 0 and −inf."""
+    """out = acc / l, lse = (m + log2 l)·ln 2 (natural units); a row that saw no key gets 0 and −inf."""
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
@@ -80,12 +96,18 @@ def softmax_finish(m_i, l_i, acc):
 
 
 @triton.jit
-def score_grad(p, dp, delta, s, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+def log2_lse(lse):
+    """lse·log2(e) for p = 2^(s·log2 e − lse·log2 e); a row with no key (lse = −inf) gets +inf, so p = 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def score_grad(p, dp, delta, sc, scale, cap2, HAS_SOFTCAP: tl.constexpr):
     """dS/d(q·kᵀ): softmax backward ds = p ⊙ (dp − δ) with δ_i = Σ_d dO_id·O_id, then the
     softcap chain (1 − tanh²) and the scale."""
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
-        # Callers pass s without ALiBi (it has no q/k gradient), so s / softcap = tanh(...).
-        tanh = s / softcap
+        # sc: the capped scores in log2 units without ALiBi (it has no q/k gradient): sc / cap2 = tanh(...).
+        tanh = sc / cap2
         ds = ds * (1.0 - tanh * tanh)
     return ds * scale

@@ -23,7 +23,8 @@ sum has a fixed order, so the backward is bitwise deterministic (on a GPU too), 
 does the same amount of work however unevenly keys are selected (sinks selected by all queries).
 
 Notation as in ``tile_engine``: ``s_ij`` score, ``m_i`` running max, ``l_i`` running sum,
-``lse_i = m_i + log l_i``; scores carried in base 2 in the hot loop (``exp2``). The stages shared
+``lse_i = m_i + log l_i``; scores carried in base 2 in the hot loop (``exp2``, log2(e) folded into
+the score constants once per program; lse natural at the interface). The stages shared
 with the tile engine (scores, online softmax, softmax backward) are in ``attention_steps``.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_steps import LOG2E, capped_scores, dot, online_softmax_step, score_grad, scores, softmax_finish
+from .attention_steps import (LOG2E, capped_scores, dot, log2_lse, online_softmax_step, score_grad, score_scales,
+                              scores, softmax_finish)
 
 
 @triton.jit
@@ -102,9 +104,10 @@ def gather_forward_kernel(
     q = tl.load(Q + row_q[:, None] + cols_d[None, :], mask=qd_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    slope = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
+    slope2 = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     if HAS_ALIBI:
-        slope = tl.load(ALIBI + batch * stride_alibi_b + head, mask=row_ok, other=0.0)
+        slope2 = tl.load(ALIBI + batch * stride_alibi_b + head, mask=row_ok, other=0.0) * LOG2E
 
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -122,9 +125,9 @@ def gather_forward_kernel(
         key, k_tile, v_tile, visible = _gather_keys(list_base, stride_list_s, start, count, k_base, v_base, stride_kn,
                                                     stride_vn, cols_d, d_ok, member_rows, row_ok, query_pos, CAUSAL,
                                                     HAS_MEMBER, UPCAST, BLOCK_K)
-        # s_ij = softcap·tanh(q_i·k_j·scale / softcap) − slope·|p(i) − j|, in log2 units (−inf: not visible)
-        s = scores(q, k_tile, query_pos, key, slope[:, None], scale, softcap, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
-        s = tl.where(visible, s * LOG2E, float("-inf"))
+        # s_ij = (softcap·tanh(q_i·k_j·scale / softcap) − slope·|p(i) − j|)·log2(e)   (−inf: not visible)
+        s = scores(q, k_tile, query_pos, key, slope2[:, None], qk_scale, cap2, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
+        s = tl.where(visible, s, float("-inf"))
         # Online softmax (base 2): m, l, acc over this chunk's keys.
         m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT)
 
@@ -167,12 +170,13 @@ def gather_backward_q_kernel(
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     stat_rows = (batch.to(tl.int64) * heads_q + head) * seqlen_q + query
-    lse = tl.load(LSE + stat_rows, mask=row_ok, other=float("-inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no key: p = exp(s − inf) = 0
+    # lse·log2(e); a row with no key gets +inf: p = 2^(s − inf) = 0
+    lse2 = log2_lse(tl.load(LSE + stat_rows, mask=row_ok, other=float("-inf")))
     delta = tl.load(DELTA + stat_rows, mask=row_ok, other=0.0)
-    slope = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
+    slope2 = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     if HAS_ALIBI:
-        slope = tl.load(ALIBI + batch * stride_alibi_b + head, mask=row_ok, other=0.0)
+        slope2 = tl.load(ALIBI + batch * stride_alibi_b + head, mask=row_ok, other=0.0) * LOG2E
 
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -187,15 +191,15 @@ def gather_backward_q_kernel(
         key, k_tile, v_tile, visible = _gather_keys(list_base, stride_list_s, start, count, k_base, v_base, stride_kn,
                                                     stride_vn, cols_d, d_ok, member_rows, row_ok, query_pos, CAUSAL,
                                                     HAS_MEMBER, UPCAST, BLOCK_K)
-        # s_ij as in the forward (sc: after softcap, before ALiBi);  p_ij = exp(s_ij − lse_i)
-        sc = capped_scores(q, k_tile, scale, softcap, HAS_SOFTCAP, IEEE_DOT)
+        # s_ij·log2(e) as in the forward (sc: after softcap, before ALiBi);  p_ij = 2^(s_ij·log2 e − lse_i·log2 e)
+        sc = capped_scores(q, k_tile, qk_scale, cap2, HAS_SOFTCAP, IEEE_DOT)
         s = sc
         if HAS_ALIBI:
-            s = sc - slope[:, None] * tl.abs(query_pos[:, None] - key[None, :]).to(tl.float32)
-        p = tl.where(visible, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
+            s = sc - slope2[:, None] * tl.abs(query_pos[:, None] - key[None, :]).to(tl.float32)
+        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         # dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ) · (1 − tanh²) · scale ;  dQ += dS·K
         dp = dot(do, tl.trans(v_tile), IEEE_DOT)
-        ds = score_grad(p, dp, delta, sc, scale, softcap, HAS_SOFTCAP)
+        ds = score_grad(p, dp, delta, sc, scale, cap2, HAS_SOFTCAP)
         dq += dot(ds.to(k_tile.dtype), k_tile, IEEE_DOT)
 
     row_dq = batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + query.to(tl.int64) * stride_dqn
@@ -249,19 +253,20 @@ def gather_backward_kv_kernel(
     lse = tl.load(LSE + stat_rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + stat_rows, mask=row_ok, other=0.0)
 
-    # s = softcap·tanh(q·k·scale / softcap) − slope·|p(i) − j| ;  p = exp(s − lse)
-    sc = tl.sum(q * k_rows, 1) * scale
+    # s·log2 e = (softcap·tanh(q·k·scale / softcap) − slope·|p(i) − j|)·log2 e ;  p = 2^(s·log2 e − lse·log2 e)
+    qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
+    sc = tl.sum(q * k_rows, 1) * qk_scale
     if HAS_SOFTCAP:
-        sc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * sc / softcap) + 1.0))
+        sc = cap2 * (1.0 - 2.0 / (tl.exp2(sc) + 1.0))  # cap2·tanh, as in capped_scores
     s = sc
     if HAS_ALIBI:
-        slope = tl.load(ALIBI + batch * stride_alibi_b + head, mask=row_ok, other=0.0)
-        s = sc - slope * tl.abs(query + (seqlen_k - seqlen_q) - key).to(tl.float32)
-    p = tl.where(row_ok, tl.exp2((s - lse) * LOG2E), 0.0)
-    # dp = dO·v ;  ds = p (dp − δ) (1 − tanh²) · scale
+        slope2 = tl.load(ALIBI + batch * stride_alibi_b + head, mask=row_ok, other=0.0) * LOG2E
+        s = sc - slope2 * tl.abs(query + (seqlen_k - seqlen_q) - key).to(tl.float32)
+    p = tl.where(row_ok, tl.exp2(s - lse * LOG2E), 0.0)
+    # dp = dO·v ;  ds = p (dp − δ) (1 − tanh²) · scale   (tanh = sc / cap2)
     ds = p * (tl.sum(do * v_rows, 1) - delta)
     if HAS_SOFTCAP:
-        ds = ds * (1.0 - (sc / softcap) * (sc / softcap))
+        ds = ds * (1.0 - (sc / cap2) * (sc / cap2))
     ds = ds * scale
 
     # Sum the rows of each piece: one-hot [pieces, rows] @ per-row terms [rows, D].

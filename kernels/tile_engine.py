@@ -1,27 +1,49 @@
 """The tile engine: exact attention over a block schedule, forward and backward, in Triton.
 
 One kernel family serves full, causal, sliding-window and block-sparse attention. A pattern
-is a *schedule* (``flashlite.schedule.TileSchedule``): per query tile, the key tiles to visit
+is a *schedule* (``flashlite.core.schedule.TileSchedule``): per query tile, the key tiles to visit
 (forward); per key tile, the query tiles (backward). Inside a visited tile an element mask
 applies the band ``p(i) − left ≤ j ≤ p(i) + right`` and the sequence end.
 
 Notation (per query row i, key column j): ``s_ij`` the score after scale/softcap/ALiBi,
 ``m_i`` the running max, ``l_i`` the running sum of ``exp(s_ij − m_i)``, ``lse_i = m_i + log l_i``.
-Scores are carried in base 2 (``s·log2(e)``) so the hot loop uses ``exp2``. The stages shared
+Scores are carried in base 2 (``s·log2(e)``, log2(e) folded into the score constants once per
+program) so the hot loop uses ``exp2``; ``lse`` is natural at the interface. The stages shared
 with the gather engine (scores, online softmax, softmax backward) are in ``attention_steps``.
+
+Interior and edge tiles (as FlashAttention-2/3 and Triton's fused-attention tutorial): the element
+mask is needed only where a band edge, the sequence end or the end of the queries crosses a tile.
+A query tile with real rows r0 ≤ i ≤ r1 (r1 = min(r0 + BLOCK_M, Nq) − 1) sees key tile
+[c0, c0 + BLOCK_N) whole when
+
+    c0 ≥ p(r1) − left,    c0 + BLOCK_N − 1 ≤ p(r0) + right,    c0 + BLOCK_N ≤ Nk
+
+(the band is monotone in i, so its first and last rows bound it). Those *interior* tiles form one
+range of tile indices [lo, hi), which a schedule row (a range, or an ascending list) holds in one
+run of slots [ta, tb). The forward walks that run with no element mask and no row masks on its
+key loads, then the other (*edge*) slots with them. The backward kernels mask every tile: split
+the same way (or with a per-tile branch) they need more registers than sm_90 has at the launch
+configurations, and spill (measured by compiling for sm_90), which costs more than the mask.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .attention_steps import LOG2E, dot, online_softmax_step, score_grad, scores, softmax_finish
+from .attention_steps import (LOG2E, capped_scores, dot, log2_lse, online_softmax_step, score_grad, score_scales,
+                              scores, softmax_finish)
+
+SPAN_CHUNK = tl.constexpr(64)  # list-schedule slots read at once when locating the interior run
+NO_TILE = tl.constexpr(2147483647)  # past every tile index
 
 
 @triton.jit
-def _load_rows(base, rows, stride_row, cols_d, row_limit, d_ok, UPCAST: tl.constexpr):
-    """Rows ``rows`` of a [N, D] slice (zeros past ``row_limit`` and ``head_dim``); fp32 if UPCAST."""
-    mask = (rows < row_limit)[:, None] & d_ok[None, :]
+def _load_rows(base, rows, stride_row, cols_d, row_limit, d_ok, MASK_ROWS: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows ``rows`` of a [N, D] slice: zeros past ``head_dim`` and (MASK_ROWS) past ``row_limit``;
+    fp32 if UPCAST."""
+    mask = d_ok[None, :]
+    if MASK_ROWS:
+        mask = (rows < row_limit)[:, None] & d_ok[None, :]
     block = tl.load(base + rows.to(tl.int64)[:, None] * stride_row + cols_d[None, :], mask=mask, other=0.0)
     if UPCAST:
         block = block.to(tl.float32)
@@ -38,13 +60,66 @@ def _scheduled_tile(schedule_row, first_tile, t, IS_LIST: tl.constexpr):
 
 
 @triton.jit
+def _interior_span(schedule_row, first_tile, count, lo, hi, IS_LIST: tl.constexpr):
+    """The slots [ta, tb) of a schedule row that hold the interior tiles (index in [lo, hi)): a
+    range starts at ``first_tile``; a list is ascending, so ta, tb count its entries below lo, hi."""
+    if IS_LIST:
+        ta = 0
+        tb = 0
+        for start in range(0, count, SPAN_CHUNK):
+            slots = start + tl.arange(0, SPAN_CHUNK)
+            tiles = tl.load(schedule_row + slots, mask=slots < count, other=NO_TILE)
+            ta += tl.sum((tiles < lo).to(tl.int32), 0)
+            tb += tl.sum((tiles < hi).to(tl.int32), 0)
+    else:
+        ta = lo - first_tile
+        tb = hi - first_tile
+    ta = tl.minimum(tl.maximum(ta, 0), count)
+    tb = tl.minimum(tl.maximum(tb, ta), count)
+    return ta, tb
+
+
+@triton.jit
+def _interior_key_tiles(q_tile, seqlen_q, seqlen_k, window_left, window_right,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles [lo, hi) that every real row of query tile ``q_tile`` sees whole, with r0, r1 its
+    first and last real rows:
+
+        lo = ⌈max(p(r1) − left, 0) / BLOCK_N⌉,    hi = ⌊min(p(r0) + right + 1, Nk) / BLOCK_N⌋
+    """
+    first_row = q_tile * BLOCK_M
+    last_row = tl.minimum(first_row + BLOCK_M, seqlen_q) - 1
+    lo_key = tl.maximum(last_row + (seqlen_k - seqlen_q) - window_left, 0)
+    hi_key = tl.maximum(tl.minimum(first_row + (seqlen_k - seqlen_q) + window_right + 1, seqlen_k), 0)
+    return (lo_key + BLOCK_N - 1) // BLOCK_N, hi_key // BLOCK_N
+
+
+@triton.jit
 def _visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAND: tl.constexpr):
-    """Element mask of a tile: inside the sequence and, for band patterns, inside the band."""
+    """Element mask: inside the sequence and, for band patterns, inside the band."""
     visible = key_index[None, :] < seqlen_k
     if MASK_BAND:
         visible = visible & (key_index[None, :] >= query_pos[:, None] - window_left)
         visible = visible & (key_index[None, :] <= query_pos[:, None] + window_right)
     return visible
+
+
+@triton.jit
+def _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride_kn, stride_vn, cols_d, d_ok,
+                  seqlen_k, window_left, window_right, slope2, qk_scale, cap2, EDGE: tl.constexpr,
+                  MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """One key tile of the forward pass (EDGE: with the element mask and masked key rows):
+
+        s_ij = (softcap·tanh(q_i·k_jᵀ·scale / softcap) − slope·|p(i) − j|)·log2(e),  edge: −inf where not visible
+        m' = max(m, max_j s_ij);   α = 2^(m − m');   l' = α·l + Σ_j 2^(s_ij − m');   acc' = α·acc + 2^(s − m')·V
+    """
+    k_tile = _load_rows(k_base, key_index, stride_kn, cols_d, seqlen_k, d_ok, EDGE, UPCAST)
+    v_tile = _load_rows(v_base, key_index, stride_vn, cols_d, seqlen_k, d_ok, EDGE, UPCAST)
+    s = scores(q, k_tile, query_pos, key_index, slope2, qk_scale, cap2, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
+    if EDGE:
+        s = tl.where(_visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAND), s, float("-inf"))
+    return online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT)
 
 
 @triton.jit
@@ -58,6 +133,10 @@ def tile_forward_kernel(
     COUNT_TILES: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """out, lse for one query tile over its scheduled key tiles.
+
+    COUNT_TILES (debug): 1 stores the key tiles each program visited in ``TILE_COUNTER[program]``;
+    2 also stores its edge (element-masked) tiles in ``TILE_COUNTER[programs + program]``."""
     q_tile = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // heads_q
@@ -72,31 +151,42 @@ def tile_forward_kernel(
     query_pos = rows + (seqlen_k - seqlen_q)  # p(i), bottom-right alignment
 
     q = _load_rows(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, rows, stride_qn, cols_d,
-                   seqlen_q, d_ok, UPCAST)
+                   seqlen_q, d_ok, True, UPCAST)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    slope = 0.0
+    qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
+    slope2 = 0.0
     if HAS_ALIBI:
-        slope = tl.load(ALIBI + batch * stride_alibi_b + head)
+        slope2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
 
     schedule_row = KV_TILES + batch * stride_tiles_b + head * stride_tiles_h + q_tile * stride_tiles_m
     tile_count = tl.load(KV_COUNT + batch * stride_count_b + head * stride_count_h + q_tile)
     first_tile = tl.load(schedule_row)
+    # Interior key tiles [lo, hi): inside every real row's band and before Nk; slots [ta, tb).
+    lo, hi = _interior_key_tiles(q_tile, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N)
+    ta, tb = _interior_span(schedule_row, first_tile, tile_count, lo, hi, IS_LIST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    visited = 0
-    for t in range(0, tile_count):
+    interior = 0
+    edges = 0
+    # Interior tiles: scores, online softmax (base 2), no element mask.
+    for t in range(ta, tb):
         key_index = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N + tile_cols
-        k_tile = _load_rows(k_base, key_index, stride_kn, cols_d, seqlen_k, d_ok, UPCAST)
-        v_tile = _load_rows(v_base, key_index, stride_vn, cols_d, seqlen_k, d_ok, UPCAST)
-        s = scores(q, k_tile, query_pos, key_index, slope, scale, softcap, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
-        visible = _visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAND)
-        s = tl.where(visible, s * LOG2E, float("-inf"))
-        # Online softmax update (base 2): m, l, acc over this tile's keys.
-        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT)
-        visited += 1
+        m_i, l_i, acc = _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride_kn, stride_vn,
+                                      cols_d, d_ok, seqlen_k, window_left, window_right, slope2, qk_scale, cap2,
+                                      False, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT)
+        interior += 1
+    # Edge tiles (slots 0..ta−1 and tb..count−1: band edges, the last partial key tile): the same,
+    # s_ij = −inf where j ≥ Nk or j is outside p(i) − left ≤ j ≤ p(i) + right.
+    for e in range(0, tile_count - (tb - ta)):
+        t = tl.where(e < ta, e, e + (tb - ta))
+        key_index = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N + tile_cols
+        m_i, l_i, acc = _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride_kn, stride_vn,
+                                      cols_d, d_ok, seqlen_k, window_left, window_right, slope2, qk_scale, cap2,
+                                      True, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT)
+        edges += 1
 
     # Finish: out = acc / l, lse = (m + log2 l)·ln 2; rows that saw no key give 0 and −inf.
     out, lse = softmax_finish(m_i, l_i, acc)
@@ -105,20 +195,25 @@ def tile_forward_kernel(
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + batch_head.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
     if COUNT_TILES:
-        tl.store(TILE_COUNTER + batch_head * tl.num_programs(0) + q_tile, visited)
+        program = batch_head * tl.num_programs(0) + q_tile
+        tl.store(TILE_COUNTER + program, interior + edges)
+        if COUNT_TILES == 2:
+            tl.store(TILE_COUNTER + tl.num_programs(0) * tl.num_programs(1) + program, edges)
 
 
 @triton.jit
-def _recompute_probs(q, k_tile, lse, query_pos, key_index, slope, scale, softcap, seqlen_k,
-                     window_left, window_right, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     HAS_ALIBI: tl.constexpr, IEEE_DOT: tl.constexpr):
-    """p_ij = exp(s_ij − lse_i) from the saved lse; also tanh(raw/cap) for the softcap chain rule.
-    Rows with lse = −inf (no key) get p = 0."""
-    s = scores(q, k_tile, query_pos, key_index, slope, scale, softcap, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
-    visible = _visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAND)
-    lse_use = tl.where(lse == float("-inf"), float("inf"), lse)
-    p = tl.exp2((tl.where(visible, s, float("-inf")) - lse_use[:, None]) * LOG2E)
-    return p, s
+def _recompute_probs(q, k_tile, lse2, query_pos, key_index, seqlen_k, window_left, window_right, slope2, qk_scale,
+                     cap2, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                     IEEE_DOT: tl.constexpr):
+    """p_ij = 2^(s_ij·log2 e − lse_i·log2 e) from the saved lse (lse2 from ``log2_lse``: +inf for a row
+    with no key, so p = 0 there; 0 where (i, j) is not visible), and sc, the capped scores in log2
+    units without ALiBi, for the softcap chain rule."""
+    sc = capped_scores(q, k_tile, qk_scale, cap2, HAS_SOFTCAP, IEEE_DOT)
+    s = sc
+    if HAS_ALIBI:
+        s = sc - slope2 * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
+    s = tl.where(_visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAND), s, float("-inf"))
+    return tl.exp2(s - lse2[:, None]), sc
 
 
 @triton.jit
@@ -150,17 +245,18 @@ def tile_backward_kv_kernel(
     kv_mask = (key_index < seqlen_k)[:, None] & d_ok[None, :]
     key_rows = key_index.to(tl.int64)[:, None]
     k_tile = _load_rows(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh, key_index, stride_kn,
-                        cols_d, seqlen_k, d_ok, UPCAST)
+                        cols_d, seqlen_k, d_ok, True, UPCAST)
     v_tile = _load_rows(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh, key_index, stride_vn,
-                        cols_d, seqlen_k, d_ok, UPCAST)
+                        cols_d, seqlen_k, d_ok, True, UPCAST)
+    qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     for g in range(0, group):
         head = kv_head * group + g
-        slope = 0.0
+        slope2 = 0.0
         if HAS_ALIBI:
-            slope = tl.load(ALIBI + batch * stride_alibi_b + head)
+            slope2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
         schedule_row = Q_TILES + batch * stride_tiles_b + head * stride_tiles_h + kv_tile * stride_tiles_n
         tile_count = tl.load(Q_COUNT + batch * stride_count_b + head * stride_count_h + kv_tile)
         first_tile = tl.load(schedule_row)
@@ -170,19 +266,17 @@ def tile_backward_kv_kernel(
         for t in range(0, tile_count):
             rows = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_M + tile_rows
             row_ok = rows < seqlen_q
-            q = _load_rows(q_base, rows, stride_qn, cols_d, seqlen_q, d_ok, UPCAST)
-            do = _load_rows(do_base, rows, stride_don, cols_d, seqlen_q, d_ok, UPCAST)
-            lse = tl.load(LSE + row_base + rows, mask=row_ok, other=float("-inf"))
+            q = _load_rows(q_base, rows, stride_qn, cols_d, seqlen_q, d_ok, True, UPCAST)
+            do = _load_rows(do_base, rows, stride_don, cols_d, seqlen_q, d_ok, True, UPCAST)
+            lse2 = log2_lse(tl.load(LSE + row_base + rows, mask=row_ok, other=float("-inf")))
             delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-            query_pos = rows + (seqlen_k - seqlen_q)
-            p, s = _recompute_probs(q, k_tile, lse, query_pos, key_index, slope, scale, softcap, seqlen_k,
-                                    window_left, window_right, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
-            # dV += pᵀ·dO ;  dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ) ;  dK += dSᵀ·Q
+            p, sc = _recompute_probs(q, k_tile, lse2, rows + (seqlen_k - seqlen_q), key_index, seqlen_k,
+                                     window_left, window_right, slope2, qk_scale, cap2, MASK_BAND, HAS_SOFTCAP,
+                                     HAS_ALIBI, IEEE_DOT)
+            # dV += pᵀ·dO ;  dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ)·(1 − tanh²)·scale ;  dK += dSᵀ·Q
             dv += dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
             dp = dot(do, tl.trans(v_tile), IEEE_DOT)
-            if HAS_ALIBI:
-                s = s + slope * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
-            ds = score_grad(p, dp, delta, s, scale, softcap, HAS_SOFTCAP)
+            ds = score_grad(p, dp, delta, sc, scale, cap2, HAS_SOFTCAP)
             dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
 
     dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
@@ -224,14 +318,15 @@ def tile_backward_q_kernel(
     query_pos = rows + (seqlen_k - seqlen_q)
     row_offsets = rows.to(tl.int64)[:, None]
     q = _load_rows(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, rows, stride_qn, cols_d,
-                   seqlen_q, d_ok, UPCAST)
+                   seqlen_q, d_ok, True, UPCAST)
     do = _load_rows(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, rows, stride_don,
-                    cols_d, seqlen_q, d_ok, UPCAST)
-    lse = tl.load(LSE + batch_head.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=float("-inf"))
+                    cols_d, seqlen_q, d_ok, True, UPCAST)
+    lse2 = log2_lse(tl.load(LSE + batch_head.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=float("-inf")))
     delta = tl.load(DELTA + batch_head.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
-    slope = 0.0
+    qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
+    slope2 = 0.0
     if HAS_ALIBI:
-        slope = tl.load(ALIBI + batch * stride_alibi_b + head)
+        slope2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
@@ -241,15 +336,13 @@ def tile_backward_q_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for t in range(0, tile_count):
         key_index = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N + tile_cols
-        k_tile = _load_rows(k_base, key_index, stride_kn, cols_d, seqlen_k, d_ok, UPCAST)
-        v_tile = _load_rows(v_base, key_index, stride_vn, cols_d, seqlen_k, d_ok, UPCAST)
-        p, s = _recompute_probs(q, k_tile, lse, query_pos, key_index, slope, scale, softcap, seqlen_k,
-                                window_left, window_right, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
-        # dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ) ;  dQ += dS·K
+        k_tile = _load_rows(k_base, key_index, stride_kn, cols_d, seqlen_k, d_ok, True, UPCAST)
+        v_tile = _load_rows(v_base, key_index, stride_vn, cols_d, seqlen_k, d_ok, True, UPCAST)
+        p, sc = _recompute_probs(q, k_tile, lse2, query_pos, key_index, seqlen_k, window_left, window_right, slope2,
+                                 qk_scale, cap2, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
+        # dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ)·(1 − tanh²)·scale ;  dQ += dS·K
         dp = dot(do, tl.trans(v_tile), IEEE_DOT)
-        if HAS_ALIBI:
-            s = s + slope * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
-        ds = score_grad(p, dp, delta, s, scale, softcap, HAS_SOFTCAP)
+        ds = score_grad(p, dp, delta, sc, scale, cap2, HAS_SOFTCAP)
         dq += dot(ds.to(k_tile.dtype), k_tile, IEEE_DOT)
 
     tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + row_offsets * stride_dqn
