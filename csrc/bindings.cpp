@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "common/torch_params.h"
+#include "cpu/gather_rows.h"
 #include "cpu/kernels.h"
 
 #ifdef FLASHLITE_WITH_CUDA
@@ -110,6 +111,57 @@ std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q
   return {call.dq, call.dk, call.dv};
 }
 
+// The top-k plan's index tensors (cpu/gather_rows.h): the same elements as
+// flashlite/core/gather_rows.py's canonical_rows / key_index. `what` names the tensor argument.
+void check_rows_argument(const Tensor& t, const char* fn, const char* what, int64_t seqlen_q, int64_t seqlen_k) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "flashlite: ", fn, ": ", what, " must be a CPU tensor, got one on ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.dim() == 3 || t.dim() == 4, "flashlite: ", fn, ": ", what,
+                    " must be 3-D [B, Hi, K] (a shared list) or 4-D [B, Hi, Nq, K], got ", t.dim(), "-D ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(seqlen_q >= 0 && seqlen_k >= 0, "flashlite: ", fn, ": seqlen_q and seqlen_k must be >= 0, got ",
+                    seqlen_q, " and ", seqlen_k);
+  TORCH_CHECK_VALUE(t.dim() == 3 || t.size(2) == seqlen_q, "flashlite: ", fn, ": ", what,
+                    " [B, Hi, Nq, K] must have Nq = seqlen_q = ", seqlen_q, ", got ", t.sizes());
+}
+
+Tensor cpu_canonical_rows(const Tensor& indices, int64_t seqlen_q, int64_t seqlen_k, bool causal) {
+  check_rows_argument(indices, "cpu_canonical_rows", "indices", seqlen_q, seqlen_k);
+  const at::ScalarType type = indices.scalar_type();
+  TORCH_CHECK_VALUE(type == at::kInt || type == at::kLong,
+                    "flashlite: cpu_canonical_rows: indices must be int32 or int64, got ", type);
+  const Tensor in = indices.contiguous();
+  Tensor rows = at::empty(in.sizes(), in.options().dtype(at::kLong));
+  const bool per_query = in.dim() == 4;
+  const int64_t blocks = in.size(0) * in.size(1), top_k = in.size(-1);
+  {
+    py::gil_scoped_release no_gil;
+    if (type == at::kInt)
+      flashlite::cpu::canonical_rows(in.data_ptr<int32_t>(), blocks, seqlen_q, seqlen_k, top_k, per_query, causal,
+                                     rows.data_ptr<int64_t>(), threads());
+    else
+      flashlite::cpu::canonical_rows(in.data_ptr<int64_t>(), blocks, seqlen_q, seqlen_k, top_k, per_query, causal,
+                                     rows.data_ptr<int64_t>(), threads());
+  }
+  return rows;
+}
+
+std::tuple<Tensor, Tensor> cpu_key_index(const Tensor& rows, int64_t seqlen_q, int64_t seqlen_k, bool causal) {
+  check_rows_argument(rows, "cpu_key_index", "rows", seqlen_q, seqlen_k);
+  TORCH_CHECK_VALUE(rows.scalar_type() == at::kLong && rows.is_contiguous(),
+                    "flashlite: cpu_key_index: rows must be int64 and contiguous (canonical rows, as cpu_canonical_rows "
+                    "returns them), got ", rows.scalar_type(), rows.is_contiguous() ? "" : " non-contiguous");
+  const int64_t blocks = rows.size(0) * rows.size(1), top_k = rows.size(-1);
+  Tensor key_offsets = at::empty({blocks * seqlen_k + 1}, rows.options());
+  Tensor key_slots = at::empty({blocks * seqlen_q * top_k}, rows.options());
+  {
+    py::gil_scoped_release no_gil;
+    flashlite::cpu::key_index(rows.data_ptr<int64_t>(), blocks, seqlen_q, seqlen_k, top_k, rows.dim() == 4, causal,
+                              key_offsets.data_ptr<int64_t>(), key_slots.data_ptr<int64_t>(), threads());
+  }
+  return {key_offsets, key_slots};
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> names;
   for (const char* name : flashlite::cpu::available_isas()) names.emplace_back(name);
@@ -144,6 +196,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("deterministic"),
         "gather (top-k) backward -> (dq, dk, dv); key_offsets/key_slots: the key -> slot index of indices "
         "(docs/native_abi.md)");
+  m.def("cpu_canonical_rows", &cpu_canonical_rows, py::arg("indices"), py::arg("seqlen_q"), py::arg("seqlen_k"),
+        py::arg("causal"),
+        "canonical top-k rows (int64, indices' shape): flashlite.core.gather_rows.canonical_rows, element for "
+        "element");
+  m.def("cpu_key_index", &cpu_key_index, py::arg("rows"), py::arg("seqlen_q"), py::arg("seqlen_k"),
+        py::arg("causal"),
+        "the key -> slot index of canonical rows -> (key_offsets [B*Hi*Nk + 1], key_slots [B*Hi*Nq*K]): "
+        "flashlite.core.gather_rows.key_index, element for element");
   m.def("cpu_isa", [] { return std::string(flashlite::cpu::isa()); }, "instruction-set build of the CPU kernels in use");
   m.def("cpu_isas", &cpu_isas, "instruction-set builds this CPU can run, best first");
   m.def("cpu_set_isa", &cpu_set_isa, py::arg("name"), "use another runnable build (tests, benchmarks)");

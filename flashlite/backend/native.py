@@ -4,6 +4,10 @@
 against another torch), flashlite still works: one warning says how to build it, CPU tensors
 fall back to the reference backend, and ``flashlite.backends()`` reports the reason.
 
+The cpu backend also builds the top-k plan's canonical rows and inverse key index in C++
+(``cpu_canonical_rows`` / ``cpu_key_index``: the same elements as flashlite.core.gather_rows, without
+its full-tensor sorts), except while tracing, where the torch builders become part of the graph.
+
 Tile sizes come from the C++ side (``cpu_tile_config`` / ``cuda_tile_config``), read once into a
 table per backend (per device for CUDA), so planning under ``torch.compile`` reads a Python dict
 instead of calling into the extension.
@@ -15,9 +19,9 @@ import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..core.patterns import BLOCK_SIZES
+from ..core.tracing import tracing
 from .base import MAX_HEAD_DIM, Backend, Request, TileConfig
 
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make setup`) in the flashlite checkout"
@@ -95,10 +99,9 @@ class CpuBackend(NativeBackend):
 
     @staticmethod
     def _native(t: torch.Tensor) -> bool:
-        """True for a plain CPU tensor outside compiling/tracing (then the torch builders' ops must
-        become part of the graph, and a fake tensor has no data)."""
-        return (type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
-                and _get_current_dispatch_mode() is None)
+        """True for a CPU tensor with data, outside compiling/tracing (there the torch builders' ops
+        must become part of the graph, and a fake tensor has no data)."""
+        return t.device.type == "cpu" and not tracing(t)
 
     def gather_rows(self, indices: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool) -> torch.Tensor:
         if (self._canonical_rows is not None and indices.dtype in (torch.int32, torch.int64)
