@@ -56,12 +56,15 @@ def _load_average() -> Optional[List[float]]:
         return None
 
 
-def busy_warning(env: Dict[str, object]) -> Optional[str]:
-    """A warning when other processes keep the CPU busy (CPU timings are then unreliable)."""
+def busy_warning(env: Dict[str, object], timer=None) -> Optional[str]:
+    """A warning when other processes keep the CPU busy, saying what the timer does about it."""
     load, cores = env.get("load_average"), env.get("cpu_count")
     if env.get("device_type") == "cpu" and load and cores and load[0] > 1.5 * cores:  # type: ignore[index]
-        return (f"warning: the machine is busy (load average {load[0]:.1f} on {cores} cores): CPU timings "  # type: ignore[index]
-                f"will be noisy; compare min_ms in the JSON and re-run when it is idle")
+        what = ("flashlite and its peers are timed interleaved, so contention hits them alike; "
+                + (timer.describe() if timer is not None else "each median repeated until it is known to ±3 %")
+                + "; rows still outside are flagged noisy under the table and in the JSON")
+        return (f"warning: the machine is busy (load average {load[0]:.1f} on {cores} cores): "  # type: ignore[index]
+                f"{what}. Compare min_ms in the JSON, and re-run noisy rows when it is idle")
     return None
 
 
@@ -162,8 +165,17 @@ def _num(value, fmt: str, width: int) -> str:
     return f"{value:{alternate}{width}{fmt.lstrip('#')}}"
 
 
-HEADER = (f"{'case':<44} {'mode':<7} {'impl':<20} {'time ms':>9} {'TFLOP/s':>8} {'GB/s':>7} "
+HEADER = (f"{'case':<44} {'mode':<7} {'impl':<20} {'time ms':>9} {'±%':>6} {'TFLOP/s':>8} {'GB/s':>7} "
           f"{'%peak':>6} {'vs best peer':>12} {'mem MiB':>8}")
+
+
+def _ci_cell(row: Dict[str, object]) -> str:
+    """The median's 95 % interval half-width in %, with ``!`` when the row is noisy."""
+    ci = (row.get("stats") or {}).get("ci_pct")  # type: ignore[union-attr]
+    if not isinstance(ci, (int, float)) or ci != ci:
+        return f"{'-':>6}"
+    text = f"{ci:.1f}" if ci < 100 else ">99"
+    return f"{text + ('!' if row.get('noisy') else ' '):>6}"
 
 
 def format_row(row: Dict[str, object]) -> str:
@@ -173,7 +185,7 @@ def format_row(row: Dict[str, object]) -> str:
     speed = row.get("speedup_vs_best_peer")
     speed_text = f"{speed:11.2f}x" if isinstance(speed, float) else f"{'-':>12}"
     mem = row.get("peak_mem_bytes")
-    return (f"{head} {_num(row['time_ms'], '#.4g', 9)} {_num(row.get('tflops'), '#.3g', 8)} "
+    return (f"{head} {_num(row['time_ms'], '#.4g', 9)} {_ci_cell(row)} {_num(row.get('tflops'), '#.3g', 8)} "
             f"{_num(row.get('gbps'), '#.4g', 7)} {_num(row.get('pct_peak'), '.3g', 6)} {speed_text} "
             f"{_num(mem / 2**20 if isinstance(mem, int) else None, '.1f', 8)}")
 
@@ -190,6 +202,34 @@ def table(rows: Sequence[Dict[str, object]], show_skipped: bool = True) -> str:
         previous = row["case"]
         lines.append(format_row(row))
     return "\n".join(lines)
+
+
+def noisy_rows(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """The timed rows whose median missed the interval target (the JSON's ``noisy`` list)."""
+    out = []
+    for row in rows:
+        if row["status"] == "ok" and row.get("noisy"):
+            stats = row.get("stats") or {}
+            out.append({"case": row["case"], "mode": row["mode"], "impl": row["impl"], "time_ms": row["time_ms"],
+                        **{k: stats.get(k) for k in ("ci_pct", "min_ms", "p20_ms", "p80_ms", "reps", "attempts",  # type: ignore[union-attr]
+                                                     "other_attempt_ms")}})
+    return out
+
+
+def noisy_lines(noisy: Sequence[Dict[str, object]], timer=None) -> List[str]:
+    """The lines under the table that list the noisy rows with their spread."""
+    if not noisy:
+        return []
+    target = f"±{100 * timer.rel_ci:g} %" if timer is not None else "the interval target"
+    cap = f" after {timer.max_s:g} s" if timer is not None else ""
+    lines = [f"noisy: {len(noisy)} rows whose median's 95 % interval is still wider than {target}{cap} and one "
+             f"re-measurement (marked ! in the ±% column; their ratios are uncertain):"]
+    for item in noisy:
+        other = item.get("other_attempt_ms")
+        lines.append(f"  {item['case']} {item['mode']} {item['impl']}: {item['time_ms']:.4g} ms ±{item['ci_pct']:.1f} %, "
+                     f"min {item['min_ms']:.4g} p20 {item['p20_ms']:.4g} p80 {item['p80_ms']:.4g} ms, "
+                     f"{item['reps']} reps" + (f", other attempt {other:.4g} ms" if isinstance(other, float) else ""))
+    return lines
 
 
 def summary(rows: Sequence[Dict[str, object]]) -> List[str]:

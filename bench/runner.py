@@ -19,7 +19,8 @@ import torch
 from . import cases as C
 from .cases import Case, Skip
 from .peers import FlashliteImpl, Impl, make_peers, parse_peers
-from .report import REPO_ROOT, SCHEMA, busy_warning, command_line, derive, environment, slug, stamp, summary, table, write_json
+from .report import (REPO_ROOT, SCHEMA, busy_warning, command_line, derive, environment, noisy_lines, noisy_rows, slug,
+                     stamp, summary, table, write_json)
 from .timing import Timer, measure_peak, rotation_sets
 
 BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
@@ -107,7 +108,12 @@ def build_parser(prog: str = "flashlite bench") -> argparse.ArgumentParser:
     add("--json", type=Path, default=None, help="path of the JSON report (default: OUT/<date>-<device>.json)")
     add("--no-plot", dest="plot", action="store_false", help="no PNG plots (default: write them)")
     add("--target-ms", type=float, default=None,
-        help="time spent in timed calls per measurement (default: 100, 60 in cpu-quick)")
+        help="least time spent in timed calls per implementation and row (default: 100, 60 in cpu-quick)")
+    add("--ci-pct", type=float, default=3.0,
+        help="repeat until the median's 95%% confidence interval is within +-this %% (default: %(default)s)")
+    add("--max-ms", type=float, default=None,
+        help="time cap per implementation, row and attempt; a row still outside --ci-pct is re-measured once, "
+             "then flagged noisy (default: 10x --target-ms)")
     add("--budget", type=float, default=None,
         help="stop timing after this many seconds, the rows left marked skipped (default: no limit)")
     add("--max-mask-mib", type=float, default=2048, help="largest dense mask a peer may build (default: %(default)s)")
@@ -296,11 +302,36 @@ def make_calls(impl: Impl, forward, inputs: list, mode: str, timer: Timer) -> tu
 
 
 def measure(impl: Impl, forward, case: Case, inputs: list, mode: str, timer: Timer, warmup: int) -> dict:
-    """Time ``impl`` on ``case`` in ``mode``; returns the measured fields of the row."""
+    """Time ``impl`` on ``case`` in ``mode`` alone; returns the measured fields of the row."""
     calls, first_s = make_calls(impl, forward, inputs, mode, timer)
-    stats = _attempt(lambda: timer.time(calls, warmup=warmup))
+    return {**measured(timer, calls, _attempt(lambda: timer.time(calls, warmup=warmup))), "first_call_s": first_s}
+
+
+def measured(timer: Timer, calls: list, stats) -> dict:
+    """The measured fields of a row from its stats (and, on a GPU, one more call's peak memory)."""
     peak = _attempt(lambda: timer.peak_memory(calls[0]))
-    return {"time_ms": stats.median_ms, "stats": stats.to_json(), "peak_mem_bytes": peak, "first_call_s": first_s}
+    return {"time_ms": stats.median_ms, "stats": stats.to_json(), "noisy": stats.noisy, "peak_mem_bytes": peak}
+
+
+def time_group(timer: Timer, calls_of: Dict[str, list], warmup: int) -> Dict[str, object]:
+    """Each implementation's stats (or the exception that stopped it), timed interleaved with
+    the others; if the group fails as a whole, each member is timed alone to find which fails."""
+    try:
+        stats = _attempt(lambda: timer.time_interleaved(calls_of, warmup=warmup))
+        return dict(stats)  # type: ignore[call-overload]
+    except KeyboardInterrupt:
+        raise
+    except Exception:  # noqa: BLE001 - one member failed: find which
+        pass
+    out: Dict[str, object] = {}
+    for name, calls in calls_of.items():
+        try:
+            out[name] = _attempt(lambda calls=calls: timer.time(calls, warmup=warmup))
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            out[name] = exc
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +394,8 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
     target_s = (opts.target_ms / 1e3 if opts.target_ms else
                 (0.1 if device.type == "cuda" else (0.06 if profile == "cpu-quick" else 0.1)))
     warmup = 3 if device.type == "cuda" else 1
+    timer = Timer(device, target_s=target_s, rel_ci=opts.ci_pct / 100,
+                  max_s=opts.max_ms / 1e3 if opts.max_ms else None)
 
     env = environment(device)
     report: Dict[str, object] = {
@@ -372,20 +405,22 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
                    "dtypes": sweep.dtypes, "batch_heads": [list(bh) for bh in sweep.batch_heads],
                    "window": sweep.window, "densities": sweep.densities, "block_size": sweep.block_size,
                    "topk": sweep.topk, "grid": sweep.grid, "modes": modes, "target_ms": target_s * 1e3,
-                   "warmup": warmup, "budget_s": opts.budget, "max_mask_mib": opts.max_mask_mib},
+                   "ci_pct": 100 * timer.rel_ci, "max_ms": timer.max_s * 1e3, "warmup": warmup, "budget_s": opts.budget, "max_mask_mib": opts.max_mask_mib},
         "environment": env, "backends": flashlite.backends(),
         "timed": [i.name for i in impls], "validated_backends": validated,
         "left_out": plan.left_out,
         "timing_protocol": ("GPU: CUDA events around each call, L2 flushed between calls and inputs rotated over "
-                            "copies exceeding 2x L2, median; CPU: wall-clock median, inputs rotated beyond the LLC"),
+                            "copies exceeding 2x L2, median, one implementation at a time; CPU: wall-clock median, "
+                            "inputs rotated beyond the LLC, flashlite and its peers timed interleaved. Both: "
+                            + timer.describe()),
         "flop_rule": "4*D*sum(keys visited per query) forward, backward 2.5x, fwd+bwd 3.5x",
-        "peak": None, "validation": {"ran": False}, "results": [], "plots": [], "interrupted": False,
+        "peak": None, "validation": {"ran": False}, "results": [], "noisy": [], "plots": [], "interrupted": False,
     }
 
     print(f"flashlite bench — {env['device_name']} ({device}), profile {profile}, torch {env['torch']}, "
           f"triton {env['triton']}, commit {(env['git_commit'] or 'unknown')[:10]}"
           + (f", {env['torch_threads']} threads" if device.type == "cpu" else ""), file=out)
-    warning = busy_warning(env)
+    warning = busy_warning(env, timer)
     if warning:
         print("  " + warning, file=out)
     print(f"  timing: {', '.join(i.name for i in impls) or 'nothing'}", file=out)
@@ -441,7 +476,6 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
 
     # (b, c) timing
     rows: List[Dict[str, object]] = report["results"]  # type: ignore[assignment]
-    timer = Timer(device, target_s=target_s)
     total = sum(len([m for m in case.modes if m in modes]) for case in case_list) * len(impls)
     done = 0
     budget_hit = False
@@ -491,42 +525,64 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
                         torch.cuda.empty_cache()
                     continue
                 common["rotation_sets"] = len(inputs)
-                for impl in active:
-                    prepared: Dict[bool, object] = {}
-                    for mode in case_modes:
+                prepared: Dict[tuple, object] = {}
+                for mode in case_modes:
+                    # every implementation's calls first, then all timed together: interleaved on a
+                    # CPU (contention hits all alike); on a GPU one at a time (CUDA events are not
+                    # disturbed by other processes, and holding every backward graph costs memory)
+                    group_rows: Dict[str, Dict[str, object]] = {}
+                    calls_of: Dict[str, list] = {}
+                    for impl in active:
                         done += 1
                         row = {**common, "mode": mode, "impl": impl.name, "kind": impl.kind, "status": "ok",
                                "reason": None, "note": None, "flops": work[mode][0], "bytes": work[mode][1]}
+                        rows.append(row)
                         progress.bar(done, total, f"{case.id} {mode} {impl.name}", key=f"{phase}:{case.id}")
                         if opts.budget is not None and time.monotonic() - started > opts.budget:
                             budget_hit = True
                             row.update(status="skip", reason=f"time budget of {opts.budget:.0f} s spent")
-                            rows.append(row)
                             continue
                         grad = mode != "fwd"
                         try:
-                            if grad not in prepared:
+                            key = (impl.name, grad)
+                            if key not in prepared:
                                 try:
                                     impl.note = None
-                                    prepared[grad] = (impl.prepare(case, data, device, grad), None)
+                                    prepared[key] = impl.prepare(case, data, device, grad)
                                 except Skip as exc:
-                                    prepared[grad] = exc
-                            if isinstance(prepared[grad], Skip):
-                                raise prepared[grad]  # type: ignore[misc]
-                            forward, _ = prepared[grad]  # type: ignore[misc]
-                            row.update(measure(impl, forward, case, inputs, mode, timer, warmup))
+                                    prepared[key] = exc
+                            if isinstance(prepared[key], Skip):
+                                raise prepared[key]  # type: ignore[misc]
+                            calls, first_s = make_calls(impl, prepared[key], inputs, mode, timer)
+                            row["first_call_s"] = first_s
                             row["note"] = impl.note  # as it ran (a peer may have fallen back)
                             if device.type == "cpu":
                                 row["threads"] = torch.get_num_threads()
+                                calls_of[impl.name] = calls
+                                group_rows[impl.name] = row
+                            else:
+                                stats = _attempt(lambda calls=calls: timer.time(calls, warmup=warmup))
+                                row.update(measured(timer, calls, stats))
+                                del calls
+                                torch.cuda.empty_cache()
                         except Skip as exc:
                             row.update(status="skip", reason=str(exc))
                         except KeyboardInterrupt:
                             raise
                         except Exception as exc:  # noqa: BLE001 - one row's failure never ends the run
                             row.update(status="error", reason=_first_line(exc))
-                        rows.append(row)
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
+                    if calls_of:
+                        progress.bar(done, total, f"{case.id} {mode}: timing {', '.join(calls_of)} interleaved",
+                                     key=f"{phase}:{case.id}")
+                        for name, result in time_group(timer, calls_of, warmup).items():
+                            row = group_rows[name]
+                            if isinstance(result, Skip):
+                                row.update(status="skip", reason=str(result))
+                            elif isinstance(result, BaseException):
+                                row.update(status="error", reason=_first_line(result))
+                            else:
+                                row.update(measured(timer, calls_of[name], result))
+                    del calls_of
                 del data, inputs
                 report["elapsed_s"] = time.monotonic() - started
                 write_json(report, json_path)  # partial results survive an interruption
@@ -543,10 +599,14 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
     print("", file=out)
     print(table(rows), file=out)
     print("", file=out)
+    report["noisy"] = noisy_rows(rows)
+    for line in noisy_lines(report["noisy"], timer):  # type: ignore[arg-type]
+        print(line, file=out)
     for line in summary(rows):
         print(line, file=out)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skip", "error")}
-    print(f"rows: {counts['ok']} timed, {counts['skip']} skipped, {counts['error']} errors"
+    print(f"rows: {counts['ok']} timed ({len(report['noisy'])} noisy), {counts['skip']} skipped, "  # type: ignore[arg-type]
+          f"{counts['error']} errors"
           + (" (time budget reached)" if budget_hit else ""), file=out)
     if opts.plot and rows:
         from .plot import make_plots

@@ -1,23 +1,42 @@
-"""Timing protocol (docs/design.md § Benchmark protocol): warm-up, then the median of repeated timed calls.
+"""Timing protocol (docs/design.md § Benchmark protocol): warm-up, then the median of repeated
+timed calls, repeated until the median is known to ±3 % or a time cap is reached.
 
 * GPU: each call is bracketed by its own pair of CUDA events (the same method as
   ``triton.testing.do_bench``); before each call a buffer of twice the L2 size is zeroed
   (outside the events) and the inputs rotate over several copies whose total exceeds the L2,
-  so the cache is not what is measured. The median of the per-call times is reported.
-* CPU: wall-clock (``time.perf_counter``) per call, median, with the inputs rotated beyond the
+  so the cache is not what is measured.
+* CPU: wall-clock (``time.perf_counter``) per call, with the inputs rotated beyond the
   last-level cache; the thread count (``torch.get_num_threads()``) is recorded in the report.
 
-``measure_peak`` measures the device's matmul FLOP/s and copy bandwidth for the "% of peak" column.
+**Shared machines.** ``Timer.time_interleaved`` times several implementations of one case
+*interleaved*: in rounds, each implementation runs a short batch of calls (about as long as one
+call of the slowest, so each gets a similar share of every second), the order rotating each round,
+so a burst of other work on the machine hits all of them rather than one. Repetitions are
+adaptive: an implementation leaves the rotation once it has run ``min_reps`` calls and
+``target_s`` seconds and the 95 % confidence interval of its median (distribution-free, from
+order statistics) is within ``±rel_ci`` (3 %); one that reaches ``max_s`` seconds of timed calls
+first stops there and is *noisy*. If any is noisy the whole group is measured once more, and the
+attempt whose widest interval is narrower is kept; rows still noisy carry ``noisy: true`` and
+their interval (``ci_pct``) in their stats. The clock is injectable (``clock=``), so the rule is
+tested with synthetic durations (tests/test_timer.py).
+
+``measure_peak`` measures the device's peaks for the "% of peak" column: on a GPU the matmul
+FLOP/s and copy bandwidth; on a CPU also the processor's own FMA limit (a register-resident FMA
+loop in flashlite._C, per thread count) and its stream-copy bandwidth.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
+
+#: the z value of a two-sided 95 % interval
+Z95 = 1.959964
 
 
 @dataclass
@@ -27,19 +46,49 @@ class Stats:
     p20_ms: float
     p80_ms: float
     reps: int
+    ci_low_ms: float = float("nan")  # 95 % confidence interval of the median (order statistics)
+    ci_high_ms: float = float("nan")
+    rel_ci: float = 0.03  # the target: the interval within ±rel_ci of the median
+    noisy: bool = False  # the target was not met within the time cap (after the re-measurement, if any)
+    attempts: int = 1  # 2 when the group was re-measured
+    spent_s: float = 0.0  # time in timed calls (this attempt)
+    other_attempt_ms: Optional[float] = None  # the median of the attempt that was not kept
+
+    @property
+    def ci_pct(self) -> float:
+        """Half-width of the median's 95 % interval, in % of the median (the larger side)."""
+        if not (self.median_ms > 0) or math.isnan(self.ci_low_ms):
+            return float("inf")
+        return 100.0 * max(self.median_ms - self.ci_low_ms, self.ci_high_ms - self.median_ms) / self.median_ms
 
     def to_json(self) -> dict:
         return {"median_ms": self.median_ms, "min_ms": self.min_ms, "p20_ms": self.p20_ms, "p80_ms": self.p80_ms,
-                "reps": self.reps}
+                "reps": self.reps, "ci_low_ms": self.ci_low_ms, "ci_high_ms": self.ci_high_ms,
+                "ci_pct": self.ci_pct, "target_ci_pct": 100 * self.rel_ci, "noisy": self.noisy,
+                "attempts": self.attempts, "spent_s": self.spent_s, "other_attempt_ms": self.other_attempt_ms}
 
 
-def _stats(times_ms: List[float]) -> Stats:
+def median_ci(ordered: Sequence[float]) -> tuple:
+    """The 95 % confidence interval of the median of sorted samples, from order statistics
+    (ranks n/2 ∓ 1.96·√n/2, the normal approximation of the binomial; no assumption about the
+    distribution of the times). With 5 samples or fewer it is [min, max]."""
+    n = len(ordered)
+    if n == 0:
+        return float("nan"), float("nan")
+    half = Z95 * math.sqrt(n) / 2
+    lo = max(0, math.floor(n / 2 - half) - 1)  # 1-based rank floor(n/2 - half), as a 0-based index
+    hi = min(n - 1, math.ceil(1 + n / 2 + half) - 1)
+    return ordered[lo], ordered[hi]
+
+
+def _stats(times_ms: List[float], rel_ci: float = 0.03) -> Stats:
     ordered = sorted(times_ms)
 
     def quantile(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
-    return Stats(statistics.median(ordered), ordered[0], quantile(0.2), quantile(0.8), len(ordered))
+    low, high = median_ci(ordered)
+    return Stats(statistics.median(ordered), ordered[0], quantile(0.2), quantile(0.8), len(ordered), low, high, rel_ci)
 
 
 def cache_bytes(device: torch.device) -> int:
@@ -66,67 +115,136 @@ def rotation_sets(set_bytes: int, device: torch.device, limit: Optional[int] = N
     return int(max(1, min(limit, need)))
 
 
-class Timer:
-    """Times callables on one device. ``target_s`` is the time spent in timed calls per measurement."""
+Calls = Sequence[Callable[[], object]]
 
-    def __init__(self, device: torch.device, target_s: float = 0.2, min_reps: int = 3, max_reps: int = 500):
+
+class Timer:
+    """Times callables on one device.
+
+    ``target_s``: the least time spent in timed calls per implementation and measurement;
+    ``rel_ci``: the half-width of the median's 95 % interval to reach (a fraction of the median);
+    ``max_s``: the time cap per implementation and attempt (default ``10 * target_s``);
+    ``remeasure``: measure a group once more when a member misses ``rel_ci``;
+    ``clock``: seconds, ``time.perf_counter`` by default (CPU; the GPU uses CUDA events).
+    """
+
+    def __init__(self, device: torch.device, target_s: float = 0.2, min_reps: int = 3, max_reps: int = 20000,
+                 rel_ci: float = 0.03, max_s: Optional[float] = None, remeasure: bool = True,
+                 clock: Optional[Callable[[], float]] = None, min_slice_s: float = 0.01, max_batch: int = 1000):
         self.device = torch.device(device)
         self.target_s = target_s
-        self.min_reps = min_reps
-        self.max_reps = max_reps
+        self.min_reps = max(1, min_reps)
+        self.max_reps = max(self.min_reps, max_reps)
+        self.rel_ci = rel_ci
+        self.max_s = max(target_s, max_s if max_s is not None else 10 * target_s)
+        self.remeasure = remeasure
+        self.clock = clock or time.perf_counter
+        self.min_slice_s = min_slice_s
+        self.max_batch = max_batch
         self._flush: Optional[torch.Tensor] = None
         if self.device.type == "cuda":
             self._flush = torch.empty(2 * cache_bytes(self.device) // 4, dtype=torch.int32, device=self.device)
+
+    def describe(self) -> str:
+        return (f"interleaved rounds; each median until its 95 % interval is within ±{100 * self.rel_ci:g} % "
+                f"(at least {self.min_reps} calls and {self.target_s * 1e3:g} ms, at most {self.max_s:g} s of timed "
+                f"calls per implementation), a group with a noisy member re-measured once")
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def time(self, calls: Sequence[Callable[[], object]], warmup: int = 2) -> Stats:
+    def time(self, calls: Calls, warmup: int = 2) -> Stats:
         """Median time of ``calls[i % len(calls)]()`` over repeated calls, after ``warmup`` untimed
-        calls (on a GPU at least one per input copy)."""
-        if not calls:
-            raise ValueError("calls must be a non-empty sequence of callables")
-        count = max(warmup, len(calls)) if self.device.type == "cuda" else warmup
-        for i in range(count):
-            calls[i % len(calls)]()
+        calls (on a GPU at least one per input copy): ``time_interleaved`` with one member."""
+        return self.time_interleaved({"": calls}, warmup)[""]
+
+    def time_interleaved(self, groups: Mapping[str, Calls], warmup: int = 2) -> Dict[str, Stats]:
+        """Time every member of ``groups`` (name -> its calls, rotated over) interleaved, with
+        adaptive repetitions (see the module's docstring); re-measure the group once when a member
+        is noisy and keep the attempt whose widest interval is narrower."""
+        if not groups:
+            raise ValueError("groups must name at least one sequence of calls")
+        for name, calls in groups.items():
+            if not calls:
+                raise ValueError(f"calls of {name!r} must be a non-empty sequence of callables")
+        for calls in groups.values():
+            count = max(warmup, len(calls)) if self.device.type == "cuda" else warmup
+            for i in range(count):
+                calls[i % len(calls)]()
         self.sync()
+        first = self._attempt(groups)
+        if not (self.remeasure and any(s.noisy for s in first.values())):
+            return first
+        second = self._attempt(groups)
+
+        def worst(result: Dict[str, Stats]) -> float:
+            return max(s.ci_pct for s in result.values())
+
+        keep, other = (second, first) if worst(second) < worst(first) else (first, second)
+        for name, stats in keep.items():
+            stats.attempts = 2
+            stats.other_attempt_ms = other[name].median_ms
+        return keep
+
+    def _attempt(self, groups: Mapping[str, Calls]) -> Dict[str, Stats]:
+        names = list(groups)
+        times: Dict[str, List[float]] = {name: [] for name in names}  # seconds
+        spent = dict.fromkeys(names, 0.0)
+        result: Dict[str, Stats] = {}
+        active = list(names)
+        round_index = 0
+        while active:
+            # each member runs about one call of the slowest (at least min_slice_s) per round
+            estimates = {name: statistics.median(times[name]) if times[name] else None for name in active}
+            known = [e for e in estimates.values() if e]
+            slice_s = max(known + [self.min_slice_s]) if known else 0.0
+            start = round_index % len(active)
+            for name in active[start:] + active[:start]:
+                estimate = estimates[name]
+                if estimate is None or not slice_s:
+                    batch = 1  # the first call: an estimate
+                elif estimate <= 0:
+                    batch = self.max_batch  # below the clock's resolution
+                else:
+                    batch = max(1, min(self.max_batch, int(slice_s / estimate)))
+                batch = min(batch, self.max_reps - len(times[name]))
+                sample = self._sample(groups[name], batch, len(times[name]))
+                times[name].extend(sample)
+                spent[name] += sum(sample)
+            round_index += 1
+            for name in list(active):
+                count = len(times[name])
+                stats = _stats([t * 1e3 for t in times[name]], self.rel_ci)
+                stats.spent_s = spent[name]
+                enough = count >= self.min_reps and (spent[name] >= self.target_s or count >= self.max_reps)
+                capped = count >= self.min_reps and (spent[name] >= self.max_s or count >= self.max_reps)
+                if (enough and stats.ci_pct <= 100 * self.rel_ci) or capped:
+                    stats.noisy = stats.ci_pct > 100 * self.rel_ci
+                    result[name] = stats
+                    active.remove(name)
+        return {name: result[name] for name in names}
+
+    def _sample(self, calls: Calls, count: int, offset: int) -> List[float]:
+        """``count`` timed calls (seconds each), continuing the rotation at ``offset``."""
         if self.device.type == "cuda":
-            return self._time_cuda(calls)
-        return self._time_wall(calls)
-
-    def _time_cuda(self, calls: Sequence[Callable[[], object]]) -> Stats:
-        # estimate one call, then choose the repetitions to fill target_s
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for i in range(3):
-            calls[i % len(calls)]()
-        end.record()
-        torch.cuda.synchronize(self.device)
-        per_call_ms = max(begin.elapsed_time(end) / 3, 1e-3)
-        reps = int(max(self.min_reps, min(self.max_reps, self.target_s * 1e3 / per_call_ms)))
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            self._flush.zero_()  # evict the L2 (not timed)
-            starts[i].record()
-            calls[i % len(calls)]()
-            ends[i].record()
-        torch.cuda.synchronize(self.device)
-        return _stats([s.elapsed_time(e) for s, e in zip(starts, ends)])
-
-    def _time_wall(self, calls: Sequence[Callable[[], object]]) -> Stats:
-        times: List[float] = []
-        spent = 0.0
-        while len(times) < self.max_reps and (len(times) < self.min_reps or spent < self.target_s):
-            call = calls[len(times) % len(calls)]
-            start = time.perf_counter()
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+            for i in range(count):
+                self._flush.zero_()  # evict the L2 (not timed)
+                starts[i].record()
+                calls[(offset + i) % len(calls)]()
+                ends[i].record()
+            torch.cuda.synchronize(self.device)
+            return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
+        clock = self.clock
+        out = []
+        for i in range(count):
+            call = calls[(offset + i) % len(calls)]
+            begin = clock()
             call()
-            self.sync()
-            elapsed = time.perf_counter() - start
-            times.append(elapsed * 1e3)
-            spent += elapsed
-        return _stats(times)
+            out.append(clock() - begin)
+        return out
 
     def peak_memory(self, call: Callable[[], object]) -> Optional[int]:
         """Bytes allocated by one call beyond what was allocated before it (GPU only; None on CPU)."""
@@ -152,7 +270,8 @@ def measure_peak(device: torch.device, dtypes: Sequence[str]) -> Dict[str, objec
     from .cases import DTYPE_NAMES
 
     device = torch.device(device)
-    timer = Timer(device, target_s=0.5 if device.type == "cuda" else 0.3)
+    target_s = 0.5 if device.type == "cuda" else 0.3
+    timer = Timer(device, target_s=target_s, max_s=target_s, remeasure=False)  # a peak is the fastest call: no interval
     on_gpu = device.type == "cuda"
     result: Dict[str, object] = {"matmul_tflops": {}, "matmul_n": {}}
     for name in dtypes:

@@ -48,7 +48,7 @@ def test_json_schema(tiny_run):
     report, data, _, _ = tiny_run
     assert data["schema"] == SCHEMA
     for key in ("created", "command", "profile", "config", "environment", "backends", "timed", "left_out",
-                "validation", "results", "plots", "elapsed_s", "peak", "interrupted"):
+                "validation", "results", "noisy", "plots", "elapsed_s", "peak", "interrupted"):
         assert key in data, key
     env = data["environment"]
     for key in ("device_type", "device_name", "torch", "triton", "git_commit", "torch_threads", "cpu_count"):
@@ -78,8 +78,15 @@ def test_json_schema(tiny_run):
             assert row["tflops"] == pytest.approx(row["flops"] / (row["time_ms"] * 1e-3) / 1e12)
             assert (row["gbps"] is not None) == row["memory_bound"]
             assert row["threads"] == torch.get_num_threads()
+            # the median's interval and the noisy flag (tests/test_timer.py checks the rule itself)
+            stats = row["stats"]
+            assert stats["ci_low_ms"] <= row["time_ms"] <= stats["ci_high_ms"] and stats["attempts"] in (1, 2)
+            assert row["noisy"] == stats["noisy"] == (stats["ci_pct"] > stats["target_ci_pct"])
         else:
             assert row["reason"]
+    listed = {(n["case"], n["mode"], n["impl"]) for n in data["noisy"]}
+    assert listed == {(r["case"], r["mode"], r["impl"]) for r in rows if r["status"] == "ok" and r["noisy"]}
+    assert data["config"]["ci_pct"] == 3.0 and data["config"]["max_ms"] == pytest.approx(30.0)
     # every case x timed implementation x mode has a row (timed or skipped with its reason)
     cases = {r["case"] for r in rows}
     assert len(cases) == 6 * len(SEQLENS)
@@ -96,6 +103,7 @@ def test_flashlite_rows_and_triton_excluded(tiny_run):
     assert {r["pattern"] for r in timed} == set(C.PATTERNS)
     assert "flashlite:triton" not in data["timed"]  # the interpreter is never timed on CPU
     assert "time ms" in stdout and IMPL in stdout and "sdpa:math" in stdout
+    assert ("noisy:" in stdout) == bool(data["noisy"])  # the noisy rows are listed under the table
 
 
 def test_sdpa_peers_measured_in_the_same_run(tiny_run):
