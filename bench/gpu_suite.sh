@@ -3,15 +3,20 @@
 #   1. build and install flashlite (pip install --no-build-isolation --no-deps -e .; no package
 #      registry needed: torch, triton, pybind11, ninja, pytest are preinstalled),
 #   2. flashlite info,
-#   3. the test suite with CUDA present (pytest tests -x -q),
-#   4. flashlite bench at full size (--profile gpu --peak): validation, table, JSON, plots.
+#   3. what the CPU machine cannot show, first: the Triton kernels compiled ahead of time for
+#      sm_90 with their resource budgets (pytest -k "sm90 or budget"), then compute-sanitizer
+#      racecheck and synccheck over bench/gpu_smoke.py (every pattern, forward and backward, small
+#      shapes; memcheck too with FLASHLITE_SANITIZER=1),
+#   4. the test suite with CUDA present (pytest tests -x -q),
+#   5. flashlite bench at full size (--profile gpu --peak): validation, table, JSON, plots.
 # Each step is time-boxed with `timeout`; a step that fails or runs out of time is recorded and
 # the suite goes on. Logs, JSON and plots go to $OUT (default bench/results/<date>-gpu).
 #
 # Usage: bench/gpu_suite.sh [--dry-run] [extra `flashlite bench` options...]
 #   --dry-run   print the steps (with their time limits) and run nothing
 # Environment: OUT, PYTHON (default python, else python3), SUITE_SECONDS (total, default 570),
-#   INSTALL_SECONDS (240), TESTS_SECONDS (150); the benchmark gets the time left (at least 90 s).
+#   INSTALL_SECONDS (210), CHECKS_SECONDS (45 per sanitizer tool), TESTS_SECONDS (120); the benchmark gets
+#   the time left (at least 90 s). FLASHLITE_SANITIZER=1 adds a memcheck pass.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,8 +34,10 @@ done
 PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 OUT="${OUT:-bench/results/$(date +%Y%m%d-%H%M%S)-gpu}"
 SUITE_SECONDS="${SUITE_SECONDS:-570}"
-INSTALL_SECONDS="${INSTALL_SECONDS:-240}"
-TESTS_SECONDS="${TESTS_SECONDS:-150}"
+INSTALL_SECONDS="${INSTALL_SECONDS:-210}"
+TESTS_SECONDS="${TESTS_SECONDS:-120}"
+CHECKS_SECONDS="${CHECKS_SECONDS:-45}"
+SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 MIN_BENCH_SECONDS=90
 STATUS=()
 PLANNED=0  # dry run: the time the steps before would have taken at most
@@ -87,8 +94,16 @@ fi
 
 step "install" "$(limit "$INSTALL_SECONDS")" "$OUT/install.log" \
     "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
-step "info" "$(limit 60)" "$OUT/info.log" \
+step "info" "$(limit 30)" "$OUT/info.log" \
     "$PYTHON" -m flashlite.cli info
+step "aot" "$(limit 60)" "$OUT/aot.log" \
+    "$PYTHON" -m pytest tests -q -p no:cacheprovider -k "sm90 or budget"
+SANITIZER_TOOLS=(racecheck synccheck)
+if [ "${FLASHLITE_SANITIZER:-0}" = 1 ]; then SANITIZER_TOOLS+=(memcheck); fi
+for tool in "${SANITIZER_TOOLS[@]}"; do
+    step "sanitizer-$tool" "$(limit "$CHECKS_SECONDS")" "$OUT/sanitizer-$tool.log" \
+        "$SANITIZER" --tool "$tool" --error-exitcode 1 "$PYTHON" bench/gpu_smoke.py
+done
 step "tests" "$(limit "$TESTS_SECONDS")" "$OUT/tests.log" \
     "$PYTHON" -m pytest tests -x -q -p no:cacheprovider --junitxml="$OUT/tests.xml"
 

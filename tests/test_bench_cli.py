@@ -319,14 +319,20 @@ def test_gpu_suite_dry_run(tmp_path):
                             text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
-    assert len(lines) == 4
+    steps = [line.split("[")[1].split(",")[0] for line in lines]
+    assert steps == ["install", "info", "aot", "sanitizer-racecheck", "sanitizer-synccheck", "tests", "bench"]
     assert "pip install --no-build-isolation --no-deps -e ." in lines[0]
-    assert "pytest tests -x -q" in lines[2]
-    assert "-m flashlite.bench --profile gpu --peak --budget" in lines[3] and "--patterns full" in lines[3]
+    assert "sm90 or budget" in lines[2]  # what only a compiler shows, before anything runs on the GPU
+    assert "--tool racecheck" in lines[3] and "bench/gpu_smoke.py" in lines[3] and "--tool synccheck" in lines[4]
+    assert "pytest tests -x -q" in lines[5]
+    assert "-m flashlite.bench --profile gpu --peak --budget" in lines[6] and "--patterns full" in lines[6]
     assert all("timeout -k 20" in line for line in lines)
     limits = [int(line.split("at most ")[1].split("s]")[0]) for line in lines]
     assert sum(limits) <= 600
     assert not (tmp_path / "suite").exists()  # a dry run creates nothing
+    env["FLASHLITE_SANITIZER"] = "1"
+    result = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=60, env=env)
+    assert "--tool memcheck" in result.stdout
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
