@@ -40,30 +40,58 @@ def canonical_rows(indices: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: 
     return torch.where(repeat | (ordered == seqlen_k), torch.full_like(ordered, -1), ordered).contiguous()
 
 
+KEY_INDEX_CHUNK = 1 << 24  # slots sorted at once: bounds key_index's temporaries (~0.5 GB), not its result
+
+
 def key_index(rows: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The inverse of canonical ``rows``: (key_offsets int64 ``[B·Hi·Nk + 1]``, key_slots int64
-    ``[B·Hi·Nq·K]``, of which the first ``key_offsets[-1]`` are entries)."""
+    ``[B·Hi·Nq·K]``, of which the first ``key_offsets[-1]`` are entries).
+
+    Equal to one stable sort of every slot by key id ``(b·Hi + hi)·Nk + j`` (invalid slots last, in
+    slot order), done over groups of whole (b, hi) blocks of at most ``KEY_INDEX_CHUNK`` slots, so
+    the temporaries stay bounded; every size and position is computed on the device (no host sync).
+    """
     batch, heads = rows.shape[:2]
     width = rows.shape[-1]
+    device = rows.device
     if rows.dim() == 3:  # a shared list: every query row holds it
         rows = rows.unsqueeze(2).expand(batch, heads, seqlen_q, width)
-    if causal:  # per-query rows are already causal; a shared list is cut here per query
-        position = torch.arange(seqlen_q, device=rows.device) + (seqlen_k - seqlen_q)
-        rows = torch.where(rows <= position[:, None], rows, torch.full_like(rows, -1))
-    num_keys = batch * heads * seqlen_k
-    per_block = seqlen_q * width
-    head_base = (torch.arange(batch * heads, device=rows.device) * seqlen_k).view(batch, heads, 1, 1)
-    # Key id of every slot (invalid ones -> num_keys, sorted last). One stable sort over all
-    # slots keeps each key's slots ascending, so the order is fixed and the backward reduces in
-    # it deterministically. The valid entries are the first E of the result; the tail (invalid
-    # slots) is left in place, so no size depends on the data (no host sync).
-    key = torch.where(rows >= 0, rows + head_base, torch.full_like(rows, num_keys)).reshape(-1)
-    ordered, flat_slot = key.sort(stable=True)
-    counts = torch.zeros(num_keys + 1, dtype=torch.int64, device=rows.device)
-    counts.scatter_add_(0, ordered, torch.ones_like(ordered))
-    key_offsets = torch.zeros(num_keys + 1, dtype=torch.int64, device=rows.device)
+    blocks, per_block = batch * heads, seqlen_q * width
+    num_keys = blocks * seqlen_k
+    rows = rows.reshape(blocks, seqlen_q, width)
+    position = torch.arange(seqlen_q, device=device) + (seqlen_k - seqlen_q)  # p(i)
+    group = max(1, KEY_INDEX_CHUNK // max(per_block, 1))
+    starts = range(0, blocks, group)
+
+    def keys_of(first: int) -> torch.Tensor:
+        """Key ids of the slots of blocks [first, first + group), invalid -> num_keys, flat."""
+        part = rows[first:first + group]
+        valid = part >= 0
+        if causal:  # per-query rows are already causal; a shared list is cut here per query
+            valid &= part <= position[:, None]
+        base = (torch.arange(first, first + part.shape[0], device=device) * seqlen_k).view(-1, 1, 1)
+        return torch.where(valid, part + base, torch.full_like(part, num_keys)).reshape(-1)
+
+    # Pass 1: entries per key -> offsets, and the number of entries E (a device scalar).
+    counts = torch.zeros(num_keys + 1, dtype=torch.int64, device=device)
+    for first in starts:
+        key = keys_of(first)
+        counts.scatter_add_(0, key, torch.ones_like(key))
+    key_offsets = torch.zeros(num_keys + 1, dtype=torch.int64, device=device)
     key_offsets[1:] = counts[:-1].cumsum(0)
-    key_slots = (flat_slot % per_block).contiguous()
+    entries = key_offsets[-1]
+    # Pass 2: per group, a stable sort; its valid slots go after the earlier groups' entries, its
+    # invalid ones after E and the earlier groups' invalid slots - the global sort's order.
+    key_slots = torch.empty(blocks * per_block, dtype=torch.int64, device=device)
+    valid_before = torch.zeros((), dtype=torch.int64, device=device)
+    for first in starts:
+        ordered, slot = keys_of(first).sort(stable=True)
+        rank = torch.arange(ordered.numel(), device=device)
+        valid_here = (ordered < num_keys).sum()
+        invalid_before = first * per_block - valid_before
+        target = torch.where(ordered < num_keys, valid_before + rank, entries + invalid_before + rank - valid_here)
+        key_slots.index_copy_(0, target, slot % per_block)
+        valid_before = valid_before + valid_here
     return key_offsets, key_slots
 
 
