@@ -169,40 +169,50 @@ def rank_main(rank: int, world: int, init: str, args, result_path: str) -> None:
                             world_size=world)
     import flashlite
 
-    n, heads, head_dim = args.tokens_per_rank, args.heads, args.head_dim
-    elem = torch.tensor([], dtype=DTYPE).element_size()
-    kv_bytes = 2 * heads * n * head_dim * elem  # one K/V shard
-    bandwidth = probe_bandwidth(kv_bytes, args.reps)
-    flops = probe_kernel(n, heads, head_dim, args.reps)
-    # The model (docs/context_parallel.md): a ring step hides its transfer when the kernel on one
-    # shard pair takes at least as long. Full, forward: 4·n²·d·h flops vs K+V = 2·n·d·h·b bytes
-    # -> n* = b·F / (2·BW). Forward+backward: 3.5x the flops; K/V twice plus the float32 dK/dV
-    # accumulator -> 2·n·d·h·(2b + 4) bytes -> n* = (2b + 4)·F / (7·BW). Causal (zigzag): a step
-    # after the first computes half a shard pair -> twice those.
-    b = elem
-    n_fwd = b * flops / (2 * bandwidth)
-    n_fb = (2 * b + 4) * flops / (7 * bandwidth)
-    model = {"bandwidth_GBps": bandwidth / 1e9, "kernel_GFLOPs": flops / 1e9,
-             "crossover_tokens_per_rank": {"full_forward": n_fwd, "causal_forward": 2 * n_fwd,
-                                           "full_forward_backward": n_fb, "causal_forward_backward": 2 * n_fb},
-             "predicted_transfer_s_per_step": kv_bytes / bandwidth,
-             "predicted_kernel_s_per_step_full": 4 * n * n * head_dim * heads / flops}
-    cases = {}
-    for name, pattern, layout in (("full", flashlite.Full(), "contiguous"),
-                                  ("causal", flashlite.Full(causal=True), "zigzag")):
-        for backward in (False, True):
-            key = f"{name}-{layout}-{'forward_backward' if backward else 'forward'}"
-            cases[key] = time_ring(pattern, layout, n, heads, head_dim, args.reps, backward)
+    heads, head_dim = args.heads, args.head_dim
+    runs = []
+    for n in [int(x) for x in str(args.tokens_per_rank).split(",")]:
+        elem = torch.tensor([], dtype=DTYPE).element_size()
+        kv_bytes = 2 * heads * n * head_dim * elem  # one K/V shard
+        bandwidth = probe_bandwidth(kv_bytes, args.reps)
+        flops = probe_kernel(n, heads, head_dim, args.reps)
+        # The model (docs/context_parallel.md): a ring step hides its transfer when the kernel on one
+        # shard pair takes at least as long. Full, forward: 4·n²·d·h flops vs K+V = 2·n·d·h·b bytes
+        # -> n* = b·F / (2·BW). Forward+backward: 3.5x the flops; K/V twice plus the float32 dK/dV
+        # accumulator -> 2·n·d·h·(2b + 4) bytes -> n* = (2b + 4)·F / (7·BW). Causal (zigzag): a step
+        # after the first computes half a shard pair -> twice those.
+        b = elem
+        n_fwd = b * flops / (2 * bandwidth)
+        n_fb = (2 * b + 4) * flops / (7 * bandwidth)
+        model = {"bandwidth_GBps": bandwidth / 1e9, "kernel_GFLOPs": flops / 1e9,
+                 "crossover_tokens_per_rank": {"full_forward": n_fwd, "causal_forward": 2 * n_fwd,
+                                               "full_forward_backward": n_fb, "causal_forward_backward": 2 * n_fb},
+                 "predicted_transfer_s_per_step": kv_bytes / bandwidth,
+                 "predicted_kernel_s_per_step_full": 4 * n * n * head_dim * heads / flops}
+        cases = {}
+        for name, pattern, layout in (("full", flashlite.Full(), "contiguous"),
+                                      ("causal", flashlite.Full(causal=True), "zigzag")):
+            for backward in (False, True):
+                key = f"{name}-{layout}-{'forward_backward' if backward else 'forward'}"
+                cases[key] = time_ring(pattern, layout, n, heads, head_dim, args.reps, backward)
+        # forward over P ranks: each of the first P-1 steps takes max(kernel, transfer of the next
+        # shard), the last one the kernel alone; a causal zigzag step is half a full pair
+        c_full = model["predicted_kernel_s_per_step_full"]
+        t = model["predicted_transfer_s_per_step"]
+        model["predicted_ratio_forward"] = {
+            kind: ((world - 1) * max(c, t) + c) / (world * c) for kind, c in (("full", c_full), ("causal", c_full / 2))}
+        runs.append({"tokens_per_rank": n, "model": model, "cases": cases})
     if rank == 0:
         with open(result_path, "w") as f:
-            json.dump({"model": model, "cases": cases}, f)
+            json.dump({"runs": runs}, f)
     dist.barrier()
     dist.destroy_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="ring attention: time with communication vs compute alone (gloo)")
-    parser.add_argument("--tokens-per-rank", type=int, default=2048)
+    parser.add_argument("--tokens-per-rank", default="2048",
+                        help="tokens per rank, or several, comma-separated (e.g. 64,256,2048)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--world", type=int, default=2)
@@ -246,7 +256,7 @@ def main() -> None:
         "setup": {"world_size": args.world, "backend_dist": "nccl" if args.device == "cuda" else "gloo",
                   "kernel_backend": "auto" if args.device == "cuda" else "cpu",
                   "dtype": "bfloat16" if args.device == "cuda" else "float32",
-                  "tokens_per_rank": args.tokens_per_rank, "heads": args.heads, "head_dim": args.head_dim,
+                  "tokens_per_rank": [int(x) for x in str(args.tokens_per_rank).split(",")], "heads": args.heads, "head_dim": args.head_dim,
                   "batch": 1, "threads_per_rank": args.threads, "reps": args.reps,
                   "statistic": "median over reps of the slowest rank's wall time"},
         **found,
@@ -256,14 +266,17 @@ def main() -> None:
                           f"context-parallel-{now.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}.json")
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
-    m = found["model"]
-    print(f"ring exchange {m['bandwidth_GBps']:.2f} GB/s, kernel {m['kernel_GFLOPs']:.1f} GFLOP/s -> model crossover "
-          f"{m['crossover_tokens_per_rank']['full_forward']:.0f} tokens/rank (full), "
-          f"{m['crossover_tokens_per_rank']['causal_forward']:.0f} (causal); measured at {args.tokens_per_rank}")
-    print(f"{'case':<36} {'with comm s':>12} {'compute alone s':>16} {'ratio':>7} {'wait s':>7}")
-    for key, c in found["cases"].items():
-        print(f"{key:<36} {c['with_comm']:>12.3f} {c['compute_alone']:>16.3f} {c['ratio']:>7.3f} "
-              f"{c['comm_wait_s_median_rank']:>7.3f}")
+    for run in found["runs"]:
+        m = run["model"]
+        cross = m["crossover_tokens_per_rank"]
+        print(f"{run['tokens_per_rank']} tokens/rank: ring exchange {m['bandwidth_GBps']:.2f} GB/s, kernel "
+              f"{m['kernel_GFLOPs']:.1f} GFLOP/s -> model crossover {cross['full_forward']:.0f} tokens/rank (full), "
+              f"{cross['causal_forward']:.0f} (causal); predicted forward ratio "
+              f"{m['predicted_ratio_forward']['full']:.3f} (full), {m['predicted_ratio_forward']['causal']:.3f} (causal)")
+        print(f"  {'case':<34} {'with comm s':>12} {'compute alone s':>16} {'ratio':>7} {'wait s':>7}")
+        for key, c in run["cases"].items():
+            print(f"  {key:<34} {c['with_comm']:>12.4f} {c['compute_alone']:>16.4f} {c['ratio']:>7.3f} "
+                  f"{c['comm_wait_s_median_rank']:>7.4f}")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} on {cores} cores"
           + (" (busy: see the JSON's note)" if busy else ""))
     print(f"wrote {os.path.relpath(out, ROOT)}")
