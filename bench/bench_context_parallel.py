@@ -12,8 +12,10 @@ The script starts the ranks itself (torch.multiprocessing, gloo over 127.0.0.1).
    time than the kernel on one shard pair — for full and causal (zigzag) attention;
 3. times ``context_parallel_attention`` (ring, forward and forward+backward) two ways, interleaved
    rep by rep: as is, and with the P2P exchange replaced by a stub that hands back the local K/V
-   (same calls, same merges, no communication) — "compute alone". The figure is the median
-   over reps of the slowest rank's time.
+   (same calls, same merges, no communication) — "compute alone". Each time is the slowest
+   rank's; the JSON has every rep, the medians, their ratio, and the median of the per-rep
+   ratios (both modes timed back to back, so less exposed to a load that drifts), and the
+   ring's time blocked on transfers (``comm_wait_s``).
 
 ``--device cuda`` runs the same protocol under NCCL, one GPU per rank, bfloat16 (written for the
 GPU machines, not yet run on one).
@@ -153,6 +155,9 @@ def time_ring(pattern, layout: str, n: int, heads: int, head_dim: int, reps: int
             q.grad = k.grad = v.grad = None
     out = {mode: statistics.median(ts) for mode, ts in found.items()}
     out["ratio"] = out["with_comm"] / out["compute_alone"]
+    # each rep times both modes back to back: the median of those paired ratios is less exposed to
+    # a machine whose load drifts during the run
+    out["ratio_paired_median"] = statistics.median(w / a for w, a in zip(found["with_comm"], found["compute_alone"]))
     out["comm_wait_s_median_rank"] = statistics.median(waits)
     out["all_with_comm"], out["all_compute_alone"] = found["with_comm"], found["compute_alone"]
     return out
@@ -273,10 +278,10 @@ def main() -> None:
               f"{m['kernel_GFLOPs']:.1f} GFLOP/s -> model crossover {cross['full_forward']:.0f} tokens/rank (full), "
               f"{cross['causal_forward']:.0f} (causal); predicted forward ratio "
               f"{m['predicted_ratio_forward']['full']:.3f} (full), {m['predicted_ratio_forward']['causal']:.3f} (causal)")
-        print(f"  {'case':<34} {'with comm s':>12} {'compute alone s':>16} {'ratio':>7} {'wait s':>7}")
+        print(f"  {'case':<34} {'with comm s':>12} {'compute alone s':>16} {'ratio':>7} {'paired':>7} {'wait s':>7}")
         for key, c in run["cases"].items():
             print(f"  {key:<34} {c['with_comm']:>12.4f} {c['compute_alone']:>16.4f} {c['ratio']:>7.3f} "
-                  f"{c['comm_wait_s_median_rank']:>7.4f}")
+                  f"{c['ratio_paired_median']:>7.3f} {c['comm_wait_s_median_rank']:>7.4f}")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} on {cores} cores"
           + (" (busy: see the JSON's note)" if busy else ""))
     print(f"wrote {os.path.relpath(out, ROOT)}")
