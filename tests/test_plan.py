@@ -163,6 +163,13 @@ def test_subpackages_are_reachable_after_a_bare_import():
                            "flashlite.integrations.transformers", "flashlite.reference"]
 
 
+def test_transformers_register_works_after_a_bare_import():
+    """The README's wording, exactly: `import flashlite` then `flashlite.integrations.transformers.register()`."""
+    pytest.importorskip("transformers")
+    out = _python("import flashlite; print(*flashlite.integrations.transformers.register())")
+    assert out.split() == ["fl_attention", "fl_topk"]
+
+
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 @pytest.mark.parametrize("pattern", [Full(True), SlidingWindow(6, 2), "topk"], ids=["causal", "window", "topk"])
 def test_backward_on_its_own_matches_autograd(backend, pattern):
