@@ -20,6 +20,19 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def program_tile(num_tiles, num_rows):
+    """(tile, row) of this program in a launch over ``num_tiles`` × ``num_rows`` programs laid out by
+    ``launch.program_grid``: numbered tile-fastest over axis 0, then 1, then 2 (one axis unless the
+    count exceeds CUDA's 2^31 − 1 programs per axis); the few spare programs of a folded grid repeat
+    the last row's work (the same values to the same addresses)."""
+    flat = ((tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0)
+            + tl.program_id(0))
+    tile = (flat % num_tiles).to(tl.int32)
+    row = tl.minimum(flat // num_tiles, num_rows - 1).to(tl.int32)
+    return tile, row
+
+
+@triton.jit
 def dot(a, b, IEEE_DOT: tl.constexpr):
     """a·b with fp32 accumulation; fp32 inputs use IEEE (not TF32) products."""
     if IEEE_DOT:

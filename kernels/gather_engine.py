@@ -32,8 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_steps import (LOG2E, capped_scores, dot, log2_lse, online_softmax_step, score_grad, score_scales,
-                              scores, softmax_finish)
+from .attention_steps import (LOG2E, capped_scores, dot, log2_lse, online_softmax_step, program_tile, score_grad,
+                              score_scales, scores, softmax_finish)
 
 
 @triton.jit
@@ -85,13 +85,12 @@ def gather_forward_kernel(
     stride_list_b, stride_list_h, stride_list_t, stride_list_s,
     stride_count_b, stride_count_h, stride_count_t,
     stride_member_b, stride_member_h, stride_member_row, stride_alibi_b,
-    heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, scale, softcap,
+    heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, scale, softcap, num_tiles, num_rows,
     CAUSAL: tl.constexpr, HAS_MEMBER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    batch_kv = tl.program_id(1)
+    tile, batch_kv = program_tile(num_tiles, num_rows)
     batch = batch_kv // heads_kv
     kv_head = batch_kv % heads_kv
 
@@ -147,14 +146,13 @@ def gather_backward_q_kernel(
     stride_list_b, stride_list_h, stride_list_t, stride_list_s,
     stride_count_b, stride_count_h, stride_count_t,
     stride_member_b, stride_member_h, stride_member_row, stride_alibi_b,
-    heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, scale, softcap,
+    heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, scale, softcap, num_tiles, num_rows,
     CAUSAL: tl.constexpr, HAS_MEMBER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ_i = Σ_j ds_ij · k_j over the forward's key lists (each row has one owner: no atomics)."""
-    tile = tl.program_id(0)
-    batch_kv = tl.program_id(1)
+    tile, batch_kv = program_tile(num_tiles, num_rows)
     batch = batch_kv // heads_kv
     kv_head = batch_kv % heads_kv
 
@@ -212,6 +210,7 @@ def gather_backward_kv_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_alibi_b,
     heads_q, heads_kv, index_heads, group, num_entries, num_pieces, seqlen_q, seqlen_k, head_dim, scale, softcap,
+    num_chunks, replicas,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PIECE_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -222,12 +221,11 @@ def gather_backward_kv_kernel(
     over the chunk's entries (query i selected key j) and the group's heads g. Entry keys are
     flattened ``(batch · index_heads + index_head) · Nk + j``; ``ENTRY_PIECE`` is the entry's
     piece relative to the chunk's first piece ``CHUNK_PIECE[chunk]``."""
-    chunk = tl.program_id(0)
-    replica = tl.program_id(1)  # KV heads sharing one index head (indices broadcast over heads)
+    chunk, replica = program_tile(num_chunks, replicas)  # replica: KV heads sharing one index head
 
     # Rows: (entry e, head g of the group), entry-major.
     r = tl.arange(0, BLOCK_E * GROUP_PAD)
-    entry = chunk * BLOCK_E + r // GROUP_PAD
+    entry = chunk.to(tl.int64) * BLOCK_E + r // GROUP_PAD
     row_ok = (entry < num_entries) & (r % GROUP_PAD < group)
     flat_key = tl.load(ENTRY_KEY + entry, mask=row_ok, other=0)
     query = tl.load(ENTRY_QUERY + entry, mask=row_ok, other=0)
@@ -286,13 +284,12 @@ def gather_backward_kv_kernel(
 def gather_reduce_kv_kernel(
     DK, DV, DK_PART, DV_PART, KEY_ID, KEY_PIECE_START, KEY_PIECE_COUNT,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    heads_kv, index_heads, num_keys, num_pieces, seqlen_k, head_dim,
+    heads_kv, index_heads, num_keys, num_pieces, seqlen_k, head_dim, num_blocks, replicas,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK_j = Σ_pieces partial_j (in piece order: deterministic) for ``BLOCK_R`` selected keys."""
-    block = tl.program_id(0)
-    replica = tl.program_id(1)
-    slot = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    block, replica = program_tile(num_blocks, replicas)
+    slot = block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     slot_ok = slot < num_keys
     key_id = tl.load(KEY_ID + slot, mask=slot_ok, other=0)  # (batch · index_heads + index_head) · Nk + j
     first = tl.load(KEY_PIECE_START + slot, mask=slot_ok, other=0)

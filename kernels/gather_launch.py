@@ -25,7 +25,7 @@ import torch
 import triton
 
 from . import gather_engine
-from .launch import _alibi_args, _poison, row_dot
+from .launch import _alibi_args, _poison, program_grid, row_dot
 
 MODES = ("row", "shared", "union")
 # Union mode is used when a query tile's rows select, on average, each key of the union at least
@@ -113,6 +113,12 @@ def _block_sizes(head_dim: int, group: int, device: torch.device) -> Tuple[int, 
     return (64 if block_d <= 128 else 32), group_pad, (64 if block_d <= 128 else 32)
 
 
+def forward_block_q(head_dim: int, group: int, device: torch.device) -> int:
+    """Query positions per program in shared and union mode (times the group's padded heads)."""
+    _, group_pad, rows_target = _block_sizes(head_dim, group, device)
+    return max(1, rows_target // group_pad, 16 // group_pad)
+
+
 def _valid_keys(rows: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool) -> torch.Tensor:
     """Canonical rows as ``[B, Hi, Nq, K]`` (a shared list broadcast) with causally excluded slots −1."""
     if rows.dim() == 3:
@@ -172,8 +178,7 @@ def forward_plan(rows: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool,
         mode = "shared"  # one list for every query: nothing to choose
     elif mode == "shared":
         raise ValueError("mode 'shared' needs indices [B, Hkv|1, K]")
-    _, group_pad, rows_target = _block_sizes(head_dim, group, rows.device)
-    block_q = max(1, rows_target // group_pad, 16 // group_pad)
+    block_q = forward_block_q(head_dim, group, rows.device)
     width = rows.shape[-1]
     if shared:
         counts = torch.full((1,), width, dtype=torch.int32, device=rows.device)
@@ -294,13 +299,29 @@ def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Forw
     tensors, plan_strides = _plan_args(plan, index_heads)
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
     flags = _flags(q, causal, softcap, alibi_slopes, plan, group)
-    gather_engine.gather_forward_kernel[(plan.num_tiles, batch * heads_kv)](
+    gather_engine.gather_forward_kernel[gather_grid(plan.num_tiles, batch, heads_kv)](
         q, k, v, out, lse, *tensors, alibi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *plan_strides, alibi_stride,
         heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, float(scale), float(softcap or 0.0),
+        plan.num_tiles, batch * heads_kv,
         **flags, **_launch(q, flags),
     )
     return out, lse
+
+
+def gather_grid(num_tiles: int, batch: int, heads_kv: int) -> Tuple[int, int, int]:
+    """Grid of the forward and dQ kernels: one program per (query tile of the plan, batch × KV head)."""
+    return program_grid(num_tiles, batch * heads_kv)
+
+
+def backward_kv_grid(num_entries: int, block_e: int, replicas: int) -> Tuple[int, int, int]:
+    """Grid of the dK/dV kernel: one program per (chunk of ``block_e`` entries, KV-head replica)."""
+    return program_grid(triton.cdiv(num_entries, block_e), replicas)
+
+
+def reduce_grid(num_keys: int, block_r: int, replicas: int) -> Tuple[int, int, int]:
+    """Grid of the reduce kernel: one program per (``block_r`` selected keys, KV-head replica)."""
+    return program_grid(triton.cdiv(num_keys, block_r), replicas)
 
 
 def _launch(q: torch.Tensor, flags: dict) -> dict:
@@ -331,11 +352,12 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     _poison(dq)
     tensors, plan_strides = _plan_args(plan, index_heads)
     flags = _flags(q, causal, softcap, alibi_slopes, plan, group)
-    gather_engine.gather_backward_q_kernel[(plan.num_tiles, batch * heads_kv)](
+    gather_engine.gather_backward_q_kernel[gather_grid(plan.num_tiles, batch, heads_kv)](
         q, k, v, grad_out, lse, delta, dq, *tensors, alibi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3],
         *plan_strides, alibi_stride,
-        heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, *common, **flags, **_launch(q, flags),
+        heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, *common, plan.num_tiles, batch * heads_kv,
+        **flags, **_launch(q, flags),
     )
 
     group_pad = triton.next_power_of_2(group)
@@ -350,23 +372,24 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     block_d = max(triton.next_power_of_2(head_dim), 16)
     interpreted = q.device.type != "cuda"
     precision = "ieee" if interpreted or q.dtype == torch.float32 else "tf32x3"
-    gather_engine.gather_backward_kv_kernel[(triton.cdiv(inverse.num_entries, block_e), replicas)](
+    gather_engine.gather_backward_kv_kernel[backward_kv_grid(inverse.num_entries, block_e, replicas)](
         q, k, v, grad_out, lse, delta, dk_part, dv_part, inverse.entry_query, inverse.entry_key,
         inverse.entry_piece, inverse.chunk_piece, alibi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], alibi_stride,
         heads_q, heads_kv, index_heads, group, inverse.num_entries, num_pieces, seqlen_q, seqlen_k, head_dim,
-        *common, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=alibi_slopes is not None, PIECE_PRECISION=precision,
+        *common, triton.cdiv(inverse.num_entries, block_e), replicas, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=alibi_slopes is not None, PIECE_PRECISION=precision,
         BLOCK_E=block_e, GROUP_PAD=group_pad, BLOCK_D=block_d,
     )
     num_keys = inverse.key_id.numel()
     block_r = 64 if interpreted else 16
-    gather_engine.gather_reduce_kv_kernel[(triton.cdiv(num_keys, block_r), replicas)](
+    gather_engine.gather_reduce_kv_kernel[reduce_grid(num_keys, block_r, replicas)](
         dk, dv, dk_part, dv_part, inverse.key_id, inverse.key_piece_start, inverse.key_piece_count,
         *dk.stride()[:3], *dv.stride()[:3], heads_kv, index_heads, num_keys, num_pieces, seqlen_k, head_dim,
+        triton.cdiv(num_keys, block_r), replicas,
         BLOCK_R=block_r, BLOCK_D=block_d,
     )
     return dq, dk, dv
 
 
-__all__ = ["gather_forward", "gather_backward", "forward_plan", "inverse_plan", "backward_block_e", "ForwardPlan",
-           "InversePlan", "MODES"]
+__all__ = ["gather_forward", "gather_backward", "forward_plan", "inverse_plan", "backward_block_e", "forward_block_q",
+           "gather_grid", "backward_kv_grid", "reduce_grid", "ForwardPlan", "InversePlan", "MODES"]

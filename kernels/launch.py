@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -42,6 +42,34 @@ def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device,
     return config
 
 
+MAX_GRID_X = 2 ** 31 - 1  # CUDA's limit on gridDim.x
+MAX_GRID_YZ = 65535  # ... on gridDim.y and gridDim.z
+
+
+def program_grid(tiles: int, rows: int, max_x: Optional[int] = None) -> Tuple[int, int, int]:
+    """The launch grid of ``tiles`` × ``rows`` programs (rows: batch × heads, or KV-head replicas),
+    within CUDA's limits: one axis when tiles·rows fits in gridDim.x (2^31 − 1), else the same
+    numbering folded over axes 1 and 2 with fewer than gridDim.y·gridDim.z programs to spare (they
+    repeat the last row's work). Kernels read it back with ``attention_steps.program_tile``
+    (tile-fastest numbering, as the former (tiles, rows) grid)."""
+    max_x = MAX_GRID_X if max_x is None else max_x
+    total = int(tiles) * int(rows)
+    if total <= max_x:
+        return total, 1, 1
+    folds = -(-total // max_x)  # y·z
+    z = -(-folds // MAX_GRID_YZ)
+    if z > MAX_GRID_YZ:
+        raise ValueError(f"{tiles} x {rows} programs exceed CUDA's grid limits ({max_x} x {MAX_GRID_YZ}²)")
+    y = -(-folds // z)
+    return -(-total // (y * z)), y, z
+
+
+def tile_grid(num_tiles: int, batch: int, heads: int) -> Tuple[int, int, int]:
+    """Grid of a tile-engine launch: one program per (tile, batch × head); the forward and dQ
+    kernels take query tiles and query heads, dK/dV key tiles and KV heads."""
+    return program_grid(num_tiles, batch * heads)
+
+
 def _poison(*tensors: torch.Tensor) -> None:
     """Under FLASHLITE_POISON=1 (the tests), outputs start as NaN so an unwritten element shows."""
     if os.environ.get("FLASHLITE_POISON") == "1":
@@ -49,20 +77,22 @@ def _poison(*tensors: torch.Tensor) -> None:
             t.fill_(float("nan"))
 
 
-ROW_DOT_CHUNK = 1 << 24  # elements per step of row_dot: bounds its float32 temporaries to ~128 MB
+ROW_DOT_SHARE = 16  # row_dot converts at most 1/16 of a tensor (or 2^18 elements) to float32 at once
 
 
 def row_dot(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """δ_i = Σ_d dO_id · O_id, the softmax-backward row term: float32 ``[B, H, N]``, contiguous.
 
-    Computed over slices of the sequence so the float32 copies never exceed ``ROW_DOT_CHUNK``
-    elements (a whole-tensor product would build three full-size float32 temporaries)."""
+    Computed over slices of the sequence so the float32 copies stay a small share of the inputs
+    (a whole-tensor product would build three full-size float32 temporaries)."""
     batch, heads, seqlen, head_dim = out.shape
     delta = torch.empty((batch, heads, seqlen), device=out.device, dtype=torch.float32)
-    step = max(1, ROW_DOT_CHUNK // max(1, batch * heads * head_dim))
+    chunk = max(1 << 18, out.numel() // ROW_DOT_SHARE)
+    step = max(1, chunk // max(1, batch * heads * head_dim))
     for start in range(0, seqlen, step):
-        rows = slice(start, start + step)
-        delta[:, :, rows] = torch.linalg.vecdot(grad_out[:, :, rows].float(), out[:, :, rows].float())
+        rows = min(step, seqlen - start)
+        torch.linalg.vecdot(grad_out.narrow(2, start, rows).float(), out.narrow(2, start, rows).float(),
+                            out=delta.narrow(2, start, rows))
     return delta
 
 
@@ -107,7 +137,7 @@ def tile_forward(q, k, v, schedule, scale: float, softcap: float = 0.0, alibi_sl
     _poison(out, lse)
     tiles, count, sched_strides = _schedule_args(schedule.kv_tiles, schedule.kv_count, batch, heads_q)
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
-    grid = (schedule.num_q_tiles, batch * heads_q)
+    grid = tile_grid(schedule.num_q_tiles, batch, heads_q)
     launch = {} if config is None or q.device.type != "cuda" else dict(num_warps=config.num_warps,
                                                                         num_stages=config.num_stages)
     tile_engine.tile_forward_kernel[grid](
@@ -116,7 +146,7 @@ def tile_forward(q, k, v, schedule, scale: float, softcap: float = 0.0, alibi_sl
         *sched_strides, alibi_stride,
         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
         schedule.window_left, schedule.window_right, float(scale), float(softcap or 0.0),
-        COUNT_TILES=tile_counter is not None, **_flags(q, schedule, softcap, alibi_slopes), **launch,
+        schedule.num_q_tiles, batch * heads_q, COUNT_TILES=tile_counter is not None, **_flags(q, schedule, softcap, alibi_slopes), **launch,
     )
     return out, lse
 
@@ -138,19 +168,19 @@ def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: 
     common = (float(scale), float(softcap or 0.0))
 
     q_tiles, q_count, q_strides = _schedule_args(schedule.q_tiles, schedule.q_count, batch, heads_q)
-    tile_engine.tile_backward_kv_kernel[(schedule.num_kv_tiles, batch * heads_kv)](
+    tile_engine.tile_backward_kv_kernel[tile_grid(schedule.num_kv_tiles, batch, heads_kv)](
         q, k, v, grad_out, lse, delta, dk, dv, q_tiles, q_count, alibi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *q_strides, alibi_stride,
         heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
-        schedule.window_left, schedule.window_right, *common, **flags, **launch,
+        schedule.window_left, schedule.window_right, *common, schedule.num_kv_tiles, batch * heads_kv, **flags, **launch,
     )
     kv_tiles, kv_count, kv_strides = _schedule_args(schedule.kv_tiles, schedule.kv_count, batch, heads_q)
-    tile_engine.tile_backward_q_kernel[(schedule.num_q_tiles, batch * heads_q)](
+    tile_engine.tile_backward_q_kernel[tile_grid(schedule.num_q_tiles, batch, heads_q)](
         q, k, v, grad_out, lse, delta, dq, kv_tiles, kv_count, alibi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *dq.stride()[:3], *kv_strides, alibi_stride,
         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
-        schedule.window_left, schedule.window_right, *common, **flags, **launch,
+        schedule.window_left, schedule.window_right, *common, schedule.num_q_tiles, batch * heads_q, **flags, **launch,
     )
     return dq, dk, dv

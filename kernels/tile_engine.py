@@ -30,8 +30,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_steps import (LOG2E, capped_scores, dot, log2_lse, online_softmax_step, score_grad, score_scales,
-                              scores, softmax_finish)
+from .attention_steps import (LOG2E, capped_scores, dot, log2_lse, online_softmax_step, program_tile, score_grad,
+                              score_scales, scores, softmax_finish)
 
 SPAN_CHUNK = tl.constexpr(64)  # list-schedule slots read at once when locating the interior run
 NO_TILE = tl.constexpr(2147483647)  # past every tile index
@@ -128,7 +128,7 @@ def tile_forward_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     stride_tiles_b, stride_tiles_h, stride_tiles_m, stride_count_b, stride_count_h, stride_alibi_b,
-    heads_q, group, seqlen_q, seqlen_k, head_dim, window_left, window_right, scale, softcap,
+    heads_q, group, seqlen_q, seqlen_k, head_dim, window_left, window_right, scale, softcap, num_tiles, num_rows,
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     COUNT_TILES: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -137,8 +137,7 @@ def tile_forward_kernel(
 
     COUNT_TILES (debug): 1 stores the key tiles each program visited in ``TILE_COUNTER[program]``;
     2 also stores its edge (element-masked) tiles in ``TILE_COUNTER[programs + program]``."""
-    q_tile = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    q_tile, batch_head = program_tile(num_tiles, num_rows)
     batch = batch_head // heads_q
     head = batch_head % heads_q
     kv_head = head // group
@@ -195,10 +194,10 @@ def tile_forward_kernel(
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + batch_head.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
     if COUNT_TILES:
-        program = batch_head * tl.num_programs(0) + q_tile
+        program = batch_head * num_tiles + q_tile
         tl.store(TILE_COUNTER + program, interior + edges)
         if COUNT_TILES == 2:
-            tl.store(TILE_COUNTER + tl.num_programs(0) * tl.num_programs(1) + program, edges)
+            tl.store(TILE_COUNTER + num_tiles * num_rows + program, edges)
 
 
 @triton.jit
@@ -223,7 +222,7 @@ def tile_backward_kv_kernel(
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_tiles_b, stride_tiles_h, stride_tiles_n, stride_count_b, stride_count_h, stride_alibi_b,
-    heads_kv, group, seqlen_q, seqlen_k, head_dim, window_left, window_right, scale, softcap,
+    heads_kv, group, seqlen_q, seqlen_k, head_dim, window_left, window_right, scale, softcap, num_tiles, num_rows,
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -233,8 +232,7 @@ def tile_backward_kv_kernel(
 
         dV_j = Σ_i p_ij · dO_i          dK_j = Σ_i ds_ij · q_i
     """
-    kv_tile = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    kv_tile, batch_head = program_tile(num_tiles, num_rows)
     batch = batch_head // heads_kv
     kv_head = batch_head % heads_kv
 
@@ -294,7 +292,7 @@ def tile_backward_q_kernel(
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     stride_tiles_b, stride_tiles_h, stride_tiles_m, stride_count_b, stride_count_h, stride_alibi_b,
-    heads_q, group, seqlen_q, seqlen_k, head_dim, window_left, window_right, scale, softcap,
+    heads_q, group, seqlen_q, seqlen_k, head_dim, window_left, window_right, scale, softcap, num_tiles, num_rows,
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -303,8 +301,7 @@ def tile_backward_q_kernel(
 
         dQ_i = Σ_j ds_ij · k_j
     """
-    q_tile = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    q_tile, batch_head = program_tile(num_tiles, num_rows)
     batch = batch_head // heads_q
     head = batch_head % heads_q
     kv_head = head // group
