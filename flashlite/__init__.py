@@ -4,7 +4,8 @@ block-sparse and top-k selected patterns, for PyTorch.
 The layers, each importing only the ones below it:
 
     faces      flashlite.nn (and flashlite.swap), SelectiveKVCache, flashlite.integrations, the CLI
-    api        flashlite.api: the public functions (validate, build the pattern)
+    api        flashlite.api: the public functions (validate, build the pattern);
+               flashlite.distributed: one sequence over several devices (context parallelism)
     dispatch   flashlite.dispatch: backend choice, the plan (cached), custom ops + autograd
     backend    flashlite.backend: triton (flashlite.kernels), cpu and cuda (flashlite._C), reference
     kernels    flashlite.kernels (Triton), csrc/ (C++ and CUDA, built into flashlite._C)
@@ -67,5 +68,5 @@ def backends() -> Dict[str, str]:
 __all__ = [
     "attention", "flash_attention", "sliding_window_attention", "block_sparse_attention", "topk_attention",
     "Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "reference", "backends", "last_backend",
-    "nn", "swap", "selection", "SelectiveKVCache", "integrations",
+    "nn", "swap", "selection", "SelectiveKVCache", "integrations", "distributed",
 ]

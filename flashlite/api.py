@@ -13,7 +13,9 @@ from .core.patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
 Window = Union[int, Tuple[int, int], Sequence[int]]
 
 
-def _check_qkv(q, k, v) -> Tuple[Tensor, Tensor, Tensor]:
+def check_qkv(q, k, v) -> Tuple[Tensor, Tensor, Tensor]:
+    """Validate q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` (errors name the argument); returns
+    them with a contiguous last dimension (a copy only where it was not)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [batch, heads, seq, head_dim], got {type(t).__name__}")
@@ -42,7 +44,7 @@ def _check_qkv(q, k, v) -> Tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
-def _check_scalars(q: Tensor, scale, softcap, alibi_slopes) -> Tuple[float, float, Optional[Tensor]]:
+def check_scalars(q: Tensor, scale, softcap, alibi_slopes) -> Tuple[float, float, Optional[Tensor]]:
     """(scale, softcap with 0.0 = off, alibi slopes as float32 contiguous): converted here, once."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -87,8 +89,8 @@ def attention(
 
     Returns ``out`` shaped like q (and ``lse``). A query that sees no key gets zeros and lse = −inf.
     """
-    q, k, v = _check_qkv(q, k, v)
-    scale, softcap, alibi_slopes = _check_scalars(q, scale, softcap, alibi_slopes)
+    q, k, v = check_qkv(q, k, v)
+    scale, softcap, alibi_slopes = check_scalars(q, scale, softcap, alibi_slopes)
     if pattern is None:
         pattern = Full()
     elif not isinstance(pattern, Pattern):

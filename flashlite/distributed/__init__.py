@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..api import _check_qkv, _check_scalars
+from ..api import check_qkv, check_scalars
 from ..core.patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
 from .comm import Stats, check_device, check_same_everywhere, group_rank_world, last_stats, set_last
 from .layouts import LAYOUTS, check_layout, positions, rank_order, segments, shard, unshard
@@ -74,7 +74,7 @@ def context_parallel_attention(
     ``last_stats()`` reports what this rank did. Bad input raises ValueError (TypeError for a wrong
     type) naming the argument, on every rank alike where the problem is visible to all.
     """
-    q_l, k_l, v_l = _check_qkv(q_l, k_l, v_l)
+    q_l, k_l, v_l = check_qkv(q_l, k_l, v_l)
     if pattern is None:
         pattern = Full()
     elif not isinstance(pattern, Pattern):
@@ -95,7 +95,7 @@ def context_parallel_attention(
     if layout == "zigzag" and q_l.shape[2] % 2:
         raise ValueError(f"q_l: layout='zigzag' holds two equal chunks per rank: the local sequence length must "
                          f"be even, got {q_l.shape[2]}")
-    scale, softcap, alibi_slopes = _check_scalars(q_l, scale, softcap, alibi_slopes)
+    scale, softcap, alibi_slopes = check_scalars(q_l, scale, softcap, alibi_slopes)
     if method == "ring" and alibi_slopes is not None:
         raise ValueError("alibi_slopes: not supported with method='ring' (each shard pair's kernel sees local "
                          "positions); use method='ulysses'")
