@@ -19,6 +19,7 @@ import torch
 
 import flashlite
 from flashlite import BlockSparse, Full, SlidingWindow, TopK
+from flashlite.core.gather_rows import canonical_rows, key_index
 from flashlite.core.schedule import cdiv
 
 from conftest import HAS_CUDA, check_against_reference, randn, requires_cuda
@@ -199,7 +200,7 @@ def test_atomic_backward_matches_deterministic(dtype, head_dim):
     B, Hq, Hkv, Nq, Nk = 1, 4, 2, 200, 300
     q, k, v = qkv(B, Hq, Hkv, Nq, Nk, head_dim, dtype)
     scale = head_dim ** -0.5
-    block_m, block_n = C.cuda_tile_config(head_dim, dtype, 0)
+    block_m, block_n = C.cuda_tile_config(head_dim, dtype, 0, q.device.index)
     sched = Full(True).schedule(Nq, Nk, block_m, block_n, q.device)
     out, lse = C.cuda_tile_forward(q, k, v, sched.kv_tiles, sched.kv_count, None, sched.is_list, block_m, block_n,
                                    sched.window_left, sched.window_right, scale, 0.0)
@@ -211,10 +212,13 @@ def test_atomic_backward_matches_deterministic(dtype, head_dim):
     for a, b in zip(exact, atomic):
         torch.testing.assert_close(b.float(), a.float(), **tol)
 
-    idx = topk_indices(B, Hkv, Nq, Nk, 64)
-    out, lse = C.cuda_gather_forward(q, k, v, idx, None, True, scale, 0.0)
-    args = (grad, q, k, v, out, lse, idx, None, True, scale, 0.0)
-    exact, atomic = C.cuda_gather_backward(*args, True), C.cuda_gather_backward(*args, False)
+    idx = canonical_rows(topk_indices(B, Hkv, Nq, Nk, 64), Nq, Nk, True)
+    key_offsets, key_slots = key_index(idx, Nq, Nk, True)
+    out, lse = C.cuda_gather_forward(q, k, v, indices=idx, alibi_slopes=None, causal=True, scale=scale, softcap=0.0)
+    kw = dict(indices=idx, key_offsets=key_offsets, key_slots=key_slots, alibi_slopes=None, causal=True, scale=scale,
+              softcap=0.0)
+    exact = C.cuda_gather_backward(grad, q, k, v, out, lse, deterministic=True, **kw)
+    atomic = C.cuda_gather_backward(grad, q, k, v, out, lse, deterministic=False, **kw)
     for a, b in zip(exact, atomic):
         torch.testing.assert_close(b.float(), a.float(), **tol)
 
@@ -248,25 +252,35 @@ def test_errors_name_the_argument():
         C.cuda_tile_forward(q, k, v, bad.kv_tiles, bad.kv_count, None, False, 32, 32, 32, 32, 0.125, 0.0)
     with pytest.raises(ValueError, match="indices"):
         C.cuda_gather_forward(q, k, v, torch.zeros(1, 2, 16, 4, dtype=torch.int64), None, False, 0.125, 0.0)
+    # the top-k backward's inverse index: its arguments are checked by name
+    idx = canonical_rows(topk_indices(1, 2, 16, 16, 4), 16, 16, False)
+    key_offsets, key_slots = key_index(idx, 16, 16, False)
+    out, lse = C.cuda_gather_forward(q, k, v, idx, None, False, 0.125, 0.0)
+    kw = dict(indices=idx, alibi_slopes=None, causal=False, scale=0.125, softcap=0.0, deterministic=True)
+    with pytest.raises(ValueError, match="key_offsets"):
+        C.cuda_gather_backward(out, q, k, v, out, lse, key_offsets=key_offsets[:-1], key_slots=key_slots, **kw)
+    with pytest.raises(ValueError, match="key_slots"):
+        C.cuda_gather_backward(out, q, k, v, out, lse, key_offsets=key_offsets, key_slots=key_slots.int(), **kw)
+    with pytest.raises(ValueError, match="device"):
+        C.cuda_tile_config(64, torch.float16, 0, torch.cuda.device_count())
 
 
 @needs_backend
-def test_side_stream_and_cuda_graph():
-    q, k, v = qkv(2, 4, 2, 300, 300, 64, torch.float16)
-    eager = flashlite.flash_attention(q, k, v, causal=True, backend="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        side = flashlite.flash_attention(q, k, v, causal=True, backend="cuda")
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.testing.assert_close(side, eager, rtol=0, atol=0)
-    graph = torch.cuda.CUDAGraph()
-    flashlite.flash_attention(q, k, v, causal=True, backend="cuda")
-    with torch.cuda.graph(graph):
-        captured = flashlite.flash_attention(q, k, v, causal=True, backend="cuda")
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+def test_tile_config_is_per_device():
+    """cuda_tile_config(..., device) answers for that device, whatever the current device is."""
+    C = _ext()
+    for device in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(device)
+        for d in (64, 128, 256):
+            bm, bn = C.cuda_tile_config(d, torch.bfloat16, 0, device)
+            assert (bm, bn) in {(128, 64), (128, 32), (64, 64), (64, 32)}, (props.name, d, bm, bn)
+    if torch.cuda.device_count() < 2:
+        pytest.skip("one device: the cross-device part needs two")
+    q, k, v = qkv(1, 4, 2, 64, 300, 64, torch.float16)  # on cuda:0
+    expect = flashlite.attention(q, k, v, Full(True), backend="cuda")
+    with torch.cuda.device(0):  # current device 0, tensors on cuda:1: the binding guards their device
+        got = flashlite.attention(q.to("cuda:1"), k.to("cuda:1"), v.to("cuda:1"), Full(True), backend="cuda")
+    torch.testing.assert_close(got.cpu(), expect.cpu(), rtol=2e-3, atol=2e-3)  # tiles may differ per device
 
 
 SANITIZER_SCRIPT = textwrap.dedent("""

@@ -6,9 +6,15 @@
   (mma.sync, ldmatrix, cp.async) is checked too. To stay within the CI budget the tensor-core
   and SIMT templates are compiled with ``-DFLASHLITE_CUDA_FEW_INSTANTIATIONS`` (every kernel,
   both 16-bit dtypes, a subset of the head-dim/tile shapes); the full set is built by setup.py;
+  the host-only ``csrc/cuda/*.cpp`` (planning, checks, dispatch) compile with g++, torch-free;
+* ptxas's registers, spills, stack and shared memory of the kernels compiled here stay within the
+  budget of ``csrc/cuda/ptxas_budget.json`` (``csrc/cuda/tools/ptxas_report.py`` prints the table
+  of every instantiation);
+* the generated instantiation files (``mma_*.cu``, ``simt_*.cu``) match ``tiles.h``
+  (``csrc/cuda/tools/generate_instantiations.py --check``);
 * ``csrc/cuda/bindings_cuda.cpp`` (torch + CUDA runtime headers) passes ``g++ -fsyntax-only``
   against torch's include dirs when the CUDA runtime headers are installed;
-* the host-side planner of ``launch.cu`` (tile sizes per device, decode packing, split-key
+* the host-side planner (``csrc/cuda/*.cpp``: tile sizes per device, decode packing, split-key
   counts, error messages) runs on the CPU against stub kernels, for an assumed H100 and an
   assumed sm_86 card;
 * the kernels themselves run on a CPU emulation of CUDA (``csrc/cuda/emulation.h``: the real
@@ -23,10 +29,13 @@ Skipped, with the reason, where nvcc (or the headers) are missing.
 from __future__ import annotations
 
 import glob
+import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,9 +46,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CUDA_DIR = CSRC / "cuda"
 CU_SOURCES = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
+# Host-only sources of the launchers (no device code; g++ builds them in setup.py too).
+HOST_SOURCES = sorted(p.name for p in CUDA_DIR.glob("*.cpp") if p.name != "bindings_cuda.cpp")
 ARCHS = ["sm_80", "sm_90a"]
-NVCC_FLAGS = ["-std=c++17", "-O2", "-c", f"-I{CSRC}", "-DFLASHLITE_CUDA_FEW_INSTANTIATIONS"]
+# Host code at -O0: the device code is optimized all the same (cicc, ptxas -O3; the ptxas numbers are
+# identical to -O2), and each run takes ~20% less CPU.
+NVCC_FLAGS = ["-std=c++17", "-O0", "-c", f"-I{CSRC}", "-DFLASHLITE_CUDA_FEW_INSTANTIATIONS", "-Xptxas", "-v"]
 TIMEOUT = 900
+BUDGET = CUDA_DIR / "ptxas_budget.json"
+
+
+def _tool(name: str):
+    """A module of csrc/cuda/tools (ptxas_report, generate_instantiations)."""
+    spec = importlib.util.spec_from_file_location(name, CUDA_DIR / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _find_nvcc() -> str | None:
@@ -82,11 +105,12 @@ CUDA_BUILD_PRESENT = _cuda_build_present()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (no CUDA toolkit on this machine)")
 skip_if_built = pytest.mark.skipif(CUDA_BUILD_PRESENT, reason="flashlite._C was built with these CUDA sources here")
 
-# The planner test: launch.cu linked with stub kernel launchers that record what they were asked.
+# The planner test: the host files (dispatch, plan, ...) and utility_kernels.cu linked with stub
+# engine launchers that record what they were asked.
 PLANNER_DRIVER = r"""
 #include <cstdio>
 #include <cstdlib>
-#include "cuda/dispatch.h"
+#include "cuda/engine_launchers.h"
 #include "cuda/launch.h"
 
 using namespace flashlite;
@@ -158,6 +182,9 @@ int main() {
         int bm = 0, bn = 0;
         cuda::tile_config(d, dt, bs, &bm, &bn);
         std::printf("CONFIG dtype=%d d=%d bs=%d bm=%d bn=%d\n", (int)dt, d, bs, bm, bn);
+        int dm = 0, dn = 0;  // device 0 explicitly: no device here, so the assumed one as well
+        cuda::tile_config(d, dt, bs, 0, &dm, &dn);
+        if (dm != bm || dn != bn) std::printf("DEVICE_CONFIG_MISMATCH d=%d bs=%d\n", d, bs);
       }
   // Decode, GQA 32/4, 64k keys, shared schedule: packed heads + split keys.
   AttentionParams dec = problem(f16, 2, 32, 4, 1, 65536, 128, 128, 32, false);
@@ -196,9 +223,19 @@ int main() {
 
 
 def _nvcc_job(source: str, out_dir: Path) -> list[str]:
-    """One nvcc run per source for both archs (one host pass, one device pass per arch)."""
+    """One nvcc run per source for both archs (one host pass, one device pass per arch; ptxas -v)."""
     gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS]
     return [NVCC, *NVCC_FLAGS, *gencode, str(CUDA_DIR / source), "-o", str(out_dir / f"{source}.o")]
+
+
+def _host_job(source: str, out_dir: Path) -> list[str] | str:
+    """g++ of a host-only source against the CUDA runtime headers, without torch."""
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    cuda_include = _find_cuda_include()
+    if cxx is None or cuda_include is None:
+        return "needs g++ and the CUDA headers"
+    return [cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-c", f"-I{CSRC}", f"-I{cuda_include}",
+            str(CUDA_DIR / source), "-o", str(out_dir / f"{source}.o")]
 
 
 def _binding_job(tmp: Path) -> list[str] | str:
@@ -232,8 +269,9 @@ def _binding_job(tmp: Path) -> list[str] | str:
 def _planner_job(tmp: Path) -> list[str]:
     driver = tmp / "planner_driver.cu"
     driver.write_text(PLANNER_DRIVER)
-    return [NVCC, "-std=c++17", "-O1", f"-I{CSRC}", "-arch=sm_80", str(driver), str(CUDA_DIR / "launch.cu"),
-            "-o", str(tmp / "planner")]
+    host = [str(CUDA_DIR / s) for s in HOST_SOURCES]
+    return [NVCC, "-std=c++17", "-O1", f"-I{CSRC}", "-arch=sm_80", str(driver), str(CUDA_DIR / "utility_kernels.cu"),
+            *host, "-o", str(tmp / "planner")]
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -252,6 +290,13 @@ def builds(tmp_path_factory):
     if not CUDA_BUILD_PRESENT:
         for source in CU_SOURCES:
             jobs[(source,)] = _nvcc_job(source, tmp)
+        (tmp / "host").mkdir(exist_ok=True)
+        for source in HOST_SOURCES:
+            job = _host_job(source, tmp / "host")
+            if isinstance(job, str):
+                results[("host", source)] = job
+            else:
+                jobs[("host", source)] = job
         binding = _binding_job(tmp)
         if isinstance(binding, str):
             results[("binding",)] = binding
@@ -263,9 +308,12 @@ def builds(tmp_path_factory):
         results["emulator"] = emulation
     else:
         jobs.update(emulation)
+    # Longest first (nvcc runs of the tensor-core backward, ...), so the pool does not end on one
+    # long job while the other cores idle.
+    order = sorted(jobs, key=_expected_cost, reverse=True)
     workers = max(2, min(len(jobs), os.cpu_count() or 2))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {key: pool.submit(_run, cmd) for key, cmd in jobs.items()}
+        futures = {key: pool.submit(_run, jobs[key]) for key in order}
         results.update({key: future.result() for key, future in futures.items()})
     if not isinstance(emulation, str):
         failed = [r for key, r in results.items() if key[:1] == ("emu",) and r.returncode != 0]
@@ -274,13 +322,26 @@ def builds(tmp_path_factory):
     return results
 
 
+def _expected_cost(key) -> float:
+    """Rough CPU seconds of a job (measured on 2 cores; only the order matters)."""
+    name = key[-1] if isinstance(key, tuple) else key
+    if key[0] == "emu":
+        return 5.0 if name.startswith("mma_") else 3.0
+    if key[0] == "host":
+        return 2.0
+    if key[0] in ("binding", "planner"):
+        return 20.0
+    return 25.0 if name.startswith("mma_backward") else 15.0
+
+
 def _tail(text: str, n: int = 6000) -> str:
     return text if len(text) <= n else "..." + text[-n:]
 
 
 def test_sources_exist_and_are_torch_free():
     assert CU_SOURCES, "csrc/cuda has no .cu sources"
-    for path in list(CUDA_DIR.glob("*.cu")) + list(CUDA_DIR.glob("*.cuh")) + list(CUDA_DIR.glob("*.h")):
+    sources = [CUDA_DIR / s for s in CU_SOURCES + HOST_SOURCES] + [CUDA_DIR / "tools" / "emulate_main.cpp"]
+    for path in sources + list(CUDA_DIR.glob("*.cuh")) + list(CUDA_DIR.glob("*.h")):
         text = path.read_text()
         includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', text)
         torchy = [inc for inc in includes if inc.split("/")[0] in ("torch", "ATen", "c10", "pybind11")]
@@ -294,6 +355,50 @@ def test_cu_compiles_for_sm80_and_sm90a(builds, source):
     assert result.returncode == 0, f"nvcc {source} ({', '.join(ARCHS)}) failed:\n{_tail(result.stderr)}"
     ours = [line for line in result.stderr.splitlines() if "warning" in line.lower() and "csrc/cuda" in line]
     assert not ours, "nvcc warnings in flashlite sources:\n" + "\n".join(ours[:20])
+
+
+@skip_if_built
+@pytest.mark.parametrize("source", HOST_SOURCES)
+def test_host_sources_compile_without_torch(builds, source):
+    result = builds[("host", source)]
+    if isinstance(result, str):
+        pytest.skip(f"{source}: {result}")
+    assert result.returncode == 0, f"g++ {source} failed:\n{_tail(result.stderr)}"
+    assert "warning" not in result.stderr, f"g++ warnings in {source}:\n{_tail(result.stderr)}"
+
+
+def test_instantiation_files_match_tiles_h():
+    """The mma_*.cu / simt_*.cu files are what tools/generate_instantiations.py writes from tiles.h."""
+    run = subprocess.run([sys.executable, str(CUDA_DIR / "tools" / "generate_instantiations.py"), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"instantiation files drifted from tiles.h:\n{run.stdout}{run.stderr}"
+
+
+def _ptxas_rows(builds) -> list[dict]:
+    report = _tool("ptxas_report")
+    raw = []
+    for source in CU_SOURCES:
+        result = builds[(source,)]
+        assert result.returncode == 0, f"nvcc {source} failed:\n{_tail(result.stderr)}"
+        raw += report.parse_ptxas(result.stderr)
+    return report.annotate(raw, report.dynamic_smem(few=True))
+
+
+@skip_if_built
+def test_ptxas_budget(builds):
+    """Registers, spills, stack and shared memory of every kernel compiled here against the budget."""
+    report = _tool("ptxas_report")
+    rows = _ptxas_rows(builds)
+    kernels = {r["kernel"].split("<")[0] for r in rows}
+    for family in ("mma_forward_kernel", "mma_dkdv_kernel", "mma_dq_kernel", "simt_forward_kernel",
+                   "simt_backward_rows_kernel", "simt_dkdv_kernel", "gather_key_grads_kernel",
+                   "combine_splits_kernel", "accum_to_tensor_kernel"):
+        assert family in kernels, f"ptxas reported no {family} (parsing or sources changed?)"
+    assert {r["arch"] for r in rows} == set(ARCHS)
+    budget = json.loads(BUDGET.read_text())
+    problems = report.check_budget(rows, budget)
+    assert not problems, "ptxas budget (csrc/cuda/ptxas_budget.json) exceeded:\n" + "\n".join(problems) + \
+        "\n\n" + report.format_table(rows)
 
 
 @skip_if_built
@@ -363,6 +468,7 @@ def test_planner_on_an_assumed_h100(builds):
     assert "not a tensor-core shape" in results["bad_tile"]
     assert "multiple of heads_kv" in results["bad_heads"]
     assert "key_offsets" in results["topk_backward_no_csr"]
+    assert "DEVICE_CONFIG_MISMATCH" not in text  # tile_config(device 0) = the (assumed) device's
     assert int(re.search(r"WORKSPACE topk=(\d+)", text).group(1)) > 0  # few blocks -> split keys
     causal_window = [line for line in launches if line.startswith("LAUNCH simt_gather_forward")]
     assert causal_window and causal_window[0].endswith("window=65537,0")  # causal: right side 0
@@ -384,7 +490,7 @@ def test_planner_on_an_assumed_small_smem_card(builds):
 # backward paths - by DESIGN.md's rule against flashlite.reference. Not checked: races, timing.
 # ---------------------------------------------------------------------------------------------
 EMU_FLAGS = ["-std=c++20", "-O1", "-w", "-x", "c++", "-DFLASHLITE_CUDA_EMULATION", f"-I{CSRC}"]  # every instantiation
-EMU_SOURCES = [CUDA_DIR / s for s in CU_SOURCES] + [CUDA_DIR / "tools" / "emulate_main.cpp"]
+EMU_SOURCES = [CUDA_DIR / s for s in CU_SOURCES + HOST_SOURCES] + [CUDA_DIR / "tools" / "emulate_main.cpp"]
 
 
 def _emulation_jobs(tmp: Path) -> dict | str:
@@ -443,7 +549,7 @@ def _emulate(emulator: Path, workdir: Path, case: dict, arrays: dict) -> str:
         lines.append(f"{key} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
     for name, tensor in arrays.items():
         (workdir / f"{name}.bin").write_bytes(_to_bytes(tensor))
-        if name in ("kv_tiles", "kv_count", "q_tiles", "q_count", "indices", "key_offsets", "key_rows"):
+        if name in ("kv_tiles", "kv_count", "q_tiles", "q_count", "indices", "key_offsets", "key_slots"):
             lines.append(f"{name}_shape {' '.join(map(str, tensor.shape))}")
     (workdir / "case.txt").write_text("\n".join(lines) + "\n")
     run = subprocess.run([str(emulator), str(workdir)], capture_output=True, text=True, timeout=600)
@@ -451,28 +557,8 @@ def _emulate(emulator: Path, workdir: Path, case: dict, arrays: dict) -> str:
     return run.stdout
 
 
-def _key_rows_csr(indices, nq: int, nk: int, causal: bool):
-    """What bindings_cuda.cpp builds for the deterministic top-k backward."""
-    import torch
-
-    idx = indices.long()
-    if idx.dim() == 3:
-        idx = idx.unsqueeze(2).expand(idx.shape[0], idx.shape[1], nq, idx.shape[2])
-    batch, heads, _, top_k = idx.shape
-    valid = idx >= 0
-    if causal:
-        valid &= idx <= (torch.arange(nq) + nk - nq).view(1, 1, nq, 1)
-    sentinel = batch * heads * nk
-    segment = (torch.arange(batch * heads) * nk).view(batch, heads, 1, 1)
-    key = torch.where(valid, segment + idx, torch.full_like(idx, sentinel)).reshape(-1)
-    ordered, order = torch.sort(key, stable=True)
-    offsets = torch.searchsorted(ordered, torch.arange(sentinel + 1))
-    rows = torch.div(order, top_k, rounding_mode="floor").remainder(nq).to(torch.int32)
-    return offsets, rows
-
-
 def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, alibi=None, pad=0,
-                        deterministic=True, block_size=0):
+                        deterministic=True, block_size=0, seed=0):
     """Forward and backward of `pattern` through the emulated CUDA launchers.
     Returns (out, lse, dq, dk, dv, grad_out, forward stdout)."""
     import torch
@@ -489,9 +575,12 @@ def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, ali
         case["alibi"] = 1 if alibi.dim() == 1 else 2
         arrays["alibi"] = alibi.float()
     gather = isinstance(pattern, TopK)
-    if gather:
+    if gather:  # the rows and inverse index as the call plan builds them for every backend
+        from flashlite.core.gather_rows import canonical_rows, key_index
+
+        rows = canonical_rows(pattern.indices, Nq, Nk, pattern.causal)
         case.update(mode="gather_forward", causal=int(pattern.causal))
-        arrays["indices"] = pattern.indices.long()
+        arrays["indices"] = rows
     else:
         block_size = block_size or getattr(pattern, "block_size", None) or 0  # as dispatch asks tile_config
         cfg = _emulate(emulator, workdir / "config", dict(mode="config", head_dim=D, block_size=block_size), {})
@@ -504,12 +593,12 @@ def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, ali
     out = _from_file(workdir / "out.bin", q.dtype, q.shape)
     lse = _from_file(workdir / "lse.bin", torch.float32, q.shape[:3])
 
-    grad_out = torch.randn(q.shape).to(q.dtype)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(q.dtype)
     delta = (grad_out.float() * out.float()).sum(-1)
     case["mode"] = "gather_backward" if gather else "tile_backward"
     arrays.update(grad_out=grad_out, out=out, lse=lse, delta=delta)
     if gather and deterministic:
-        arrays["key_offsets"], arrays["key_rows"] = _key_rows_csr(pattern.indices, Nq, Nk, pattern.causal)
+        arrays["key_offsets"], arrays["key_slots"] = key_index(rows, Nq, Nk, pattern.causal)
     _emulate(emulator, workdir, case, arrays)
     dq = _from_file(workdir / "dq.bin", q.dtype, q.shape)
     dk = _from_file(workdir / "dk.bin", q.dtype, k.shape)
@@ -517,8 +606,9 @@ def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, ali
     return out, lse, dq, dk, dv, grad_out, stdout
 
 
-def _check_emulated(emulator, workdir, q, k, v, pattern, **kw):
-    """DESIGN.md's rule (conftest.assert_rule) for out, lse, dq, dk, dv of the emulated kernels."""
+def _check_emulated(q, k, v, pattern, emulated, **kw):
+    """DESIGN.md's rule (conftest.assert_rule) for out, lse, dq, dk, dv of the emulated kernels
+    (emulated: what _emulated_attention returned)."""
     import torch
 
     from flashlite import reference
@@ -526,7 +616,7 @@ def _check_emulated(emulator, workdir, q, k, v, pattern, **kw):
     from conftest import assert_rule
 
     softcap, alibi = kw.get("softcap") or None, kw.get("alibi")
-    out, lse, dq, dk, dv, grad_out, stdout = _emulated_attention(emulator, workdir, q, k, v, pattern, **kw)
+    out, lse, dq, dk, dv, grad_out, stdout = emulated
     ref = {}
     for name, dtype in (("exact", torch.float64), ("lowp", None)):
         leaves = [t.detach().to(dtype or t.dtype).requires_grad_(True) for t in (q, k, v)]
@@ -554,11 +644,14 @@ def _emulation_cases():
     from flashlite import BlockSparse, Full, SlidingWindow, TopK
     from flashlite.core.schedule import cdiv
 
-    def topk(B, Hkv, Nq, Nk, K, causal, shared=False, heads=None, seed=0):
+    def topk(B, Hkv, Nq, Nk, K, causal, shared=False, heads=None, seed=0, repeats=False):
         gen = torch.Generator().manual_seed(seed)
         rows = 1 if shared else Nq
         idx = torch.rand(B, heads or Hkv, rows, Nk, generator=gen).argsort(-1)[..., :K]
         idx[..., -1] = -1
+        if repeats:  # a key listed twice counts once (the plan's canonical rows drop the repeat)
+            idx[..., 1] = idx[..., 0]
+            idx[..., 3] = idx[..., 0]
         return TopK(idx[:, :, 0] if shared else idx, causal=causal)
 
     f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
@@ -612,17 +705,49 @@ def _emulation_cases():
         ("topk_decode_split", bf16, (1, 4, 1, 1, 400, 64), lambda: topk(1, 1, 1, 400, 300, True), {}),
         ("topk_alibi_softcap", f32, (1, 2, 1, 20, 30, 64), lambda: topk(1, 1, 20, 30, 8, True),
          dict(softcap=3.0, alibi=torch.tensor([0.2, 0.5]))),
+        # repeated keys in a row (canonical rows), GQA, per-query and shared lists, both backwards
+        ("topk_repeated_keys", bf16, (1, 4, 2, 24, 40, 32), lambda: topk(1, 2, 24, 40, 9, True, repeats=True), {}),
+        ("topk_repeated_shared_atomic", f16, (1, 4, 2, 12, 40, 64),
+         lambda: topk(1, 2, 12, 40, 9, False, shared=True, repeats=True), dict(deterministic=False)),
     ]
 
 
 EMULATION_CASES = _emulation_cases() if NVCC else []
 
 
-@pytest.mark.parametrize("case", EMULATION_CASES, ids=[c[0] for c in EMULATION_CASES])
-def test_kernels_on_cpu_emulation(builds, case, tmp_path):
-    name, dtype, shape, make_pattern, kw = case
+@pytest.fixture(scope="module")
+def emulated(builds, tmp_path_factory):
+    """The emulated kernel runs of every case, concurrently (each emulator run is one single-threaded
+    process, so the cases use every core; the reference checks stay in the tests):
+    {name: (q, k, v, pattern, kw, _emulated_attention's result) | the exception it raised}."""
     emulator = _emulator(builds)
-    q, k, v = _qkv(*shape, dtype, seed=sum(map(ord, name)))
-    stdout = _check_emulated(emulator, tmp_path, q, k, v, make_pattern(), **kw)
+    root = tmp_path_factory.mktemp("emulated")
+    prepared = []
+    for name, dtype, shape, make_pattern, kw in EMULATION_CASES:  # inputs in order: same data every run
+        seed = sum(map(ord, name))
+        prepared.append((name, *_qkv(*shape, dtype, seed=seed), make_pattern(), kw, seed))
+
+    def run(name, q, k, v, pattern, kw, seed):
+        return q, k, v, pattern, kw, _emulated_attention(emulator, root / name, q, k, v, pattern, seed=seed, **kw)
+
+    results = {}
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {case[0]: pool.submit(run, *case) for case in prepared}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except Exception as exc:  # noqa: BLE001 - reported by that case's test
+                results[name] = exc
+    return results
+
+
+@pytest.mark.parametrize("case", EMULATION_CASES, ids=[c[0] for c in EMULATION_CASES])
+def test_kernels_on_cpu_emulation(emulated, case):
+    name = case[0]
+    result = emulated[name]
+    if isinstance(result, BaseException):
+        raise result
+    q, k, v, pattern, kw, runs = result
+    stdout = _check_emulated(q, k, v, pattern, runs, **kw)
     if "split" in name:  # the case exists to take the split-key path: it must have
         assert int(re.search(r"splits_workspace_bytes (\d+)", stdout).group(1)) > 0

@@ -3,9 +3,12 @@
 // Each function checks its tensors (device, dtype, shapes, contiguous last dim), converts them to
 // flashlite::AttentionParams / BackwardParams (common/torch_params.h), allocates outputs and
 // workspaces with torch, and calls the torch-free launchers of csrc/cuda/launch.h on the current
-// CUDA stream of q's device. Launch failures raise RuntimeError with the launcher's reason.
+// CUDA stream of q's device (under a device guard for q's device). Launch failures raise
+// RuntimeError with the launcher's reason. Every argument has a name (keyword calls work; the
+// positional order is the one below); the contract of each is docs/native_abi.md.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -58,11 +61,16 @@ Tensor workspace(size_t bytes, const Tensor& like) {
 
 void* data_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-py::tuple cuda_tile_config(int64_t head_dim, py::object dtype, int64_t block_size) {
+// (block_m, block_n) for CUDA device `device` (an index: the device of the tensors the schedule is
+// for; its shared memory decides the tensor-core shape), not the current device.
+py::tuple cuda_tile_config(int64_t head_dim, py::object dtype, int64_t block_size, int64_t device) {
   const at::ScalarType type = torch::python::detail::py_object_to_dtype(dtype);
+  const int64_t count = static_cast<int64_t>(c10::cuda::device_count());
+  TORCH_CHECK_VALUE(device >= 0 && device < count, "flashlite.cuda_tile_config: device must be a CUDA device index in [0, ",
+                    count, "), got ", device);
   int block_m = 0, block_n = 0;
-  fc::tile_config(static_cast<int>(head_dim), flashlite::dtype_of(type), static_cast<int>(block_size), &block_m,
-                  &block_n);
+  fc::tile_config(static_cast<int>(head_dim), flashlite::dtype_of(type), static_cast<int>(block_size),
+                  static_cast<int>(device), &block_m, &block_n);
   return py::make_tuple(block_m, block_n);
 }
 
@@ -117,34 +125,11 @@ std::tuple<Tensor, Tensor> cuda_gather_forward(Tensor q, Tensor k, Tensor v, con
   return {call.out, call.lse};
 }
 
-// For the deterministic top-k backward: per (batch, index head, key j) the query rows i that
-// select j (ignoring -1 and, with causal, j > p(i)), ascending, as CSR (offsets int64
-// [B·Hi·Nk + 1], rows int32). Built with a stable sort, so it is the same on every call.
-std::pair<Tensor, Tensor> key_rows_csr(const Tensor& indices, int64_t seqlen_q, int64_t seqlen_k, bool causal) {
-  Tensor idx = indices;
-  // A head dim broadcast by stride 0 is one list for every KV head (as the kernels read it).
-  if (idx.size(1) > 1 && idx.stride(1) == 0) idx = idx.narrow(1, 0, 1);
-  if (idx.dim() == 3) idx = idx.unsqueeze(2).expand({idx.size(0), idx.size(1), seqlen_q, idx.size(2)});
-  const int64_t batch = idx.size(0), index_heads = idx.size(1), top_k = idx.size(3);
-  Tensor valid = idx >= 0;
-  if (causal) {
-    const Tensor pos = at::arange(seqlen_q, idx.options()).add_(seqlen_k - seqlen_q).view({1, 1, seqlen_q, 1});
-    valid = valid & (idx <= pos);
-  }
-  const int64_t sentinel = batch * index_heads * seqlen_k;  // sorts after every real key
-  const Tensor segment = at::arange(batch * index_heads, idx.options()).mul_(seqlen_k).view({batch, index_heads, 1, 1});
-  const Tensor key = at::where(valid, segment + idx, at::full({}, sentinel, idx.options())).reshape({-1});
-  // Stable: equal keys keep their flat order, i.e. ascending query i.
-  const auto sorted = at::sort(key, c10::optional<bool>(true), 0, false);
-  // offsets[s] = #keys < s (no host sync, so CUDA-graph safe).
-  const Tensor offsets = at::searchsorted(std::get<0>(sorted), at::arange(sentinel + 1, idx.options()));
-  // flat index = ((b·Hi + hi)·Nq + i)·K + slot  ->  i
-  const Tensor rows = std::get<1>(sorted).div(top_k, "floor").remainder(seqlen_q).to(at::kInt).contiguous();
-  return {offsets.contiguous(), rows};
-}
-
+// key_offsets / key_slots: the key -> slot index of `indices` the call plan built (torch_params.h
+// set_key_index; docs/native_abi.md). The deterministic path walks it; the atomic one ignores it.
 std::tuple<Tensor, Tensor, Tensor> cuda_gather_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v,
                                                         const Tensor& out, const Tensor& lse, const Tensor& indices,
+                                                        const Tensor& key_offsets, const Tensor& key_slots,
                                                         const optional<Tensor>& alibi_slopes, bool causal,
                                                         double scale, double softcap, bool deterministic) {
   flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
@@ -155,14 +140,8 @@ std::tuple<Tensor, Tensor, Tensor> cuda_gather_backward(Tensor grad_out, Tensor 
   flashlite::BackwardCall call =
       flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap, deterministic);
   flashlite::set_indices(call.params, indices, causal);
-  Tensor ws, offsets, rows;
-  if (deterministic) {
-    std::tie(offsets, rows) = key_rows_csr(indices, q.size(2), k.size(2), causal);
-    call.grads.key_offsets = offsets.data_ptr<int64_t>();
-    call.grads.key_rows = rows.data_ptr<int32_t>();
-  } else {
-    ws = workspace(fc::gather_backward_workspace_bytes(call.params), q);
-  }
+  flashlite::set_key_index(call.grads, call.params, key_offsets, key_slots, q);
+  const Tensor ws = deterministic ? Tensor() : workspace(fc::gather_backward_workspace_bytes(call.params), q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(fc::gather_backward(call.params, call.grads, data_or_null(ws), stream), "cuda_gather_backward");
   return {call.dq, call.dk, call.dv};
@@ -172,10 +151,24 @@ std::tuple<Tensor, Tensor, Tensor> cuda_gather_backward(Tensor grad_out, Tensor 
 
 void flashlite_register_cuda(pybind11::module_& m) {
   m.def("cuda_tile_config", &cuda_tile_config, py::arg("head_dim"), py::arg("dtype"), py::arg("block_size"),
-        "(block_m, block_n) of the CUDA tile engine on the current device; block_size 0 = no block-sparse "
-        "constraint");
-  m.def("cuda_tile_forward", &cuda_tile_forward, "CUDA tile engine forward -> (out, lse)");
-  m.def("cuda_tile_backward", &cuda_tile_backward, "CUDA tile engine backward -> (dq, dk, dv)");
-  m.def("cuda_gather_forward", &cuda_gather_forward, "CUDA gather (top-k) forward -> (out, lse)");
-  m.def("cuda_gather_backward", &cuda_gather_backward, "CUDA gather (top-k) backward -> (dq, dk, dv)");
+        py::arg("device"),
+        "(block_m, block_n) of the CUDA tile engine on CUDA device `device` (an index); block_size 0 = no "
+        "block-sparse constraint");
+  m.def("cuda_tile_forward", &cuda_tile_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_tiles"),
+        py::arg("kv_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
+        "CUDA tile engine forward -> (out, lse)");
+  m.def("cuda_tile_backward", &cuda_tile_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("kv_tiles"), py::arg("kv_count"), py::arg("q_tiles"),
+        py::arg("q_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
+        py::arg("deterministic"), "CUDA tile engine backward -> (dq, dk, dv)");
+  m.def("cuda_gather_forward", &cuda_gather_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("indices"),
+        py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"),
+        "CUDA gather (top-k) forward -> (out, lse)");
+  m.def("cuda_gather_backward", &cuda_gather_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("indices"), py::arg("key_offsets"), py::arg("key_slots"),
+        py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("deterministic"),
+        "CUDA gather (top-k) backward -> (dq, dk, dv); key_offsets/key_slots: the key -> slot index of indices "
+        "(docs/native_abi.md)");
 }

@@ -1,5 +1,6 @@
-// Host launchers of flashlite's CUDA kernels (torch-free). The binding (bindings_cuda.cpp) fills
-// AttentionParams / BackwardParams from tensors and calls these on the current stream.
+// Host launchers of flashlite's CUDA kernels (torch-free; implemented by dispatch.cpp). The binding
+// (bindings_cuda.cpp) fills AttentionParams / BackwardParams from tensors and calls these on the
+// current stream of the tensors' device.
 //
 // What they support (the Python side should reject anything else before calling):
 //   dtypes     float16, bfloat16 (tensor cores) and float32 (CUDA cores, fp32 math, no TF32).
@@ -21,8 +22,10 @@
 //              blocks split the keys across blocks (Flash-Decoding) when a workspace is given.
 //   backward   tile engine: deterministic by default (dK/dV per key tile, dQ in a second pass);
 //              deterministic=false + workspace: dQ by fp32 atomics (float16/bfloat16 MMA path only).
-//              Top-k: deterministic needs BackwardParams::key_offsets/key_rows (the binding builds
-//              them); deterministic=false + workspace scatters dK/dV with fp32 atomics.
+//              Top-k: deterministic needs the call plan's key -> slot inverse index
+//              (BackwardParams::key_offsets/key_slots, AttentionParams::index_heads; common/params.h);
+//              deterministic=false + workspace scatters dK/dV with fp32 atomics. Indices arrive
+//              canonical (the valid entries of a row are distinct keys).
 // Errors: a launcher returns the CUDA error (cudaErrorInvalidValue for unsupported arguments);
 // last_error_message() then says what went wrong.
 #pragma once
@@ -35,8 +38,10 @@
 
 namespace flashlite::cuda {
 
-// Tile sizes for the tile engine on the current device. block_size 0 = no block-sparse
-// constraint; else block_m and block_n divide block_size (16/32/64/128).
+// Tile sizes for the tile engine on CUDA device `device` (its shared memory decides). block_size 0 =
+// no block-sparse constraint; else block_m and block_n divide block_size (16/32/64/128).
+void tile_config(int head_dim, DType dtype, int block_size, int device, int* block_m, int* block_n);
+// The same for the current device.
 void tile_config(int head_dim, DType dtype, int block_size, int* block_m, int* block_n);
 
 cudaError_t tile_forward(const AttentionParams&, cudaStream_t);

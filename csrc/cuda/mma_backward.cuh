@@ -14,12 +14,18 @@
 // dq_accum != nullptr, fp32 atomics from the dK/dV kernel (dS staged in shared memory).
 #pragma once
 
-#include "cuda/common.cuh"
+#include "cuda/elem.cuh"
+#include "cuda/engine_launchers.h"
+#include "cuda/global_rows.cuh"
+#include "cuda/kernel_args.cuh"
+#include "cuda/kernel_launch.cuh"
+#include "cuda/mma_fragments.cuh"
+#include "cuda/ptx.cuh"
+#include "cuda/score.cuh"
 #include "cuda/tiles.h"
+#include "cuda/warp_reduce.cuh"
 
-namespace flashlite {
-namespace cuda {
-namespace detail {
+namespace flashlite::cuda::detail {
 
 // The two score-shaped products of a step, in one pass over the head dim (each A fragment is read
 // once per k-block, each B fragment pair feeds its two MMAs at once):
@@ -441,6 +447,4 @@ cudaError_t mma_backward_hd(const BackwardArgs& args, int block_m, int block_n, 
   return cudaErrorInvalidValue;
 }
 
-}  // namespace detail
-}  // namespace cuda
-}  // namespace flashlite
+}  // namespace flashlite::cuda::detail

@@ -10,12 +10,18 @@
 // m_i running max, l_i running sum of 2^(s_ij − m_i), O_i running (unnormalized) output.
 #pragma once
 
-#include "cuda/common.cuh"
+#include "cuda/elem.cuh"
+#include "cuda/engine_launchers.h"
+#include "cuda/global_rows.cuh"
+#include "cuda/kernel_args.cuh"
+#include "cuda/kernel_launch.cuh"
+#include "cuda/mma_fragments.cuh"
+#include "cuda/ptx.cuh"
+#include "cuda/score.cuh"
 #include "cuda/tiles.h"
+#include "cuda/warp_reduce.cuh"
 
-namespace flashlite {
-namespace cuda {
-namespace detail {
+namespace flashlite::cuda::detail {
 
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid_constant__ ForwardArgs args) {
@@ -304,6 +310,4 @@ cudaError_t mma_forward_hd(const ForwardArgs& args, int block_m, int block_n, in
   return cudaErrorInvalidValue;
 }
 
-}  // namespace detail
-}  // namespace cuda
-}  // namespace flashlite
+}  // namespace flashlite::cuda::detail

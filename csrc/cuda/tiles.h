@@ -78,13 +78,18 @@ struct BwdTile {
 };
 
 // Smallest head-dim template >= head_dim (0 if head_dim > 256).
-FL_HD int mma_head_dim(int head_dim) {
+FL_HD constexpr int mma_head_dim(int head_dim) {
   return head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : head_dim <= 96 ? 96 : head_dim <= 128 ? 128
                                                                                  : head_dim <= 256 ? 256 : 0;
 }
 
+// The head-dim templates of the tensor-core kernels (one launcher per template: engine_launchers.h).
+#define FLASHLITE_MMA_HEAD_DIMS(X) X(32) X(64) X(96) X(128) X(256)
+
 // The instantiated tensor-core shapes X(D, block_m, block_n), per head-dim template in order of
-// preference. FLASHLITE_CUDA_FEW_INSTANTIATIONS (compile tests only) keeps two of them.
+// preference: THE table of the tensor-core instantiations. tools/generate_instantiations.py writes
+// the mma_*.cu files from it (tests/test_cuda_compile.py checks they match).
+// FLASHLITE_CUDA_FEW_INSTANTIATIONS (compile tests only) keeps three of them.
 #if defined(FLASHLITE_CUDA_FEW_INSTANTIATIONS)
 #define FLASHLITE_MMA_TILES(X) X(64, 128, 64) X(64, 64, 64) X(256, 64, 32)
 #else
@@ -95,6 +100,14 @@ FL_HD int mma_head_dim(int head_dim) {
   X(128, 128, 32) X(128, 128, 64) X(128, 64, 64) X(128, 64, 32)                                      \
   X(256, 64, 32)
 #endif
+
+// Every shape's D is a head-dim template, and tiles are whole MMA blocks that fit the kernels.
+#define FL_CHECK_TILE(d, bm, bn)                                                                        \
+  static_assert(mma_head_dim(d) == d, "FLASHLITE_MMA_TILES: D must be a head-dim template");            \
+  static_assert((bm == 64 || bm == 128) && (bn == 32 || bn == 64), "FLASHLITE_MMA_TILES: unsupported tile"); \
+  static_assert(FwdTile<d, bm, bn>::kWarps >= 1 && BwdTile<d, bm, bn>::kQWarps >= 1, "no warps");
+FLASHLITE_MMA_TILES(FL_CHECK_TILE)
+#undef FL_CHECK_TILE
 
 FL_HD bool mma_tile_supported(int D, int block_m, int block_n) {
 #define FL_TILE_MATCH(d, bm, bn) \

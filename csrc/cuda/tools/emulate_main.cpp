@@ -3,14 +3,15 @@
 // reference on a machine without a GPU. Built and driven by tests/test_cuda_compile.py:
 //
 //   g++ -std=c++20 -x c++ -DFLASHLITE_CUDA_EMULATION -I csrc -I <cuda>/include csrc/cuda/*.cu \
-//       csrc/cuda/tools/emulate_main.cpp -lcudart        (one object per file)
+//       csrc/cuda/*.cpp (but bindings_cuda.cpp) csrc/cuda/tools/emulate_main.cpp -lcudart   (one object per file)
 //   emulate <dir>
 //
 // <dir>/case.txt holds "key value..." lines: mode (config | tile_forward | tile_backward |
 // gather_forward | gather_backward), dtype (0 f16, 1 bf16, 2 f32), B Hq Hkv Nq Nk D, scale,
 // softcap, window_left, window_right, block_m, block_n, is_list, alibi (0, 1 = [Hq], 2 = [B,Hq]),
 // pad (extra elements per row of q/k/v/out/grads, NaN-filled: unaligned rows), causal,
-// deterministic, kv_tiles / kv_count / q_tiles / q_count / indices shapes ("name_shape d0 d1 ...").
+// deterministic, kv_tiles / kv_count / q_tiles / q_count / indices / key_offsets / key_slots shapes
+// ("name_shape d0 d1 ..."; the top-k backward's inverse index as flashlite/core/gather_rows.py builds it).
 // Inputs are raw little-endian arrays (<name>.bin, contiguous); outputs out/lse or dq/dk/dv .bin.
 // mode config: reads head_dim, block_size and prints "block_m block_n" per dtype.
 #include <cstdio>
@@ -231,6 +232,7 @@ int main(int argc, char** argv) {
     p.indices_stride_h = indices.stride(1);
     p.indices_stride_n = per_query ? indices.stride(2) : 0;
     p.top_k = static_cast<int32_t>(indices.dims.back());
+    p.index_heads = static_cast<int32_t>(indices.dims[1]);
     p.causal = num("causal", 0) != 0;
   }
 
@@ -271,12 +273,12 @@ int main(int argc, char** argv) {
   g.dk_strides = dk.strides();
   g.dv_strides = dv.strides();
   g.deterministic = num("deterministic", 1) != 0;
-  IntArray key_offsets, key_rows;
+  IntArray key_offsets, key_slots;
   key_offsets.load("key_offsets", 8);
-  key_rows.load("key_rows", 4);
+  key_slots.load("key_slots", 8);
   if (!key_offsets.dims.empty()) {
     g.key_offsets = reinterpret_cast<const int64_t*>(key_offsets.data.data());
-    g.key_rows = reinterpret_cast<const int32_t*>(key_rows.data.data());
+    g.key_slots = reinterpret_cast<const int64_t*>(key_slots.data.data());
   }
   const size_t ws_bytes = g.deterministic ? 0
                           : gather        ? flashlite::cuda::gather_backward_workspace_bytes(p)

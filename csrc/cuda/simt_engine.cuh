@@ -1,4 +1,6 @@
-// SIMT (CUDA-core) engine: every dtype, any head_dim <= 256, math in fp32.
+// SIMT (CUDA-core) engine core: every dtype, any head_dim <= 256, math in fp32. The row-block
+// kernels (forward; backward over rows) and their launch helpers, templated on a "Rows" policy;
+// the policies, the per-key dK/dV kernels and the launchers are simt_tile.cuh and simt_gather.cuh.
 //
 // A block owns 16 query rows (4 warps x 4 rows) that share one list of keys, and walks that list
 // 32 keys per step (lane j <-> key j of the step), with K/V rows copied into shared memory by
@@ -13,95 +15,20 @@
 // The visible keys of a row are [lo, hi] of the band (gather: lo = 0, hi = p(i) if causal).
 #pragma once
 
-#include "cuda/common.cuh"
+#include "cuda/elem.cuh"
+#include "cuda/global_rows.cuh"
+#include "cuda/kernel_args.cuh"
+#include "cuda/kernel_launch.cuh"
+#include "cuda/ptx.cuh"
+#include "cuda/score.cuh"
 #include "cuda/tiles.h"
+#include "cuda/warp_reduce.cuh"
 
-namespace flashlite {
-namespace cuda {
-namespace detail {
+namespace flashlite::cuda::detail {
 
 struct RowSlot {
   bool valid;
   int h, i;
-};
-
-struct TileRows {
-  int b, h, kvh, m;
-
-  static int64_t num_blocks(const AttentionParams& p) {
-    return static_cast<int64_t>((p.seqlen_q + kSimtRows - 1) / kSimtRows) * p.batch * p.heads_q;
-  }
-  // Upper bound of the steps per block (host side, for the split heuristic).
-  static int64_t max_steps(const AttentionParams& p) { return (p.seqlen_k + p.block_n - 1) / p.block_n; }
-
-  __device__ TileRows(const AttentionParams& p, int64_t block) {
-    const int num_q_tiles = (p.seqlen_q + kSimtRows - 1) / kSimtRows;
-    m = num_q_tiles - 1 - static_cast<int>(block % num_q_tiles);  // heaviest tiles first
-    const int bh = static_cast<int>(block / num_q_tiles);
-    b = bh / p.heads_q;
-    h = bh % p.heads_q;
-    kvh = h / p.group();
-  }
-  __device__ RowSlot row(const AttentionParams& p, int r) const {
-    const int i = m * kSimtRows + r;
-    return RowSlot{i < p.seqlen_q, h, i};
-  }
-  __device__ int num_steps(const AttentionParams& p) const { return p.forward_schedule.num_tiles(b, h, m); }
-  __device__ int64_t key(const AttentionParams& p, int step, int slot) const {
-    if (slot >= p.block_n) return -1;
-    const int64_t j = static_cast<int64_t>(p.forward_schedule.tile(b, h, m, step)) * p.block_n + slot;
-    return j < p.seqlen_k ? j : -1;
-  }
-};
-
-struct GatherRows {
-  int b, kvh, g0, i_fixed;
-  int64_t rb;
-  bool per_query;
-  const int64_t* list;
-
-  static int64_t row_blocks(const AttentionParams& p) {
-    const int G = p.heads_q / p.heads_kv;
-    if (p.indices_stride_n != 0) return static_cast<int64_t>(p.seqlen_q) * ((G + kSimtRows - 1) / kSimtRows);
-    return (static_cast<int64_t>(p.seqlen_q) * G + kSimtRows - 1) / kSimtRows;
-  }
-  static int64_t num_blocks(const AttentionParams& p) { return row_blocks(p) * p.batch * p.heads_kv; }
-  static int64_t max_steps(const AttentionParams& p) { return (p.top_k + kSimtKeys - 1) / kSimtKeys; }
-
-  __device__ GatherRows(const AttentionParams& p, int64_t block) {
-    const int G = p.group();
-    per_query = p.indices_stride_n != 0;
-    const int64_t nrb = per_query ? static_cast<int64_t>(p.seqlen_q) * ((G + kSimtRows - 1) / kSimtRows)
-                                  : (static_cast<int64_t>(p.seqlen_q) * G + kSimtRows - 1) / kSimtRows;
-    rb = block % nrb;
-    const int bkv = static_cast<int>(block / nrb);
-    b = bkv / p.heads_kv;
-    kvh = bkv % p.heads_kv;
-    list = p.indices + b * p.indices_stride_b + kvh * p.indices_stride_h;
-    g0 = 0;
-    i_fixed = 0;
-    if (per_query) {
-      const int gblocks = (G + kSimtRows - 1) / kSimtRows;
-      i_fixed = static_cast<int>(rb / gblocks);
-      g0 = static_cast<int>(rb % gblocks) * kSimtRows;
-      list += i_fixed * p.indices_stride_n;
-    }
-  }
-  __device__ RowSlot row(const AttentionParams& p, int r) const {
-    const int G = p.group();
-    if (per_query) {
-      const int g = g0 + r;
-      return RowSlot{g < G, kvh * G + (g < G ? g : 0), i_fixed};
-    }
-    const int64_t f = rb * kSimtRows + r;
-    const bool ok = f < static_cast<int64_t>(p.seqlen_q) * G;
-    return RowSlot{ok, kvh * G + (ok ? static_cast<int>(f % G) : 0), ok ? static_cast<int>(f / G) : 0};
-  }
-  __device__ int num_steps(const AttentionParams& p) const { return (p.top_k + kSimtKeys - 1) / kSimtKeys; }
-  __device__ int64_t key(const AttentionParams& p, int step, int slot) const {
-    const int k = step * kSimtKeys + slot;
-    return k < p.top_k ? list[k] : -1;
-  }
 };
 
 // Copy `rows` rows of head_dim elements into a shared tile (row pitch `pitch`): warp w takes rows
@@ -477,206 +404,43 @@ __global__ void __launch_bounds__(kSimtThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tile-engine dK/dV (SIMT): one block per (key tile of block_n <= 32 keys, KV head, batch),
-// over the transposed schedule of every query head of the group (16-row query tiles). Warp w
-// accumulates key slots 8w..8w+7 in registers (lanes: columns).
+// Launch helpers
 // ---------------------------------------------------------------------------------------------
-template <typename T, int DC>
-__global__ void __launch_bounds__(kSimtThreads) simt_dkdv_kernel(const __grid_constant__ BackwardArgs args) {
-  const AttentionParams& p = args.p;
-  const BackwardParams& g = args.g;
-  const ScoreMath& math = args.math;
-  const int hd = p.head_dim, pitch = simt_pitch(sizeof(T), hd);
-  FL_DYNAMIC_SMEM(smem_raw);
-  T* const k_s = reinterpret_cast<T*>(smem_raw);
-  T* const v_s = k_s + kSimtKeys * pitch;
-  T* const q_s = v_s + kSimtKeys * pitch;
-  T* const do_s = q_s + kSimtRows * pitch;
-  float* const p_s = reinterpret_cast<float*>(do_s + kSimtRows * pitch);
-  float* const ds_s = p_s + kSimtRows * kSimtPPitch;
-  float* const lse_s = ds_s + kSimtRows * kSimtPPitch;
-  float* const delta_s = lse_s + kSimtRows;
-
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int r0 = warp * kSimtRowsPerWarp;
-  const int bn = p.block_n;
-  const int num_kv_tiles = (p.seqlen_k + bn - 1) / bn;
-  const int n = static_cast<int>(blockIdx.x % num_kv_tiles);
-  const int bkv = static_cast<int>(blockIdx.x / num_kv_tiles);
-  const int b = bkv / p.heads_kv, kvh = bkv % p.heads_kv, G = p.group();
-  const int64_t key0 = static_cast<int64_t>(n) * bn;
-  const int64_t shift = static_cast<int64_t>(p.seqlen_k) - p.seqlen_q;
-  const ScheduleView& bs = p.backward_schedule;
-
-  simt_load_head_rows<T>(k_s, pitch, kSimtKeys, bn, p.k, p.k_strides, b, kvh, key0, p.seqlen_k, hd, args.aligned4);
-  simt_load_head_rows<T>(v_s, pitch, kSimtKeys, bn, p.v, p.v_strides, b, kvh, key0, p.seqlen_k, hd, args.aligned4);
-  cp_async_commit();
-
-  const int64_t j_lane = key0 + lane;
-  const bool lane_key_ok = lane < bn && j_lane < p.seqlen_k;
-  float acc_dk[8][DC], acc_dv[8][DC];
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk)
-#pragma unroll
-    for (int c = 0; c < DC; ++c) acc_dk[kk][c] = acc_dv[kk][c] = 0.f;
-
-  for (int gg = 0; gg < G; ++gg) {
-    const int h = kvh * G + gg;
-    const float slope = math.has_alibi ? p.alibi(b, h) : 0.f;
-    const int count = bs.num_tiles(b, h, n);
-    for (int t = 0; t < count; ++t) {
-      const int i0 = bs.tile(b, h, n, t) * kSimtRows;
-      simt_load_head_rows<T>(q_s, pitch, kSimtRows, kSimtRows, p.q, p.q_strides, b, h, i0, p.seqlen_q, hd,
-                             args.aligned4);
-      simt_load_head_rows<T>(do_s, pitch, kSimtRows, kSimtRows, g.grad_out, g.grad_out_strides, b, h, i0, p.seqlen_q,
-                             hd, args.aligned4);
-      if (threadIdx.x < kSimtRows) {
-        const int r = threadIdx.x;
-        const bool ok = i0 + r < p.seqlen_q;
-        const int64_t rid = ok ? row_id(p, b, h, i0 + r) : 0;
-        cp_async_4(lse_s + r, p.lse + rid, ok);
-        cp_async_4(delta_s + r, g.delta + rid, ok);
-      }
-      cp_async_commit();
-      cp_async_wait<0>();
-      __syncthreads();
-
-      // p, dS for the warp's 4 rows x key j = this lane's
-      float sc[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
-      simt_dot4<T>(sc, q_s + r0 * pitch, pitch, k_s + lane * pitch, hd);
-      simt_dot4<T>(dp, do_s + r0 * pitch, pitch, v_s + lane * pitch, hd);
-#pragma unroll
-      for (int rr = 0; rr < 4; ++rr) {
-        const int r = r0 + rr;
-        const int64_t pos = i0 + r + shift;
-        const KeyRange range = band_range(p, pos);
-        const bool visible = i0 + r < p.seqlen_q && lane_key_ok && j_lane >= range.lo && j_lane <= range.hi;
-        const float pr =
-            visible ? exp2f(math.log2_units(sc[rr], slope, pos, j_lane) - lse_log2(lse_s[r])) : 0.f;
-        p_s[r * kSimtPPitch + lane] = pr;
-        ds_s[r * kSimtPPitch + lane] = pr * (dp[rr] - delta_s[r]) * math.cap_grad(sc[rr]);
-      }
-      __syncthreads();
-
-      // dV_j += Σ_r p_rj·dO_r, dK_j += Σ_r dS_rj·q_r for the warp's 8 key slots
-      for (int r = 0; r < kSimtRows; ++r) {
-        float qv[DC], dov[DC];
-#pragma unroll
-        for (int c = 0; c < DC; ++c) {
-          const int col = lane + 32 * c;
-          qv[c] = col < hd ? Elem<T>::to_float(q_s[r * pitch + col]) : 0.f;
-          dov[c] = col < hd ? Elem<T>::to_float(do_s[r * pitch + col]) : 0.f;
-        }
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-          const float pv = p_s[r * kSimtPPitch + warp * 8 + kk];
-          const float dsv = ds_s[r * kSimtPPitch + warp * 8 + kk];
-#pragma unroll
-          for (int c = 0; c < DC; ++c) {
-            acc_dv[kk][c] += pv * dov[c];
-            acc_dk[kk][c] += dsv * qv[c];
-          }
-        }
-      }
-      __syncthreads();
-    }
+// Run CALL with constexpr DC = the columns-per-lane template of head_dim (2, 4 or 8).
+// FLASHLITE_CUDA_FEW_INSTANTIATIONS (compile tests only): DC = 8 serves every head_dim.
+#if defined(FLASHLITE_CUDA_FEW_INSTANTIATIONS)
+#define FL_SIMT_DC_SWITCH(head_dim, CALL) \
+  switch (0) {                            \
+    default: { constexpr int DC = 8; CALL; } \
   }
-  cp_async_wait<0>();
-
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    const int s = warp * 8 + kk;
-    const int64_t j = key0 + s;
-    if (s >= bn || j >= p.seqlen_k) continue;
-    T* dk_row = row_ptr_mut<T>(g.dk, g.dk_strides, b, kvh, j);
-    T* dv_row = row_ptr_mut<T>(g.dv, g.dv_strides, b, kvh, j);
-#pragma unroll
-    for (int c = 0; c < DC; ++c) {
-      const int col = lane + 32 * c;
-      if (col < hd) {
-        dk_row[col] = Elem<T>::from_float(acc_dk[kk][c] * math.scale);
-        dv_row[col] = Elem<T>::from_float(acc_dv[kk][c]);
-      }
-    }
+#else
+#define FL_SIMT_DC_SWITCH(head_dim, CALL)        \
+  switch (simt_cols_per_lane(head_dim)) {        \
+    case 2: { constexpr int DC = 2; CALL; }      \
+    case 4: { constexpr int DC = 4; CALL; }      \
+    default: { constexpr int DC = 8; CALL; }     \
   }
+#endif
+
+template <typename T, class Rows>
+cudaError_t simt_forward_launch(const ForwardArgs& args, int64_t blocks, cudaStream_t stream) {
+  if (blocks == 0) return cudaSuccess;
+  const size_t smem = simt_forward_smem(sizeof(T), args.p.head_dim, args.kv_stages);
+  const dim3 grid(static_cast<unsigned>(blocks), args.split.num_splits);
+  FL_SIMT_DC_SWITCH(args.p.head_dim,
+                    return launch_with_smem(simt_forward_kernel<T, DC, Rows>, grid, kSimtThreads, smem, stream, args))
+  return cudaErrorInvalidValue;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Deterministic top-k dK/dV: one warp per (key, KV head, batch), over the query rows that select
-// the key (CSR built by the binding: g.key_offsets / g.key_rows, ascending query order) and the
-// query heads of the group, in a fixed order. Lanes split the head dimension.
-// ---------------------------------------------------------------------------------------------
-template <typename T, int DC>
-__global__ void __launch_bounds__(kSimtThreads)
-    gather_key_grads_kernel(const __grid_constant__ BackwardArgs args) {
-  const AttentionParams& p = args.p;
-  const BackwardParams& g = args.g;
-  const ScoreMath& math = args.math;
-  const int hd = p.head_dim;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int key_blocks = (p.seqlen_k + kSimtWarps - 1) / kSimtWarps;
-  const int bkv = static_cast<int>(blockIdx.x / key_blocks);
-  const int j = static_cast<int>(blockIdx.x % key_blocks) * kSimtWarps + warp;
-  if (j >= p.seqlen_k) return;  // whole warp; no block-wide barriers below
-  const int b = bkv / p.heads_kv, kvh = bkv % p.heads_kv, G = p.group();
-  const int index_heads = p.indices_stride_h == 0 ? 1 : p.heads_kv;
-  const int hi = index_heads == 1 ? 0 : kvh;
-  const int64_t seg = (static_cast<int64_t>(b) * index_heads + hi) * p.seqlen_k + j;
-  const int64_t begin = g.key_offsets[seg], end = g.key_offsets[seg + 1];
-  const int64_t shift = static_cast<int64_t>(p.seqlen_k) - p.seqlen_q;
-
-  const T* k_row = row_ptr<T>(p.k, p.k_strides, b, kvh, j);
-  const T* v_row = row_ptr<T>(p.v, p.v_strides, b, kvh, j);
-  float kf[DC], vf[DC], acc_dk[DC], acc_dv[DC];
-#pragma unroll
-  for (int c = 0; c < DC; ++c) {
-    const int col = lane + 32 * c;
-    kf[c] = col < hd ? Elem<T>::to_float(k_row[col]) : 0.f;
-    vf[c] = col < hd ? Elem<T>::to_float(v_row[col]) : 0.f;
-    acc_dk[c] = acc_dv[c] = 0.f;
-  }
-  for (int64_t e = begin; e < end; ++e) {
-    const int i = g.key_rows[e];
-    const int64_t pos = i + shift;
-    if (p.causal && j > pos) continue;
-    for (int gg = 0; gg < G; ++gg) {
-      const int h = kvh * G + gg;
-      const int64_t rid = row_id(p, b, h, i);
-      const T* q_row = row_ptr<T>(p.q, p.q_strides, b, h, i);
-      const T* do_row = row_ptr<T>(g.grad_out, g.grad_out_strides, b, h, i);
-      float qf[DC], dof[DC], s = 0.f, dp = 0.f;
-#pragma unroll
-      for (int c = 0; c < DC; ++c) {
-        const int col = lane + 32 * c;
-        qf[c] = col < hd ? Elem<T>::to_float(q_row[col]) : 0.f;
-        dof[c] = col < hd ? Elem<T>::to_float(do_row[col]) : 0.f;
-        s += qf[c] * kf[c];
-        dp += dof[c] * vf[c];
-      }
-      s = warp_sum(s);
-      dp = warp_sum(dp);
-      const float slope = math.has_alibi ? p.alibi(b, h) : 0.f;
-      const float pr = exp2f(math.log2_units(s, slope, pos, j) - lse_log2(p.lse[rid]));
-      const float ds = pr * (dp - g.delta[rid]) * math.cap_grad(s);
-#pragma unroll
-      for (int c = 0; c < DC; ++c) {
-        acc_dv[c] += pr * dof[c];
-        acc_dk[c] += ds * qf[c];
-      }
-    }
-  }
-  T* dk_out = row_ptr_mut<T>(g.dk, g.dk_strides, b, kvh, j);
-  T* dv_out = row_ptr_mut<T>(g.dv, g.dv_strides, b, kvh, j);
-#pragma unroll
-  for (int c = 0; c < DC; ++c) {
-    const int col = lane + 32 * c;
-    if (col < hd) {
-      dk_out[col] = Elem<T>::from_float(acc_dk[c] * math.scale);
-      dv_out[col] = Elem<T>::from_float(acc_dv[c]);
-    }
-  }
+template <typename T, class Rows>
+cudaError_t simt_rows_backward_launch(BackwardArgs args, int64_t blocks, size_t smem_limit, cudaStream_t stream) {
+  if (blocks == 0) return cudaSuccess;
+  args.kv_stages = simt_rows_backward_smem(sizeof(T), args.p.head_dim, 2) <= smem_limit ? 2 : 1;
+  const size_t smem = simt_rows_backward_smem(sizeof(T), args.p.head_dim, args.kv_stages);
+  const dim3 grid(static_cast<unsigned>(blocks));
+  FL_SIMT_DC_SWITCH(args.p.head_dim, return launch_with_smem(simt_backward_rows_kernel<T, DC, Rows>, grid,
+                                                             kSimtThreads, smem, stream, args))
+  return cudaErrorInvalidValue;
 }
 
-}  // namespace detail
-}  // namespace cuda
-}  // namespace flashlite
+}  // namespace flashlite::cuda::detail

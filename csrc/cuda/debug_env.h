@@ -1,0 +1,14 @@
+// Environment switches of the CUDA backend, each read once (debugging and tuning on a GPU):
+//   FLASHLITE_CUDA_SIMT_ONLY=1       tile_config picks SIMT tiles for every dtype (no tensor cores)
+//   FLASHLITE_CUDA_NO_DECODE=1       no decode packing and no split keys (one block per tile)
+//   FLASHLITE_CUDA_TILES=<m>x<n>     prefer that tensor-core shape where it is instantiated and fits
+#pragma once
+
+namespace flashlite::cuda::detail {
+
+bool simt_only();
+bool no_decode();
+// The FLASHLITE_CUDA_TILES shape: true and (block_m, block_n) when it is set.
+bool preferred_tiles(int* block_m, int* block_n);
+
+}  // namespace flashlite::cuda::detail
