@@ -230,6 +230,46 @@ def test_topk_strided_inputs():
     check_against_reference(q, k, v, TopK(indices, causal=True), "cpu")
 
 
+# ----- odd shapes (what `make sanitize` runs under AddressSanitizer + UBSan) --------------------
+@pytest.mark.parametrize("case", ["tails", "gqa_d1", "d256", "empty_rows", "empty_seqs", "blocks_tail"])
+def test_odd_shapes(case):
+    """Tails of every tile and vector (Nq, Nk, D not multiples of anything), head dims 1 and 256,
+    GQA/MQA, queries that see no key, empty sequences and batches, a block-sparse layout with a
+    partial last block: forward and gradients by the correctness rule."""
+    if case == "tails":
+        check_against_reference(*qkv(1, 3, 1, 67, 131, 17), SlidingWindow(70, 3), "cpu")
+    elif case == "gqa_d1":
+        check_against_reference(*qkv(2, 4, 2, 5, 3, 1), Full(False), "cpu")
+    elif case == "d256":
+        check_against_reference(*qkv(1, 2, 1, 65, 66, 256, torch.bfloat16), Full(True), "cpu", softcap=20.0)
+    elif case == "empty_rows":  # Nq > Nk under causal: the first Nq - Nk queries see nothing
+        q, k, v = qkv(1, 2, 1, 70, 9, 40)
+        out = check_against_reference(q, k, v, Full(True), "cpu")
+        assert out[:, :, :61].abs().max() == 0
+    elif case == "empty_seqs":
+        for shape in ((1, 2, 1, 0, 9, 16), (1, 2, 1, 9, 0, 16), (0, 2, 1, 9, 9, 16)):
+            q, k, v = (t.requires_grad_() for t in qkv(*shape))
+            out, lse = flashlite.attention(q, k, v, Full(False), backend="cpu", return_lse=True)
+            assert out.shape == q.shape and not out.isnan().any() and (lse.numel() == 0 or lse.isneginf().all())
+            out.sum().backward()
+            assert all(t.grad is not None and not t.grad.isnan().any() for t in (q, k, v))
+    elif case == "blocks_tail":
+        layout = torch.rand(1, 2, cdiv(50, 16), cdiv(75, 16)) < 0.5
+        layout[..., -1, -1] = True
+        check_against_reference(*qkv(1, 2, 2, 50, 75, 24), BlockSparse(layout, 16), "cpu")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_topk_repeated_keys_and_empty_slots(causal):
+    """Rows listing keys several times (counted once), -1 slots, rows with nothing valid, K > Nk."""
+    B, Hq, Hkv, Nq, Nk, D, K = 2, 4, 2, 21, 13, 20, 19
+    indices = torch.randint(-1, Nk, (B, Hkv, Nq, K))
+    indices[:, :, 3] = -1  # a row with no key
+    indices[:, :, 4] = 5  # one key, listed K times
+    out = check_against_reference(*qkv(B, Hq, Hkv, Nq, Nk, D), TopK(indices, causal), "cpu")
+    assert out[:, :, 3].abs().max() == 0
+
+
 # ----- determinism, dispatch, fallback -------------------------------------------------------
 @pytest.mark.parametrize("pattern", ["causal", "topk"])
 def test_backward_is_deterministic_across_thread_counts(pattern):

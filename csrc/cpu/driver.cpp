@@ -12,6 +12,7 @@
 #endif
 
 #include "kernels.h"
+#include "omp_sync.h"
 #include "work.h"
 
 namespace flashlite {
@@ -131,7 +132,7 @@ constexpr int kDecodeRows = 4;
 constexpr int kDecodeSplitKeys = 512;
 constexpr int kDecodeMaxSplits = 64;
 
-void tile_forward_decode(const KernelTable& kernels, const AttentionParams& p, int num_threads) {
+FLASHLITE_OMP_DRIVER void tile_forward_decode(const KernelTable& kernels, const AttentionParams& p, int num_threads) {
   const ScheduleView& schedule = p.forward_schedule;
   const bool shared = schedule.tiles_stride_h == 0 && schedule.count_stride_h == 0;
   const int heads = shared ? p.group() : 1, items = p.heads_q / heads;
@@ -141,10 +142,13 @@ void tile_forward_decode(const KernelTable& kernels, const AttentionParams& p, i
   const int record = decode_record_floats(p.head_dim, kernels.lanes);
   const int64_t group_floats = int64_t(splits) * heads * rows * record;
   std::vector<float> partials(splits > 1 ? size_t(groups * group_floats) : 0);
+  OmpSync sync;
+  sync.begin_region();
 #pragma omp parallel num_threads(thread_count(num_threads))
   {
+    sync.enter();
     Workspace ws;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < groups * splits; ++task) {
       const int64_t group = task / splits;
       const int split = static_cast<int>(task % splits);
@@ -155,26 +159,34 @@ void tile_forward_decode(const KernelTable& kernels, const AttentionParams& p, i
                                : nullptr;
       kernels.tile_forward_rows(p, b, h_first, heads, 0, begin, end, part, ws);
     }
+    sync.before_barrier(0);
+#pragma omp barrier
+    sync.after_barrier(0);
     if (splits > 1) {
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
       for (int64_t group = 0; group < groups; ++group)
         kernels.tile_forward_rows_merge(p, static_cast<int>(group / items), static_cast<int>(group % items) * heads,
                                         heads, 0, splits, partials.data() + group * group_floats, ws);
     }
+    sync.leave();
   }
+  sync.end_region();
 }
 }  // namespace
 
-void tile_forward(const AttentionParams& p, int num_threads) {
+FLASHLITE_OMP_DRIVER void tile_forward(const AttentionParams& p, int num_threads) {
   if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return;
   const KernelTable& kernels = active();
   if (p.seqlen_q <= kDecodeRows && p.seqlen_q <= p.block_m) return tile_forward_decode(kernels, p, num_threads);
   const int num_m = cdiv(p.seqlen_q, p.block_m);
   const int64_t tasks = int64_t(p.batch) * p.heads_q * num_m;
+  OmpSync sync;
+  sync.begin_region();
 #pragma omp parallel num_threads(thread_count(num_threads))
   {
+    sync.enter();
     Workspace ws;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < tasks; ++task) {
       // Last query tiles first: under a causal band they visit the most key tiles, and starting
       // the longest items first balances the threads.
@@ -182,31 +194,41 @@ void tile_forward(const AttentionParams& p, int num_threads) {
       const int64_t bh = task / num_m;
       kernels.tile_forward(p, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), m, ws);
     }
+    sync.leave();
   }
+  sync.end_region();
 }
 
-void tile_backward(const AttentionParams& p, const BackwardParams& g, int num_threads) {
+FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const BackwardParams& g, int num_threads) {
   if (p.batch == 0 || p.heads_kv == 0) return;
   const KernelTable& kernels = active();
   const int num_n = cdiv(p.seqlen_k, p.block_n), num_m = cdiv(p.seqlen_q, p.block_m);
   const int64_t kv_tasks = int64_t(p.batch) * p.heads_kv * num_n;
   const int64_t q_tasks = int64_t(p.batch) * p.heads_q * num_m;
+  OmpSync sync;
+  sync.begin_region();
 #pragma omp parallel num_threads(thread_count(num_threads))
   {
+    sync.enter();
     Workspace ws;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < kv_tasks; ++task) {
       const int64_t bh = task / num_n;
       kernels.tile_backward_kv(p, g, static_cast<int>(bh / p.heads_kv), static_cast<int>(bh % p.heads_kv),
                                static_cast<int>(task % num_n), ws);
     }
-#pragma omp for schedule(dynamic, 1)
+    sync.before_barrier(0);
+#pragma omp barrier
+    sync.after_barrier(0);
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < q_tasks; ++task) {
       const int m = num_m - 1 - static_cast<int>(task % num_m);
       const int64_t bh = task / num_m;
       kernels.tile_backward_q(p, g, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), m, ws);
     }
+    sync.leave();
   }
+  sync.end_region();
 }
 
 namespace {
@@ -226,24 +248,29 @@ GatherRows gather_rows(const AttentionParams& p, int64_t task, int chunks) {
 }
 }  // namespace
 
-void gather_forward(const AttentionParams& p, int num_threads) {
+FLASHLITE_OMP_DRIVER void gather_forward(const AttentionParams& p, int num_threads) {
   if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return;
   const KernelTable& kernels = active();
   const int chunks = cdiv(p.seqlen_q, kGatherRows), group = p.group();
   const int64_t tasks = int64_t(p.batch) * p.heads_q * chunks;
+  OmpSync sync;
+  sync.begin_region();
 #pragma omp parallel num_threads(thread_count(num_threads))
   {
+    sync.enter();
     Workspace ws;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < tasks / group; ++task) {
       const GatherRows rows = gather_rows(p, task, chunks);
       for (int g = 0; g < group; ++g)
         kernels.gather_forward(p, rows.b, rows.kv_head * group + g, rows.begin, rows.end, ws);
     }
+    sync.leave();
   }
+  sync.end_region();
 }
 
-void gather_backward(const AttentionParams& p, const BackwardParams& g, int num_threads) {
+FLASHLITE_OMP_DRIVER void gather_backward(const AttentionParams& p, const BackwardParams& g, int num_threads) {
   if (p.batch == 0 || p.heads_kv == 0) return;
   const KernelTable& kernels = active();
   const int K = p.top_k, group = p.group(), Nq = p.seqlen_q, Nk = p.seqlen_k;
@@ -257,19 +284,25 @@ void gather_backward(const AttentionParams& p, const BackwardParams& g, int num_
   const int64_t row_tasks = int64_t(p.batch) * p.heads_q * chunks;
   const int key_chunks = cdiv(Nk, kGatherKeys);
   const int64_t key_tasks = int64_t(p.batch) * p.heads_kv * key_chunks;
+  OmpSync sync;
+  sync.begin_region();
 #pragma omp parallel num_threads(thread_count(num_threads))
   {
+    sync.enter();
     Workspace ws;
     // 1. Per query row: dq, P and dS.
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < row_tasks / group; ++task) {
       const GatherRows rows = gather_rows(p, task, chunks);
       for (int gi = 0; gi < group; ++gi)
         kernels.gather_backward_rows(p, g, gg, rows.b, rows.kv_head * group + gi, rows.begin, rows.end, ws);
     }
+    sync.before_barrier(0);
+#pragma omp barrier
+    sync.after_barrier(0);
     // 2. Per key chunk of (b, kv head), after the barrier of loop 1: dk, dv from the P and dS of
     //    the slots that the key -> slot index (g.key_offsets / g.key_slots) lists for each key.
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < key_tasks; ++task) {
       const int64_t block = task / key_chunks;
       const int begin = static_cast<int>(task % key_chunks) * kGatherKeys;
@@ -277,7 +310,9 @@ void gather_backward(const AttentionParams& p, const BackwardParams& g, int num_
       kernels.gather_backward_keys(p, g, gg, static_cast<int>(block / p.heads_kv),
                                    static_cast<int>(block % p.heads_kv), begin, end, ws);
     }
+    sync.leave();
   }
+  sync.end_region();
 }
 
 }  // namespace cpu

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "omp_sync.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -162,7 +163,7 @@ void canonical_row(const Index* in, int64_t top_k, int64_t seqlen_k, int64_t las
 }
 
 template <typename Index>
-void canonical_rows_impl(const Index* indices, int64_t blocks, int64_t seqlen_q, int64_t seqlen_k, int64_t top_k,
+FLASHLITE_OMP_DRIVER void canonical_rows_impl(const Index* indices, int64_t blocks, int64_t seqlen_q, int64_t seqlen_k, int64_t top_k,
                          bool per_query, bool causal, int64_t* rows, int num_threads) {
   const int64_t per_block = per_query ? seqlen_q : 1;
   const int64_t total = blocks * per_block;
@@ -170,10 +171,18 @@ void canonical_rows_impl(const Index* indices, int64_t blocks, int64_t seqlen_q,
   RowsJob job{top_k, 1, seqlen_q, seqlen_k, per_block, per_query && causal};
   while (job.width < top_k) job.width <<= 1;
 
+  OmpSync sync;
   if (top_k > kMaxNetwork || seqlen_k >= INT32_MAX) {
-#pragma omp parallel for num_threads(thread_count(num_threads)) schedule(static, 16)
-    for (int64_t r = 0; r < total; ++r)
-      canonical_row(indices + r * top_k, top_k, seqlen_k, job.last_key(r), rows + r * top_k);
+    sync.begin_region();
+#pragma omp parallel num_threads(thread_count(num_threads))
+    {
+      sync.enter();
+#pragma omp for schedule(static, 16) nowait
+      for (int64_t r = 0; r < total; ++r)
+        canonical_row(indices + r * top_k, top_k, seqlen_k, job.last_key(r), rows + r * top_k);
+      sync.leave();
+    }
+    sync.end_region();
     return;
   }
   GroupsFn<Index> groups = &groups_default<Index>;
@@ -189,14 +198,18 @@ void canonical_rows_impl(const Index* indices, int64_t blocks, int64_t seqlen_q,
   // About 16K entries of rows per work item.
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 14) / (lanes * job.width));
   const int64_t chunks = (num_groups + chunk - 1) / chunk;
+  sync.begin_region();
 #pragma omp parallel num_threads(thread_count(num_threads))
   {
+    sync.enter();
     std::vector<int32_t> buffer(static_cast<size_t>(job.width * lanes + 16));
     void* scratch = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t c = 0; c < chunks; ++c)
       groups(job, indices, total, c * chunk, std::min(num_groups, (c + 1) * chunk), rows, scratch);
+    sync.leave();
   }
+  sync.end_region();
 }
 
 }  // namespace
@@ -218,7 +231,7 @@ void canonical_rows(const int64_t* indices, int64_t blocks, int64_t seqlen_q, in
 //      tail (the invalid slots, after all E valid entries, block after block);
 //   3. per block (parallel): add the block's base to its offsets and write every slot, ascending,
 //      at its key's cursor (valid) or at the block's tail cursor (invalid).
-void key_index(const int64_t* rows, int64_t blocks, int64_t seqlen_q, int64_t seqlen_k, int64_t top_k,
+FLASHLITE_OMP_DRIVER void key_index(const int64_t* rows, int64_t blocks, int64_t seqlen_q, int64_t seqlen_k, int64_t top_k,
                bool per_query, bool causal, int64_t* key_offsets, int64_t* key_slots, int num_threads) {
   key_offsets[0] = 0;
   const int64_t slots = seqlen_q * top_k;  // per block
@@ -229,10 +242,13 @@ void key_index(const int64_t* rows, int64_t blocks, int64_t seqlen_q, int64_t se
   // The last key query i may select: Nk - 1, or p(i) with causal (a negative value: none).
   auto last_key = [&](int64_t i) { return causal ? std::min(seqlen_k - 1, i + shift) : seqlen_k - 1; };
 
+  OmpSync sync;
+  sync.begin_region();
 #pragma omp parallel num_threads(thread_count(num_threads))
   {
+    sync.enter();
     std::vector<int64_t> cursor;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t block = 0; block < blocks; ++block) {
       int64_t* counts = key_offsets + block * seqlen_k + 1;  // counts[j]: slots of key j, then running sums
       std::fill(counts, counts + seqlen_k, int64_t(0));
@@ -248,8 +264,11 @@ void key_index(const int64_t* rows, int64_t blocks, int64_t seqlen_q, int64_t se
       for (int64_t j = 1; j < seqlen_k; ++j) counts[j] += counts[j - 1];
       first[static_cast<size_t>(block)] = seqlen_k > 0 ? counts[seqlen_k - 1] : 0;
     }
-    // The implicit barrier of the loop above; one thread turns the block totals into bases.
-#pragma omp single
+    // A barrier after the loop above; one thread turns the block totals into bases.
+    sync.before_barrier(0);
+#pragma omp barrier
+    sync.after_barrier(0);
+#pragma omp single nowait
     {
       int64_t total = 0;
       for (int64_t block = 0; block < blocks; ++block) {
@@ -259,6 +278,9 @@ void key_index(const int64_t* rows, int64_t blocks, int64_t seqlen_q, int64_t se
       }
       first[static_cast<size_t>(blocks)] = total;  // E = key_offsets[blocks·Nk]
     }
+    sync.before_barrier(1);
+#pragma omp barrier
+    sync.after_barrier(1);
     const int64_t entries = first[static_cast<size_t>(blocks)];
     cursor.resize(static_cast<size_t>(seqlen_k));
 #pragma omp for schedule(dynamic, 1)
@@ -285,7 +307,9 @@ void key_index(const int64_t* rows, int64_t blocks, int64_t seqlen_q, int64_t se
         }
       }
     }
+    sync.leave();
   }
+  sync.end_region();
 }
 
 }  // namespace cpu
