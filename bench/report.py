@@ -13,6 +13,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from .timing import cpu_peak_for
+
 SCHEMA = "flashlite-bench/1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,14 +133,22 @@ def derive(rows: List[Dict[str, object]], peak: Optional[Dict[str, object]]) -> 
         seconds = float(row["time_ms"]) * 1e-3
         row["tflops"] = row["flops"] / seconds / 1e12 if row.get("flops") else None
         row["gbps"] = row["bytes"] / seconds / 1e9 if row.get("bytes") else None
-        row["pct_peak"] = None
+        row["pct_peak"] = row["pct_matmul"] = None
         if peak:
-            if row.get("memory_bound") and row.get("gbps") and peak.get("copy_gbps"):
-                row["pct_peak"] = 100 * row["gbps"] / float(peak["copy_gbps"])
+            # %peak: against the processor's own limits where measured (CPU: the FMA loop of the
+            # kernels' build and the stream copy, at the row's thread count), else torch's figures;
+            # torch's matmul of the row's dtype stays beside it (pct_matmul), a peer, not a limit.
+            fma_gflops, stream_gbps = cpu_peak_for(peak, row.get("threads"))
+            copy = stream_gbps or peak.get("copy_gbps")
+            matmul = (peak.get("matmul_tflops") or {}).get(row["dtype"])
+            if matmul and row.get("tflops"):
+                row["pct_matmul"] = 100 * row["tflops"] / float(matmul)
+            if row.get("memory_bound") and row.get("gbps") and copy:
+                row["pct_peak"] = 100 * row["gbps"] / float(copy)
             elif not row.get("memory_bound") and row.get("tflops"):
-                matmul = (peak.get("matmul_tflops") or {}).get(row["dtype"])
-                if matmul:
-                    row["pct_peak"] = 100 * row["tflops"] / float(matmul)
+                limit = fma_gflops / 1e3 if fma_gflops else matmul
+                if limit:
+                    row["pct_peak"] = 100 * row["tflops"] / float(limit)
         if row["kind"] == "peer":
             key = (row["case"], row["mode"])
             if key not in best or row["time_ms"] < best[key][0]:
@@ -202,6 +212,26 @@ def table(rows: Sequence[Dict[str, object]], show_skipped: bool = True) -> str:
         previous = row["case"]
         lines.append(format_row(row))
     return "\n".join(lines)
+
+
+def peak_lines(peak: Dict[str, object]) -> List[str]:
+    """What --peak measured, one line per kind."""
+    lines = []
+    if peak.get("fma_gflops"):
+        active = peak.get("fma_isa")
+        for isa, per in peak["fma_gflops"].items():  # type: ignore[union-attr]
+            figures = ", ".join(f"{v:.1f} GFLOP/s on {t} thread{'s' if t != '1' else ''}" for t, v in per.items())
+            lines.append(f"measured peak: FMA loop ({isa}{', the kernels build: %peak uses it' if isa == active else ''}): "
+                         f"{figures}")
+        copy = ", ".join(f"{v:.1f} GB/s on {t}" for t, v in peak["stream_copy_gbps"].items())  # type: ignore[union-attr]
+        lines.append(f"measured peak: stream copy {copy} thread(s)")
+    matmul = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in (peak.get("matmul_tflops") or {}).items() if v)  # type: ignore[union-attr]
+    peer = " (peers, beside: pct_matmul in the JSON)" if peak.get("fma_gflops") else ""
+    lines.append(f"measured{' torch' if peer else ' peak:'} matmul GFLOP/s {matmul}; tensor copy "
+                 f"{peak['copy_gbps']:.3g} GB/s{peer}")
+    for error in peak.get("errors") or []:  # type: ignore[union-attr]
+        lines.append(f"peak: {error}")
+    return lines
 
 
 def noisy_rows(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:

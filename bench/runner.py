@@ -19,8 +19,8 @@ import torch
 from . import cases as C
 from .cases import Case, Skip
 from .peers import FlashliteImpl, Impl, make_peers, parse_peers
-from .report import (REPO_ROOT, SCHEMA, busy_warning, command_line, derive, environment, noisy_lines, noisy_rows, slug,
-                     stamp, summary, table, write_json)
+from .report import (REPO_ROOT, SCHEMA, busy_warning, command_line, derive, environment, noisy_lines, noisy_rows,
+                     peak_lines, slug, stamp, summary, table, write_json)
 from .timing import Timer, measure_peak, rotation_sets
 
 BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
@@ -467,12 +467,12 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
 
     # peak
     if opts.peak:
-        progress.line("measuring matmul TFLOP/s and copy bandwidth")
+        progress.line("measuring the peaks (FMA loop, stream copy, matmul, copy)" if device.type == "cpu"
+                      else "measuring matmul TFLOP/s and copy bandwidth")
         report["peak"] = measure_peak(device, sweep.dtypes)
         progress.done()
-        peak = report["peak"]
-        matmul = ", ".join(f"{k} {v:.3g}" for k, v in peak["matmul_tflops"].items() if v)  # type: ignore[index]
-        print(f"  measured peak: matmul TFLOP/s {matmul}; copy {peak['copy_gbps']:.3g} GB/s", file=out)
+        for line in peak_lines(report["peak"]):  # type: ignore[arg-type]
+            print("  " + line, file=out)
 
     # (b, c) timing
     rows: List[Dict[str, object]] = report["results"]  # type: ignore[assignment]

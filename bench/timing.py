@@ -260,12 +260,14 @@ class Timer:
         return int(peak)
 
 
-def measure_peak(device: torch.device, dtypes: Sequence[str]) -> Dict[str, object]:
-    """Measured matmul TFLOP/s per dtype and copy bandwidth (GB/s) of ``device``, from the fastest
-    timed call (a peak is the best the device reaches, not its median).
+def measure_peak(device: torch.device, dtypes: Sequence[str], seconds: float = 0.5) -> Dict[str, object]:
+    """The device's peaks for the %peak column (a peak is the best the device reaches, not a median).
 
-    GPU: square matmuls of 8192 (4096 for float32) and a 1 GiB copy; CPU: matmuls of 1024 and a
-    256 MiB copy. Returns ``{"matmul_tflops": {dtype: x}, "copy_gbps": y, "method": ...}``.
+    Both: torch's matmul TFLOP/s per dtype (the fastest timed call: square matmuls of 8192, 4096 for
+    float32, on a GPU; 1024 on a CPU) and a tensor copy (1 GiB on a GPU, 256 MiB on a CPU).
+    CPU, besides (``measure_cpu_limits``): the processor's own float32 FMA limit for every kernel
+    build and thread count, and a stream copy's bandwidth; %peak divides by those, torch's matmul
+    is kept beside them as a peer. Returns ``{"matmul_tflops": {dtype: x}, "copy_gbps": y, ...}``.
     """
     from .cases import DTYPE_NAMES
 
@@ -280,7 +282,7 @@ def measure_peak(device: torch.device, dtypes: Sequence[str]) -> Dict[str, objec
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         try:
-            stats = timer.time([lambda: torch.mm(a, b)])
+            stats = timer.time([lambda a=a, b=b: torch.mm(a, b)])
         except RuntimeError as exc:  # e.g. a dtype without a CPU matmul
             result["matmul_tflops"][name] = None  # type: ignore[index]
             result.setdefault("errors", []).append(f"matmul {name}: {exc}")  # type: ignore[union-attr]
@@ -296,12 +298,55 @@ def measure_peak(device: torch.device, dtypes: Sequence[str]) -> Dict[str, objec
     result["copy_bytes"] = nbytes
     result["method"] = ("fastest of the timed torch.mm calls (2*n^3 FLOP) and tensor.copy_ calls (2*bytes "
                         "moved), same timer as the cases: the best the device reached")
+    del src, dst
     if device.type == "cpu":
         result["threads"] = torch.get_num_threads()
-    del src, dst
+        try:
+            result.update(measure_cpu_limits(seconds=seconds))
+        except (ImportError, AttributeError) as exc:  # flashlite._C missing or without the peak functions
+            result.setdefault("errors", []).append(f"CPU limits: {exc}")  # type: ignore[union-attr]
     if on_gpu:
         torch.cuda.empty_cache()
     return result
+
+
+def measure_cpu_limits(seconds: float = 0.5, threads: Optional[Sequence[int]] = None,
+                       copy_bytes: int = 2**28) -> Dict[str, object]:
+    """The processor's limits, measured by flashlite._C (csrc/cpu/peak.cpp): for every kernel
+    build this CPU runs and every thread count (default: 1 and ``torch.get_num_threads()``) the
+    float32 FMA GFLOP/s of a register-resident loop (no memory traffic: the most any kernel of that
+    build can do), and the GB/s of a stream copy of ``copy_bytes`` (2 bytes counted per byte
+    copied). Each is the fastest of ~1 ms trials over ``seconds``, short enough to fall between two
+    preemptions, so a busy machine lowers it far less than it lowers a median."""
+    from flashlite import _C
+
+    counts = sorted(set(threads or (1, torch.get_num_threads())))
+    fma: Dict[str, Dict[str, object]] = {}
+    for isa in _C.cpu_isas():
+        fma[isa] = {str(t): _C.cpu_fma_peak(threads=t, seconds=seconds, isa=isa) for t in counts}
+    copy = {str(t): _C.cpu_stream_copy(threads=t, bytes=copy_bytes, seconds=seconds) for t in counts}
+    return {
+        "fma_isa": _C.cpu_isa(),  # the build the kernels run (whose limit %peak uses)
+        "fma_gflops": {isa: {t: r["gflops"] for t, r in per.items()} for isa, per in fma.items()},
+        "fma": fma,
+        "stream_copy_gbps": {t: r["gbps"] for t, r in copy.items()},
+        "stream_copy": copy,
+        "cpu_method": ("flashlite._C.cpu_fma_peak: independent register-resident float32 FMA chains (2 FLOP per "
+                       "lane per FMA), each thread timing its own ~1 ms trials; the team's figure is the sum of its "
+                       "threads' fastest trials (one thread per core). cpu_stream_copy: every thread memcpy's its own "
+                       "4 MiB window of two 256 MiB buffers per trial, the windows sliding through them, fastest "
+                       "trial of the whole team (wall clock), 2 bytes per byte copied"),
+    }
+
+
+def cpu_peak_for(peak: Optional[Dict[str, object]], threads: Optional[int]) -> tuple:
+    """(FMA GFLOP/s, stream copy GB/s) of ``peak`` for a row run on ``threads`` threads, or Nones."""
+    if not peak or not peak.get("fma_gflops"):
+        return None, None
+    key = str(threads or peak.get("threads") or 1)
+    fma = (peak["fma_gflops"].get(peak.get("fma_isa")) or {}).get(key)  # type: ignore[union-attr]
+    copy = (peak.get("stream_copy_gbps") or {}).get(key)  # type: ignore[union-attr]
+    return fma, copy
 
 
 def cpu_threads() -> Dict[str, int]:

@@ -13,6 +13,7 @@
 #include "common/torch_params.h"
 #include "cpu/gather_rows.h"
 #include "cpu/kernels.h"
+#include "cpu/peak.h"
 
 #ifdef FLASHLITE_WITH_CUDA
 void flashlite_register_cuda(pybind11::module_& m);
@@ -173,6 +174,49 @@ void cpu_set_isa(const std::string& name) {
                     "' is not one of this CPU's kernel builds ", cpu_isas());
 }
 
+py::dict peak_dict(const flashlite::cpu::PeakResult& r, const char* unit) {
+  py::dict out;
+  out[unit] = r.best;
+  out[(std::string("median_") + unit).c_str()] = r.median;
+  out["trials"] = r.trials;
+  out["threads"] = r.threads;
+  out["trial_seconds"] = r.trial_seconds;
+  return out;
+}
+
+// The processor's FMA limit (csrc/cpu/peak.h): GFLOP/s of the fastest trial and how it was measured.
+py::dict cpu_fma_peak(int64_t threads, double seconds, const std::string& isa) {
+  TORCH_CHECK_VALUE(seconds >= 0 && seconds <= 60, "flashlite: cpu_fma_peak: seconds must be in [0, 60], got ",
+                    seconds);
+  flashlite::cpu::PeakResult r;
+  bool ran = false;
+  {
+    py::gil_scoped_release no_gil;
+    ran = flashlite::cpu::fma_peak(isa.c_str(), static_cast<int>(threads), seconds, &r);
+  }
+  TORCH_CHECK_VALUE(ran, "flashlite: cpu_fma_peak: '", isa, "' is not one of this CPU's kernel builds ", cpu_isas());
+  py::dict out = peak_dict(r, "gflops");
+  out["isa"] = std::string(r.isa);
+  out["lanes"] = r.lanes;
+  out["accumulators"] = r.accumulators;
+  out["flops_per_trial"] = r.work_per_trial;
+  return out;
+}
+
+// Memory bandwidth of a stream copy (csrc/cpu/peak.h): GB/s (2 bytes per byte copied) of the fastest trial.
+py::dict cpu_stream_copy(int64_t threads, int64_t bytes, double seconds) {
+  TORCH_CHECK_VALUE(bytes > 0 && bytes <= (int64_t(1) << 34), "flashlite: cpu_stream_copy: bytes must be in (0, 16 GiB]");
+  TORCH_CHECK_VALUE(seconds >= 0 && seconds <= 60, "flashlite: cpu_stream_copy: seconds must be in [0, 60]");
+  flashlite::cpu::PeakResult r;
+  {
+    py::gil_scoped_release no_gil;
+    flashlite::cpu::stream_copy(static_cast<int>(threads), bytes, seconds, &r);
+  }
+  py::dict out = peak_dict(r, "gbps");
+  out["bytes_per_trial"] = r.work_per_trial;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -207,6 +251,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return std::string(flashlite::cpu::isa()); }, "instruction-set build of the CPU kernels in use");
   m.def("cpu_isas", &cpu_isas, "instruction-set builds this CPU can run, best first");
   m.def("cpu_set_isa", &cpu_set_isa, py::arg("name"), "use another runnable build (tests, benchmarks)");
+  m.def("cpu_fma_peak", &cpu_fma_peak, py::arg("threads") = 0, py::arg("seconds") = 0.5, py::arg("isa") = "",
+        "float32 FMA GFLOP/s of a register-resident loop on `threads` threads (0: the OpenMP default) with the "
+        "`isa` build's vectors ('' = the kernels' build) -> {gflops, median_gflops, trials, threads, isa, lanes, "
+        "accumulators, ...}");
+  m.def("cpu_stream_copy", &cpu_stream_copy, py::arg("threads") = 0, py::arg("bytes") = int64_t(1) << 28,
+        py::arg("seconds") = 0.5,
+        "memory bandwidth of a copy of `bytes` on `threads` threads -> {gbps (2 bytes per byte copied), ...}");
 #ifdef FLASHLITE_WITH_CUDA
   flashlite_register_cuda(m);
   m.attr("with_cuda") = true;

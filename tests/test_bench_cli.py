@@ -134,32 +134,41 @@ def test_png_plots_are_images_with_the_expected_series(tiny_run):
 
     _, data, _, out_dir = tiny_run
     figures = {f["figure"]: f for f in data["plots"]}
-    assert set(figures) == {"time", "speedup"}  # no memory figure on CPU
+    assert set(figures) == {"time", "speedup", "decode"}  # no memory figure on CPU; decode apart
     rows = data["results"]
     for figure in figures.values():
         path = out_dir / figure["file"]
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         image = plt.imread(path)
-        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+        assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 800
+        assert image.shape[1] <= 1500  # readable at screen size without shrinking the text
         assert float(image[..., :3].std()) > 0.01  # not a blank canvas
     time_panels = {(p["title"], p["mode"]): p for p in figures["time"]["panels"]}
     labels = {r["label"] for r in rows}
-    for label in labels:
-        panel = time_panels[(label, "fwd")]
-        names = {s["label"] for s in panel["series"]}
-        assert IMPL in names and "sdpa:math" in names, (label, names)
-        for series in panel["series"]:
-            assert series["x"] == sorted(series["x"])
-            for x, y in zip(series["x"], series["y"]):
-                match = [r["time_ms"] for r in rows if r["label"] == label and r["mode"] == "fwd"
-                         and r["impl"] == series["label"] and r["shape"]["seqlen_k"] == x]
-                assert match == [y]
-        full_series = {s["label"]: s for s in panel["series"]}[IMPL]
+    prefill = labels - {"decode"}
+    assert {p["title"] for p in figures["time"]["panels"]} == prefill | {"flashlite, all patterns"}
+    for label in prefill:
+        for mode in ("fwd", "bwd", "fwd+bwd"):  # a backward panel beside forward and forward+backward
+            panel = time_panels[(label, mode)]
+            names = {s["label"] for s in panel["series"]}
+            assert IMPL in names, (label, mode, names)
+            for series in panel["series"]:
+                assert series["x"] == sorted(series["x"])
+                for x, y in zip(series["x"], series["y"]):
+                    match = [r["time_ms"] for r in rows if r["label"] == label and r["mode"] == mode
+                             and r["impl"] == series["label"] and r["shape"]["seqlen_k"] == x]
+                    assert match == [y]
+        assert "sdpa:math" in {s["label"] for s in time_panels[(label, "fwd")]["series"]}
+        full_series = {s["label"]: s for s in time_panels[(label, "fwd")]["series"]}[IMPL]
         assert full_series["x"] == SEQLENS
     overview = time_panels[("flashlite, all patterns", "fwd")]
-    assert {s["label"] for s in overview["series"]} == labels
+    assert {s["label"] for s in overview["series"]} == prefill
     speedup_names = {s["label"] for p in figures["speedup"]["panels"] for s in p["series"]}
     assert speedup_names == {IMPL}
+    assert {p["mode"] for p in figures["speedup"]["panels"]} == {"fwd", "bwd", "fwd+bwd"}
+    decode = {p["row"]: p for p in figures["decode"]["panels"]}
+    assert {s["label"] for s in decode["time"]["series"]} >= {IMPL, "sdpa:math"}
+    assert [s["label"] for s in decode["speedup"]["series"]] == [IMPL]
 
 
 @pytest.mark.parametrize("pattern", ["full", "causal", "window", "block_sparse", "topk", "decode"])
@@ -339,3 +348,40 @@ def test_gpu_suite_dry_run(tmp_path):
 def test_gpu_suite_is_shellcheck_clean():
     result = subprocess.run(["shellcheck", str(REPO / "bench" / "gpu_suite.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_cpu_peak_is_the_processors_fma_limit_and_copy():
+    """--peak on a CPU: the FMA loop of every kernel build and the stream copy from flashlite._C,
+    and %peak divides by them (torch's matmul kept beside as pct_matmul)."""
+    from flashlite.bench.report import derive, peak_lines
+    from flashlite.bench.timing import measure_cpu_limits
+
+    if BACKEND != "cpu":
+        pytest.skip("flashlite._C is not built")
+    from flashlite import _C
+
+    if not hasattr(_C, "cpu_fma_peak"):
+        pytest.skip("flashlite._C predates cpu_fma_peak: rebuild it")
+    limits = measure_cpu_limits(seconds=0.05, threads=[1, 2], copy_bytes=2**24)
+    assert limits["fma_isa"] == _C.cpu_isa() and set(limits["fma_gflops"]) == set(_C.cpu_isas())
+    for isa, per in limits["fma"].items():
+        assert set(per) == {"1", "2"}
+        for threads, result in per.items():
+            assert result["gflops"] > 0 and result["trials"] >= 3 and result["threads"] == int(threads)
+            assert result["isa"] == isa and result["lanes"] in (4, 8, 16) and result["accumulators"] >= 8
+    assert all(r["gbps"] > 0 and r["trials"] >= 3 for r in limits["stream_copy"].values())
+    with pytest.raises(ValueError, match="nonsense"):
+        _C.cpu_fma_peak(threads=1, seconds=0.0, isa="nonsense")
+
+    peak = {"matmul_tflops": {"float32": 0.05}, "copy_gbps": 5.0, "threads": 1, **limits}
+    peak["fma_gflops"][limits["fma_isa"]]["1"] = 100.0
+    peak["stream_copy_gbps"]["1"] = 10.0
+    rows = [{"case": "c", "mode": "fwd", "impl": "flashlite:cpu", "kind": "flashlite", "status": "ok", "dtype": "float32",
+             "time_ms": 1.0, "flops": 5e7, "bytes": None, "memory_bound": False, "threads": 1},
+            {"case": "d", "mode": "fwd", "impl": "flashlite:cpu", "kind": "flashlite", "status": "ok", "dtype": "float32",
+             "time_ms": 1.0, "flops": 1e6, "bytes": 4e6, "memory_bound": True, "threads": 1}]
+    derive(rows, peak)
+    assert rows[0]["pct_peak"] == pytest.approx(50.0) and rows[0]["pct_matmul"] == pytest.approx(100.0)
+    assert rows[1]["pct_peak"] == pytest.approx(40.0)  # 4 GB/s of a 10 GB/s stream copy
+    text = "\n".join(peak_lines(peak))
+    assert "FMA loop" in text and "stream copy" in text and "torch matmul" in text

@@ -18,6 +18,7 @@
 #include "common/params.h"
 #include "cpu/convert.h"
 #include "cpu/kernels.h"
+#include "cpu/peak.h"
 
 using flashlite::AttentionParams;
 using flashlite::BackwardParams;
@@ -358,6 +359,15 @@ int main() {
       {"topk f32 GQA shared list", 1, 6, 2, 37, 53, 40, -1, -1, 0.f, true, DType::kFloat32, 11, false, true},
       {"topk causal f32 shared list one head Nq<Nk", 2, 4, 4, 21, 53, 64, -1, 0, 3.f, false, DType::kFloat32, 16,
        true, true},
+      // Odd shapes (also what `make sanitize` runs under ASan/UBSan): head dims 1, 17 and 256, one key,
+      // a diagonal-only band, tiles with one-row tails, a decode split over many keys, K = 1 (a fifth of
+      // the rows empty), K past two vector widths.
+      {"full f32 D1 one key", 1, 2, 1, 5, 1, 1, -1, -1, 0.f, false, DType::kFloat32, 0},
+      {"window f32 D17 diagonal only tails", 1, 2, 2, 129, 129, 17, 0, 0, 0.f, true, DType::kFloat32, 0},
+      {"causal bf16 D256 GQA tail", 1, 4, 1, 65, 65, 256, -1, 0, 2.f, false, DType::kBFloat16, 0},
+      {"causal f16 decode split keys", 1, 8, 2, 3, 1500, 64, -1, 0, 0.f, false, DType::kFloat16, 0},
+      {"topk f16 D3 K1", 2, 2, 1, 19, 7, 3, -1, -1, 0.f, false, DType::kFloat16, 1},
+      {"topk causal f32 D256 K33 GQA", 1, 4, 2, 40, 70, 256, -1, 0, 0.f, true, DType::kFloat32, 33},
   };
   int failures = 0, runs = 0;
   for (const char* isa : flashlite::cpu::available_isas()) {
@@ -366,6 +376,21 @@ int main() {
       failures += run_case(c, isa);
       ++runs;
     }
+  }
+  // The peaks of `flashlite bench --peak` (csrc/cpu/peak.h): they run and give a positive rate.
+  for (const char* isa : flashlite::cpu::available_isas()) {
+    flashlite::cpu::PeakResult r;
+    if (!flashlite::cpu::fma_peak(isa, 2, 0.0, &r) || !(r.best > 0) || r.trials < 3 || r.threads != 2) {
+      std::printf("FAIL fma_peak %s: %g GFLOP/s, %d trials\n", isa, r.best, r.trials);
+      ++failures;
+    }
+  }
+  flashlite::cpu::PeakResult copy;
+  flashlite::cpu::stream_copy(2, 3 << 20, 0.0, &copy);
+  flashlite::cpu::PeakResult none;
+  if (!(copy.best > 0) || copy.work_per_trial != 2 * 2 * (4 << 20) || flashlite::cpu::fma_peak("nonsense", 1, 0.0, &none)) {
+    std::printf("FAIL stream_copy %g GB/s / fma_peak accepted an unknown build\n", copy.best);
+    ++failures;
   }
   std::printf("%s: %d case runs, %d failures\n", failures ? "FAILED" : "passed", runs, failures);
   return failures ? 1 : 0;
