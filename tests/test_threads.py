@@ -139,9 +139,6 @@ def test_threads_share_one_cached_plan_per_pattern():
         assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, want))
 
 
-@pytest.mark.xfail(reason="flashlite/dispatch/plan.py _PlanCache.get/put are not atomic: another thread's eviction "
-                          "between entries.get(key) and move_to_end(key) raises KeyError (reported to the lead; "
-                          "remove this mark with the lock)", raises=AssertionError, strict=False)
 def test_threads_while_the_plan_cache_evicts(monkeypatch):
     """Calls from 8 threads while the plan cache is full and evicting (a cache of 4 entries, many
     shapes, the interpreter switching threads every microsecond): no call may fail."""

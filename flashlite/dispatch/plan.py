@@ -20,6 +20,7 @@ which ``Plan.from_op_args`` rebuilds it on the other side.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -95,11 +96,13 @@ class Plan:
 
 class _PlanCache:
     """The one cache: bounded LRU. An entry is keyed by plain values plus the identity and version
-    of the tensors it was derived from, and holds those tensors weakly (it dies with them)."""
+    of the tensors it was derived from, and holds those tensors weakly (it dies with them). A lock
+    makes each lookup and insert atomic: calls from several Python threads share it."""
 
     def __init__(self, size: int = CACHE_SIZE) -> None:
         self.size = size
         self.entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self.lock = threading.Lock()
 
     @staticmethod
     def key(values: tuple, tensors: tuple) -> tuple:
@@ -107,25 +110,29 @@ class _PlanCache:
 
     def get(self, values: tuple, tensors: tuple):
         key = self.key(values, tensors)
-        hit = self.entries.get(key)
-        if hit is None:
-            return None
-        refs, value = hit
-        if any(ref() is not t for ref, t in zip(refs, tensors)):
-            del self.entries[key]  # an id reused by a new tensor
-            return None
-        self.entries.move_to_end(key)
-        return value
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is None:
+                return None
+            refs, value = hit
+            if any(ref() is not t for ref, t in zip(refs, tensors)):
+                del self.entries[key]  # an id reused by a new tensor
+                return None
+            self.entries.move_to_end(key)
+            return value
 
     def put(self, values: tuple, tensors: tuple, value) -> None:
         key = self.key(values, tensors)
-        self.entries[key] = (tuple(weakref.ref(t) for t in tensors), value)
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        refs = tuple(weakref.ref(t) for t in tensors)
+        with self.lock:
+            self.entries[key] = (refs, value)
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
 
     def clear(self) -> None:
-        self.entries.clear()
+        with self.lock:
+            self.entries.clear()
 
 
 CACHE = _PlanCache()
