@@ -199,23 +199,45 @@ FLASHLITE_OMP_DRIVER void tile_forward(const AttentionParams& p, int num_threads
   sync.end_region();
 }
 
+// The backward's query tiles are packed once (q̃ᵀ, q rows, dOᵀ, dO rows, lse, δ) by a first
+// pass and read by every key tile that visits them, unless the buffer would exceed this (then each
+// work item packs what it visits, as the kernels also can).
+constexpr int64_t kMaxPackedBytes = int64_t(512) << 20;
+
 FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const BackwardParams& g, int num_threads) {
   if (p.batch == 0 || p.heads_kv == 0) return;
   const KernelTable& kernels = active();
   const int num_n = cdiv(p.seqlen_k, p.block_n), num_m = cdiv(p.seqlen_q, p.block_m);
   const int64_t kv_tasks = int64_t(p.batch) * p.heads_kv * num_n;
   const int64_t q_tasks = int64_t(p.batch) * p.heads_q * num_m;
+  const int64_t tile_floats = backward_tile_floats(p.head_dim, p.block_m, kernels.lanes);
+  const int64_t packed_floats = q_tasks * tile_floats;
+  const bool prepack = num_n > 1 && packed_floats * int64_t(sizeof(float)) <= kMaxPackedBytes;
+  float* packed = prepack ? static_cast<float*>(std::aligned_alloc(64, size_t((packed_floats * 4 + 63) / 64 * 64)))
+                          : nullptr;
+  if (prepack && packed == nullptr) throw std::bad_alloc();
   OmpSync sync;
   sync.begin_region();
 #pragma omp parallel num_threads(thread_count(num_threads))
   {
     sync.enter();
     Workspace ws;
+    if (packed) {
+#pragma omp for schedule(static) nowait
+      for (int64_t task = 0; task < q_tasks; ++task) {
+        const int64_t bh = task / num_m;
+        kernels.tile_backward_pack(p, g, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q),
+                                   static_cast<int>(task % num_m), packed + task * tile_floats, ws);
+      }
+      sync.before_barrier(1);
+#pragma omp barrier
+      sync.after_barrier(1);
+    }
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < kv_tasks; ++task) {
       const int64_t bh = task / num_n;
       kernels.tile_backward_kv(p, g, static_cast<int>(bh / p.heads_kv), static_cast<int>(bh % p.heads_kv),
-                               static_cast<int>(task % num_n), ws);
+                               static_cast<int>(task % num_n), packed, ws);
     }
     sync.before_barrier(0);
 #pragma omp barrier
@@ -224,11 +246,13 @@ FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const Backward
     for (int64_t task = 0; task < q_tasks; ++task) {
       const int m = num_m - 1 - static_cast<int>(task % num_m);
       const int64_t bh = task / num_m;
-      kernels.tile_backward_q(p, g, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), m, ws);
+      kernels.tile_backward_q(p, g, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), m, packed,
+                              ws);
     }
     sync.leave();
   }
   sync.end_region();
+  std::free(packed);
 }
 
 namespace {

@@ -30,13 +30,12 @@ inline void pack_rows(DType dtype, const void* base, const Strides3& s, int b, i
       float* row = tmp + x * Dp;
       if (r < rows) {
         load_row(dtype, base, offset(s, b, h, i0 + r), D, row);
+        fill(row + D, Dp - D, 0.f);
       } else {
-        fill(row, D, 0.f);
+        fill(row, Dp, 0.f);
       }
-      if (out_rows) {
-        for (int d = 0; d < D; ++d) out_rows[r * Dp + d] = row[d];
-        fill(out_rows + r * Dp + D, Dp - D, 0.f);
-      }
+      if (out_rows)  // whole vectors (Dp is a multiple of L; the row is zero past D)
+        for (int d = 0; d < Dp; d += L) store(out_rows + r * Dp + d, load(row + d));
     }
     if (out_t)
       for (int d = 0; d < D; ++d) {

@@ -251,6 +251,41 @@ inline void pack_row_stats(const AttentionParams& p, const BackwardParams& g, in
   }
 }
 
+// A query tile of the backward packed once for every key tile that visits it (the driver's first
+// pass, tile_backward_pack): q̃ᵀ [Dp][BM], q rows [BM][Dp], dOᵀ [Dp][BM], dO rows [BM][Dp], lse in
+// log2 units [BM], δ [BM]; rows past the tile's end are zero (+inf lse). Without a packed buffer
+// (too large, see driver.cpp) each work item packs the tiles it visits itself, into the same layout.
+inline int64_t packed_tile_floats(const AttentionParams& p) { return backward_tile_floats(p.head_dim, p.block_m, L); }
+struct PackedTile {
+  float *qt, *q_rows, *do_t, *do_rows, *lse2, *delta;
+};
+inline PackedTile packed_tile(const AttentionParams& p, float* base) {
+  const int BM = p.block_m, Dp = round_up(p.head_dim, L);
+  PackedTile t;
+  t.qt = base;
+  t.q_rows = t.qt + Dp * BM;
+  t.do_t = t.q_rows + BM * Dp;
+  t.do_rows = t.do_t + Dp * BM;
+  t.lse2 = t.do_rows + BM * Dp;
+  t.delta = t.lse2 + BM;
+  return t;
+}
+inline void pack_query_tile(const AttentionParams& p, const BackwardParams& g, int b, int h, int m, const PackedTile& t,
+                            float* tmp) {
+  const int BM = p.block_m, D = p.head_dim, Dp = round_up(D, L);
+  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+  pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), t.qt, BM, t.q_rows, tmp);
+  pack_rows(p.dtype, g.grad_out, g.grad_out_strides, b, h, i0, rows, Y, D, Dp, 1.f, t.do_t, BM, t.do_rows, tmp);
+  pack_row_stats(p, g, b, h, i0, rows, Y, t.lse2, t.delta);
+}
+
+// The driver's first backward pass: query tile m of (b, h) into dst (packed_tile_floats(p) floats).
+void tile_backward_pack(const AttentionParams& p, const BackwardParams& g, int b, int h, int m, float* dst,
+                        Workspace& ws) {
+  float* tmp = ws.floats(size_t(L * round_up(p.head_dim, L)));
+  pack_query_tile(p, g, b, h, m, packed_tile(p, dst), tmp);
+}
+
 // P, then dS in place of dPᵀ:  P[c][r] = 2^(s[c][r] − lse_r),  dS = P ⊙ (dP − δ_r) ⊙ chain · scale
 // (chain = 1 − tanh² with softcap, else 1).
 inline void probs_and_score_grads(const AttentionParams& p, int nk, int Y, float* st, float* dpt, const float* chain,
@@ -272,23 +307,20 @@ inline void probs_and_score_grads(const AttentionParams& p, int nk, int Y, float
 // Tile engine, backward for key tile n of (b, kv head): over every query head of the GQA group
 // and the query tiles of the transposed schedule (no atomics: this item owns these dK/dV rows).
 //   dV_j = Σ_i P_ij·dO_i,   dP_ij = dO_i·v_j,   dS_ij = P_ij (dP_ij − δ_i)·chain·scale,   dK_j = Σ_i dS_ij·q_i
-void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, int b, int kv_head, int n, Workspace& ws) {
+void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, int b, int kv_head, int n,
+                      const float* packed, Workspace& ws) {
   const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), group = p.group();
-  const int j0 = n * BN, nk = imin(BN, p.seqlen_k - j0);
-  float* qt = ws.floats(size_t(4 * Dp * BM + 3 * BN * BM + 4 * BN * Dp + 2 * BM + L * Dp));
-  float* q_rows = qt + Dp * BM;
-  float* do_t = q_rows + BM * Dp;
-  float* do_rows = do_t + Dp * BM;
-  float* st = do_rows + BM * Dp;
+  const int j0 = n * BN, nk = imin(BN, p.seqlen_k - j0), num_m = (p.seqlen_q + BM - 1) / BM;
+  const int64_t tile_floats = packed_tile_floats(p);
+  float* own = ws.floats(size_t(tile_floats + 3 * BN * BM + 4 * BN * Dp + L * Dp));
+  float* st = own + tile_floats;
   float* dpt = st + BN * BM;
   float* chain = dpt + BN * BM;
   float* kbuf = chain + BN * BM;
   float* vbuf = kbuf + BN * Dp;
   float* dk = vbuf + BN * Dp;
   float* dv = dk + BN * Dp;
-  float* lse2 = dv + BN * Dp;
-  float* delta = lse2 + BM;
-  float* tmp = delta + BM;
+  float* tmp = dv + BN * Dp;
 
   const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, false, kbuf);
   const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
@@ -300,16 +332,21 @@ void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, int b, 
     const float slope = p.alibi(b, h);
     const int count = schedule.num_tiles(b, h, n);
     for (int t = 0; t < count; ++t) {
-      const int i0 = schedule.tile(b, h, n, t) * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
-      pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), qt, BM, q_rows, tmp);
-      pack_rows(p.dtype, g.grad_out, g.grad_out_strides, b, h, i0, rows, Y, D, Dp, 1.f, do_t, BM, do_rows, tmp);
-      pack_row_stats(p, g, b, h, i0, rows, Y, lse2, delta);
-      gemm(nk, Y, D, k.data, k.ld, 1, qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
+      const int m = schedule.tile(b, h, n, t);
+      const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+      PackedTile tile;
+      if (packed) {  // packed once by the driver's first pass
+        tile = packed_tile(p, const_cast<float*>(packed) + ((int64_t(b) * p.heads_q + h) * num_m + m) * tile_floats);
+      } else {
+        tile = packed_tile(p, own);
+        pack_query_tile(p, g, b, h, m, tile, tmp);
+      }
+      gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
       score_tile(p, slope, i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
-      gemm(nk, Y, D, v.data, v.ld, 1, do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
-      probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, lse2, delta, BM, true);
-      gemm(nk, Dp, rows, st, BM, 1, do_rows, Dp, dv, Dp, true);   // dV += Pᵀ·dO
-      gemm(nk, Dp, rows, dpt, BM, 1, q_rows, Dp, dk, Dp, true);   // dK += dSᵀ·Q
+      gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
+      probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true);
+      gemm(nk, Dp, rows, st, BM, 1, tile.do_rows, Dp, dv, Dp, true);   // dV += Pᵀ·dO
+      gemm(nk, Dp, rows, dpt, BM, 1, tile.q_rows, Dp, dk, Dp, true);   // dK += dSᵀ·Q
     }
   }
   store_rows(p.dtype, g.dk, g.dk_strides, b, kv_head, j0, nk, D, dk, Dp);
@@ -318,25 +355,28 @@ void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, int b, 
 
 // Tile engine, backward for query tile m of (b, h) over the forward schedule (a separate pass,
 // so dQ needs no atomics either):  dQ_i = Σ_j dS_ij·k_j
-void tile_backward_q(const AttentionParams& p, const BackwardParams& g, int b, int h, int m, Workspace& ws) {
+void tile_backward_q(const AttentionParams& p, const BackwardParams& g, int b, int h, int m, const float* packed,
+                     Workspace& ws) {
   const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L);
   const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
-  const int kv_head = h / p.group();
-  float* qt = ws.floats(size_t(2 * Dp * BM + 3 * BN * BM + 2 * BN * Dp + BM * Dp + 2 * BM + L * Dp));
-  float* do_t = qt + Dp * BM;
-  float* st = do_t + Dp * BM;
+  const int kv_head = h / p.group(), num_m = (p.seqlen_q + BM - 1) / BM;
+  const int64_t tile_floats = packed_tile_floats(p);
+  float* own = ws.floats(size_t(tile_floats + 3 * BN * BM + 2 * BN * Dp + BM * Dp + L * Dp));
+  float* st = own + tile_floats;
   float* dpt = st + BN * BM;
   float* chain = dpt + BN * BM;
   float* kbuf = chain + BN * BM;
   float* vbuf = kbuf + BN * Dp;
   float* dq = vbuf + BN * Dp;
-  float* lse2 = dq + BM * Dp;
-  float* delta = lse2 + BM;
-  float* tmp = delta + BM;
+  float* tmp = dq + BM * Dp;
 
-  pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), qt, BM, nullptr, tmp);
-  pack_rows(p.dtype, g.grad_out, g.grad_out_strides, b, h, i0, rows, Y, D, Dp, 1.f, do_t, BM, nullptr, tmp);
-  pack_row_stats(p, g, b, h, i0, rows, Y, lse2, delta);
+  PackedTile tile;
+  if (packed) {
+    tile = packed_tile(p, const_cast<float*>(packed) + ((int64_t(b) * p.heads_q + h) * num_m + m) * tile_floats);
+  } else {
+    tile = packed_tile(p, own);
+    pack_query_tile(p, g, b, h, m, tile, tmp);
+  }
   fill(dq, BM * Dp, 0.f);
   const float slope = p.alibi(b, h);
   const ScheduleView& schedule = p.forward_schedule;
@@ -345,10 +385,10 @@ void tile_backward_q(const AttentionParams& p, const BackwardParams& g, int b, i
     const int j0 = schedule.tile(b, h, m, t) * BN, nk = imin(BN, p.seqlen_k - j0);
     const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, true, kbuf);
     const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
-    gemm(nk, Y, D, k.data, k.ld, 1, qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
+    gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
     score_tile(p, slope, i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
-    gemm(nk, Y, D, v.data, v.ld, 1, do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
-    probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, lse2, delta, BM, true);
+    gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
+    probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true);
     gemm(rows, Dp, nk, dpt, 1, BM, k.data, k.ld, dq, Dp, true);  // dQ += dS·K
   }
   store_rows(p.dtype, g.dq, g.dq_strides, b, h, i0, rows, D, dq, Dp);

@@ -42,6 +42,12 @@ struct GatherGrads {
 // split buffers with it, the kernels lay their records out with it.
 inline int decode_record_floats(int head_dim, int lanes) { return ((head_dim + lanes - 1) / lanes + 1) * lanes; }
 
+// Floats of one packed backward query tile (KernelTable::tile_backward_pack): q̃ᵀ, q rows, dOᵀ,
+// dO rows ([Dp][BM] or [BM][Dp] each, Dp = head_dim rounded up to the vector width) and lse, δ.
+inline int64_t backward_tile_floats(int head_dim, int block_m, int lanes) {
+  return 4 * int64_t((head_dim + lanes - 1) / lanes * lanes) * block_m + 2 * int64_t(block_m);
+}
+
 // One instruction-set build of the kernels; each function handles one work item.
 struct KernelTable {
   const char* name;
@@ -56,10 +62,17 @@ struct KernelTable {
                             int tile_end, float* partials, Workspace&);
   void (*tile_forward_rows_merge)(const AttentionParams&, int b, int h_first, int heads, int m, int splits,
                                   const float* partials, Workspace&);
-  // dK, dV of key tile n of (b, kv head), over the GQA group's query tiles.
-  void (*tile_backward_kv)(const AttentionParams&, const BackwardParams&, int b, int kv_head, int n, Workspace&);
-  // dQ of query tile m of (b, h).
-  void (*tile_backward_q)(const AttentionParams&, const BackwardParams&, int b, int h, int m, Workspace&);
+  // The backward's query tile m of (b, h) packed (q̃ᵀ, q rows, dOᵀ, dO rows, lse, δ) into dst, at
+  // ((b·Hq + h)·⌈Nq/BM⌉ + m)·backward_tile_floats(p, lanes) of the driver's buffer.
+  void (*tile_backward_pack)(const AttentionParams&, const BackwardParams&, int b, int h, int m, float* dst,
+                             Workspace&);
+  // dK, dV of key tile n of (b, kv head), over the GQA group's query tiles: read from `packed`
+  // (the driver's buffer), or packed here when it is null.
+  void (*tile_backward_kv)(const AttentionParams&, const BackwardParams&, int b, int kv_head, int n,
+                           const float* packed, Workspace&);
+  // dQ of query tile m of (b, h) (its tile from `packed` likewise).
+  void (*tile_backward_q)(const AttentionParams&, const BackwardParams&, int b, int h, int m, const float* packed,
+                          Workspace&);
   // Gather forward of rows [row_begin, row_end) of (b, h).
   void (*gather_forward)(const AttentionParams&, int b, int h, int row_begin, int row_end, Workspace&);
   // Gather backward, per rows: dq, and probs/score_grads for the key pass.
