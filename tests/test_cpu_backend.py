@@ -271,19 +271,33 @@ def test_topk_repeated_keys_and_empty_slots(causal):
 
 
 # ----- determinism, dispatch, fallback -------------------------------------------------------
-@pytest.mark.parametrize("pattern", ["causal", "topk"])
+@pytest.mark.parametrize("pattern", ["causal", "topk", "block_sparse_softcap", "window_bf16"])
 def test_backward_is_deterministic_across_thread_counts(pattern):
+    """1, 2 and 3 threads give the same bits. For the tile engine this also compares its two
+    backward schemes: one thread runs whole heads (tile_backward_head), 2 and 3 threads on one KV
+    head run key tiles then query tiles (csrc/cpu/driver.cpp)."""
     B, Hq, Hkv, Nq, Nk, D = 1, 4, 1, 130, 140, 64
-    q, k, v = qkv(B, Hq, Hkv, Nq, Nk, D)
-    made = Full(True) if pattern == "causal" else TopK(distinct_indices((B, Hkv, Nq), Nk, 16))
-    grad = torch.randn(B, Hq, Nq, D)
+    dtype = torch.bfloat16 if pattern == "window_bf16" else torch.float32
+    q, k, v = qkv(B, Hq, Hkv, Nq, Nk, D, dtype)
+    kw = {}
+    if pattern == "causal":
+        made = Full(True)
+    elif pattern == "topk":
+        made = TopK(distinct_indices((B, Hkv, Nq), Nk, 16))
+    elif pattern == "block_sparse_softcap":
+        layout = torch.rand(1, Hq, cdiv(Nq, 32), cdiv(Nk, 32)) < 0.5
+        layout[..., 0] = True
+        made, kw = BlockSparse(layout, 32), {"softcap": 10.0}
+    else:
+        made = SlidingWindow(40, 7)
+    grad = torch.randn(B, Hq, Nq, D).to(dtype)
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            flashlite.attention(*leaves, made, backend="cpu").backward(grad)
+            flashlite.attention(*leaves, made, backend="cpu", **kw).backward(grad)
             results.append([t.grad for t in leaves])
     finally:
         torch.set_num_threads(threads)

@@ -213,12 +213,18 @@ FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const Backward
   const int64_t tile_floats = backward_tile_floats(p.head_dim, p.block_m, kernels.lanes);
   const int64_t packed_floats = q_tasks * tile_floats;
   const bool prepack = num_n > 1 && packed_floats * int64_t(sizeof(float)) <= kMaxPackedBytes;
+  // Whole heads (tile_backward_head: 5 products per tile pair, no second pass) when there are
+  // enough of them to keep every thread busy; else key tiles, then query tiles (7 products, finer
+  // work items). Both give the same bits, so the choice may depend on the thread count.
+  const int threads = thread_count(num_threads);
+  const int64_t heads = int64_t(p.batch) * p.heads_kv;
+  const bool whole_heads = heads >= threads && (heads % threads == 0 || heads >= 2 * int64_t(threads));
   float* packed = prepack ? static_cast<float*>(std::aligned_alloc(64, size_t((packed_floats * 4 + 63) / 64 * 64)))
                           : nullptr;
   if (prepack && packed == nullptr) throw std::bad_alloc();
   OmpSync sync;
   sync.begin_region();
-#pragma omp parallel num_threads(thread_count(num_threads))
+#pragma omp parallel num_threads(threads)
   {
     sync.enter();
     Workspace ws;
@@ -233,21 +239,28 @@ FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const Backward
 #pragma omp barrier
       sync.after_barrier(1);
     }
+    if (whole_heads) {
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t task = 0; task < kv_tasks; ++task) {
-      const int64_t bh = task / num_n;
-      kernels.tile_backward_kv(p, g, static_cast<int>(bh / p.heads_kv), static_cast<int>(bh % p.heads_kv),
-                               static_cast<int>(task % num_n), packed, ws);
-    }
-    sync.before_barrier(0);
+      for (int64_t task = 0; task < heads; ++task)
+        kernels.tile_backward_head(p, g, static_cast<int>(task / p.heads_kv), static_cast<int>(task % p.heads_kv),
+                                   packed, ws);
+    } else {
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t task = 0; task < kv_tasks; ++task) {
+        const int64_t bh = task / num_n;
+        kernels.tile_backward_kv(p, g, static_cast<int>(bh / p.heads_kv), static_cast<int>(bh % p.heads_kv),
+                                 static_cast<int>(task % num_n), packed, ws);
+      }
+      sync.before_barrier(0);
 #pragma omp barrier
-    sync.after_barrier(0);
+      sync.after_barrier(0);
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t task = 0; task < q_tasks; ++task) {
-      const int m = num_m - 1 - static_cast<int>(task % num_m);
-      const int64_t bh = task / num_m;
-      kernels.tile_backward_q(p, g, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), m, packed,
-                              ws);
+      for (int64_t task = 0; task < q_tasks; ++task) {
+        const int m = num_m - 1 - static_cast<int>(task % num_m);
+        const int64_t bh = task / num_m;
+        kernels.tile_backward_q(p, g, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), m, packed,
+                                ws);
+      }
     }
     sync.leave();
   }

@@ -353,6 +353,72 @@ void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, int b, 
   store_rows(p.dtype, g.dv, g.dv_strides, b, kv_head, j0, nk, D, dv, Dp);
 }
 
+// Tile engine, backward of a whole (b, kv head) in one work item: for each key tile n, ascending,
+// over the query tiles of its transposed schedule (every query head of the group): dK_n, dV_n as
+// tile_backward_kv, and dQ_m += dS·K_n into this item's buffer of the group's dQ rows — 5 products
+// per tile pair instead of the 7 of tile_backward_kv + tile_backward_q (which recomputes S and dP).
+// Each dQ_m receives its key tiles in ascending order, as tile_backward_q takes them from the
+// (ascending) forward schedule, through the same products on the same inputs: the two ways give the
+// same bits, so the driver may pick either.
+void tile_backward_head(const AttentionParams& p, const BackwardParams& g, int b, int kv_head, const float* packed,
+                        Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), group = p.group();
+  const int num_m = (p.seqlen_q + BM - 1) / BM, num_n = (p.seqlen_k + BN - 1) / BN;
+  const int64_t tile_floats = packed_tile_floats(p), dq_floats = int64_t(group) * num_m * BM * Dp;
+  float* own = ws.floats(size_t(tile_floats + dq_floats + 3 * BN * BM + 4 * BN * Dp + L * Dp));
+  float* dq_all = own + tile_floats;
+  float* st = dq_all + dq_floats;
+  float* dpt = st + BN * BM;
+  float* chain = dpt + BN * BM;
+  float* kbuf = chain + BN * BM;
+  float* vbuf = kbuf + BN * Dp;
+  float* dk = vbuf + BN * Dp;
+  float* dv = dk + BN * Dp;
+  float* tmp = dv + BN * Dp;
+
+  fill(dq_all, dq_floats, 0.f);
+  const ScheduleView& schedule = p.backward_schedule;
+  for (int n = 0; n < num_n; ++n) {
+    const int j0 = n * BN, nk = imin(BN, p.seqlen_k - j0);
+    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, true, kbuf);
+    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
+    fill(dk, BN * Dp, 0.f);
+    fill(dv, BN * Dp, 0.f);
+    for (int gi = 0; gi < group; ++gi) {
+      const int h = kv_head * group + gi;
+      const float slope = p.alibi(b, h);
+      const int count = schedule.num_tiles(b, h, n);
+      for (int t = 0; t < count; ++t) {
+        const int m = schedule.tile(b, h, n, t);
+        const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+        PackedTile tile;
+        if (packed) {
+          tile = packed_tile(p, const_cast<float*>(packed) + ((int64_t(b) * p.heads_q + h) * num_m + m) * tile_floats);
+        } else {
+          tile = packed_tile(p, own);
+          pack_query_tile(p, g, b, h, m, tile, tmp);
+        }
+        gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
+        score_tile(p, slope, i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
+        gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
+        probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true);
+        gemm(nk, Dp, rows, st, BM, 1, tile.do_rows, Dp, dv, Dp, true);   // dV += Pᵀ·dO
+        gemm(nk, Dp, rows, dpt, BM, 1, tile.q_rows, Dp, dk, Dp, true);   // dK += dSᵀ·Q
+        gemm(rows, Dp, nk, dpt, 1, BM, k.data, k.ld, dq_all + (int64_t(gi) * num_m + m) * BM * Dp, Dp,
+             true);  // dQ += dS·K
+      }
+    }
+    store_rows(p.dtype, g.dk, g.dk_strides, b, kv_head, j0, nk, D, dk, Dp);
+    store_rows(p.dtype, g.dv, g.dv_strides, b, kv_head, j0, nk, D, dv, Dp);
+  }
+  for (int gi = 0; gi < group; ++gi)
+    for (int m = 0; m < num_m; ++m) {
+      const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0);
+      store_rows(p.dtype, g.dq, g.dq_strides, b, kv_head * group + gi, i0, rows, D,
+                 dq_all + (int64_t(gi) * num_m + m) * BM * Dp, Dp);
+    }
+}
+
 // Tile engine, backward for query tile m of (b, h) over the forward schedule (a separate pass,
 // so dQ needs no atomics either):  dQ_i = Σ_j dS_ij·k_j
 void tile_backward_q(const AttentionParams& p, const BackwardParams& g, int b, int h, int m, const float* packed,

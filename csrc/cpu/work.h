@@ -70,6 +70,10 @@ struct KernelTable {
   // (the driver's buffer), or packed here when it is null.
   void (*tile_backward_kv)(const AttentionParams&, const BackwardParams&, int b, int kv_head, int n,
                            const float* packed, Workspace&);
+  // dK, dV and dQ of a whole (b, kv head): the same bits as tile_backward_kv + tile_backward_q
+  // with 5 products per tile pair instead of 7, in one work item.
+  void (*tile_backward_head)(const AttentionParams&, const BackwardParams&, int b, int kv_head, const float* packed,
+                             Workspace&);
   // dQ of query tile m of (b, h) (its tile from `packed` likewise).
   void (*tile_backward_q)(const AttentionParams&, const BackwardParams&, int b, int h, int m, const float* packed,
                           Workspace&);
