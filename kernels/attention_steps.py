@@ -17,6 +17,9 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# float32 inputs (IEEE_DOT): tensor-core products split in three TF32 terms, about float32's
+# accuracy; "ieee" runs on FMA units and needs more registers than sm_90 has at any useful tile.
+FP32_PRECISION = tl.constexpr("tf32x3")
 
 
 @triton.jit
@@ -33,24 +36,62 @@ def program_tile(num_tiles, num_rows):
 
 
 @triton.jit
+def aligned(a, b, c, ALIGN: tl.constexpr):
+    """a, b, c (a tensor's batch, head and row strides, or head_dim) as multiples of ALIGN elements,
+    which the host checked (``launch.row_align``): with head_dim not a multiple of 16 (40, 72, 200)
+    and strides to match, row loads still become 16-byte vectors and cp.async. Written (x // ALIGN)·
+    ALIGN, exact for such x, so Triton's divisibility analysis sees it (``tl.multiple_of`` does not
+    reach scalar kernel arguments). ALIGN = 16 needs nothing: Triton marks ints divisible by 16 itself."""
+    if ALIGN > 1 and ALIGN < 16:
+        a = a // ALIGN * ALIGN
+        b = b // ALIGN * ALIGN
+        c = c // ALIGN * ALIGN
+    return a, b, c
+
+
+@triton.jit
 def dot(a, b, IEEE_DOT: tl.constexpr):
     """a·b with fp32 accumulation; fp32 inputs use IEEE (not TF32) products."""
     if IEEE_DOT:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, input_precision=FP32_PRECISION)
     return tl.dot(a, b)
 
 
 @triton.jit
 def score_scales(scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """The score constants in log2 units, once per program: (qk_scale, cap2).
+    """The score constants in log2 units, once per program: (qk_scale, cap2), cap2 = softcap·log2(e).
 
-        no softcap:  s·log2(e) = q·kᵀ · qk_scale,                 qk_scale = scale·log2(e)
-        softcap:     s·log2(e) = cap2 · tanh(q·kᵀ·scale / softcap),  cap2 = softcap·log2(e),
-                     tanh(x) = 1 − 2 / (2^(2x·log2(e)) + 1),  qk_scale = 2·scale·log2(e) / softcap
+        no softcap:             s·log2(e) = q·kᵀ · qk_scale,          qk_scale = scale·log2(e)
+        HAS_SOFTCAP = 1 (exp2): s·log2(e) = cap2·tanh(x),  x = q·kᵀ·scale / softcap, with
+                                tanh(x) = 1 − 2 / (2^(2x·log2(e)) + 1),  qk_scale = 2·scale·log2(e) / softcap
+        HAS_SOFTCAP = 2 (fast): s·log2(e) = cap2·tanh.approx(q·kᵀ · qk_scale),  qk_scale = scale / softcap
     """
+    if HAS_SOFTCAP == 2:
+        return scale / softcap, softcap * LOG2E
     if HAS_SOFTCAP:
         return 2.0 * scale * LOG2E / softcap, softcap * LOG2E
     return scale * LOG2E, softcap * LOG2E
+
+
+@triton.jit
+def tanh_approx(x):
+    """tanh.approx.f32: one MUFU instruction (max relative error about 2^-11), for 16-bit inputs on
+    a GPU; the interpreter and float32 use the exact exp2 form (``softcap_scores``)."""
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def softcap_scores(x, cap2, HAS_SOFTCAP: tl.constexpr):
+    """cap2·tanh of the scores x already multiplied by ``score_scales``' qk_scale (see there); x
+    unchanged without softcap. tanh is evaluated once per score; the backward takes 1 − tanh² from
+    the capped score it recomputes (``score_grad``)."""
+    if HAS_SOFTCAP == 2:
+        x = cap2 * tanh_approx(x)
+    elif HAS_SOFTCAP:
+        # tanh(x) = 1 − 2 / (2^(2x·log2 e) + 1): exact at ±inf, no libdevice needed.
+        x = cap2 * (1.0 - 2.0 / (tl.exp2(x) + 1.0))
+    return x
 
 
 @triton.jit
@@ -58,13 +99,10 @@ def capped_scores(q, k_tile, qk_scale, cap2, HAS_SOFTCAP: tl.constexpr, IEEE_DOT
     """softcap·tanh(q·kᵀ·scale / softcap) in log2 units (fp32): the scores before ALiBi
     (constants from ``score_scales``)."""
     if IEEE_DOT:
-        s = tl.dot(q, tl.trans(k_tile), input_precision="ieee") * qk_scale
+        s = tl.dot(q, tl.trans(k_tile), input_precision=FP32_PRECISION) * qk_scale
     else:
         s = tl.dot(q, tl.trans(k_tile)) * qk_scale
-    if HAS_SOFTCAP:
-        # cap2·tanh(x) with tanh(x) = 1 − 2 / (2^(2x·log2 e) + 1): exact at ±inf, no libdevice needed.
-        s = cap2 * (1.0 - 2.0 / (tl.exp2(s) + 1.0))
-    return s
+    return softcap_scores(s, cap2, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -93,7 +131,7 @@ def online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT: tl.constexpr):
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if IEEE_DOT:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=FP32_PRECISION)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
     return m_new, l_i, acc
@@ -121,6 +159,6 @@ def score_grad(p, dp, delta, sc, scale, cap2, HAS_SOFTCAP: tl.constexpr):
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         # sc: the capped scores in log2 units without ALiBi (it has no q/k gradient): sc / cap2 = tanh(...).
-        tanh = sc / cap2
+        tanh = sc * (1.0 / cap2)
         ds = ds * (1.0 - tanh * tanh)
     return ds * scale

@@ -32,8 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_steps import (LOG2E, capped_scores, dot, log2_lse, online_softmax_step, program_tile, score_grad,
-                              score_scales, scores, softmax_finish)
+from .attention_steps import (LOG2E, aligned, capped_scores, dot, log2_lse, online_softmax_step, program_tile,
+                              score_grad, score_scales, scores, softcap_scores, softmax_finish)
 
 
 @triton.jit
@@ -89,8 +89,14 @@ def gather_forward_kernel(
     CAUSAL: tl.constexpr, HAS_MEMBER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     tile, batch_kv = program_tile(num_tiles, num_rows)
+    stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = aligned(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = aligned(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_ob, stride_oh, stride_on = aligned(stride_ob, stride_oh, stride_on, ALIGN)
+    head_dim, _, _ = aligned(head_dim, head_dim, head_dim, ALIGN)
     batch = batch_kv // heads_kv
     kv_head = batch_kv % heads_kv
 
@@ -150,9 +156,16 @@ def gather_backward_q_kernel(
     CAUSAL: tl.constexpr, HAS_MEMBER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """dQ_i = Σ_j ds_ij · k_j over the forward's key lists (each row has one owner: no atomics)."""
     tile, batch_kv = program_tile(num_tiles, num_rows)
+    stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = aligned(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = aligned(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_don = aligned(stride_dob, stride_doh, stride_don, ALIGN)
+    stride_dqb, stride_dqh, stride_dqn = aligned(stride_dqb, stride_dqh, stride_dqn, ALIGN)
+    head_dim, _, _ = aligned(head_dim, head_dim, head_dim, ALIGN)
     batch = batch_kv // heads_kv
     kv_head = batch_kv % heads_kv
 
@@ -212,7 +225,7 @@ def gather_backward_kv_kernel(
     heads_q, heads_kv, index_heads, group, num_entries, num_pieces, seqlen_q, seqlen_k, head_dim, scale, softcap,
     num_chunks, replicas,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PIECE_PRECISION: tl.constexpr,
-    BLOCK_E: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_DC: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Partial dK/dV of the pieces of one chunk of ``BLOCK_E`` entries, for one KV-head replica:
 
@@ -220,8 +233,14 @@ def gather_backward_kv_kernel(
 
     over the chunk's entries (query i selected key j) and the group's heads g. Entry keys are
     flattened ``(batch · index_heads + index_head) · Nk + j``; ``ENTRY_PIECE`` is the entry's
-    piece relative to the chunk's first piece ``CHUNK_PIECE[chunk]``."""
+    piece relative to the chunk's first piece ``CHUNK_PIECE[chunk]``. Head dims are taken
+    ``BLOCK_DC`` columns at a time (the rows of q, dO, k, v never sit in registers whole)."""
     chunk, replica = program_tile(num_chunks, replicas)  # replica: KV heads sharing one index head
+    stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = aligned(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = aligned(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_don = aligned(stride_dob, stride_doh, stride_don, ALIGN)
+    head_dim, _, _ = aligned(head_dim, head_dim, head_dim, ALIGN)
 
     # Rows: (entry e, head g of the group), entry-major.
     r = tl.arange(0, BLOCK_E * GROUP_PAD)
@@ -234,50 +253,59 @@ def gather_backward_kv_kernel(
     batch = flat_key // seqlen_k // index_heads
     kv_head = (flat_key // seqlen_k % index_heads) * (heads_kv // index_heads) + replica
     head = kv_head * group + r % GROUP_PAD
-    cols_d = tl.arange(0, BLOCK_D)
-    d_ok = cols_d < head_dim
-    rd_mask = row_ok[:, None] & d_ok[None, :]
 
-    # Gather q_gi, dO_gi (selecting queries) and k_j, v_j (selected keys), all in fp32.
+    # Gather q_gi, dO_gi (selecting queries) and k_j, v_j (selected keys), BLOCK_DC columns at a
+    # time in fp32: first the row dot products q·k and dO·v, then the per-piece sums.
     row_q = batch * stride_qb + head.to(tl.int64) * stride_qh + query.to(tl.int64) * stride_qn
     row_do = batch * stride_dob + head.to(tl.int64) * stride_doh + query.to(tl.int64) * stride_don
     row_k = batch * stride_kb + kv_head * stride_kh + key.to(tl.int64) * stride_kn
     row_v = batch * stride_vb + kv_head * stride_vh + key.to(tl.int64) * stride_vn
-    q = tl.load(Q + row_q[:, None] + cols_d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + row_do[:, None] + cols_d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
-    k_rows = tl.load(K + row_k[:, None] + cols_d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
-    v_rows = tl.load(V + row_v[:, None] + cols_d[None, :], mask=rd_mask, other=0.0).to(tl.float32)
+    qk = tl.zeros([BLOCK_E * GROUP_PAD], dtype=tl.float32)
+    dp = tl.zeros([BLOCK_E * GROUP_PAD], dtype=tl.float32)
+    for c in range(0, head_dim, BLOCK_DC):
+        cols = c + tl.arange(0, BLOCK_DC)
+        mask = row_ok[:, None] & (cols < head_dim)[None, :]
+        q = tl.load(Q + row_q[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        k_rows = tl.load(K + row_k[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        qk += tl.sum(q * k_rows, 1)
+        do = tl.load(DO + row_do[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        v_rows = tl.load(V + row_v[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dp += tl.sum(do * v_rows, 1)
     stat_rows = (batch * heads_q + head) * seqlen_q + query
     lse = tl.load(LSE + stat_rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + stat_rows, mask=row_ok, other=0.0)
 
     # s·log2 e = (softcap·tanh(q·k·scale / softcap) − slope·|p(i) − j|)·log2 e ;  p = 2^(s·log2 e − lse·log2 e)
     qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
-    sc = tl.sum(q * k_rows, 1) * qk_scale
-    if HAS_SOFTCAP:
-        sc = cap2 * (1.0 - 2.0 / (tl.exp2(sc) + 1.0))  # cap2·tanh, as in capped_scores
+    sc = softcap_scores(qk * qk_scale, cap2, HAS_SOFTCAP)  # cap2·tanh, as in capped_scores
     s = sc
     if HAS_ALIBI:
         slope2 = tl.load(ALIBI + batch * stride_alibi_b + head, mask=row_ok, other=0.0) * LOG2E
         s = sc - slope2 * tl.abs(query + (seqlen_k - seqlen_q) - key).to(tl.float32)
     p = tl.where(row_ok, tl.exp2(s - lse * LOG2E), 0.0)
     # dp = dO·v ;  ds = p (dp − δ) (1 − tanh²) · scale   (tanh = sc / cap2)
-    ds = p * (tl.sum(do * v_rows, 1) - delta)
+    ds = p * (dp - delta)
     if HAS_SOFTCAP:
-        ds = ds * (1.0 - (sc / cap2) * (sc / cap2))
+        tanh = sc * (1.0 / cap2)
+        ds = ds * (1.0 - tanh * tanh)
     ds = ds * scale
 
-    # Sum the rows of each piece: one-hot [pieces, rows] @ per-row terms [rows, D].
+    # Sum the rows of each piece: one-hot [pieces, rows] @ per-row terms [rows, BLOCK_DC].
     slots = tl.arange(0, BLOCK_E)
     one_hot = tl.where((piece[None, :] == slots[:, None]) & row_ok[None, :], 1.0, 0.0)
-    dk = tl.dot(one_hot, ds[:, None] * q, input_precision=PIECE_PRECISION)
-    dv = tl.dot(one_hot, p[:, None] * do, input_precision=PIECE_PRECISION)
     first = tl.load(CHUNK_PIECE + chunk)
     last = tl.load(CHUNK_PIECE + chunk + 1)
-    part = (replica.to(tl.int64) * num_pieces + first + slots)[:, None] * head_dim + cols_d[None, :]
-    part_mask = (first + slots < last)[:, None] & d_ok[None, :]
-    tl.store(DK_PART + part, dk, mask=part_mask)
-    tl.store(DV_PART + part, dv, mask=part_mask)
+    part_rows = (replica.to(tl.int64) * num_pieces + first + slots)[:, None] * head_dim
+    for c in range(0, head_dim, BLOCK_DC):
+        cols = c + tl.arange(0, BLOCK_DC)
+        mask = row_ok[:, None] & (cols < head_dim)[None, :]
+        q = tl.load(Q + row_q[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + row_do[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dk = tl.dot(one_hot, ds[:, None] * q, input_precision=PIECE_PRECISION)
+        dv = tl.dot(one_hot, p[:, None] * do, input_precision=PIECE_PRECISION)
+        part_mask = (first + slots < last)[:, None] & (cols < head_dim)[None, :]
+        tl.store(DK_PART + part_rows + cols[None, :], dk, mask=part_mask)
+        tl.store(DV_PART + part_rows + cols[None, :], dv, mask=part_mask)
 
 
 @triton.jit
@@ -285,10 +313,13 @@ def gather_reduce_kv_kernel(
     DK, DV, DK_PART, DV_PART, KEY_ID, KEY_PIECE_START, KEY_PIECE_COUNT,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     heads_kv, index_heads, num_keys, num_pieces, seqlen_k, head_dim, num_blocks, replicas,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """dK_j = Σ_pieces partial_j (in piece order: deterministic) for ``BLOCK_R`` selected keys."""
     block, replica = program_tile(num_blocks, replicas)
+    stride_dkb, stride_dkh, stride_dkn = aligned(stride_dkb, stride_dkh, stride_dkn, ALIGN)
+    stride_dvb, stride_dvh, stride_dvn = aligned(stride_dvb, stride_dvh, stride_dvn, ALIGN)
+    head_dim, _, _ = aligned(head_dim, head_dim, head_dim, ALIGN)
     slot = block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     slot_ok = slot < num_keys
     key_id = tl.load(KEY_ID + slot, mask=slot_ok, other=0)  # (batch · index_heads + index_head) · Nk + j

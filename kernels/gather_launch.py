@@ -25,9 +25,14 @@ import torch
 import triton
 
 from . import gather_engine
-from .launch import _alibi_args, _poison, program_grid, row_dot
+from .launch import _alibi_args, _poison, program_grid, row_align, row_dot, softcap_mode
 
 MODES = ("row", "shared", "union")
+# dK/dV kernel: head-dim columns per step (on a GPU: no spills, tests/test_triton_budget.py; the
+# interpreter prefers whole rows) and its GPU launch.
+KV_COLUMNS = 32
+KV_COLUMNS_INTERPRETED = 256
+KV_LAUNCH = dict(num_warps=4, num_stages=1)
 # Union mode is used when a query tile's rows select, on average, each key of the union at least
 # this many times (measured on a sample of tiles): then gathering the union once wins.
 UNION_MIN_REUSE = 4.0
@@ -104,18 +109,23 @@ class InversePlan:
         return cls(ints[0], ints[1], *tensors)
 
 
-def _block_sizes(head_dim: int, group: int, device: torch.device) -> Tuple[int, int, int]:
-    """(BLOCK_K, GROUP_PAD, rows per program target). The interpreter likes few, large programs."""
+def _block_sizes(head_dim: int, group: int, device: torch.device,
+                 dtype: Optional[torch.dtype] = None) -> Tuple[int, int, int]:
+    """(BLOCK_K, GROUP_PAD, rows per program target). The interpreter likes few, large programs;
+    float32 on a GPU (tf32x3 dots) takes fewer keys per step and fewer rows (measured on sm_90a,
+    tests/test_triton_budget.py: 64 rows spilled at d128)."""
     block_d = max(triton.next_power_of_2(head_dim), 16)
     group_pad = triton.next_power_of_2(group)
     if device.type != "cuda":
         return 32, group_pad, 64
+    if dtype == torch.float32:
+        return 16, group_pad, (32 if block_d <= 64 else 16)
     return (64 if block_d <= 128 else 32), group_pad, (64 if block_d <= 128 else 32)
 
 
-def forward_block_q(head_dim: int, group: int, device: torch.device) -> int:
+def forward_block_q(head_dim: int, group: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> int:
     """Query positions per program in shared and union mode (times the group's padded heads)."""
-    _, group_pad, rows_target = _block_sizes(head_dim, group, device)
+    _, group_pad, rows_target = _block_sizes(head_dim, group, device, dtype)
     return max(1, rows_target // group_pad, 16 // group_pad)
 
 
@@ -168,8 +178,9 @@ def _union_reuse(rows: torch.Tensor, block_q: int, seqlen_k: int, samples: int =
 
 
 def forward_plan(rows: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool, group: int,
-                 head_dim: int, mode: Optional[str] = None) -> ForwardPlan:
-    """How the forward and dQ kernels walk the keys of canonical ``rows``."""
+                 head_dim: int, mode: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> ForwardPlan:
+    """How the forward and dQ kernels walk the keys of canonical ``rows`` (``dtype``: q's, which
+    sets the query tile of float32 on a GPU; None plans as for 16-bit inputs)."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
     shared = rows.dim() == 3
@@ -178,7 +189,7 @@ def forward_plan(rows: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool,
         mode = "shared"  # one list for every query: nothing to choose
     elif mode == "shared":
         raise ValueError("mode 'shared' needs indices [B, Hkv|1, K]")
-    block_q = forward_block_q(head_dim, group, rows.device)
+    block_q = forward_block_q(head_dim, group, rows.device, dtype)
     width = rows.shape[-1]
     if shared:
         counts = torch.full((1,), width, dtype=torch.int32, device=rows.device)
@@ -264,11 +275,11 @@ def _index_head_stride(plan_strides, index_heads: int):
 
 def _flags(q: torch.Tensor, causal: bool, softcap: float, alibi_slopes, plan: ForwardPlan, group: int) -> dict:
     interpreted = q.device.type != "cuda"
-    block_k, group_pad, _ = _block_sizes(q.shape[-1], group, q.device)
+    block_k, group_pad, _ = _block_sizes(q.shape[-1], group, q.device, q.dtype)
     if plan.mode == "row":
         group_pad = max(group_pad, 16)  # tl.dot needs >= 16 rows
     return dict(
-        CAUSAL=bool(causal), HAS_MEMBER=plan.member is not None, HAS_SOFTCAP=bool(softcap),
+        CAUSAL=bool(causal), HAS_MEMBER=plan.member is not None, HAS_SOFTCAP=softcap_mode(q, softcap),
         HAS_ALIBI=alibi_slopes is not None, UPCAST=interpreted,
         IEEE_DOT=q.dtype == torch.float32 and not interpreted,
         BLOCK_Q=plan.block_q, GROUP_PAD=group_pad, BLOCK_K=block_k,
@@ -304,7 +315,7 @@ def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Forw
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *plan_strides, alibi_stride,
         heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, float(scale), float(softcap or 0.0),
         plan.num_tiles, batch * heads_kv,
-        **flags, **_launch(q, flags),
+        ALIGN=row_align(head_dim, q, k, v, out), **flags, **_launch(q, flags),
     )
     return out, lse
 
@@ -328,6 +339,8 @@ def _launch(q: torch.Tensor, flags: dict) -> dict:
     if q.device.type != "cuda":
         return {}
     rows = flags["BLOCK_Q"] * flags["GROUP_PAD"]
+    if q.dtype == torch.float32:
+        return dict(num_warps=4 if flags["BLOCK_D"] <= 64 else 8, num_stages=2)
     return dict(num_warps=4 if rows * flags["BLOCK_D"] <= 64 * 64 else 8, num_stages=2)
 
 
@@ -357,7 +370,7 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3],
         *plan_strides, alibi_stride,
         heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, *common, plan.num_tiles, batch * heads_kv,
-        **flags, **_launch(q, flags),
+        ALIGN=row_align(head_dim, q, k, v, grad_out, dq), **flags, **_launch(q, flags),
     )
 
     group_pad = triton.next_power_of_2(group)
@@ -371,14 +384,18 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     dv_part = torch.empty_like(dk_part)
     block_d = max(triton.next_power_of_2(head_dim), 16)
     interpreted = q.device.type != "cuda"
-    precision = "ieee" if interpreted or q.dtype == torch.float32 else "tf32x3"
+    # One-hot sums of fp32 terms: tf32x3 on tensor cores is as exact as fp32 here (the one-hot is exact).
+    precision = "ieee" if interpreted else "tf32x3"
     gather_engine.gather_backward_kv_kernel[backward_kv_grid(inverse.num_entries, block_e, replicas)](
         q, k, v, grad_out, lse, delta, dk_part, dv_part, inverse.entry_query, inverse.entry_key,
         inverse.entry_piece, inverse.chunk_piece, alibi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], alibi_stride,
         heads_q, heads_kv, index_heads, group, inverse.num_entries, num_pieces, seqlen_q, seqlen_k, head_dim,
-        *common, triton.cdiv(inverse.num_entries, block_e), replicas, HAS_SOFTCAP=bool(softcap), HAS_ALIBI=alibi_slopes is not None, PIECE_PRECISION=precision,
-        BLOCK_E=block_e, GROUP_PAD=group_pad, BLOCK_D=block_d,
+        *common, triton.cdiv(inverse.num_entries, block_e), replicas,
+        HAS_SOFTCAP=softcap_mode(q, softcap), HAS_ALIBI=alibi_slopes is not None, PIECE_PRECISION=precision,
+        BLOCK_E=block_e, GROUP_PAD=group_pad,
+        BLOCK_DC=min(block_d, KV_COLUMNS_INTERPRETED if interpreted else KV_COLUMNS),
+        ALIGN=row_align(head_dim, q, k, v, grad_out), **({} if interpreted else KV_LAUNCH),
     )
     num_keys = inverse.key_id.numel()
     block_r = 64 if interpreted else 16
@@ -386,7 +403,7 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         dk, dv, dk_part, dv_part, inverse.key_id, inverse.key_piece_start, inverse.key_piece_count,
         *dk.stride()[:3], *dv.stride()[:3], heads_kv, index_heads, num_keys, num_pieces, seqlen_k, head_dim,
         triton.cdiv(num_keys, block_r), replicas,
-        BLOCK_R=block_r, BLOCK_D=block_d,
+        BLOCK_R=block_r, BLOCK_D=block_d, ALIGN=row_align(head_dim, dk, dv),
     )
     return dq, dk, dv
 

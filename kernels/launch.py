@@ -19,23 +19,39 @@ class TileConfig:
     num_stages: int = 2
 
 
+# GPU launch configurations per (float32?, head-dim bucket), measured on sm_90a by
+# tests/test_triton_budget.py (registers, spills, shared memory: tests/budgets/triton.json):
+#   forward: TileConfig(block_m, block_n, warps, stages), the plan's tile (the schedule's);
+#   dK/dV: (SUB_M, warps, stages), each scheduled query tile taken SUB_M rows at a time;
+#   dQ: (SUB_N, warps, stages), each scheduled key tile taken SUB_N keys at a time.
+# float32 dots run as tf32x3 on tensor cores (attention_steps.FP32_PRECISION): IEEE dots on FMA
+# units spilled kilobytes per thread at every tile size.
+GPU_TILES = {
+    # 16-bit; d <= 64: 2 stages (3 spilled the block-sparse forward); dK/dV and dQ on 8 warps.
+    (False, 64): (TileConfig(128, 64, 4, 2), (128, 8, 2), (64, 8, 2)),
+    # d <= 128: the backward in 32-row / 32-key steps (whole tiles spilled with softcap).
+    (False, 128): (TileConfig(128, 64, 8, 2), (32, 8, 2), (32, 8, 2)),
+    (False, 256): (TileConfig(64, 32, 4, 2), (32, 4, 1), (32, 8, 2)),
+    (True, 64): (TileConfig(32, 32, 4, 2), (16, 4, 2), (16, 4, 2)),
+    (True, 128): (TileConfig(32, 32, 8, 2), (16, 8, 2), (16, 8, 2)),
+    (True, 256): (TileConfig(16, 16, 4, 1), (16, 4, 1), (16, 4, 1)),
+}
+
+
+def _gpu_tiles(head_dim: int, dtype: torch.dtype):
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return GPU_TILES[(dtype == torch.float32, bucket)]
+
+
 def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device,
                 block_size: Optional[int] = None) -> TileConfig:
-    """Tile sizes per (device, dtype, head_dim). Block-sparse layouts need tiles dividing their block.
-
-    float32 tiles take twice the registers and shared memory of 16-bit ones (and IEEE dots): they
-    get their own smaller tiles, so the fp32 kernels neither spill heavily nor run out of shared
-    memory (the dK/dV kernel at d128 with 128 x 64 fp32 tiles needs ~225 KB)."""
+    """Tile sizes per (device, dtype, head_dim) (``GPU_TILES``). Block-sparse layouts need tiles
+    dividing their block. float32 tiles are smaller than 16-bit ones: twice the bytes per element
+    and three tensor-core products per dot (tf32x3)."""
     if device.type != "cuda":  # interpreter: fewer, larger numpy ops are faster
         config = TileConfig(32, 32)
-    elif dtype == torch.float32:
-        config = TileConfig(64, 32, num_warps=4, num_stages=2) if head_dim <= 128 else TileConfig(32, 32, 4, 1)
-    elif head_dim <= 64:
-        config = TileConfig(128, 64, num_warps=4, num_stages=3)
-    elif head_dim <= 128:
-        config = TileConfig(128, 64, num_warps=8, num_stages=2)
     else:
-        config = TileConfig(64, 32, num_warps=4, num_stages=2)
+        config = _gpu_tiles(head_dim, dtype)[0]
     if block_size is not None:
         config = TileConfig(min(config.block_m, block_size), min(config.block_n, block_size),
                             config.num_warps, config.num_stages)
@@ -70,6 +86,18 @@ def tile_grid(num_tiles: int, batch: int, heads: int) -> Tuple[int, int, int]:
     return program_grid(num_tiles, batch * heads)
 
 
+def row_align(head_dim: int, *tensors: torch.Tensor) -> int:
+    """The largest power of two up to 16 dividing ``head_dim`` and every batch, head and row stride of
+    ``tensors``: the kernels' ``ALIGN``, a hint that lets row loads vectorize (16-byte loads and
+    cp.async) when Triton's own specialization (strides divisible by 16) does not hold, e.g. at
+    head_dim 40, 72 or 200."""
+    align = 16
+    for value in (head_dim, *(stride for t in tensors for stride in t.stride()[:3])):
+        while value % align:
+            align //= 2
+    return align
+
+
 def _poison(*tensors: torch.Tensor) -> None:
     """Under FLASHLITE_POISON=1 (the tests), outputs start as NaN so an unwritten element shows."""
     if os.environ.get("FLASHLITE_POISON") == "1":
@@ -96,12 +124,20 @@ def row_dot(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+def softcap_mode(q: torch.Tensor, softcap) -> int:
+    """The kernels' HAS_SOFTCAP: 0 none; 1 tanh from exp2 (exact: float32, and the interpreter, which
+    runs no inline PTX); 2 tanh.approx.f32 (16-bit inputs on a GPU, whose rounding dominates its error)."""
+    if not softcap:
+        return 0
+    return 2 if q.device.type == "cuda" and q.dtype != torch.float32 else 1
+
+
 def _flags(q: torch.Tensor, schedule, softcap: float, alibi_slopes) -> dict:
     interpreted = q.device.type != "cuda"
     return dict(
         IS_LIST=schedule.is_list,
         MASK_BAND=schedule.bounded,
-        HAS_SOFTCAP=bool(softcap),
+        HAS_SOFTCAP=softcap_mode(q, softcap),
         HAS_ALIBI=alibi_slopes is not None,
         UPCAST=interpreted,  # Triton's interpreter gets bf16 tl.dot wrong; fp32 math there
         IEEE_DOT=q.dtype == torch.float32 and not interpreted,  # no TF32 for fp32 inputs
@@ -146,9 +182,23 @@ def tile_forward(q, k, v, schedule, scale: float, softcap: float = 0.0, alibi_sl
         *sched_strides, alibi_stride,
         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
         schedule.window_left, schedule.window_right, float(scale), float(softcap or 0.0),
-        schedule.num_q_tiles, batch * heads_q, COUNT_TILES=tile_counter is not None, **_flags(q, schedule, softcap, alibi_slopes), **launch,
+        schedule.num_q_tiles, batch * heads_q, COUNT_TILES=tile_counter is not None,
+        ALIGN=row_align(head_dim, q, k, v, out), **_flags(q, schedule, softcap, alibi_slopes), **launch,
     )
     return out, lse
+
+
+def backward_launches(block_m: int, block_n: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                      config: Optional[TileConfig]) -> Tuple[dict, dict]:
+    """Launch options of the dK/dV and dQ kernels at the plan's tile (block_m × block_n, the
+    schedule's): the backward's own sub-tiles (dK/dV takes each query tile SUB_M rows at a time,
+    dQ each key tile SUB_N keys at a time) and warps/stages (``GPU_TILES``), so the backward needs
+    no tile size of its own in the plan."""
+    if config is None or device.type != "cuda":
+        return dict(SUB_M=block_m), dict(SUB_N=block_n)
+    _, (sub_m, kv_warps, kv_stages), (sub_n, q_warps, q_stages) = _gpu_tiles(head_dim, dtype)
+    return (dict(SUB_M=min(sub_m, block_m), num_warps=kv_warps, num_stages=kv_stages),
+            dict(SUB_N=min(sub_n, block_n), num_warps=q_warps, num_stages=q_stages))
 
 
 def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: float = 0.0,
@@ -161,10 +211,9 @@ def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: 
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _poison(dq, dk, dv)
-    flags = _flags(q, schedule, softcap, alibi_slopes)
+    flags = dict(_flags(q, schedule, softcap, alibi_slopes), ALIGN=row_align(head_dim, q, k, v, grad_out, dq, dk, dv))
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
-    launch = {} if config is None or q.device.type != "cuda" else dict(num_warps=config.num_warps,
-                                                                        num_stages=config.num_stages)
+    kv_launch, q_launch = backward_launches(schedule.block_m, schedule.block_n, head_dim, q.dtype, q.device, config)
     common = (float(scale), float(softcap or 0.0))
 
     q_tiles, q_count, q_strides = _schedule_args(schedule.q_tiles, schedule.q_count, batch, heads_q)
@@ -173,7 +222,8 @@ def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: 
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *q_strides, alibi_stride,
         heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
-        schedule.window_left, schedule.window_right, *common, schedule.num_kv_tiles, batch * heads_kv, **flags, **launch,
+        schedule.window_left, schedule.window_right, *common, schedule.num_kv_tiles, batch * heads_kv,
+        **flags, **kv_launch,
     )
     kv_tiles, kv_count, kv_strides = _schedule_args(schedule.kv_tiles, schedule.kv_count, batch, heads_q)
     tile_engine.tile_backward_q_kernel[tile_grid(schedule.num_q_tiles, batch, heads_q)](
@@ -181,6 +231,7 @@ def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: 
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *dq.stride()[:3], *kv_strides, alibi_stride,
         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
-        schedule.window_left, schedule.window_right, *common, schedule.num_q_tiles, batch * heads_q, **flags, **launch,
+        schedule.window_left, schedule.window_right, *common, schedule.num_q_tiles, batch * heads_q,
+        **flags, **q_launch,
     )
     return dq, dk, dv

@@ -30,8 +30,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_steps import (LOG2E, capped_scores, dot, log2_lse, online_softmax_step, program_tile, score_grad,
-                              score_scales, scores, softmax_finish)
+from .attention_steps import (LOG2E, aligned, capped_scores, dot, log2_lse, online_softmax_step, program_tile,
+                              score_grad, score_scales, scores, softmax_finish)
 
 SPAN_CHUNK = tl.constexpr(64)  # list-schedule slots read at once when locating the interior run
 NO_TILE = tl.constexpr(2147483647)  # past every tile index
@@ -131,13 +131,18 @@ def tile_forward_kernel(
     heads_q, group, seqlen_q, seqlen_k, head_dim, window_left, window_right, scale, softcap, num_tiles, num_rows,
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     COUNT_TILES: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """out, lse for one query tile over its scheduled key tiles.
 
     COUNT_TILES (debug): 1 stores the key tiles each program visited in ``TILE_COUNTER[program]``;
     2 also stores its edge (element-masked) tiles in ``TILE_COUNTER[programs + program]``."""
     q_tile, batch_head = program_tile(num_tiles, num_rows)
+    stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = aligned(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = aligned(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_ob, stride_oh, stride_on = aligned(stride_ob, stride_oh, stride_on, ALIGN)
+    head_dim, _, _ = aligned(head_dim, head_dim, head_dim, ALIGN)
     batch = batch_head // heads_q
     head = batch_head % heads_q
     kv_head = head // group
@@ -225,20 +230,30 @@ def tile_backward_kv_kernel(
     heads_kv, group, seqlen_q, seqlen_k, head_dim, window_left, window_right, scale, softcap, num_tiles, num_rows,
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    SUB_M: tl.constexpr,
 ):
     """dK, dV for one key tile of one KV head, over the query tiles of the transposed schedule
     and every query head of the GQA group (so no atomics: each program owns its dK/dV rows).
+    Each scheduled query tile is taken ``SUB_M`` rows at a time (the backward's own, smaller query
+    tile: fewer registers for p and dS, the same schedule).
 
         dV_j = Σ_i p_ij · dO_i          dK_j = Σ_i ds_ij · q_i
     """
     kv_tile, batch_head = program_tile(num_tiles, num_rows)
+    stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = aligned(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = aligned(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_don = aligned(stride_dob, stride_doh, stride_don, ALIGN)
+    stride_dkb, stride_dkh, stride_dkn = aligned(stride_dkb, stride_dkh, stride_dkn, ALIGN)
+    stride_dvb, stride_dvh, stride_dvn = aligned(stride_dvb, stride_dvh, stride_dvn, ALIGN)
+    head_dim, _, _ = aligned(head_dim, head_dim, head_dim, ALIGN)
     batch = batch_head // heads_kv
     kv_head = batch_head % heads_kv
 
     key_index = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_d = tl.arange(0, BLOCK_D)
-    tile_rows = tl.arange(0, BLOCK_M)
+    tile_rows = tl.arange(0, SUB_M)
     d_ok = cols_d < head_dim
     kv_mask = (key_index < seqlen_k)[:, None] & d_ok[None, :]
     key_rows = key_index.to(tl.int64)[:, None]
@@ -261,8 +276,10 @@ def tile_backward_kv_kernel(
         q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
         do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
         row_base = (batch.to(tl.int64) * heads_kv * group + head) * seqlen_q
-        for t in range(0, tile_count):
-            rows = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_M + tile_rows
+        for step in range(0, tile_count * (BLOCK_M // SUB_M)):
+            t = step // (BLOCK_M // SUB_M)
+            rows = (_scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_M
+                    + (step % (BLOCK_M // SUB_M)) * SUB_M + tile_rows)
             row_ok = rows < seqlen_q
             q = _load_rows(q_base, rows, stride_qn, cols_d, seqlen_q, d_ok, True, UPCAST)
             do = _load_rows(do_base, rows, stride_don, cols_d, seqlen_q, d_ok, True, UPCAST)
@@ -295,20 +312,28 @@ def tile_backward_q_kernel(
     heads_q, group, seqlen_q, seqlen_k, head_dim, window_left, window_right, scale, softcap, num_tiles, num_rows,
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    SUB_N: tl.constexpr,
 ):
-    """dQ for one query tile over the forward schedule (a separate pass: deterministic).
+    """dQ for one query tile over the forward schedule (a separate pass: deterministic), each
+    scheduled key tile taken ``SUB_N`` keys at a time (the backward's own, smaller key tile).
 
         dQ_i = Σ_j ds_ij · k_j
     """
     q_tile, batch_head = program_tile(num_tiles, num_rows)
+    stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = aligned(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = aligned(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_don = aligned(stride_dob, stride_doh, stride_don, ALIGN)
+    stride_dqb, stride_dqh, stride_dqn = aligned(stride_dqb, stride_dqh, stride_dqn, ALIGN)
+    head_dim, _, _ = aligned(head_dim, head_dim, head_dim, ALIGN)
     batch = batch_head // heads_q
     head = batch_head % heads_q
     kv_head = head // group
 
     rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
-    tile_cols = tl.arange(0, BLOCK_N)
+    tile_cols = tl.arange(0, SUB_N)
     row_ok = rows < seqlen_q
     d_ok = cols_d < head_dim
     qd_mask = row_ok[:, None] & d_ok[None, :]
@@ -331,8 +356,10 @@ def tile_backward_q_kernel(
     tile_count = tl.load(KV_COUNT + batch * stride_count_b + head * stride_count_h + q_tile)
     first_tile = tl.load(schedule_row)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for t in range(0, tile_count):
-        key_index = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N + tile_cols
+    for step in range(0, tile_count * (BLOCK_N // SUB_N)):
+        t = step // (BLOCK_N // SUB_N)
+        key_index = (_scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N
+                     + (step % (BLOCK_N // SUB_N)) * SUB_N + tile_cols)
         k_tile = _load_rows(k_base, key_index, stride_kn, cols_d, seqlen_k, d_ok, True, UPCAST)
         v_tile = _load_rows(v_base, key_index, stride_vn, cols_d, seqlen_k, d_ok, True, UPCAST)
         p, sc = _recompute_probs(q, k_tile, lse2, query_pos, key_index, seqlen_k, window_left, window_right, slope2,

@@ -54,8 +54,8 @@ def test_tile_grids_within_limits(shape, dtype, head_dim):
 def test_gather_grids_within_limits(shape, top_k):
     batch, heads_q, heads_kv, seqlen = shape
     group = heads_q // heads_kv
-    for head_dim in (64, 256):
-        block_q = gather_launch.forward_block_q(head_dim, group, GPU)
+    for head_dim, dtype in ((64, torch.float16), (256, torch.float16), (256, torch.float32)):
+        block_q = gather_launch.forward_block_q(head_dim, group, GPU, dtype)
         for tiles in (seqlen, -(-seqlen // block_q)):  # row mode: one program per query; shared/union: per tile
             within_limits(gather_launch.gather_grid(tiles, batch, heads_kv), tiles, batch * heads_kv)
     entries = batch * heads_kv * seqlen * top_k  # every (query, key) selection of per-query indices

@@ -61,6 +61,16 @@ def test_folded_log2e_with_softcap_and_alibi(softcap, alibi):
     check_tile_kernels(SlidingWindow(17, 5), 53, 71, 16, 16, torch.float32, softcap=softcap, alibi=alibi, q_scale=3.0)
 
 
+@pytest.mark.parametrize("spec,blocks", [(Full(True), (32, 32)), ("block_sparse_causal", (32, 16))],
+                         ids=["causal", "block_sparse_causal"])
+def test_backward_sub_tiles(monkeypatch, spec, blocks):
+    """The backward's own tiles: dK/dV takes each scheduled query tile SUB_M rows at a time and dQ
+    each key tile SUB_N keys at a time (as on a GPU); halved here, the gradients still follow the rule."""
+    monkeypatch.setattr(kernels.launch, "backward_launches",
+                        lambda bm, bn, *args: (dict(SUB_M=bm // 2), dict(SUB_N=bn // 2)))
+    check_tile_kernels(_pattern(spec, 75, 90), 75, 90, *blocks, torch.float16)
+
+
 def check_tile_kernels(pattern, seqlen_q, seqlen_k, block_m, block_n, dtype, softcap=None, alibi=False, q_scale=1.0):
     B, Hq, Hkv, D = 1, 2, 1, 32
     q = randn(B, Hq, seqlen_q, D, dtype=dtype, scale=q_scale)

@@ -101,29 +101,3 @@ def test_alibi_per_batch_and_scale():
     q, k, v = qkv(2, 2, 2, 30, 30, 64, torch.float32)
     check_against_reference(q, k, v, Full(False), "triton", alibi_slopes=torch.rand(2, 2, device=DEVICE),
                             scale=0.3)
-
-
-TILE_AOT = r'''
-from flashlite.kernels import tile_engine as te
-
-tensors = ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")
-for dt, d, block_m, block_n, is_list in (("bf16", 128, 128, 64, False), ("fp16", 64, 128, 64, True),
-                                        ("fp32", 256, 64, 32, False)):
-    ptrs = {name: f"*{dt}" for name in tensors}
-    ptrs.update(LSE="*fp32", DELTA="*fp32", KV_TILES="*i32", KV_COUNT="*i32", Q_TILES="*i32", Q_COUNT="*i32",
-                ALIBI="*fp32", TILE_COUNTER="*i32")
-    flags = dict(IS_LIST=is_list, MASK_BAND=True, HAS_SOFTCAP=is_list, HAS_ALIBI=not is_list, UPCAST=False,
-                 IEEE_DOT=dt == "fp32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d)
-    compile_for_sm90(te.tile_forward_kernel, ptrs, dict(flags, COUNT_TILES=is_list), num_warps=8)
-    compile_for_sm90(te.tile_backward_kv_kernel, ptrs, flags, num_warps=8)
-    compile_for_sm90(te.tile_backward_q_kernel, ptrs, flags, num_warps=8)
-print("compiled")
-'''
-
-
-def test_tile_kernels_compile_for_sm90():
-    """Compile the tile-engine kernels for Hopper ahead of time (no GPU needed): catches what the
-    interpreter lets through."""
-    from triton_aot import compile_for_sm90
-
-    compile_for_sm90(TILE_AOT)
