@@ -25,6 +25,7 @@ from .api import (
     flash_attention,
     sliding_window_attention,
     topk_attention,
+    varlen_attention,
 )
 from .core.patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
 from .dispatch import last_backend
@@ -41,6 +42,7 @@ _LAZY = {
     "swap": ("flashlite.nn.swap", "swap"),
     "SelectiveKVCache": ("flashlite.cache", "SelectiveKVCache"),
     "distributed": ("flashlite.distributed", None),
+    "compat": ("flashlite.compat", None),
 }
 
 
@@ -67,6 +69,6 @@ def backends() -> Dict[str, str]:
 
 __all__ = [
     "attention", "flash_attention", "sliding_window_attention", "block_sparse_attention", "topk_attention",
-    "Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "reference", "backends", "last_backend",
-    "nn", "swap", "selection", "SelectiveKVCache", "integrations", "distributed",
+    "varlen_attention", "Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "reference", "backends", "last_backend",
+    "nn", "swap", "selection", "SelectiveKVCache", "integrations", "distributed", "compat",
 ]

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from . import dispatch
 from .backend.base import DTYPES, MAX_HEAD_DIM
+from .core.packed import Packed
 from .core.patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
 
 Window = Union[int, Tuple[int, int], Sequence[int]]
@@ -44,8 +45,10 @@ def check_qkv(q, k, v) -> Tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
-def check_scalars(q: Tensor, scale, softcap, alibi_slopes) -> Tuple[float, float, Optional[Tensor]]:
-    """(scale, softcap with 0.0 = off, alibi slopes as float32 contiguous): converted here, once."""
+def check_scalars(q: Tensor, scale, softcap, alibi_slopes,
+                  batch: Optional[int] = None) -> Tuple[float, float, Optional[Tensor]]:
+    """(scale, softcap with 0.0 = off, alibi slopes as float32 contiguous): converted here, once.
+    ``batch``: the slopes' batch size where it is not q's (a packed batch: its sequence count)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -57,7 +60,8 @@ def check_scalars(q: Tensor, scale, softcap, alibi_slopes) -> Tuple[float, float
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.is_floating_point():
             raise TypeError("alibi_slopes must be a float tensor [Hq] or [B, Hq]")
-        batch, heads_q = q.shape[:2]
+        heads_q = q.shape[1]
+        batch = q.shape[0] if batch is None else batch
         if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
             raise ValueError(f"alibi_slopes must have shape [{heads_q}] or [{batch}, {heads_q}], "
                              f"got {tuple(alibi_slopes.shape)}")
@@ -146,3 +150,76 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, causal: boo
     """Each query attends only the keys listed in ``indices`` (``[B, Hkv|1, Nq, K]`` or ``[B, Hkv|1, K]``,
     ``-1`` = empty). Work is O(Nq·K·D)."""
     return attention(q, k, v, TopK(indices, causal=causal), **kw)
+
+
+def _packed_view(t, name: str, heads_name: str) -> Tensor:
+    """A packed ``[T, H, D]`` tensor as the ``[1, H, T, D]`` view the kernels take (no copy)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [total_tokens, {heads_name}, head_dim], got {type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be 3-D [total_tokens, {heads_name}, head_dim] (packed varlen layout), "
+                         f"got shape {tuple(t.shape)}")
+    return t.unsqueeze(0).transpose(1, 2)
+
+
+def varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, pattern: Optional[Pattern] = None,
+    *, max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None, scale: Optional[float] = None, softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None, return_lse: bool = False, backend: Optional[str] = None,
+    deterministic: bool = True,
+):
+    """Attention over a packed batch of sequences of different lengths (flash-attn's varlen layout).
+
+    Args:
+        q: ``[Tq, Hq, D]``; k, v: ``[Tk, Hkv, D]``: S sequences back to back, any strides with a
+            contiguous last dimension.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[S + 1]``, starting at 0, non-decreasing, ending at Tq / Tk.
+            Sequence s owns query rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` and the keys
+            ``cu_seqlens_k[s]:cu_seqlens_k[s+1]``; positions are local, ``p(i) = i + Nk_s − Nq_s``.
+            Empty sequences are allowed.
+        pattern: applied inside each sequence: ``Full`` (default), ``SlidingWindow``, ``BlockSparse``
+            (layout ``[S|1, Hq|1, ⌈max_q/bs⌉, ⌈max_k/bs⌉]`` at local block positions) or ``TopK``
+            (indices ``[Tq, Hkv|1, K]``, local key positions).
+        max_seqlen_q, max_seqlen_k: flash-attn's bounds on the longest sequence (checked; optional).
+        dropout_p, generator: attention dropout - not in the kernels yet: ``dropout_p`` must be 0.
+        scale, softcap, backend, deterministic: as in ``attention``.
+        alibi_slopes: float ``[Hq]`` or ``[S, Hq]`` (per sequence).
+        return_lse: also return the log-sum-exp, ``[Tq, Hq]`` float32.
+
+    Returns ``out`` ``[Tq, Hq, D]`` (and lse). The work is the sum over the sequences: nothing is
+    padded. Differentiable in q, k, v.
+    """
+    q4 = _packed_view(q, "q", "heads_q")
+    k4 = _packed_view(k, "k", "heads_kv")
+    v4 = _packed_view(v, "v", "heads_kv")
+    q4, k4, v4 = check_qkv(q4, k4, v4)
+    if pattern is None:
+        pattern = Full()
+    elif isinstance(pattern, Packed) or not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a flashlite pattern (Full, SlidingWindow, BlockSparse, TopK) or None, "
+                        f"got {type(pattern).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p:
+        raise NotImplementedError("dropout_p > 0: attention dropout is not in flashlite's kernels yet")
+    packed = Packed(pattern, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    packed.validate(q4, k4)
+    scale, softcap, alibi_slopes = check_scalars(q4, scale, softcap, alibi_slopes, batch=packed.num_sequences)
+    if alibi_slopes is not None and isinstance(pattern, TopK):
+        raise ValueError("alibi_slopes with a packed TopK pattern is not supported (the gather kernels read packed "
+                         "positions); use attention() per sequence, or no ALiBi")
+    if not isinstance(return_lse, bool):
+        raise TypeError("return_lse must be a bool")
+    if not isinstance(deterministic, bool):
+        raise TypeError("deterministic must be a bool")
+    if q4.shape[2] == 0 or k4.shape[2] == 0 or q4.shape[1] == 0:
+        if q4.shape[2] and k4.shape[2] == 0:
+            packed.check_values(0)
+        out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()
+        lse = torch.full(q.shape[:2], float("-inf"), device=q.device, dtype=torch.float32)
+        return (out, lse) if return_lse else out
+    out, lse = dispatch.run(q4, k4, v4, packed, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                            backend=backend, deterministic=deterministic)
+    out, lse = out[0].transpose(0, 1), lse[0].transpose(0, 1)
+    return (out, lse) if return_lse else out

@@ -36,6 +36,7 @@ class Request:
     requires_grad: bool = False
     deterministic: bool = True
     block_size: Optional[int] = None
+    packed: bool = False  # a packed (varlen) batch on the tile engine: work items in the schedule
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class Backend:
     atomic_backward = False
     # True when forward is plain differentiable PyTorch (autograd needs no custom op).
     differentiable = False
+    # True where the tile kernels read packed work items (TileSchedule.q_items / k_items). The
+    # gather engine needs nothing: packed top-k rows are ordinary rows in packed coordinates.
+    packed_tiles = False
 
     def available(self) -> Optional[str]:
         """None if the backend can run on this machine, else the reason it cannot."""
@@ -78,6 +82,8 @@ class Backend:
             return f"head_dim {req.head_dim} > {self.max_head_dim}"
         if req.engine not in self.engines:
             return f"no {req.engine} engine (pattern {req.pattern})"
+        if req.packed and req.engine == "tile" and not self.packed_tiles:
+            return f"no packed (varlen) work items in its tile kernels yet (pattern {req.pattern})"
         return None
 
     def slower_here(self, req: Request) -> Optional[str]:

@@ -1,12 +1,23 @@
 """The reference as a backend: the oracle's plain PyTorch (float32 math), differentiable by autograd.
 
 It runs everywhere and serves every pattern at O(Nq·Nk) memory. Its plan is the pattern itself
-(the dense mask); being plain PyTorch it needs no custom op: autograd differentiates it.
+(the dense mask); being plain PyTorch it needs no custom op: autograd differentiates it. A packed
+batch runs one oracle call per sequence (its own pattern, positions and ALiBi slopes).
 """
 from __future__ import annotations
 
+import torch
+
 from .. import reference
+from ..core.packed import Packed
 from .base import Backend
+
+
+def _slopes_of(alibi_slopes, sequence: int):
+    """A packed call's slopes for one sequence: ``[Hq]`` shared, or row s of ``[S, Hq]``."""
+    if alibi_slopes is None or alibi_slopes.dim() == 1:
+        return alibi_slopes
+    return alibi_slopes[sequence]
 
 
 class ReferenceBackend(Backend):
@@ -14,11 +25,48 @@ class ReferenceBackend(Backend):
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
     engines = ("tile", "gather")
     differentiable = True
+    packed_tiles = True
 
     def forward(self, plan, q, k, v, scale, softcap, alibi_slopes):
+        if isinstance(plan.pattern, Packed):
+            return self._packed_forward(plan.pattern, q, k, v, scale, softcap, alibi_slopes)
         return reference.attention(q, k, v, plan.pattern, scale=scale, softcap=softcap or None,
                                    alibi_slopes=alibi_slopes, return_lse=True)
 
     def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+        if isinstance(plan.pattern, Packed):
+            return self._packed_backward(plan.pattern, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes)
         return reference.attention_backward(grad_out, q, k, v, out, lse, plan.pattern, scale=scale,
                                             softcap=softcap or None, alibi_slopes=alibi_slopes)
+
+    @staticmethod
+    def _packed_forward(pattern: Packed, q, k, v, scale, softcap, alibi_slopes):
+        outs, lses = [], []
+        for s in pattern.sequences():
+            rows, keys = slice(s.q_start, s.q_end), slice(s.k_start, s.k_end)
+            if s.q_end == s.q_start:
+                continue
+            if s.k_end == s.k_start:  # no key: zeros, lse = -inf (and the autograd links kept)
+                outs.append(q[:, :, rows] * 0)
+                lses.append(torch.full((1, q.shape[1], s.q_end - s.q_start), float("-inf"), device=q.device))
+                continue
+            out, lse = reference.attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], s.pattern, scale=scale,
+                                           softcap=softcap or None, alibi_slopes=_slopes_of(alibi_slopes, s.index),
+                                           return_lse=True)
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs, 2), torch.cat(lses, 2)
+
+    @staticmethod
+    def _packed_backward(pattern: Packed, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for s in pattern.sequences():
+            rows, keys = slice(s.q_start, s.q_end), slice(s.k_start, s.k_end)
+            if s.q_end == s.q_start or s.k_end == s.k_start:
+                continue
+            grads = reference.attention_backward(grad_out[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys],
+                                                 out[:, :, rows], lse[:, :, rows], s.pattern, scale=scale,
+                                                 softcap=softcap or None,
+                                                 alibi_slopes=_slopes_of(alibi_slopes, s.index))
+            dq[:, :, rows], dk[:, :, keys], dv[:, :, keys] = grads
+        return dq, dk, dv

@@ -269,6 +269,10 @@ class TopK(Pattern):
     def tensors(self) -> tuple:
         return (self.indices,)
 
+    def gather_indices(self) -> torch.Tensor:
+        """The indices the gather plan is built from (a packed pattern moves them first)."""
+        return self.indices
+
     def row_indices(self, seqlen_q: int) -> torch.Tensor:
         """Indices as ``[B, Hkv|1, Nq, K]`` (a shared list is broadcast to every query)."""
         if self.per_query:

@@ -22,6 +22,7 @@ Everything here is vectorized torch on the schedule's device: no Python loop ove
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -45,6 +46,18 @@ class TileSchedule:
     kv_count: torch.Tensor  # int32 [Bs, Hs, num_q_tiles]
     q_tiles: torch.Tensor  # int32 [Bs, Hs, num_kv_tiles, L']
     q_count: torch.Tensor  # int32 [Bs, Hs, num_kv_tiles]
+    # Packed batches (flashlite.core.packed): work items instead of (batch, tile). Forward item t is
+    # (sequence, query tile) = q_items[t] and its key tiles are kv_tiles[0, h, t, :]; backward item t
+    # is (sequence, key tile) = k_items[t] with query tiles q_tiles[0, h, t, :]; tile numbers are
+    # local to the sequence, whose rows start at cu_seqlens_q/k[sequence]. None for a plain batch.
+    q_items: Optional[torch.Tensor] = None  # int32 [num_q_items, 2]
+    k_items: Optional[torch.Tensor] = None  # int32 [num_k_items, 2]
+    cu_seqlens_q: Optional[torch.Tensor] = None  # int32 [S + 1]
+    cu_seqlens_k: Optional[torch.Tensor] = None  # int32 [S + 1]
+
+    @property
+    def is_packed(self) -> bool:
+        return self.q_items is not None
 
     @property
     def is_list(self) -> bool:
@@ -52,11 +65,13 @@ class TileSchedule:
 
     @property
     def num_q_tiles(self) -> int:
-        return cdiv(self.seqlen_q, self.block_m)
+        """Forward programs per (batch, head): query tiles, or work items when packed."""
+        return self.q_items.shape[0] if self.is_packed else cdiv(self.seqlen_q, self.block_m)
 
     @property
     def num_kv_tiles(self) -> int:
-        return cdiv(self.seqlen_k, self.block_n)
+        """Backward (dK/dV) programs per (batch, head): key tiles, or work items when packed."""
+        return self.k_items.shape[0] if self.is_packed else cdiv(self.seqlen_k, self.block_n)
 
     @property
     def bounded(self) -> bool:

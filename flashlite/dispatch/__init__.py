@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import backend as backends
 from ..backend.base import Request
+from ..core.packed import Packed
 from ..core.patterns import Pattern
 from .ops import attention_op
 from ..core.tracing import tracing
@@ -39,7 +40,7 @@ def _needs_op(q: Tensor, k: Tensor, v: Tensor) -> bool:
 def _request(q: Tensor, pattern: Pattern, requires_grad: bool, deterministic: bool) -> Request:
     return Request(device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], engine=pattern.engine,
                    pattern=pattern.name, requires_grad=requires_grad, deterministic=deterministic,
-                   block_size=getattr(pattern, "block_size", None))
+                   block_size=getattr(pattern, "block_size", None), packed=isinstance(pattern, Packed))
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float, softcap: float,

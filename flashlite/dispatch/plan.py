@@ -68,7 +68,8 @@ class Plan:
         head = [backends.NAMES.index(self.backend.name), ENGINES.index(self.engine), int(self.deterministic)]
         if self.engine == "tile":
             s, c = self.schedule, self.config
-            return ([s.kv_tiles, s.kv_count, s.q_tiles, s.q_count],
+            packed = [s.q_items, s.k_items, s.cu_seqlens_q, s.cu_seqlens_k] if s.is_packed else []
+            return ([s.kv_tiles, s.kv_count, s.q_tiles, s.q_count, *packed],
                     head + [int(s.is_list), s.block_m, s.block_n, s.window_left, s.window_right,
                             c.num_warps, c.num_stages])
         if self.engine == "gather":
@@ -85,7 +86,7 @@ class Plan:
         if engine == "tile":
             is_list, block_m, block_n, left, right, warps, stages = ints[3:10]
             schedule = TileSchedule("list" if is_list else "range", block_m, block_n, seqlen_q, seqlen_k,
-                                    left, right, *tensors[:4])
+                                    left, right, *tensors[:8])  # 8 when packed: + items and cu_seqlens
             return cls(backend, engine, deterministic, schedule=schedule,
                        config=TileConfig(block_m, block_n, warps, stages))
         causal, inverse = bool(ints[3]), bool(ints[4])
@@ -184,7 +185,7 @@ def build(pattern: Pattern, q: Tensor, k: Tensor, backend: Backend, req: Request
         schedule = pattern.schedule(seqlen_q, seqlen_k, config.block_m, config.block_n, q.device)
         return Plan(backend, "tile", req.deterministic, schedule=schedule, config=config)
     causal = pattern.causal
-    rows = backend.gather_rows(pattern.indices, seqlen_q, seqlen_k, causal)
+    rows = backend.gather_rows(pattern.gather_indices(), seqlen_q, seqlen_k, causal)
     key_offsets = key_slots = None
     if req.requires_grad:
         key_offsets, key_slots = backend.key_index(rows, seqlen_q, seqlen_k, causal)
