@@ -42,15 +42,23 @@ void check_saved(const Tensor& grad_out, const Tensor& out, const Tensor& lse, c
                     "flashlite: grad_out/out must be like q and lse [B, Hq, Nq]");
 }
 
+// Tile engine. q_items / k_items / cu_seqlens_q / cu_seqlens_k (all None: a plain batch): a packed
+// batch's work items over [1, H, T, D] views (torch_params.h set_packed_items; docs/native_abi.md).
 std::tuple<Tensor, Tensor> cpu_tile_forward(Tensor q, Tensor k, Tensor v, const Tensor& kv_tiles,
                                             const Tensor& kv_count, const optional<Tensor>& alibi_slopes, bool is_list,
                                             int64_t block_m, int64_t block_n, int64_t window_left,
-                                            int64_t window_right, double scale, double softcap) {
+                                            int64_t window_right, double scale, double softcap,
+                                            const optional<Tensor>& q_items, const optional<Tensor>& k_items,
+                                            const optional<Tensor>& cu_seqlens_q,
+                                            const optional<Tensor>& cu_seqlens_k) {
   flashlite::make_last_dims_contiguous({&q, &k, &v});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
-  flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap);
+  flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap,
+                                                           flashlite::packed_sequences(cu_seqlens_q));
+  const bool packed = flashlite::set_packed_items(call.params, q, k, q_items, k_items, cu_seqlens_q, cu_seqlens_k,
+                                                  block_m, block_n, "cpu_tile_forward");
   flashlite::set_tile_schedule(call.params, q, block_m, block_n, window_left, window_right, kv_tiles, kv_count,
-                               is_list, "cpu_tile_config");
+                               is_list, "cpu_tile_config", packed ? call.params.packed.num_q_items : -1);
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::tile_forward(call.params, threads());
@@ -62,15 +70,21 @@ std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
     Tensor grad_out, Tensor q, Tensor k, Tensor v, const Tensor& out, const Tensor& lse, const Tensor& kv_tiles,
     const Tensor& kv_count, const Tensor& q_tiles, const Tensor& q_count, const optional<Tensor>& alibi_slopes,
     bool is_list, int64_t block_m, int64_t block_n, int64_t window_left, int64_t window_right, double scale,
-    double softcap, bool deterministic) {
+    double softcap, bool deterministic, const optional<Tensor>& q_items, const optional<Tensor>& k_items,
+    const optional<Tensor>& cu_seqlens_q, const optional<Tensor>& cu_seqlens_k) {
   flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   check_saved(grad_out, out, lse, q);
-  flashlite::BackwardCall call =
-      flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap, deterministic);
+  flashlite::BackwardCall call = flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap,
+                                                             deterministic, flashlite::packed_sequences(cu_seqlens_q));
+  const bool packed = flashlite::set_packed_items(call.params, q, k, q_items, k_items, cu_seqlens_q, cu_seqlens_k,
+                                                  block_m, block_n, "cpu_tile_backward");
+  TORCH_CHECK_VALUE(!packed || call.params.packed.k_items != nullptr,
+                    "flashlite: cpu_tile_backward: a packed batch needs k_items (the backward's work items)");
   flashlite::set_tile_schedule(call.params, q, block_m, block_n, window_left, window_right, kv_tiles, kv_count,
-                               is_list, "cpu_tile_config");
-  flashlite::set_backward_schedule(call.params, q, k, q_tiles, q_count, is_list);
+                               is_list, "cpu_tile_config", packed ? call.params.packed.num_q_items : -1);
+  flashlite::set_backward_schedule(call.params, q, k, q_tiles, q_count, is_list,
+                                   packed ? call.params.packed.num_k_items : -1);
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::tile_backward(call.params, call.grads, threads());
@@ -226,12 +240,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_tile_forward", &cpu_tile_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_tiles"),
         py::arg("kv_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),
         py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
-        "tile engine forward -> (out, lse)");
+        py::arg("q_items") = py::none(), py::arg("k_items") = py::none(), py::arg("cu_seqlens_q") = py::none(),
+        py::arg("cu_seqlens_k") = py::none(),
+        "tile engine forward -> (out, lse); q_items/k_items/cu_seqlens_q/cu_seqlens_k: a packed batch's work items "
+        "(docs/native_abi.md)");
   m.def("cpu_tile_backward", &cpu_tile_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("kv_tiles"), py::arg("kv_count"), py::arg("q_tiles"),
         py::arg("q_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),
         py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
-        py::arg("deterministic"), "tile engine backward -> (dq, dk, dv)");
+        py::arg("deterministic"), py::arg("q_items") = py::none(), py::arg("k_items") = py::none(),
+        py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
+        "tile engine backward -> (dq, dk, dv); q_items/k_items/cu_seqlens_q/cu_seqlens_k: a packed batch's work "
+        "items (docs/native_abi.md)");
   m.def("cpu_gather_forward", &cpu_gather_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("indices"),
         py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"),
         "gather (top-k) forward -> (out, lse)");

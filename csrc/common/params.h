@@ -57,6 +57,24 @@ struct ScheduleView {
   }
 };
 
+// A packed (variable-length) batch (flashlite/core/packed.py): the tensors are [1, H, T, D] views
+// holding S sequences back to back; the tile engine's work is a list of items instead of
+// (batch, tile). Forward item t = q_items[2t .. 2t+1] = (sequence s, query tile m) reads schedule
+// row t of forward_schedule; backward item t = k_items[2t ..] = (s, key tile n) reads row t of
+// backward_schedule. Tile numbers are local to the sequence, whose query rows are
+// cu_seqlens_q[s] .. cu_seqlens_q[s+1] and keys cu_seqlens_k[s] .. cu_seqlens_k[s+1]; positions,
+// band and ALiBi (row s of [S, Hq] slopes) are local too. The items come in order: sequence by
+// sequence, every tile of a sequence once, ascending (the binding checks it). Unset = plain batch.
+struct PackedItems {
+  const int32_t* q_items = nullptr;       // [num_q_items, 2] contiguous
+  const int32_t* k_items = nullptr;       // [num_k_items, 2] contiguous
+  const int32_t* cu_seqlens_q = nullptr;  // [num_sequences + 1]
+  const int32_t* cu_seqlens_k = nullptr;  // [num_sequences + 1]
+  int32_t num_q_items = 0, num_k_items = 0, num_sequences = 0;
+
+  FL_HOST_DEVICE bool active() const { return q_items != nullptr; }
+};
+
 struct AttentionParams {
   DType dtype = DType::kFloat32;
   const void* q = nullptr;
@@ -68,13 +86,14 @@ struct AttentionParams {
   int32_t batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_k = 0, head_dim = 0;
   float scale = 1.f;
   float softcap = 0.f;                   // 0 = off; else s = softcap * tanh(s / softcap)
-  const float* alibi_slopes = nullptr;   // null = off; [Hq] (stride_b 0) or [B, Hq]
+  const float* alibi_slopes = nullptr;   // null = off; [Hq] (stride_b 0) or [B, Hq] ([S, Hq] packed)
   int64_t alibi_stride_b = 0;
   int32_t window_left = 0, window_right = 0;  // band; unbounded side = Nq + Nk
   // Tile engine.
   int32_t block_m = 0, block_n = 0;
   ScheduleView forward_schedule;   // per query tile: key tiles
   ScheduleView backward_schedule;  // per key tile: query tiles
+  PackedItems packed;              // a packed batch's work items (tile engine, CPU); unset = plain batch
   // Gather engine.
   const int64_t* indices = nullptr;
   int64_t indices_stride_b = 0, indices_stride_h = 0, indices_stride_n = 0;  // stride_n 0 = shared list

@@ -94,13 +94,16 @@ inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, con
   return p;
 }
 
-// alibi_slopes as float32 contiguous [Hq] / [B,Hq] on q's device (undefined if none).
-inline at::Tensor prepare_alibi(const c10::optional<at::Tensor>& alibi_slopes, const at::Tensor& q) {
+// alibi_slopes as float32 contiguous [Hq] / [B,Hq] on q's device (undefined if none). rows: the
+// first dim of 2-D slopes, B by default (-1); a packed batch's sequence count S.
+inline at::Tensor prepare_alibi(const c10::optional<at::Tensor>& alibi_slopes, const at::Tensor& q,
+                                int64_t rows = -1) {
   if (!alibi_slopes.has_value() || !alibi_slopes->defined()) return at::Tensor();
   const at::Tensor& a = *alibi_slopes;
   const bool per_head = a.dim() == 1 && a.size(0) == q.size(1);
-  const bool per_batch = a.dim() == 2 && a.size(0) == q.size(0) && a.size(1) == q.size(1);
-  TORCH_CHECK_VALUE(per_head || per_batch, "flashlite: alibi_slopes must be float32 [Hq] or [B, Hq]");
+  const bool per_batch = a.dim() == 2 && a.size(0) == (rows < 0 ? q.size(0) : rows) && a.size(1) == q.size(1);
+  TORCH_CHECK_VALUE(per_head || per_batch, "flashlite: alibi_slopes must be float32 [Hq] or ",
+                    rows < 0 ? "[B, Hq]" : "[S, Hq] (S sequences of the packed batch)");
   return a.to(q.device(), at::kFloat).contiguous();
 }
 
@@ -129,9 +132,10 @@ inline ScheduleView make_schedule(const at::Tensor& tiles, const at::Tensor& cou
 
 // Tile engine: the (block_m, block_n) tiles, the band and the forward schedule (kv_tiles/kv_count:
 // key tiles per query tile). tile_config: the function that gives valid tiles, for the message.
+// rows: the schedule's rows, ⌈Nq / block_m⌉ by default (-1); a packed batch's forward items.
 inline void set_tile_schedule(AttentionParams& p, const at::Tensor& q, int64_t block_m, int64_t block_n,
                               int64_t window_left, int64_t window_right, const at::Tensor& kv_tiles,
-                              const at::Tensor& kv_count, bool is_list, const char* tile_config) {
+                              const at::Tensor& kv_count, bool is_list, const char* tile_config, int64_t rows = -1) {
   TORCH_CHECK_VALUE(block_m > 0 && block_n > 0 && block_m % 16 == 0 && block_n % 16 == 0,
                     "flashlite: block_m and block_n must be positive multiples of 16 (use ", tile_config, "), got (",
                     block_m, ", ", block_n, ")");
@@ -139,16 +143,92 @@ inline void set_tile_schedule(AttentionParams& p, const at::Tensor& q, int64_t b
   p.block_n = static_cast<int32_t>(block_n);
   p.window_left = static_cast<int32_t>(window_left);
   p.window_right = static_cast<int32_t>(window_right);
-  p.forward_schedule = make_schedule(kv_tiles, kv_count, is_list, (q.size(2) + block_m - 1) / block_m, q,
-                                     "kv_tiles/kv_count");
+  p.forward_schedule = make_schedule(kv_tiles, kv_count, is_list, rows < 0 ? (q.size(2) + block_m - 1) / block_m : rows,
+                                     q, "kv_tiles/kv_count");
 }
 
 // Tile engine backward: also the transposed schedule (q_tiles/q_count: query tiles per key tile).
-// After set_tile_schedule.
+// After set_tile_schedule. rows: ⌈Nk / block_n⌉ by default (-1); a packed batch's backward items.
 inline void set_backward_schedule(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& q_tiles, const at::Tensor& q_count, bool is_list) {
-  p.backward_schedule = make_schedule(q_tiles, q_count, is_list, (k.size(2) + p.block_n - 1) / p.block_n, q,
-                                      "q_tiles/q_count");
+                                  const at::Tensor& q_tiles, const at::Tensor& q_count, bool is_list,
+                                  int64_t rows = -1) {
+  p.backward_schedule = make_schedule(q_tiles, q_count, is_list,
+                                      rows < 0 ? (k.size(2) + p.block_n - 1) / p.block_n : rows, q, "q_tiles/q_count");
+}
+
+// A packed batch's work items (params.h PackedItems; flashlite/core/packed.py): all of q_items
+// and cu_seqlens_q/k or none (a plain batch: false). int32, contiguous, on the CPU; q, k are the
+// [1, H, T, D] views; cu_seqlens_* [S + 1] start at 0, never decrease and end at Tq / Tk; the
+// items list every tile of every sequence once, sequence by sequence, ascending (q_items with
+// block_m rows per tile; k_items, when given, with block_n keys). `fn` names the binding. Reads
+// O(S + items) numbers; before set_tile_schedule (whose rows are then the items).
+inline bool set_packed_items(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                             const c10::optional<at::Tensor>& q_items, const c10::optional<at::Tensor>& k_items,
+                             const c10::optional<at::Tensor>& cu_seqlens_q,
+                             const c10::optional<at::Tensor>& cu_seqlens_k, int64_t block_m, int64_t block_n,
+                             const char* fn) {
+  auto given = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  const int any = given(q_items) + given(k_items) + given(cu_seqlens_q) + given(cu_seqlens_k);
+  if (any == 0) return false;
+  TORCH_CHECK_VALUE(given(q_items) && given(cu_seqlens_q) && given(cu_seqlens_k), "flashlite: ", fn,
+                    ": a packed batch needs q_items, cu_seqlens_q and cu_seqlens_k together (or none of them)");
+  TORCH_CHECK_VALUE(q.size(0) == 1, "flashlite: ", fn, ": a packed batch's q, k, v are [1, H, T, D] views, got B = ",
+                    q.size(0));
+  TORCH_CHECK_VALUE(block_m > 0 && block_n > 0, "flashlite: ", fn, ": block_m and block_n must be positive");
+  auto check_int32 = [&](const at::Tensor& t, const char* what, int64_t dims) {
+    TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kInt && t.dim() == dims && t.is_contiguous() &&
+                          (dims == 1 || t.size(1) == 2),
+                      "flashlite: ", fn, ": ", what, " must be an int32 contiguous CPU tensor ",
+                      dims == 1 ? "[S + 1]" : "[items, 2]", ", got ", t.scalar_type(), " ", t.sizes(),
+                      t.is_contiguous() ? "" : " non-contiguous", " on ", t.device());
+  };
+  const at::Tensor& cu_q = *cu_seqlens_q;
+  const at::Tensor& cu_k = *cu_seqlens_k;
+  check_int32(cu_q, "cu_seqlens_q", 1);
+  check_int32(cu_k, "cu_seqlens_k", 1);
+  check_int32(*q_items, "q_items", 2);
+  TORCH_CHECK_VALUE(cu_q.numel() >= 1 && cu_q.numel() == cu_k.numel(), "flashlite: ", fn,
+                    ": cu_seqlens_q and cu_seqlens_k must both be [S + 1], got ", cu_q.numel(), " and ", cu_k.numel());
+  const int64_t S = cu_q.numel() - 1;
+  auto check_cu = [&](const at::Tensor& cu, const char* what, int64_t total) {
+    const int32_t* c = cu.data_ptr<int32_t>();
+    bool ok = c[0] == 0 && c[S] == total;
+    for (int64_t s = 0; s < S && ok; ++s) ok = c[s] <= c[s + 1];
+    TORCH_CHECK_VALUE(ok, "flashlite: ", fn, ": ", what, " must start at 0, never decrease and end at ", total);
+  };
+  check_cu(cu_q, "cu_seqlens_q", q.size(2));
+  check_cu(cu_k, "cu_seqlens_k", k.size(2));
+  // The items: every tile of every sequence once, in order.
+  auto check_items = [&](const at::Tensor& items, const at::Tensor& cu, int64_t block, const char* what) {
+    const int32_t *c = cu.data_ptr<int32_t>(), *it = items.data_ptr<int32_t>();
+    int64_t t = 0;
+    bool ok = true;
+    for (int64_t s = 0; s < S && ok; ++s) {
+      const int64_t tiles = (int64_t(c[s + 1]) - c[s] + block - 1) / block;
+      for (int64_t m = 0; m < tiles && ok; ++m, ++t) ok = t < items.size(0) && it[2 * t] == s && it[2 * t + 1] == m;
+    }
+    TORCH_CHECK_VALUE(ok && t == items.size(0), "flashlite: ", fn, ": ", what,
+                      " must list (sequence, tile) for every tile of every sequence, in order (",
+                      "flashlite.core.packed.packed_schedule), tiles of ", block);
+  };
+  check_items(*q_items, cu_q, block_m, "q_items");
+  p.packed.q_items = q_items->data_ptr<int32_t>();
+  p.packed.num_q_items = static_cast<int32_t>(q_items->size(0));
+  if (given(k_items)) {
+    check_int32(*k_items, "k_items", 2);
+    check_items(*k_items, cu_k, block_n, "k_items");
+    p.packed.k_items = k_items->data_ptr<int32_t>();
+    p.packed.num_k_items = static_cast<int32_t>(k_items->size(0));
+  }
+  p.packed.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+  p.packed.cu_seqlens_k = cu_k.data_ptr<int32_t>();
+  p.packed.num_sequences = static_cast<int32_t>(S);
+  return true;
+}
+
+// The sequence count of a packed call (2-D ALiBi slopes have one row per sequence), else -1.
+inline int64_t packed_sequences(const c10::optional<at::Tensor>& cu_seqlens_q) {
+  return cu_seqlens_q.has_value() && cu_seqlens_q->defined() ? cu_seqlens_q->numel() - 1 : -1;
 }
 
 // Gather indices: int64 [B, Hkv|1, Nq, K] or [B, Hkv|1, K] (shared by every query), last dim
@@ -242,12 +322,13 @@ struct ForwardCall {
 };
 
 inline ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const c10::optional<at::Tensor>& alibi_slopes, double scale, double softcap) {
+                                   const c10::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
+                                   int64_t alibi_rows = -1) {
   ForwardCall call;
   call.out = at::empty_like(q);
   call.lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   poison({call.out, call.lse});
-  call.alibi = prepare_alibi(alibi_slopes, q);
+  call.alibi = prepare_alibi(alibi_slopes, q, alibi_rows);
   call.params = make_params(q, k, v, call.out, call.lse, call.alibi, scale, softcap);
   return call;
 }
@@ -264,7 +345,7 @@ struct BackwardCall {
 inline BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                      const c10::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
-                                     bool deterministic) {
+                                     bool deterministic, int64_t alibi_rows = -1) {
   BackwardCall call;
   call.lse = lse.to(at::kFloat).contiguous();
   call.delta = softmax_delta(grad_out, out);
@@ -272,7 +353,7 @@ inline BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tenso
   call.dk = at::empty_like(k);
   call.dv = at::empty_like(v);
   poison({call.dq, call.dk, call.dv});
-  call.alibi = prepare_alibi(alibi_slopes, q);
+  call.alibi = prepare_alibi(alibi_slopes, q, alibi_rows);
   call.params = make_params(q, k, v, at::Tensor(), call.lse, call.alibi, scale, softcap);
   call.grads = make_backward_params(grad_out, call.delta, call.dq, call.dk, call.dv, deterministic);
   return call;

@@ -174,9 +174,67 @@ FLASHLITE_OMP_DRIVER void tile_forward_decode(const KernelTable& kernels, const 
 }
 }  // namespace
 
+namespace {
+// ----- packed batches (AttentionParams::packed): the work list is the items, times heads --------
+// Each sequence as a Segment (work.h), with the schedule rows of its first query and key tiles:
+// the items come sequence by sequence, every tile once, ascending (checked by the binding).
+std::vector<Segment> packed_segments(const AttentionParams& p) {
+  const PackedItems& items = p.packed;
+  std::vector<Segment> segments(size_t(items.num_sequences));
+  int q_row = 0, k_row = 0;
+  for (int s = 0; s < items.num_sequences; ++s) {
+    Segment& sg = segments[size_t(s)];
+    sg.b = 0;
+    sg.seq = s;
+    sg.q0 = items.cu_seqlens_q[s];
+    sg.k0 = items.cu_seqlens_k[s];
+    sg.nq = items.cu_seqlens_q[s + 1] - sg.q0;
+    sg.nk = items.cu_seqlens_k[s + 1] - sg.k0;
+    sg.q_row0 = q_row;
+    sg.k_row0 = k_row;
+    q_row += cdiv(sg.nq, p.block_m);
+    k_row += cdiv(sg.nk, p.block_n);
+  }
+  return segments;
+}
+
+// Work items in the order they are handed out: by cost (tile pairs, head 0's schedule row)
+// descending, so that the longest start first (the order never changes a result: every item
+// writes its own rows).
+std::vector<int> by_cost(const ScheduleView& schedule, int rows) {
+  std::vector<int> order(size_t(rows > 0 ? rows : 0));
+  for (int t = 0; t < rows; ++t) order[size_t(t)] = t;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return schedule.num_tiles(0, 0, a) > schedule.num_tiles(0, 0, b); });
+  return order;
+}
+
+FLASHLITE_OMP_DRIVER void tile_forward_packed(const KernelTable& kernels, const AttentionParams& p, int num_threads) {
+  const std::vector<Segment> segments = packed_segments(p);
+  const std::vector<int> order = by_cost(p.forward_schedule, p.packed.num_q_items);
+  const int32_t* items = p.packed.q_items;
+  const int64_t tasks = int64_t(order.size()) * p.heads_q;
+  OmpSync sync;
+  sync.begin_region();
+#pragma omp parallel num_threads(thread_count(num_threads))
+  {
+    sync.enter();
+    Workspace ws;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int t = order[size_t(task / p.heads_q)], h = static_cast<int>(task % p.heads_q);
+      kernels.tile_forward(p, segments[size_t(items[2 * t])], h, items[2 * t + 1], ws);
+    }
+    sync.leave();
+  }
+  sync.end_region();
+}
+}  // namespace
+
 FLASHLITE_OMP_DRIVER void tile_forward(const AttentionParams& p, int num_threads) {
   if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return;
   const KernelTable& kernels = active();
+  if (p.packed.active()) return tile_forward_packed(kernels, p, num_threads);
   if (p.seqlen_q <= kDecodeRows && p.seqlen_q <= p.block_m) return tile_forward_decode(kernels, p, num_threads);
   const int num_m = cdiv(p.seqlen_q, p.block_m);
   const int64_t tasks = int64_t(p.batch) * p.heads_q * num_m;
@@ -192,7 +250,8 @@ FLASHLITE_OMP_DRIVER void tile_forward(const AttentionParams& p, int num_threads
       // the longest items first balances the threads.
       const int m = num_m - 1 - static_cast<int>(task % num_m);
       const int64_t bh = task / num_m;
-      kernels.tile_forward(p, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), m, ws);
+      const int b = static_cast<int>(bh / p.heads_q);
+      kernels.tile_forward(p, batch_segment(p, b), static_cast<int>(bh % p.heads_q), m, ws);
     }
     sync.leave();
   }
@@ -204,9 +263,87 @@ FLASHLITE_OMP_DRIVER void tile_forward(const AttentionParams& p, int num_threads
 // work item packs what it visits, as the kernels also can).
 constexpr int64_t kMaxPackedBytes = int64_t(512) << 20;
 
+namespace {
+// The backward of a packed batch: the plain batch's passes with items for tiles. Pack pass: every
+// forward item's query tile (per head), into row h·num_q_items + item of the buffer. Then either
+// whole (sequence, kv head) items (tile_backward_head), or dK/dV per backward item and dQ per
+// forward item. As for a plain batch the two give the same bits, so the choice may depend on the
+// thread count: whole sequences when there are enough of them and none is more than a thread's
+// share of the work (the tile pairs of head 0's schedule).
+FLASHLITE_OMP_DRIVER void tile_backward_packed(const KernelTable& kernels, const AttentionParams& p,
+                                               const BackwardParams& g, int num_threads) {
+  const PackedItems& it = p.packed;
+  const std::vector<Segment> segments = packed_segments(p);
+  const int threads = thread_count(num_threads), S = it.num_sequences;
+  const int64_t tile_floats = backward_tile_floats(p.head_dim, p.block_m, kernels.lanes);
+  const int64_t pack_tasks = int64_t(p.heads_q) * it.num_q_items, packed_floats = pack_tasks * tile_floats;
+  // A query tile is read by more than one key tile only if some sequence has more than one.
+  const bool prepack = it.num_k_items > S && packed_floats * int64_t(sizeof(float)) <= kMaxPackedBytes;
+  std::vector<int64_t> cost(size_t(S), 1);  // tile pairs per sequence (+1: an empty one still writes)
+  int64_t total = 0, largest = 0;
+  for (int t = 0; t < it.num_k_items; ++t) cost[size_t(it.k_items[2 * t])] += p.backward_schedule.num_tiles(0, 0, t);
+  for (int64_t c : cost) total += c, largest = std::max(largest, c);
+  const int64_t heads = int64_t(S) * p.heads_kv;
+  const bool whole_heads = heads >= threads && largest * threads <= total * p.heads_kv;
+  std::vector<int> sequences(static_cast<size_t>(S));
+  for (int s = 0; s < S; ++s) sequences[size_t(s)] = s;
+  std::stable_sort(sequences.begin(), sequences.end(), [&](int a, int b) { return cost[size_t(a)] > cost[size_t(b)]; });
+  const std::vector<int> kv_order = by_cost(p.backward_schedule, it.num_k_items);
+  const std::vector<int> q_order = by_cost(p.forward_schedule, it.num_q_items);
+  const int64_t kv_tasks = int64_t(kv_order.size()) * p.heads_kv, q_tasks = int64_t(q_order.size()) * p.heads_q;
+  float* packed = prepack ? static_cast<float*>(std::aligned_alloc(64, size_t((packed_floats * 4 + 63) / 64 * 64)))
+                          : nullptr;
+  if (prepack && packed == nullptr) throw std::bad_alloc();
+  OmpSync sync;
+  sync.begin_region();
+#pragma omp parallel num_threads(threads)
+  {
+    sync.enter();
+    Workspace ws;
+    if (packed) {
+#pragma omp for schedule(static) nowait
+      for (int64_t task = 0; task < pack_tasks; ++task) {
+        const int h = static_cast<int>(task / it.num_q_items), t = static_cast<int>(task % it.num_q_items);
+        kernels.tile_backward_pack(p, g, segments[size_t(it.q_items[2 * t])], h, it.q_items[2 * t + 1],
+                                   packed + task * tile_floats, ws);
+      }
+      sync.before_barrier(1);
+#pragma omp barrier
+      sync.after_barrier(1);
+    }
+    if (whole_heads) {
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t task = 0; task < heads; ++task)
+        kernels.tile_backward_head(p, g, segments[size_t(sequences[size_t(task / p.heads_kv)])],
+                                   static_cast<int>(task % p.heads_kv), packed, ws);
+    } else {
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t task = 0; task < kv_tasks; ++task) {
+        const int t = kv_order[size_t(task / p.heads_kv)];
+        kernels.tile_backward_kv(p, g, segments[size_t(it.k_items[2 * t])], static_cast<int>(task % p.heads_kv),
+                                 it.k_items[2 * t + 1], packed, ws);
+      }
+      sync.before_barrier(0);
+#pragma omp barrier
+      sync.after_barrier(0);
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t task = 0; task < q_tasks; ++task) {
+        const int t = q_order[size_t(task / p.heads_q)];
+        kernels.tile_backward_q(p, g, segments[size_t(it.q_items[2 * t])], static_cast<int>(task % p.heads_q),
+                                it.q_items[2 * t + 1], packed, ws);
+      }
+    }
+    sync.leave();
+  }
+  sync.end_region();
+  std::free(packed);
+}
+}  // namespace
+
 FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const BackwardParams& g, int num_threads) {
   if (p.batch == 0 || p.heads_kv == 0) return;
   const KernelTable& kernels = active();
+  if (p.packed.active()) return tile_backward_packed(kernels, p, g, num_threads);
   const int num_n = cdiv(p.seqlen_k, p.block_n), num_m = cdiv(p.seqlen_q, p.block_m);
   const int64_t kv_tasks = int64_t(p.batch) * p.heads_kv * num_n;
   const int64_t q_tasks = int64_t(p.batch) * p.heads_q * num_m;
@@ -232,8 +369,9 @@ FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const Backward
 #pragma omp for schedule(static) nowait
       for (int64_t task = 0; task < q_tasks; ++task) {
         const int64_t bh = task / num_m;
-        kernels.tile_backward_pack(p, g, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q),
-                                   static_cast<int>(task % num_m), packed + task * tile_floats, ws);
+        kernels.tile_backward_pack(p, g, batch_segment(p, static_cast<int>(bh / p.heads_q)),
+                                   static_cast<int>(bh % p.heads_q), static_cast<int>(task % num_m),
+                                   packed + task * tile_floats, ws);
       }
       sync.before_barrier(1);
 #pragma omp barrier
@@ -242,14 +380,14 @@ FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const Backward
     if (whole_heads) {
 #pragma omp for schedule(dynamic, 1) nowait
       for (int64_t task = 0; task < heads; ++task)
-        kernels.tile_backward_head(p, g, static_cast<int>(task / p.heads_kv), static_cast<int>(task % p.heads_kv),
-                                   packed, ws);
+        kernels.tile_backward_head(p, g, batch_segment(p, static_cast<int>(task / p.heads_kv)),
+                                   static_cast<int>(task % p.heads_kv), packed, ws);
     } else {
 #pragma omp for schedule(dynamic, 1) nowait
       for (int64_t task = 0; task < kv_tasks; ++task) {
         const int64_t bh = task / num_n;
-        kernels.tile_backward_kv(p, g, static_cast<int>(bh / p.heads_kv), static_cast<int>(bh % p.heads_kv),
-                                 static_cast<int>(task % num_n), packed, ws);
+        kernels.tile_backward_kv(p, g, batch_segment(p, static_cast<int>(bh / p.heads_kv)),
+                                 static_cast<int>(bh % p.heads_kv), static_cast<int>(task % num_n), packed, ws);
       }
       sync.before_barrier(0);
 #pragma omp barrier
@@ -258,8 +396,8 @@ FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const Backward
       for (int64_t task = 0; task < q_tasks; ++task) {
         const int m = num_m - 1 - static_cast<int>(task % num_m);
         const int64_t bh = task / num_m;
-        kernels.tile_backward_q(p, g, static_cast<int>(bh / p.heads_q), static_cast<int>(bh % p.heads_q), m, packed,
-                                ws);
+        kernels.tile_backward_q(p, g, batch_segment(p, static_cast<int>(bh / p.heads_q)),
+                                static_cast<int>(bh % p.heads_q), m, packed, ws);
       }
     }
     sync.leave();

@@ -39,16 +39,16 @@ inline vf score_lanes(vf x, vi dist, float cap, float slope_units, float* chain)
 }
 inline vi in_band(const AttentionParams& p, vi dist) { return (dist <= p.window_left) & (dist >= -p.window_right); }
 
-// Scores of one tile, in place on Sᵀ[c][r] (keys j0 + c, c < nk; queries i0 + r, r < Y), from
-// x = q̃·k:
+// Scores of one tile, in place on Sᵀ[c][r] (keys j0 + c, c < nk; queries i0 + r, r < Y; positions
+// local to the segment, p(i) = i + shift), from x = q̃·k:
 //   softcap:  t = tanh(x/cap),  s = log2e·(cap·t − slope·|p(i) − j|),  chain[c][r] = 1 − t²
 //   no cap:   s = x − log2e·slope·|p(i) − j|
 //   outside the band p(i) − left ≤ j ≤ p(i) + right:  s = −inf
 // A tile wholly inside the band skips the mask.
-inline void score_tile(const AttentionParams& p, float slope, int i0, int rows, int Y, int j0, int nk, float* st,
-                       float* chain, int ld) {
+inline void score_tile(const AttentionParams& p, float slope, int shift, int i0, int rows, int Y, int j0, int nk,
+                       float* st, float* chain, int ld) {
   const float cap = p.softcap;
-  const int pos0 = i0 + p.seqlen_k - p.seqlen_q;
+  const int pos0 = i0 + shift;
   const bool masked = j0 < pos0 + rows - 1 - p.window_left || j0 + nk - 1 > pos0 + p.window_right;
   if (cap == 0.f && slope == 0.f && !masked) return;
   const float slope_units = cap != 0.f ? slope : slope * kLog2e;
@@ -65,10 +65,10 @@ inline void score_tile(const AttentionParams& p, float slope, int i0, int rows, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tile engine, forward: query tile m of (b, h) over the key tiles of its schedule row.
-void tile_forward(const AttentionParams& p, int b, int h, int m, Workspace& ws) {
-  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L);
-  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+// Tile engine, forward: query tile m of (segment, h) over the key tiles of its schedule row.
+void tile_forward(const AttentionParams& p, const Segment& sg, int h, int m, Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), b = sg.b;
+  const int i0 = m * BM, rows = imin(BM, sg.nq - i0), Y = round_up(rows, L);
   const int kv_head = h / p.group();
   float* qt = ws.floats(size_t(2 * Dp * BM + BN * BM + 2 * BN * Dp + 3 * BM + L * Dp));
   float* ot = qt + Dp * BM;
@@ -80,20 +80,20 @@ void tile_forward(const AttentionParams& p, int b, int h, int m, Workspace& ws) 
   float* alpha = row_sum + BM;
   float* tmp = alpha + BM;
 
-  pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), qt, BM, nullptr, tmp);
+  pack_rows(p.dtype, p.q, p.q_strides, b, h, sg.q0 + i0, rows, Y, D, Dp, query_factor(p), qt, BM, nullptr, tmp);
   fill(ot, D * BM, 0.f);
   fill(row_max, BM, -kInf);
   fill(row_sum, BM, 0.f);
-  const float slope = p.alibi(b, h);
+  const float slope = p.alibi(sg.seq, h);
   const ScheduleView& schedule = p.forward_schedule;
-  const int count = schedule.num_tiles(b, h, m);
+  const int row = sg.q_row0 + m, count = schedule.num_tiles(b, h, row);
   for (int t = 0; t < count; ++t) {
-    const int j0 = schedule.tile(b, h, m, t) * BN, nk = imin(BN, p.seqlen_k - j0);
-    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, false, kbuf);
-    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
+    const int j0 = schedule.tile(b, h, row, t) * BN, nk = imin(BN, sg.nk - j0);
+    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, false, kbuf);
+    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, false, vbuf);
     // Sᵀ[c][r] = Σ_d k[j0 + c][d]·q̃[i0 + r][d]
     gemm(nk, Y, D, k.data, k.ld, 1, qt, BM, st, BM, false);
-    score_tile(p, slope, i0, rows, Y, j0, nk, st, nullptr, BM);
+    score_tile(p, slope, sg.shift(), i0, rows, Y, j0, nk, st, nullptr, BM);
     // Online softmax, per query r (vectors along r):
     //   m' = max(m, max_c s[c][r]),  α = 2^(m − m'),  P[c][r] = 2^(s[c][r] − m'),  l' = α·l + Σ_c P[c][r]
     // A row with no visible key so far keeps m = −inf; 0 stands in for it so 2^(−inf − 0) = 0.
@@ -119,13 +119,13 @@ void tile_forward(const AttentionParams& p, int b, int h, int m, Workspace& ws) 
     gemm(D, Y, nk, v.data, 1, v.ld, st, BM, ot, BM, true);
   }
   // out = Oᵀ / l,  lse = ln2·(m + log2 l); a row that saw no key (l = 0) gives 0 and −inf.
-  float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q + i0;
+  float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q + sg.q0 + i0;
   for (int r = 0; r < rows; ++r) {
     const float l = row_sum[r];
     lse[r] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : -kInf;
     alpha[r] = l > 0.f ? 1.f / l : 0.f;
   }
-  store_transposed(p.dtype, p.out, p.out_strides, b, h, i0, rows, D, ot, BM, alpha, tmp);
+  store_transposed(p.dtype, p.out, p.out_strides, b, h, sg.q0 + i0, rows, D, ot, BM, alpha, tmp);
 }
 
 // Tile engine, forward, for a few query rows (decode): query tile m of heads h_first ..
@@ -240,7 +240,7 @@ void tile_forward_rows_merge(const AttentionParams& p, int b, int h_first, int h
 }
 
 // Backward helpers: a query tile's lse in log2 units (+inf for a row with no key, so that every
-// P = 2^(s − lse) is 0) and its δ = Σ_d dO·O; padded rows get +inf and 0.
+// P = 2^(s − lse) is 0) and its δ = Σ_d dO·O; padded rows get +inf and 0. i0: the tensors' row.
 inline void pack_row_stats(const AttentionParams& p, const BackwardParams& g, int b, int h, int i0, int rows, int Y,
                            float* lse2, float* delta) {
   const int64_t base = (int64_t(b) * p.heads_q + h) * p.seqlen_q + i0;
@@ -270,20 +270,26 @@ inline PackedTile packed_tile(const AttentionParams& p, float* base) {
   t.delta = t.lse2 + BM;
   return t;
 }
-inline void pack_query_tile(const AttentionParams& p, const BackwardParams& g, int b, int h, int m, const PackedTile& t,
-                            float* tmp) {
-  const int BM = p.block_m, D = p.head_dim, Dp = round_up(D, L);
-  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+inline void pack_query_tile(const AttentionParams& p, const BackwardParams& g, const Segment& sg, int h, int m,
+                            const PackedTile& t, float* tmp) {
+  const int BM = p.block_m, D = p.head_dim, Dp = round_up(D, L), b = sg.b;
+  const int i0 = sg.q0 + m * BM, rows = imin(BM, sg.nq - m * BM), Y = round_up(rows, L);
   pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), t.qt, BM, t.q_rows, tmp);
   pack_rows(p.dtype, g.grad_out, g.grad_out_strides, b, h, i0, rows, Y, D, Dp, 1.f, t.do_t, BM, t.do_rows, tmp);
   pack_row_stats(p, g, b, h, i0, rows, Y, t.lse2, t.delta);
 }
 
-// The driver's first backward pass: query tile m of (b, h) into dst (packed_tile_floats(p) floats).
-void tile_backward_pack(const AttentionParams& p, const BackwardParams& g, int b, int h, int m, float* dst,
+// Query tile m of (segment, h) in the driver's buffer of packed tiles (work.h forward_rows).
+inline PackedTile driver_tile(const AttentionParams& p, const float* packed, const Segment& sg, int h, int m) {
+  const int64_t row = (int64_t(sg.b) * p.heads_q + h) * forward_rows(p) + sg.q_row0 + m;
+  return packed_tile(p, const_cast<float*>(packed) + row * packed_tile_floats(p));
+}
+
+// The driver's first backward pass: query tile m of (segment, h) into dst (packed_tile_floats(p) floats).
+void tile_backward_pack(const AttentionParams& p, const BackwardParams& g, const Segment& sg, int h, int m, float* dst,
                         Workspace& ws) {
   float* tmp = ws.floats(size_t(L * round_up(p.head_dim, L)));
-  pack_query_tile(p, g, b, h, m, packed_tile(p, dst), tmp);
+  pack_query_tile(p, g, sg, h, m, packed_tile(p, dst), tmp);
 }
 
 // P, then dS in place of dPᵀ:  P[c][r] = 2^(s[c][r] − lse_r),  dS = P ⊙ (dP − δ_r) ⊙ chain · scale
@@ -304,13 +310,13 @@ inline void probs_and_score_grads(const AttentionParams& p, int nk, int Y, float
   }
 }
 
-// Tile engine, backward for key tile n of (b, kv head): over every query head of the GQA group
-// and the query tiles of the transposed schedule (no atomics: this item owns these dK/dV rows).
+// Tile engine, backward for key tile n of (segment, kv head): over every query head of the GQA
+// group and the query tiles of the transposed schedule (no atomics: this item owns these dK/dV rows).
 //   dV_j = Σ_i P_ij·dO_i,   dP_ij = dO_i·v_j,   dS_ij = P_ij (dP_ij − δ_i)·chain·scale,   dK_j = Σ_i dS_ij·q_i
-void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, int b, int kv_head, int n,
+void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, const Segment& sg, int kv_head, int n,
                       const float* packed, Workspace& ws) {
-  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), group = p.group();
-  const int j0 = n * BN, nk = imin(BN, p.seqlen_k - j0), num_m = (p.seqlen_q + BM - 1) / BM;
+  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), group = p.group(), b = sg.b;
+  const int j0 = n * BN, nk = imin(BN, sg.nk - j0);
   const int64_t tile_floats = packed_tile_floats(p);
   float* own = ws.floats(size_t(tile_floats + 3 * BN * BM + 4 * BN * Dp + L * Dp));
   float* st = own + tile_floats;
@@ -322,48 +328,49 @@ void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, int b, 
   float* dv = dk + BN * Dp;
   float* tmp = dv + BN * Dp;
 
-  const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, false, kbuf);
-  const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
+  const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, false, kbuf);
+  const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, false, vbuf);
   fill(dk, BN * Dp, 0.f);
   fill(dv, BN * Dp, 0.f);
   const ScheduleView& schedule = p.backward_schedule;
+  const int row = sg.k_row0 + n;
   for (int gi = 0; gi < group; ++gi) {
     const int h = kv_head * group + gi;
-    const float slope = p.alibi(b, h);
-    const int count = schedule.num_tiles(b, h, n);
+    const float slope = p.alibi(sg.seq, h);
+    const int count = schedule.num_tiles(b, h, row);
     for (int t = 0; t < count; ++t) {
-      const int m = schedule.tile(b, h, n, t);
-      const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+      const int m = schedule.tile(b, h, row, t);
+      const int i0 = m * BM, rows = imin(BM, sg.nq - i0), Y = round_up(rows, L);
       PackedTile tile;
       if (packed) {  // packed once by the driver's first pass
-        tile = packed_tile(p, const_cast<float*>(packed) + ((int64_t(b) * p.heads_q + h) * num_m + m) * tile_floats);
+        tile = driver_tile(p, packed, sg, h, m);
       } else {
         tile = packed_tile(p, own);
-        pack_query_tile(p, g, b, h, m, tile, tmp);
+        pack_query_tile(p, g, sg, h, m, tile, tmp);
       }
       gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
-      score_tile(p, slope, i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
+      score_tile(p, slope, sg.shift(), i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
       gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
       probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true);
       gemm(nk, Dp, rows, st, BM, 1, tile.do_rows, Dp, dv, Dp, true);   // dV += Pᵀ·dO
       gemm(nk, Dp, rows, dpt, BM, 1, tile.q_rows, Dp, dk, Dp, true);   // dK += dSᵀ·Q
     }
   }
-  store_rows(p.dtype, g.dk, g.dk_strides, b, kv_head, j0, nk, D, dk, Dp);
-  store_rows(p.dtype, g.dv, g.dv_strides, b, kv_head, j0, nk, D, dv, Dp);
+  store_rows(p.dtype, g.dk, g.dk_strides, b, kv_head, sg.k0 + j0, nk, D, dk, Dp);
+  store_rows(p.dtype, g.dv, g.dv_strides, b, kv_head, sg.k0 + j0, nk, D, dv, Dp);
 }
 
-// Tile engine, backward of a whole (b, kv head) in one work item: for each key tile n, ascending,
+// Tile engine, backward of a whole (segment, kv head) in one work item: for each key tile n, ascending,
 // over the query tiles of its transposed schedule (every query head of the group): dK_n, dV_n as
 // tile_backward_kv, and dQ_m += dS·K_n into this item's buffer of the group's dQ rows — 5 products
 // per tile pair instead of the 7 of tile_backward_kv + tile_backward_q (which recomputes S and dP).
 // Each dQ_m receives its key tiles in ascending order, as tile_backward_q takes them from the
 // (ascending) forward schedule, through the same products on the same inputs: the two ways give the
 // same bits, so the driver may pick either.
-void tile_backward_head(const AttentionParams& p, const BackwardParams& g, int b, int kv_head, const float* packed,
-                        Workspace& ws) {
-  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), group = p.group();
-  const int num_m = (p.seqlen_q + BM - 1) / BM, num_n = (p.seqlen_k + BN - 1) / BN;
+void tile_backward_head(const AttentionParams& p, const BackwardParams& g, const Segment& sg, int kv_head,
+                        const float* packed, Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), group = p.group(), b = sg.b;
+  const int num_m = (sg.nq + BM - 1) / BM, num_n = (sg.nk + BN - 1) / BN;
   const int64_t tile_floats = packed_tile_floats(p), dq_floats = int64_t(group) * num_m * BM * Dp;
   float* own = ws.floats(size_t(tile_floats + dq_floats + 3 * BN * BM + 4 * BN * Dp + L * Dp));
   float* dq_all = own + tile_floats;
@@ -379,27 +386,27 @@ void tile_backward_head(const AttentionParams& p, const BackwardParams& g, int b
   fill(dq_all, dq_floats, 0.f);
   const ScheduleView& schedule = p.backward_schedule;
   for (int n = 0; n < num_n; ++n) {
-    const int j0 = n * BN, nk = imin(BN, p.seqlen_k - j0);
-    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, true, kbuf);
-    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
+    const int j0 = n * BN, nk = imin(BN, sg.nk - j0), row = sg.k_row0 + n;
+    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, true, kbuf);
+    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, false, vbuf);
     fill(dk, BN * Dp, 0.f);
     fill(dv, BN * Dp, 0.f);
     for (int gi = 0; gi < group; ++gi) {
       const int h = kv_head * group + gi;
-      const float slope = p.alibi(b, h);
-      const int count = schedule.num_tiles(b, h, n);
+      const float slope = p.alibi(sg.seq, h);
+      const int count = schedule.num_tiles(b, h, row);
       for (int t = 0; t < count; ++t) {
-        const int m = schedule.tile(b, h, n, t);
-        const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
+        const int m = schedule.tile(b, h, row, t);
+        const int i0 = m * BM, rows = imin(BM, sg.nq - i0), Y = round_up(rows, L);
         PackedTile tile;
         if (packed) {
-          tile = packed_tile(p, const_cast<float*>(packed) + ((int64_t(b) * p.heads_q + h) * num_m + m) * tile_floats);
+          tile = driver_tile(p, packed, sg, h, m);
         } else {
           tile = packed_tile(p, own);
-          pack_query_tile(p, g, b, h, m, tile, tmp);
+          pack_query_tile(p, g, sg, h, m, tile, tmp);
         }
         gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
-        score_tile(p, slope, i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
+        score_tile(p, slope, sg.shift(), i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
         gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
         probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true);
         gemm(nk, Dp, rows, st, BM, 1, tile.do_rows, Dp, dv, Dp, true);   // dV += Pᵀ·dO
@@ -408,24 +415,24 @@ void tile_backward_head(const AttentionParams& p, const BackwardParams& g, int b
              true);  // dQ += dS·K
       }
     }
-    store_rows(p.dtype, g.dk, g.dk_strides, b, kv_head, j0, nk, D, dk, Dp);
-    store_rows(p.dtype, g.dv, g.dv_strides, b, kv_head, j0, nk, D, dv, Dp);
+    store_rows(p.dtype, g.dk, g.dk_strides, b, kv_head, sg.k0 + j0, nk, D, dk, Dp);
+    store_rows(p.dtype, g.dv, g.dv_strides, b, kv_head, sg.k0 + j0, nk, D, dv, Dp);
   }
   for (int gi = 0; gi < group; ++gi)
     for (int m = 0; m < num_m; ++m) {
-      const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0);
-      store_rows(p.dtype, g.dq, g.dq_strides, b, kv_head * group + gi, i0, rows, D,
+      const int i0 = m * BM, rows = imin(BM, sg.nq - i0);
+      store_rows(p.dtype, g.dq, g.dq_strides, b, kv_head * group + gi, sg.q0 + i0, rows, D,
                  dq_all + (int64_t(gi) * num_m + m) * BM * Dp, Dp);
     }
 }
 
-// Tile engine, backward for query tile m of (b, h) over the forward schedule (a separate pass,
+// Tile engine, backward for query tile m of (segment, h) over the forward schedule (a separate pass,
 // so dQ needs no atomics either):  dQ_i = Σ_j dS_ij·k_j
-void tile_backward_q(const AttentionParams& p, const BackwardParams& g, int b, int h, int m, const float* packed,
-                     Workspace& ws) {
-  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L);
-  const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), Y = round_up(rows, L);
-  const int kv_head = h / p.group(), num_m = (p.seqlen_q + BM - 1) / BM;
+void tile_backward_q(const AttentionParams& p, const BackwardParams& g, const Segment& sg, int h, int m,
+                     const float* packed, Workspace& ws) {
+  const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), b = sg.b;
+  const int i0 = m * BM, rows = imin(BM, sg.nq - i0), Y = round_up(rows, L);
+  const int kv_head = h / p.group();
   const int64_t tile_floats = packed_tile_floats(p);
   float* own = ws.floats(size_t(tile_floats + 3 * BN * BM + 2 * BN * Dp + BM * Dp + L * Dp));
   float* st = own + tile_floats;
@@ -438,26 +445,26 @@ void tile_backward_q(const AttentionParams& p, const BackwardParams& g, int b, i
 
   PackedTile tile;
   if (packed) {
-    tile = packed_tile(p, const_cast<float*>(packed) + ((int64_t(b) * p.heads_q + h) * num_m + m) * tile_floats);
+    tile = driver_tile(p, packed, sg, h, m);
   } else {
     tile = packed_tile(p, own);
-    pack_query_tile(p, g, b, h, m, tile, tmp);
+    pack_query_tile(p, g, sg, h, m, tile, tmp);
   }
   fill(dq, BM * Dp, 0.f);
-  const float slope = p.alibi(b, h);
+  const float slope = p.alibi(sg.seq, h);
   const ScheduleView& schedule = p.forward_schedule;
-  const int count = schedule.num_tiles(b, h, m);
+  const int row = sg.q_row0 + m, count = schedule.num_tiles(b, h, row);
   for (int t = 0; t < count; ++t) {
-    const int j0 = schedule.tile(b, h, m, t) * BN, nk = imin(BN, p.seqlen_k - j0);
-    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, true, kbuf);
-    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, false, vbuf);
+    const int j0 = schedule.tile(b, h, row, t) * BN, nk = imin(BN, sg.nk - j0);
+    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, true, kbuf);
+    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, false, vbuf);
     gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
-    score_tile(p, slope, i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
+    score_tile(p, slope, sg.shift(), i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
     gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
     probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true);
     gemm(rows, Dp, nk, dpt, 1, BM, k.data, k.ld, dq, Dp, true);  // dQ += dS·K
   }
-  store_rows(p.dtype, g.dq, g.dq_strides, b, h, i0, rows, D, dq, Dp);
+  store_rows(p.dtype, g.dq, g.dq_strides, b, h, sg.q0 + i0, rows, D, dq, Dp);
 }
 
 }  // namespace FL_ISA

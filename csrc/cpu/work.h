@@ -48,12 +48,40 @@ inline int64_t backward_tile_floats(int head_dim, int block_m, int lanes) {
   return 4 * int64_t((head_dim + lanes - 1) / lanes * lanes) * block_m + 2 * int64_t(block_m);
 }
 
+// Where a tile-engine work item's rows are and how long its sequence is: batch row b of a plain
+// batch (all Nq queries and Nk keys), or sequence s of a packed batch (AttentionParams::packed:
+// its slice of the T axis of the [1, H, T, D] views). The kernels number tiles and positions
+// locally (query tile m is local rows m·BM .., p(i) = i + nk − nq), add q0 / k0 where they touch a
+// tensor, read schedule rows q_row0 + m (forward) and k_row0 + n (backward), and ALiBi row `seq`.
+struct Segment {
+  int b = 0;                   // batch index of the tensors and schedules (0 when packed)
+  int seq = 0;                 // ALiBi row: b, or the packed sequence
+  int q0 = 0, k0 = 0;          // the sequence's first query / key row in the tensors
+  int nq = 0, nk = 0;          // its lengths
+  int q_row0 = 0, k_row0 = 0;  // schedule rows of its query tile 0 (forward) and key tile 0 (backward)
+  int shift() const { return nk - nq; }  // p(i) = i + shift
+};
+
+inline Segment batch_segment(const AttentionParams& p, int b) {
+  Segment s;
+  s.b = s.seq = b;
+  s.nq = p.seqlen_q;
+  s.nk = p.seqlen_k;
+  return s;
+}
+
+// Forward schedule rows per (b, h): ⌈Nq / BM⌉, or the packed batch's forward items. The driver's
+// packed backward query tiles (tile_backward_pack) are laid out (b·Hq + h)·forward_rows + row.
+inline int forward_rows(const AttentionParams& p) {
+  return p.packed.active() ? p.packed.num_q_items : (p.seqlen_q + p.block_m - 1) / p.block_m;
+}
+
 // One instruction-set build of the kernels; each function handles one work item.
 struct KernelTable {
   const char* name;
   int lanes;  // floats per vector register
-  // Forward of query tile m of (b, h).
-  void (*tile_forward)(const AttentionParams&, int b, int h, int m, Workspace&);
+  // Forward of query tile m of (segment, h).
+  void (*tile_forward)(const AttentionParams&, const Segment&, int h, int m, Workspace&);
   // The same for a few query rows (decode), rows along the keys: query tile m of heads
   // h_first .. h_first + heads − 1, which share one KV head and one schedule row, over key tiles
   // [tile_begin, tile_end) of that row. With `partials` (a split of the keys) the rows' running
@@ -62,21 +90,22 @@ struct KernelTable {
                             int tile_end, float* partials, Workspace&);
   void (*tile_forward_rows_merge)(const AttentionParams&, int b, int h_first, int heads, int m, int splits,
                                   const float* partials, Workspace&);
-  // The backward's query tile m of (b, h) packed (q̃ᵀ, q rows, dOᵀ, dO rows, lse, δ) into dst, at
-  // ((b·Hq + h)·⌈Nq/BM⌉ + m)·backward_tile_floats(p, lanes) of the driver's buffer.
-  void (*tile_backward_pack)(const AttentionParams&, const BackwardParams&, int b, int h, int m, float* dst,
+  // The backward's query tile m of (segment, h) packed (q̃ᵀ, q rows, dOᵀ, dO rows, lse, δ) into
+  // dst, at ((b·Hq + h)·forward_rows(p) + q_row0 + m)·backward_tile_floats(p, lanes) of the
+  // driver's buffer.
+  void (*tile_backward_pack)(const AttentionParams&, const BackwardParams&, const Segment&, int h, int m, float* dst,
                              Workspace&);
-  // dK, dV of key tile n of (b, kv head), over the GQA group's query tiles: read from `packed`
-  // (the driver's buffer), or packed here when it is null.
-  void (*tile_backward_kv)(const AttentionParams&, const BackwardParams&, int b, int kv_head, int n,
+  // dK, dV of key tile n of (segment, kv head), over the GQA group's query tiles: read from
+  // `packed` (the driver's buffer), or packed here when it is null.
+  void (*tile_backward_kv)(const AttentionParams&, const BackwardParams&, const Segment&, int kv_head, int n,
                            const float* packed, Workspace&);
-  // dK, dV and dQ of a whole (b, kv head): the same bits as tile_backward_kv + tile_backward_q
-  // with 5 products per tile pair instead of 7, in one work item.
-  void (*tile_backward_head)(const AttentionParams&, const BackwardParams&, int b, int kv_head, const float* packed,
-                             Workspace&);
-  // dQ of query tile m of (b, h) (its tile from `packed` likewise).
-  void (*tile_backward_q)(const AttentionParams&, const BackwardParams&, int b, int h, int m, const float* packed,
-                          Workspace&);
+  // dK, dV and dQ of a whole (segment, kv head): the same bits as tile_backward_kv +
+  // tile_backward_q with 5 products per tile pair instead of 7, in one work item.
+  void (*tile_backward_head)(const AttentionParams&, const BackwardParams&, const Segment&, int kv_head,
+                             const float* packed, Workspace&);
+  // dQ of query tile m of (segment, h) (its tile from `packed` likewise).
+  void (*tile_backward_q)(const AttentionParams&, const BackwardParams&, const Segment&, int h, int m,
+                          const float* packed, Workspace&);
   // Gather forward of rows [row_begin, row_end) of (b, h).
   void (*gather_forward)(const AttentionParams&, int b, int h, int row_begin, int row_end, Workspace&);
   // Gather backward, per rows: dq, and probs/score_grads for the key pass.

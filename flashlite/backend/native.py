@@ -53,13 +53,22 @@ class NativeBackend(Backend):
         self._fns = {name: getattr(extension, f"{self.prefix}_{name}")
                      for name in ("tile_forward", "tile_backward", "gather_forward", "gather_backward")}
 
+    @staticmethod
+    def _packed(schedule) -> dict:
+        """A packed batch's work items as the kernels' named arguments (none for a plain batch, so
+        a build without them still serves plain calls)."""
+        if not schedule.is_packed:
+            return {}
+        return dict(q_items=schedule.q_items, k_items=schedule.k_items, cu_seqlens_q=schedule.cu_seqlens_q,
+                    cu_seqlens_k=schedule.cu_seqlens_k)
+
     def forward(self, plan, q, k, v, scale, softcap, alibi_slopes):
         if plan.engine == "tile":
             s = plan.schedule
             return self._fns["tile_forward"](
                 q, k, v, kv_tiles=s.kv_tiles, kv_count=s.kv_count, alibi_slopes=alibi_slopes, is_list=s.is_list,
                 block_m=s.block_m, block_n=s.block_n, window_left=s.window_left, window_right=s.window_right,
-                scale=scale, softcap=softcap)
+                scale=scale, softcap=softcap, **self._packed(s))
         return self._fns["gather_forward"](q, k, v, indices=plan.rows, alibi_slopes=alibi_slopes, causal=plan.causal,
                                            scale=scale, softcap=softcap)
 
@@ -70,7 +79,7 @@ class NativeBackend(Backend):
                 grad_out, q, k, v, out, lse, kv_tiles=s.kv_tiles, kv_count=s.kv_count, q_tiles=s.q_tiles,
                 q_count=s.q_count, alibi_slopes=alibi_slopes, is_list=s.is_list, block_m=s.block_m,
                 block_n=s.block_n, window_left=s.window_left, window_right=s.window_right, scale=scale,
-                softcap=softcap, deterministic=plan.deterministic)
+                softcap=softcap, deterministic=plan.deterministic, **self._packed(s))
         return self._fns["gather_backward"](
             grad_out, q, k, v, out, lse, indices=plan.rows, key_offsets=plan.key_offsets, key_slots=plan.key_slots,
             alibi_slopes=alibi_slopes, causal=plan.causal, scale=scale, softcap=softcap,
@@ -83,6 +92,7 @@ class CpuBackend(NativeBackend):
     name = "cpu"
     prefix = "cpu"
     devices = ("cpu",)
+    packed_tiles = True  # cpu_tile_forward/backward take q_items, k_items, cu_seqlens_q/k
 
     def __init__(self, extension) -> None:
         super().__init__(extension)
