@@ -279,3 +279,112 @@ def test_left_padded_batch_compiles_into_one_graph():
     for name, got in (("eager", eager), ("compiled", compiled)):
         assert_rule(f"{name} vs eager", got, low, exact)
         assert_rule(f"{name} vs sdpa", got, sdpa, exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed sequences (padding-free batches): each sequence attends only to itself, via varlen
+# ---------------------------------------------------------------------------------------------
+PACKED_LENGTHS = (5, 9, 3, 7)
+
+
+def flattened(lengths=PACKED_LENGTHS, **collator):
+    """transformers' DataCollatorWithFlattening output: input_ids [1, total], position_ids restarting."""
+    from transformers import DataCollatorWithFlattening
+
+    seqs = [torch.randint(3, 96, (n,)).tolist() for n in lengths]
+    return seqs, DataCollatorWithFlattening(**collator)([{"input_ids": s} for s in seqs])
+
+
+def count_packed_runs(monkeypatch):
+    runs = []
+    real = fl_tf._run_packed
+    monkeypatch.setattr(fl_tf, "_run_packed", lambda *a, **k: runs.append(a[3]) or real(*a, **k))
+
+    def boom(*a, **k):
+        raise AssertionError("dense path ran")
+
+    monkeypatch.setattr(FL, "dense_attention", boom)
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("source", ["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_packed_batch_matches_each_sequence_alone(kind, source, use_cache, monkeypatch):
+    """use_cache=False: transformers detects the packing and the mask function tags it;
+    use_cache=True: no mask, the attention function reads position_ids; cu_seq_lens: the kwargs."""
+    torch.manual_seed(4)
+    model = tiny(kind)  # Mistral: window 5 < the longer sequences
+    seqs, batch = flattened(return_flash_attn_kwargs=source == "cu_seq_lens")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    runs = count_packed_runs(monkeypatch)
+    model.set_attn_implementation(MAIN)
+    with torch.no_grad():
+        got = model(**inputs, use_cache=use_cache).logits[0]
+    assert len(runs) == model.config.num_hidden_layers
+    assert runs[0][0].tolist() == [0, 5, 14, 17, 24]
+    monkeypatch.undo()
+    start = 0
+    for seq in seqs:
+        ids = torch.tensor([seq])
+        exact = logits(model, "sdpa", ids, dtype=torch.float64)[0]
+        low = logits(model, "eager", ids)[0]
+        assert_rule(f"packed sequence at {start}", got[start:start + len(seq)], low, exact)
+        start += len(seq)
+
+
+def test_packed_training_loss_and_gradients_match_eager():
+    """A padding-free training step: fl_attention's loss and gradients are eager's on the same packed
+    batch (eager gets transformers' block-diagonal mask)."""
+    seqs, batch = flattened()
+    results = {}
+    for impl in ("eager", MAIN):
+        torch.manual_seed(5)
+        model = tiny("llama").train()
+        model.set_attn_implementation(impl)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        results[impl] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(results[MAIN][0], results["eager"][0], atol=1e-6, rtol=1e-5)
+    grads = results[MAIN][1]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    for name, want in results["eager"][1].items():
+        torch.testing.assert_close(grads[name], want, atol=2e-5, rtol=1e-3, msg=name)
+
+
+def test_mask_function_tags_packed_sequences():
+    from transformers import masking_utils as mu
+
+    from flashlite.dispatch import plan as plans
+
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    kw = dict(batch_size=1, q_length=6, kv_length=6)
+    for base, band in ((mu.causal_mask_function, (None, 0)), (mu.sliding_window_causal_mask_function(3), (2, 0))):
+        function = mu.and_masks(mu.remap_positions_for_packed_sequence(base, positions),
+                                mu.packed_sequence_mask_function(ids))
+        got = fl_tf.attention_mask(mask_function=function, **kw)
+        assert torch.equal(got, ids) and plans.recall(("transformers-packed",), (got,)) == band
+        # the packed mask on a path without the packed kernel: the dense block-diagonal band
+        keep = fl_tf._resolve(type("L", (), {"is_causal": True})(), torch.zeros(1, 2, 6, 4),
+                              torch.zeros(1, 2, 6, 4), got, None, None)[2]
+        want = fl_tf.attention_mask(mask_function=mu.and_masks(function, lambda b, h, q, k: q >= 0), **kw)
+        assert torch.equal(keep, want)
+
+
+def test_packed_kwargs_with_padding_is_an_error():
+    class Layer(torch.nn.Module):
+        is_causal = True
+
+    q = torch.randn(1, 2, 6, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    padding = torch.ones(1, 6, dtype=torch.bool)
+    padding[0, 5] = False
+    with pytest.raises(ValueError, match="padding"):
+        fl_tf.attention_forward(Layer(), q, q, q, padding, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4,
+                                max_length_k=4)
+    out, _ = fl_tf.attention_forward(Layer(), q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                     max_length_q=torch.tensor(4), max_length_k=4)
+    want = torch.cat([flashlite.reference.attention(q[:, :, a:b], q[:, :, a:b], q[:, :, a:b],
+                                                    flashlite.Full(causal=True)) for a, b in ((0, 2), (2, 6))], 2)
+    torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=1e-5)

@@ -27,9 +27,27 @@ What is registered:
     sliding-window causal, bidirectional): padding becomes top-k indices over the kept keys and the
     band a schedule, so no ``[Sq, Sk]`` mask is built (while compiling the key mask is returned
     even when nothing is padded: whether anything is would be a value read);
-  - anything it does not recognise (custom ``or``/``and`` mask functions, packed sequences, static
-    caches whose queries are not aligned to the end of the keys): the dense bool mask ``sdpa``
-    would get, which flashlite serves on its slow path (plain PyTorch with the explicit mask).
+  - for packed sequences (transformers detected ``position_ids`` restarting inside a row and
+    built ``and_masks(<band>, packed_sequence_mask_function)``): the ``[B, S]`` sequence-id
+    tensor, tagged as packed with its band;
+  - anything it does not recognise (custom ``or``/``and`` mask functions, static caches whose
+    queries are not aligned to the end of the keys): the dense bool mask ``sdpa`` would get, which
+    flashlite serves on its slow path (plain PyTorch with the explicit mask).
+
+Packed sequences (padding-free training, e.g. ``DataCollatorWithFlattening``: ``input_ids
+[1, total]`` and ``position_ids`` restarting at each sequence) run through
+:func:`flashlite.varlen_attention`: each sequence attends only to itself (with the layer's band:
+causal, sliding window), and the work is the sum over the sequences. The attention function
+recognises them, first match wins, from
+
+  1. ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments (what the collator gives with
+     ``return_flash_attn_kwargs=True``; any mask transformers built beside them describes the same
+     packing and is not read, but a 2-D padding mask with padding in it is an error);
+  2. the packed mask of the mask function above;
+  3. ``position_ids`` that do not run ``0, 1, 2, ...`` along a batch of one row, with no mask (or
+     a key mask with nothing padded), keys as long as the queries (no cache before them): a new sequence starts wherever the position
+     does not grow by one (transformers' rule). While compiling no value is read, so this case is
+     left to the mask (and a packed batch is not one graph: its boundaries are values).
 
 Every mask form the attention functions receive (the tagged key mask, a 4-D bool or float mask,
 a position bias) is lowered by the one mask front, :func:`flashlite.core.masks.lower`, and run by
@@ -149,6 +167,33 @@ def _recognise(mask_function) -> Optional[Band]:
     return None
 
 
+def _recognise_packed(mask_function) -> Optional[Tuple[Band, Tensor]]:
+    """(band, sequence ids ``[B, S]``) of transformers' packed-sequence mask
+    ``and_masks(remap_positions_for_packed_sequence(<standard band>), packed_sequence_mask_function(ids))``."""
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:  # pragma: no cover
+        return None
+    packed_fn = getattr(mu, "packed_sequence_mask_function", None)
+    remap_fn = getattr(mu, "remap_positions_for_packed_sequence", None)
+    and_masks = getattr(mu, "and_masks", None)
+    code = getattr(mask_function, "__code__", None)
+    if None in (packed_fn, remap_fn, and_masks, code) or code is not and_masks(mu.causal_mask_function).__code__:
+        return None
+    parts = inspect.getclosurevars(mask_function).nonlocals.get("mask_functions", ())
+    if len(parts) != 2 or not all(hasattr(part, "__code__") for part in parts):
+        return None
+    dummy = torch.zeros(1, 1, dtype=torch.long)
+    if parts[1].__code__ is not packed_fn(dummy).__code__ or parts[0].__code__ is not remap_fn(None, dummy).__code__:
+        return None
+    ids = inspect.getclosurevars(parts[1]).nonlocals.get("packed_sequence_mask")
+    base = inspect.getclosurevars(parts[0]).nonlocals.get("mask_function")
+    band = _recognise(base)
+    if band is None or not isinstance(ids, Tensor) or ids.dim() != 2:
+        return None
+    return band, ids
+
+
 def _as_int(value) -> Optional[int]:
     if isinstance(value, int):
         return value
@@ -162,8 +207,15 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
                    allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False,
                    use_vmap: bool = False, device="cpu", **kwargs):
     """The mask function registered with ``AttentionMaskInterface`` (see the module docstring)."""
-    band = None if use_vmap else _recognise(mask_function)
     offset = _as_int(q_offset)
+    packed = None if use_vmap or attention_mask is not None else _recognise_packed(mask_function)
+    if packed is not None and offset == 0 and kv_offset == 0 and q_length == kv_length \
+            and values_readable(packed[1]):
+        band, ids = packed
+        ids = ids.to(device=device, copy=True)  # its own tensor: the tag below is per mask, not per ids
+        plans.derived(("transformers-packed",), (ids,), lambda: band)  # read by _packing
+        return ids
+    band = None if use_vmap else _recognise(mask_function)
     aligned = offset is not None and offset + q_length == kv_offset + kv_length
     if band is not None and (aligned or band == _FULL_BAND):
         keep = None
@@ -194,9 +246,87 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 # ---------------------------------------------------------------------------------------------
 # Attention functions (AttentionInterface)
 # ---------------------------------------------------------------------------------------------
+def _cu_from_ids(ids: Tensor) -> Tuple[Tensor, int]:
+    """Sequence ids ``[B, S]`` (equal ids = one sequence, each row on its own) -> int32 cu_seqlens
+    over the flattened ``B·S`` tokens, and the longest sequence."""
+    batch, seqlen = ids.shape
+    flat = (ids.long() + torch.arange(batch, device=ids.device).view(-1, 1) * (seqlen + 1)).reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    cu = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, int(cu.diff().max()) if cu.numel() > 1 else 0
+
+
+def _ids_from_positions(position_ids: Tensor) -> Tensor:
+    """transformers' rule: a new sequence starts wherever the position does not grow by one."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    return (step != 1).cumsum(-1)
+
+
+def _packed_keep(ids: Tensor, band: Band, seqlen: int, device) -> Tensor:
+    """The dense ``[B, 1, S, S]`` keep-mask of a packed batch (for the paths without a packed kernel)."""
+    same = ids[:, None, :, None] == ids[:, None, None, :]
+    return same & _pattern_for(band).dense_mask(1, 1, 1, seqlen, seqlen, device)
+
+
+def _packing(module, query: Tensor, key: Tensor, mask, is_causal, sliding_window, kwargs):
+    """(cu_seqlens_q, cu_seqlens_k, max_q, max_k, band) when the call carries packed sequences, else None."""
+    band = plans.recall(("transformers-packed",), (mask,)) if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    given = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
+    if all(x is not None for x in given):
+        if isinstance(mask, Tensor) and mask.dim() == 2 and band is None and values_readable(mask) \
+                and not bool(mask.all()):
+            raise ValueError(f"{MAIN_NAME}: packed sequences (cu_seq_lens_q/k) together with a padding mask: "
+                             f"remove the padding (flashlite.compat.bert_padding.unpad_input) or the mask")
+        cu_q, cu_k, max_q, max_k = given
+        band = band or _module_band(module, is_causal, sliding_window)
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), _as_int(max_q), _as_int(max_k), band
+    if band is not None:
+        cu, longest = plans.derived(("transformers-packed-cu",), (mask,), lambda: _cu_from_ids(mask))
+        return cu, cu, longest, longest, band
+    position_ids = kwargs.get("position_ids")
+    if isinstance(mask, Tensor) and mask.dim() == 2:  # a key mask: only one with nothing padded
+        band, all_kept = plans.recall(("transformers-mask",), (mask,)) or (None, False)
+        mask = None if all_kept else mask
+    if mask is not None or not isinstance(position_ids, Tensor) or query.shape[0] != 1 \
+            or query.shape[2] < 2 or key.shape[2] != query.shape[2] or not values_readable(position_ids):
+        return None
+    position_ids = position_ids.reshape(1, -1)
+    if position_ids.shape[1] != query.shape[2]:
+        return None
+    ids = _ids_from_positions(position_ids)
+    if not bool(ids[0, -1]):  # one sequence: the ordinary path
+        return None
+    cu, longest = _cu_from_ids(ids)
+    return cu, cu, longest, longest, band or _module_band(module, is_causal, sliding_window)
+
+
+def _run_packed(query, key, value, packing, scaling, softcap, dropout, s_aux) -> Tensor:
+    """Packed sequences through flashlite.varlen_attention; ``[B, S, Hq, D]`` out."""
+    from ..api import varlen_attention
+
+    cu_q, cu_k, max_q, max_k, band = packing
+    batch, heads_q, seqlen_q, head_dim = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
+    kw = dict(max_seqlen_q=max_q, max_seqlen_k=max_k, scale=scaling, softcap=softcap, backend=_backend)
+    if dropout:
+        kw["dropout_p"] = dropout
+    if s_aux is None:
+        out = varlen_attention(q, k, v, cu_q, cu_k, _pattern_for(band), **kw)
+    else:
+        out, lse = varlen_attention(q, k, v, cu_q, cu_k, _pattern_for(band), return_lse=True, **kw)
+        gate = torch.sigmoid(lse - s_aux.float().view(1, -1))  # [T, Hq]: the sink joins each row's softmax
+        out = (out.float() * gate.unsqueeze(-1)).to(out.dtype)
+    return out.reshape(batch, seqlen_q, heads_q, head_dim)
+
+
 def _resolve(module, query: Tensor, key: Tensor, mask, is_causal, sliding_window):
     """-> (pattern, key_keep [B, Sk] | None, keep 4-D bool | None, bias 4-D float | None)."""
     seqlen_k = key.shape[2]
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        packed_band = plans.recall(("transformers-packed",), (mask,))
+        if packed_band is not None:  # a packed mask on a path without the packed kernel: dense
+            return None, None, _packed_keep(mask, packed_band, seqlen_k, key.device), None
     if mask is None:
         return _pattern_for(_module_band(module, is_causal, sliding_window)), None, None, None
     if not isinstance(mask, Tensor):
@@ -264,6 +394,10 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     """``"fl_attention"``: exact attention on flashlite for a transformers attention layer."""
     if kwargs.get("cache") is not None and type(kwargs["cache"]).__name__ == "PagedAttentionCache":
         raise ValueError(f"{MAIN_NAME} does not support transformers' paged (continuous batching) cache")
+    if position_bias is None:
+        packing = _packing(module, query, key, attention_mask, is_causal, sliding_window, kwargs)
+        if packing is not None:
+            return _run_packed(query, key, value, packing, scaling, softcap, float(dropout or 0.0), s_aux), None
     pattern, key_keep, keep, bias = _resolve(module, query, key, attention_mask, is_causal, sliding_window)
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias

@@ -1,5 +1,6 @@
-"""Functional drop-ins: ``scaled_dot_product_attention`` with PyTorch's signature, and the router
-that the modules (``MultiheadAttention``, the transformers integration) share.
+"""Functional drop-ins: ``scaled_dot_product_attention`` and ``varlen_attn`` with PyTorch's
+signatures, and the router that the modules (``MultiheadAttention``, the transformers integration)
+share.
 
 Every face lowers its masks with :func:`flashlite.core.masks.lower` (the one mask front: bool /
 float masks, key padding, ``is_causal``, a pattern -> a pattern plus whatever is left dense) and
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from .. import reference
 from ..api import attention as _attention
+from ..api import varlen_attention as _varlen_attention
 from ..core.masks import (Lowered, causal_variant, is_top_left_causal, lower, padded_pattern,  # noqa: F401
                           top_left_causal)
 from ..core.patterns import Pattern
@@ -203,5 +205,63 @@ def scaled_dot_product_attention(
     return out.reshape(*lead, *out.shape[-3:])
 
 
+# ---------------------------------------------------------------------------------------------
+# torch.nn.attention.varlen.varlen_attn
+# ---------------------------------------------------------------------------------------------
+def varlen_attn(
+    query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Optional[Tensor], max_q: int, max_k: int,
+    *, return_aux=None, scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False, seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+    num_splits: Optional[int] = None,
+):
+    """Twin of ``torch.nn.attention.varlen.varlen_attn`` (PyTorch 2.10+; same signature and return
+    convention), on every device through :func:`flashlite.varlen_attention`.
+
+    ``query [Tq, Hq, D]``, ``key/value [Tk, Hkv, D]`` (packed sequences); ``cu_seq_q/k`` int32
+    ``[N + 1]``; ``max_q/max_k`` the longest sequence. ``window_size=(left, right)`` as in
+    flash-attn, bottom-right aligned inside each sequence: ``(-1, -1)`` full, ``(-1, 0)`` causal,
+    ``(W, 0)`` causal sliding window; a side ``>= max_k`` is unbounded. ``enable_gqa``: allow
+    ``Hq`` a multiple of ``Hkv`` (else the head counts must match, as in PyTorch).
+    ``return_aux``: an ``AuxRequest`` (``torch.nn.attention.varlen.AuxRequest`` or any object with
+    an ``lse`` attribute); with ``lse=True`` returns ``(out, lse)``, lse float32 ``[Hq, Tq]`` - the
+    layout PyTorch's op returns (its fake kernel and flash's varlen kernel; PyTorch's docstring
+    says ``(Tq, Hq)``). ``num_splits`` is a CUDA split-KV tuning knob: accepted and ignored
+    (flashlite's result for a sequence does not depend on the rest of the batch). ``seqused_k`` and
+    ``block_table`` (paged KV caches) raise ``NotImplementedError`` until
+    ``flashlite.paged_attention`` lands (issue 16, paged KV caches). No dropout (PyTorch's has none).
+    Differentiable in query, key, value.
+    """
+    if seqused_k is not None or block_table is not None:
+        name = "seqused_k" if seqused_k is not None else "block_table"
+        raise NotImplementedError(f"{name}: paged / partially used KV caches come with flashlite.paged_attention "
+                                  f"(issue 16, paged KV caches), not built yet")
+    if cu_seq_k is None:
+        raise ValueError("cu_seq_k may be None only with block_table (paged KV caches), which is not supported yet")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)):
+        raise TypeError(f"num_splits must be an int or None, got {num_splits!r}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 3-D tensor [total_tokens, heads, head_dim], got {shape}")
+    heads_q, heads_k = query.size(1), key.size(1)
+    if not enable_gqa and heads_q != heads_k:
+        raise ValueError(f"Expect query and key/value to have the same number of heads but got Hq={heads_q} and "
+                         f"Hkv={heads_k}. Try setting enable_gqa=True for GQA.")
+    if enable_gqa and (heads_k == 0 or heads_q % heads_k):
+        raise ValueError(f"Expect number of query heads to be a multiple of kv heads for GQA but got Hq={heads_q} "
+                         f"and Hkv={heads_k}.")
+    from ..compat.flash_attn import _int, pattern_for  # flash-attn's window semantics, shared
+
+    max_q, max_k = _int(max_q, "max_q"), _int(max_k, "max_k")
+    pattern = pattern_for(False, window_size, max_k)
+    want_lse = return_aux is not None and bool(getattr(return_aux, "lse", False))
+    result = _varlen_attention(query, key, value, cu_seq_q, cu_seq_k, pattern, max_seqlen_q=max_q,
+                               max_seqlen_k=max_k, scale=None if scale is None else float(scale), return_lse=want_lse)
+    if want_lse:
+        out, lse = result
+        return out, lse.transpose(0, 1).contiguous()
+    return result
+
+
 __all__ = ["scaled_dot_product_attention", "attend", "serve", "dense_attention", "needs_slow_path",
-           "top_left_causal", "causal_variant", "padded_pattern", "is_top_left_causal"]
+           "top_left_causal", "causal_variant", "padded_pattern", "is_top_left_causal", "varlen_attn"]
