@@ -13,6 +13,14 @@ Useful work (docs/design.md § Benchmark protocol):
   ``4*B*H*Nq*Nk*D``, causal about half, a window ``4*B*H*Nq*w*D``, top-k ``4*B*H*Nq*k*D``.
 * Bytes (memory-bound cases only: decode and top-k): the data the kernel must move at least,
   without reuse between queries (see ``Case.bytes``).
+
+``varlen`` (not in the default pattern list; ``--patterns varlen``): a packed causal batch of one
+sequence of the sweep's length and ``VARLEN_SHORT_COUNT`` sequences of ``VARLEN_SHORT`` tokens
+(issue 16: 1 x 2048 + 31 x 128), run by ``flashlite.varlen_attention``; the shape's batch is the
+sequence count and its length the longest sequence. Its inputs are packed ``[T, H, D]``; the SDPA
+peer pads them (outside the timing) to ``[S, H, max, D]`` with a causal + padding mask, and the
+``per-sequence`` peer calls ``flashlite.attention`` once per sequence. Useful work: each
+sequence's own causal keys.
 """
 from __future__ import annotations
 
@@ -22,7 +30,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-PATTERNS = ("full", "causal", "window", "block_sparse", "topk", "decode")
+PATTERNS = ("full", "causal", "window", "block_sparse", "topk", "decode")  # the default sweep
+ALL_PATTERNS = PATTERNS + ("varlen",)  # varlen on request (--patterns varlen)
+DEFAULT_PATTERNS = PATTERNS
+VARLEN_SHORT, VARLEN_SHORT_COUNT = 128, 31
 PATTERN_ALIASES = {"block-sparse": "block_sparse", "blocksparse": "block_sparse", "sparse": "block_sparse",
                    "top-k": "topk", "top_k": "topk", "sliding_window": "window", "sliding-window": "window"}
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -41,8 +52,8 @@ class Skip(Exception):
 def parse_pattern(name: str) -> str:
     name = name.strip().lower()
     name = PATTERN_ALIASES.get(name, name)
-    if name not in PATTERNS:
-        raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}; got {name!r}")
+    if name not in ALL_PATTERNS:
+        raise ValueError(f"pattern must be one of {', '.join(ALL_PATTERNS)}; got {name!r}")
     return name
 
 
@@ -100,7 +111,15 @@ class Case:
             return f"block_sparse({round(100 * float(p['density']))}%)"
         if self.pattern == "topk":
             return f"topk({p['k']})"
+        if self.pattern == "varlen":
+            return f"varlen(1x{self.shape.seqlen_q}+{p['short_count']}x{p['short']})"
         return self.pattern
+
+    @property
+    def lengths(self) -> List[int]:
+        """varlen: the sequence lengths (queries = keys), longest first."""
+        p = self.p
+        return [self.shape.seqlen_q] + [int(p["short"])] * int(p["short_count"])
 
     @property
     def id(self) -> str:
@@ -129,6 +148,8 @@ class Case:
             per_head = band_keys(s.seqlen_q, s.seqlen_k, None, 0)
         elif self.pattern == "window":
             per_head = band_keys(s.seqlen_q, s.seqlen_k, int(self.p["window"]), 0)
+        elif self.pattern == "varlen":  # each sequence's own causal keys; batch is the sequence count
+            return sum(band_keys(n, n, None, 0) for n in self.lengths) * s.heads_q
         elif self.pattern == "block_sparse":
             data = pattern_data or make_pattern_data(self, "cpu")
             return layout_keys(data.layout, int(self.p["block_size"]), s.seqlen_q, s.seqlen_k, s.batch, s.heads_q)
@@ -210,19 +231,27 @@ class PatternData:
     pattern: object  # a flashlite Pattern
     layout: Optional[torch.Tensor] = None  # block_sparse: bool [1, Hq, Mb, Nb]
     indices: Optional[torch.Tensor] = None  # topk: int32 [B, Hkv, Nq, K]
+    cu_seqlens: Optional[torch.Tensor] = None  # varlen: int32 [S + 1] (queries and keys)
     _dense: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def dense_mask_bytes(self, case: Case) -> int:
         """Bytes of the bool mask ``[B|1, Hq|1, Nq, Nk]`` a dense-mask peer needs."""
         s = case.shape
-        lead = {"window": 1, "causal": 1, "block_sparse": s.heads_q, "topk": s.batch * s.heads_q}.get(case.pattern, 1)
+        lead = {"window": 1, "causal": 1, "block_sparse": s.heads_q, "topk": s.batch * s.heads_q,
+                "varlen": s.batch}.get(case.pattern, 1)
         return lead * s.seqlen_q * s.seqlen_k
 
     def dense_mask(self, case: Case, device) -> torch.Tensor:
         """Bool mask broadcastable to ``[B, Hq, Nq, Nk]`` (True = attend), built once."""
         if self._dense is None:
             s = case.shape
-            self._dense = self.pattern.dense_mask(s.batch, s.heads_q, s.heads_kv, s.seqlen_q, s.seqlen_k, device)
+            if case.pattern == "varlen":  # [S, 1, max, max]: causal inside each sequence, keys past it hidden
+                lengths = torch.tensor(case.lengths, device=device).view(-1, 1, 1, 1)
+                i = torch.arange(s.seqlen_q, device=device).view(1, 1, -1, 1)
+                j = torch.arange(s.seqlen_k, device=device).view(1, 1, 1, -1)
+                self._dense = (j <= i) & (j < lengths)
+            else:
+                self._dense = self.pattern.dense_mask(s.batch, s.heads_q, s.heads_kv, s.seqlen_q, s.seqlen_k, device)
         return self._dense
 
 
@@ -264,6 +293,9 @@ def make_pattern_data(case: Case, device) -> PatternData:
         return PatternData(flashlite.Full(causal=False))
     if case.pattern == "causal":
         return PatternData(flashlite.Full(causal=True))
+    if case.pattern == "varlen":
+        cu = torch.tensor([0] + torch.tensor(case.lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        return PatternData(flashlite.Full(causal=True), cu_seqlens=cu)
     if case.pattern == "window":
         return PatternData(flashlite.SlidingWindow(int(p["window"]), 0))
     if case.pattern == "block_sparse":
@@ -282,6 +314,12 @@ def make_qkv(case: Case, device, sets: int = 1, seed: int = 0) -> List[Tuple[tor
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)  # generated on the device: no host copy
     out = []
+    if case.pattern == "varlen":  # packed [T, H, D]
+        total = sum(case.lengths)
+        for _ in range(sets):
+            out.append(tuple(torch.randn(total, heads, s.head_dim, generator=gen, device=device).to(case.torch_dtype)
+                             for heads in (s.heads_q, s.heads_kv, s.heads_kv)))
+        return out
     for _ in range(sets):
         triple = tuple(
             torch.randn(s.batch, heads, seqlen, s.head_dim, generator=gen, device=device).to(case.torch_dtype)
@@ -293,6 +331,8 @@ def make_qkv(case: Case, device, sets: int = 1, seed: int = 0) -> List[Tuple[tor
 def qkv_bytes(case: Case) -> int:
     s = case.shape
     elt = element_size(case.torch_dtype)
+    if case.pattern == "varlen":
+        return sum(case.lengths) * (s.heads_q + 2 * s.heads_kv) * s.head_dim * elt
     return (s.batch * s.heads_q * s.seqlen_q + 2 * s.batch * s.heads_kv * s.seqlen_k) * s.head_dim * elt
 
 
@@ -366,6 +406,10 @@ def _pattern_cases(pattern: str, sweep: Sweep, seqlen: int, head_dim: int, dtype
             yield Case("block_sparse", shape, dtype, (("density", float(density)), ("block_size", sweep.block_size)))
     elif pattern == "topk":
         yield Case("topk", shape, dtype, (("k", sweep.topk),))
+    elif pattern == "varlen":  # 1 x seqlen + 31 x 128; the batch is the sequence count
+        if seqlen >= VARLEN_SHORT:
+            yield Case("varlen", replace(shape, batch=1 + VARLEN_SHORT_COUNT), dtype,
+                       (("short", VARLEN_SHORT), ("short_count", VARLEN_SHORT_COUNT)))
     else:
         yield Case(pattern, shape, dtype)
 

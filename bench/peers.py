@@ -13,6 +13,11 @@ they allow:
   BlockMask at the layout's block size (falling back to Flex's default 128 if it refuses);
   top-k has no exact BlockMask form, so it runs as a ``mask_mod`` over a dense per-query index
   mask, on sizes where that mask fits ``max_mask_bytes`` (said in the row's note).
+
+Packed batches (the ``varlen`` case, inputs packed ``[T, H, D]``): flashlite runs
+``varlen_attention``; SDPA runs the padded batch ``[S, H, max, D]`` with a dense causal + padding
+mask (padding done by ``adapt``, outside the timing); ``PerSequenceImpl`` runs
+``flashlite.attention`` once per sequence (its inputs split by ``adapt``, outside the timing).
 """
 from __future__ import annotations
 
@@ -46,13 +51,19 @@ class Impl:
     def prepare(self, case: Case, data: PatternData, device: torch.device, grad: bool) -> Forward:
         raise NotImplementedError
 
-    def check(self, forward: Forward, q, k, v) -> float:
+    def adapt(self, case: Case, data: PatternData, q, k, v) -> tuple:
+        """The tensors this implementation's forward takes, made from a case's (q, k, v) outside the
+        timing (the autograd leaves of a backward). Default: (q, k, v) themselves. The forward may
+        return one tensor or a list of them."""
+        return (q, k, v)
+
+    def check(self, forward: Forward, *tensors) -> float:
         """Run once (untimed: compiles, probes support); raise Skip on "cannot run". Returns seconds."""
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                out = forward(q, k, v)
+                out = forward(*tensors)
             except Skip:
                 raise
             except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:
@@ -61,8 +72,9 @@ class Impl:
                 detail = "; ".join(str(w.message).splitlines()[0] for w in caught[:3] if str(w.message).strip())
                 message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise Skip(f"{message}{' (' + detail + ')' if detail else ''}") from None
-        if torch.is_tensor(out) and out.device.type == "cuda":
-            torch.cuda.synchronize(out.device)
+        first = out[0] if isinstance(out, (list, tuple)) and out else out
+        if torch.is_tensor(first) and first.device.type == "cuda":
+            torch.cuda.synchronize(first.device)
         return time.perf_counter() - start
 
     def __repr__(self) -> str:
@@ -85,9 +97,10 @@ def backend_why_not(name: str, case: Case, data: PatternData, device: torch.devi
         return state or f"unknown backend {name!r}"
     pattern = data.pattern
     try:
+        extra = {"packed": True} if case.pattern == "varlen" else {}
         request = backend.Request(
             device_type=device.type, dtype=case.torch_dtype, head_dim=case.shape.head_dim, engine=pattern.engine,
-            pattern=pattern.name, requires_grad=grad, block_size=getattr(pattern, "block_size", None))
+            pattern=pattern.name, requires_grad=grad, block_size=getattr(pattern, "block_size", None), **extra)
         return backend.get(name).why_not(request)
     except TypeError:  # the Request fields changed: let the call itself answer
         return None
@@ -108,11 +121,53 @@ class FlashliteImpl(Impl):
         import flashlite
 
         pattern, backend = data.pattern, self.backend
+        if case.pattern == "varlen":
+            cu = data.cu_seqlens
+
+            def forward(q, k, v):
+                return flashlite.varlen_attention(q, k, v, cu, cu, pattern, backend=backend)
+
+            return forward
 
         def forward(q, k, v):
             return flashlite.attention(q, k, v, pattern, backend=backend)
 
         return forward
+
+
+class PerSequenceImpl(Impl):
+    """varlen cases only: ``flashlite.attention`` on each sequence of the packed batch in turn
+    (``[1, H, n, D]`` each, split outside the timing): what a packed call should cost at most."""
+
+    kind = "peer"
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.backend = backend
+        self.name = f"per-sequence:{backend}"
+
+    def prepare(self, case, data, device, grad):
+        if case.pattern != "varlen":
+            raise Skip("times varlen cases only")
+        reason = backend_why_not(self.backend, Case("causal", case.shape, case.dtype), data, device, grad)
+        if reason:
+            raise Skip(reason)
+        import flashlite
+
+        pattern, backend = data.pattern, self.backend
+        self.note = f"{len(case.lengths)} flashlite.attention calls"
+
+        def forward(*tensors):
+            return [flashlite.attention(*tensors[i:i + 3], pattern, backend=backend) for i in range(0, len(tensors), 3)]
+
+        return forward
+
+    def adapt(self, case, data, q, k, v):
+        cu = data.cu_seqlens.tolist()
+        out = []
+        for s in range(len(cu) - 1):
+            out += [t[cu[s]:cu[s + 1]].transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v)]
+        return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +212,9 @@ class SdpaImpl(Impl):
                 kwargs["is_causal"] = True
             else:
                 kwargs["attn_mask"] = self._mask(case, data, device)
+        elif case.pattern == "varlen":
+            kwargs["attn_mask"] = self._mask(case, data, device)
+            notes.append(f"padded to {s.batch}x{s.seqlen_q} (outside the timing), dense causal + padding mask")
         elif case.pattern in ("window", "block_sparse", "topk"):
             kwargs["attn_mask"] = self._mask(case, data, device)
             notes.append("dense bool attn_mask")
@@ -180,6 +238,18 @@ class SdpaImpl(Impl):
                 return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
         return forward
+
+    def adapt(self, case, data, q, k, v):
+        if case.pattern != "varlen":
+            return (q, k, v)
+        s, cu = case.shape, data.cu_seqlens.tolist()
+        out = []
+        for t in (q, k, v):  # packed [T, H, D] -> padded [S, H, max, D] (zeros past each sequence)
+            padded = t.new_zeros(s.batch, t.shape[1], s.seqlen_q, t.shape[2])
+            for i in range(len(cu) - 1):
+                padded[i, :, :cu[i + 1] - cu[i]] = t[cu[i]:cu[i + 1]].transpose(0, 1)
+            out.append(padded)
+        return tuple(out)
 
     def _mask(self, case: Case, data: PatternData, device) -> torch.Tensor:
         need = data.dense_mask_bytes(case)
@@ -253,6 +323,8 @@ class FlexImpl(Impl):
         return create_block_mask(mask_mod, batch, heads, s.seqlen_q, s.seqlen_k, **kwargs)
 
     def prepare(self, case, data, device, grad):
+        if case.pattern == "varlen":
+            raise Skip("packed (varlen) batches are not expressed for FlexAttention here")
         compiled, create_block_mask = _flex()
         s = case.shape
         offset = s.seqlen_k - s.seqlen_q  # bottom-right alignment: p(i) = i + offset

@@ -18,7 +18,7 @@ import torch
 
 from . import cases as C
 from .cases import Case, Skip
-from .peers import FlashliteImpl, Impl, make_peers, parse_peers
+from .peers import FlashliteImpl, Impl, PerSequenceImpl, make_peers, parse_peers
 from .report import (REPO_ROOT, SCHEMA, busy_warning, command_line, derive, environment, noisy_lines, noisy_rows,
                      peak_lines, slug, stamp, summary, table, write_json)
 from .timing import Timer, measure_peak, rotation_sets
@@ -77,7 +77,7 @@ def build_parser(prog: str = "flashlite bench") -> argparse.ArgumentParser:
         help="size profile (default: gpu/gpu-quick on a GPU, cpu/cpu-quick on a CPU)")
     add("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     add("--patterns", type=_list(C.parse_pattern), default=None,
-        help=f"comma list of {', '.join(C.PATTERNS)} (default: all)")
+        help=f"comma list of {', '.join(C.ALL_PATTERNS)} (default: all but varlen)")
     add("--seqlens", type=_list(_positive_int), default=None,
         help="comma list of sequence lengths (default: the profile's)")
     add("--head-dims", type=_list(_positive_int), default=None,
@@ -183,7 +183,7 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 def make_sweep(opts: argparse.Namespace, device: torch.device) -> tuple:
     profile = opts.profile or (("gpu" if device.type == "cuda" else "cpu") + ("-quick" if opts.quick else ""))
-    sweep = C.profile_sweep(profile, opts.patterns or C.PATTERNS)
+    sweep = C.profile_sweep(profile, opts.patterns or C.DEFAULT_PATTERNS)
     for field, attr in (("seqlens", "seqlens"), ("head_dims", "head_dims"), ("dtypes", "dtypes"),
                         ("batch_heads", "batch_heads"), ("window", "window"), ("densities", "densities"),
                         ("block_size", "block_size"), ("topk", "topk")):
@@ -256,21 +256,24 @@ def _attempt(fn: Callable[[], object]) -> object:
         raise Skip(f"{type(exc).__name__}: {first}") from None
 
 
-def make_calls(impl: Impl, forward, inputs: list, mode: str, timer: Timer) -> tuple:
+def make_calls(impl: Impl, forward, inputs: list, mode: str, timer: Timer, case: Optional[Case] = None,
+               data=None) -> tuple:
     """The zero-argument calls to time, one per rotated input set, and the seconds the first
     (untimed) call took — compilation included. ``fwd`` runs under ``no_grad``; ``bwd`` times
     ``autograd.grad`` of a forward made beforehand; ``fwd+bwd`` times both. Raises Skip."""
     start = time.perf_counter()
+    # the implementation's own form of each input set (e.g. padded or split), made untimed
+    inputs = [impl.adapt(case, data, *triple) for triple in inputs] if data is not None else inputs
     if mode == "fwd":
-        def make_call(q, k, v):
+        def make_call(tensors):
             def call():
                 with torch.no_grad():
-                    return forward(q, k, v)
+                    return forward(*tensors)
             return call
 
         with torch.no_grad():
             impl.check(forward, *inputs[0])
-        return [make_call(*triple) for triple in inputs], time.perf_counter() - start
+        return [make_call(tensors) for tensors in inputs], time.perf_counter() - start
     calls = []
     first_s = 0.0
     for index, triple in enumerate(inputs):
@@ -278,15 +281,17 @@ def make_calls(impl: Impl, forward, inputs: list, mode: str, timer: Timer) -> tu
         if index == 0:  # the first forward: compiles, or says it cannot run
             holder: Dict[str, object] = {}
 
-            def first_forward(q, k, v):
-                holder["out"] = forward(q, k, v)
+            def first_forward(*tensors):
+                holder["out"] = forward(*tensors)
                 return holder["out"]
 
             impl.check(first_forward, *leaves)
             out = holder["out"]
         else:
             out = forward(*leaves)
-        grad_out = torch.randn_like(out)
+        # a forward may return a list of outputs (one per sequence): one gradient each
+        out = list(out) if isinstance(out, (list, tuple)) else out
+        grad_out = [torch.randn_like(o) for o in out] if isinstance(out, list) else torch.randn_like(out)
         if mode == "bwd":
             def call(out=out, leaves=leaves, grad_out=grad_out):
                 return torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
@@ -301,9 +306,10 @@ def make_calls(impl: Impl, forward, inputs: list, mode: str, timer: Timer) -> tu
     return calls, first_s
 
 
-def measure(impl: Impl, forward, case: Case, inputs: list, mode: str, timer: Timer, warmup: int) -> dict:
+def measure(impl: Impl, forward, case: Case, inputs: list, mode: str, timer: Timer, warmup: int,
+            data=None) -> dict:
     """Time ``impl`` on ``case`` in ``mode`` alone; returns the measured fields of the row."""
-    calls, first_s = make_calls(impl, forward, inputs, mode, timer)
+    calls, first_s = make_calls(impl, forward, inputs, mode, timer, case, data)
     return {**measured(timer, calls, _attempt(lambda: timer.time(calls, warmup=warmup))), "first_call_s": first_s}
 
 
@@ -377,6 +383,8 @@ def setup(opts: argparse.Namespace) -> Plan:
                                   "compiles with inductor (~20 s at first, ~1 s per further shape); "
                                   "pass --peers sdpa,flex to include it")
     impls: List[Impl] = [FlashliteImpl(b) for b in timed] + peers
+    if "varlen" in sweep.patterns and "none" not in [p.strip().lower() for p in (opts.peers or [])]:
+        impls += [PerSequenceImpl(b) for b in timed]  # varlen: the sum of per-sequence calls
     return Plan(device, profile, sweep, modes, validated, impls, C.make_cases(sweep), {**left_out, **peers_left_out})
 
 
@@ -553,7 +561,7 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
                                     prepared[key] = exc
                             if isinstance(prepared[key], Skip):
                                 raise prepared[key]  # type: ignore[misc]
-                            calls, first_s = make_calls(impl, prepared[key], inputs, mode, timer)
+                            calls, first_s = make_calls(impl, prepared[key], inputs, mode, timer, case, data)
                             row["first_call_s"] = first_s
                             row["note"] = impl.note  # as it ran (a peer may have fallen back)
                             if device.type == "cpu":

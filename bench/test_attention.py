@@ -59,7 +59,7 @@ def test_attention(benchmark, case: C.Case, impl, mode: str):
     data, inputs = _case_inputs(case)
     try:
         forward = impl.prepare(case, data, PLAN.device, mode != "fwd")
-        calls, first_s = runner.make_calls(impl, forward, inputs, mode, TIMER)
+        calls, first_s = runner.make_calls(impl, forward, inputs, mode, TIMER, case, data)
     except Skip as exc:
         pytest.skip(str(exc))
     rotation = itertools.cycle(calls)
