@@ -542,7 +542,7 @@ def _from_file(path: Path, dtype, shape):
 _DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
 
 
-def _emulate(emulator: Path, workdir: Path, case: dict, arrays: dict) -> str:
+def _emulate(emulator: Path, workdir: Path, case: dict, arrays: dict, env: dict | None = None) -> str:
     workdir.mkdir(parents=True, exist_ok=True)
     lines = []
     for key, value in case.items():
@@ -552,13 +552,14 @@ def _emulate(emulator: Path, workdir: Path, case: dict, arrays: dict) -> str:
         if name in ("kv_tiles", "kv_count", "q_tiles", "q_count", "indices", "key_offsets", "key_slots"):
             lines.append(f"{name}_shape {' '.join(map(str, tensor.shape))}")
     (workdir / "case.txt").write_text("\n".join(lines) + "\n")
-    run = subprocess.run([str(emulator), str(workdir)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([str(emulator), str(workdir)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, **(env or {})))
     assert run.returncode == 0, f"emulator failed ({case.get('mode')}):\n{run.stderr[-3000:]}"
     return run.stdout
 
 
 def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, alibi=None, pad=0,
-                        deterministic=True, block_size=0, seed=0):
+                        deterministic=True, block_size=0, seed=0, env=None):
     """Forward and backward of `pattern` through the emulated CUDA launchers.
     Returns (out, lse, dq, dk, dv, grad_out, forward stdout)."""
     import torch
@@ -599,7 +600,7 @@ def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, ali
     arrays.update(grad_out=grad_out, out=out, lse=lse, delta=delta)
     if gather and deterministic:
         arrays["key_offsets"], arrays["key_slots"] = key_index(rows, Nq, Nk, pattern.causal)
-    _emulate(emulator, workdir, case, arrays)
+    _emulate(emulator, workdir, case, arrays, env)
     dq = _from_file(workdir / "dq.bin", q.dtype, q.shape)
     dk = _from_file(workdir / "dk.bin", q.dtype, k.shape)
     dv = _from_file(workdir / "dv.bin", q.dtype, v.shape)
@@ -707,6 +708,9 @@ def _emulation_cases():
          dict(softcap=3.0, alibi=torch.tensor([0.2, 0.5]))),
         # repeated keys in a row (canonical rows), GQA, per-query and shared lists, both backwards
         ("topk_repeated_keys", bf16, (1, 4, 2, 24, 40, 32), lambda: topk(1, 2, 24, 40, 9, True, repeats=True), {}),
+        # the per-key dK/dV's 64-bit slot division (taken by itself only when Nq*K >= 2^32)
+        ("topk_wide_slots", f16, (1, 4, 2, 20, 40, 64), lambda: topk(1, 2, 20, 40, 10, True),
+         dict(env={"FLASHLITE_CUDA_WIDE_SLOTS": "1"})),
         ("topk_repeated_shared_atomic", f16, (1, 4, 2, 12, 40, 64),
          lambda: topk(1, 2, 12, 40, 9, False, shared=True, repeats=True), dict(deterministic=False)),
     ]

@@ -23,6 +23,11 @@ bool no_decode() {
   return flag;
 }
 
+bool wide_slots() {
+  static const bool flag = env_flag("FLASHLITE_CUDA_WIDE_SLOTS");
+  return flag;
+}
+
 bool preferred_tiles(int* block_m, int* block_n) {
   static const std::pair<int, int> preferred = [] {
     int m = 0, n = 0;

@@ -6,6 +6,7 @@
 // index (gather_key_grads_kernel).
 #pragma once
 
+#include "cuda/debug_env.h"
 #include "cuda/engine_launchers.h"
 #include "cuda/simt_engine.cuh"
 #include "cuda/simt_grid.h"
@@ -83,7 +84,7 @@ __global__ void __launch_bounds__(kSimtThreads)
   const int index_heads = p.index_heads;  // 1 or Hkv (checked by the launcher)
   const int hi = index_heads == 1 ? 0 : kvh;
   const int64_t seg = (static_cast<int64_t>(b) * index_heads + hi) * p.seqlen_k + j;
-  const int64_t begin = g.key_offsets[seg], end = g.key_offsets[seg + 1];
+  const int64_t* const slots_end = g.key_slots + g.key_offsets[seg + 1];
   const int64_t shift = static_cast<int64_t>(p.seqlen_k) - p.seqlen_q;
 
   const T* k_row = row_ptr<T>(p.k, p.k_strides, b, kvh, j);
@@ -96,8 +97,8 @@ __global__ void __launch_bounds__(kSimtThreads)
     vf[c] = col < hd ? Elem<T>::to_float(v_row[col]) : 0.f;
     acc_dk[c] = acc_dv[c] = 0.f;
   }
-  for (int64_t e = begin; e < end; ++e) {
-    const int i = slot_row<kWide>(g.key_slots[e], p.top_k);
+  for (const int64_t* slot = g.key_slots + g.key_offsets[seg]; slot != slots_end; ++slot) {
+    const int i = slot_row<kWide>(*slot, p.top_k);
     const int64_t pos = i + shift;
     if (p.causal && j > pos) continue;
     for (int gg = 0; gg < G; ++gg) {
@@ -156,7 +157,7 @@ cudaError_t simt_gather_backward(BackwardArgs args, size_t smem_limit, cudaStrea
   const AttentionParams& p = args.p;
   const int64_t blocks = static_cast<int64_t>((p.seqlen_k + kSimtWarps - 1) / kSimtWarps) * p.batch * p.heads_kv;
   if (blocks == 0) return cudaSuccess;
-  const bool wide = static_cast<int64_t>(p.seqlen_q) * p.top_k > static_cast<int64_t>(UINT32_MAX);
+  const bool wide = static_cast<int64_t>(p.seqlen_q) * p.top_k > static_cast<int64_t>(UINT32_MAX) || wide_slots();
   const dim3 grid(static_cast<unsigned>(blocks));
   FL_SIMT_DC_SWITCH(p.head_dim, return wide ? launch_with_smem(gather_key_grads_kernel<T, DC, true>, grid,
                                                                kSimtThreads, 0, stream, args)
