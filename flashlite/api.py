@@ -71,10 +71,24 @@ def check_scalars(q: Tensor, scale, softcap, alibi_slopes,
     return float(scale), softcap, alibi_slopes
 
 
+def check_dropout(dropout_p, generator) -> Optional[Tuple[float, int]]:
+    """None for no dropout, else (p, seed) with the seed drawn from ``generator`` now."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not dropout_p:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        return None
+    from .core.dropout import draw_seed
+
+    return float(dropout_p), draw_seed(generator)
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
     softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
-    backend: Optional[str] = None, deterministic: bool = True,
+    backend: Optional[str] = None, deterministic: bool = True, dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
 ):
     """Exact attention ``softmax(q·kᵀ·scale + bias)·v`` over ``pattern``.
 
@@ -90,8 +104,14 @@ def attention(
             variable ``FLASHLITE_BACKEND`` overrides auto).
         deterministic: ``True`` (default) keeps the backward bitwise reproducible; ``False`` lets a
             backend use a faster backward with atomic adds where it has one (CUDA).
+        dropout_p: attention dropout probability (inverted dropout of the probabilities; applied
+            whenever > 0, training or not). The mask is a counter-based stream
+            (``flashlite.core.dropout``) seeded from ``generator`` (a CPU ``torch.Generator``;
+            None: torch's default), regenerated in the backward, never stored. Served by the
+            reference backend so far (no kernel has it yet).
 
-    Returns ``out`` shaped like q (and ``lse``). A query that sees no key gets zeros and lse = −inf.
+    Returns ``out`` shaped like q (and ``lse``, the undropped softmax's). A query that sees no key
+    gets zeros and lse = −inf.
     """
     q, k, v = check_qkv(q, k, v)
     scale, softcap, alibi_slopes = check_scalars(q, scale, softcap, alibi_slopes)
@@ -105,12 +125,13 @@ def attention(
     if not isinstance(deterministic, bool):
         raise TypeError("deterministic must be a bool")
     pattern.validate(q, k)
+    dropout = check_dropout(dropout_p, generator)
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()  # keeps autograd links
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
         return (out, lse) if return_lse else out
     out, lse = dispatch.run(q, k, v, pattern, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                            backend=backend, deterministic=deterministic)
+                            backend=backend, deterministic=deterministic, dropout=dropout)
     return (out, lse) if return_lse else out
 
 
@@ -182,7 +203,8 @@ def varlen_attention(
             (layout ``[S|1, Hq|1, ⌈max_q/bs⌉, ⌈max_k/bs⌉]`` at local block positions) or ``TopK``
             (indices ``[Tq, Hkv|1, K]``, local key positions).
         max_seqlen_q, max_seqlen_k: flash-attn's bounds on the longest sequence (checked; optional).
-        dropout_p, generator: attention dropout - not in the kernels yet: ``dropout_p`` must be 0.
+        dropout_p, generator: attention dropout, as in ``attention`` (the mask indexes the packed
+            ``[1, Hq, Tq, Tk]`` matrix).
         scale, softcap, backend, deterministic: as in ``attention``.
         alibi_slopes: float ``[Hq]`` or ``[S, Hq]`` (per sequence).
         return_lse: also return the log-sum-exp, ``[Tq, Hq]`` float32.
@@ -199,10 +221,7 @@ def varlen_attention(
     elif isinstance(pattern, Packed) or not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a flashlite pattern (Full, SlidingWindow, BlockSparse, TopK) or None, "
                         f"got {type(pattern).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if dropout_p:
-        raise NotImplementedError("dropout_p > 0: attention dropout is not in flashlite's kernels yet")
+    dropout = check_dropout(dropout_p, generator)
     packed = Packed(pattern, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     packed.validate(q4, k4)
     scale, softcap, alibi_slopes = check_scalars(q4, scale, softcap, alibi_slopes, batch=packed.num_sequences)
@@ -220,6 +239,6 @@ def varlen_attention(
         lse = torch.full(q.shape[:2], float("-inf"), device=q.device, dtype=torch.float32)
         return (out, lse) if return_lse else out
     out, lse = dispatch.run(q4, k4, v4, packed, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                            backend=backend, deterministic=deterministic)
+                            backend=backend, deterministic=deterministic, dropout=dropout)
     out, lse = out[0].transpose(0, 1), lse[0].transpose(0, 1)
     return (out, lse) if return_lse else out

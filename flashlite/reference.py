@@ -31,19 +31,25 @@ def attention(
     scale: Optional[float] = None, softcap: Optional[float] = None,
     alibi_slopes: Optional[torch.Tensor] = None, attn_bias: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None, return_lse: bool = False,
-    compute_dtype: Optional[torch.dtype] = torch.float32,
+    compute_dtype: Optional[torch.dtype] = torch.float32, dropout_p: float = 0.0, dropout_seed: int = 0,
+    dropout_block: Optional[tuple] = None,
 ):
     """Reference attention. ``q [B,Hq,Nq,D]``, ``k/v [B,Hkv,Nk,D]``.
 
     ``mask`` (bool, broadcastable to ``[B,Hq,Nq,Nk]``) is combined with the pattern's mask;
     ``attn_bias`` (float, same broadcast) is added to the scores. ``compute_dtype=None`` computes
-    in the inputs' dtype. Returns ``out`` in q's dtype (and lse ``[B,Hq,Nq]`` float32).
+    in the inputs' dtype. ``dropout_p``/``dropout_seed``: inverted dropout of the probabilities with
+    flashlite's counter-based mask (``flashlite.core.dropout``; ``dropout_block`` = (total shape,
+    (row0, row1), (col0, col1)) when these rows/keys are a block of a larger (packed) matrix);
+    the lse is the undropped one. Returns ``out`` in q's dtype (and lse ``[B,Hq,Nq]`` float32).
     """
     dtype = compute_dtype or q.dtype
     scores, vc = _masked_scores(q, k, v, pattern, dtype, scale, softcap, alibi_slopes, attn_bias, mask)
 
     # Rows with no visible key give p = 0, out = 0, lse = -inf.
     probs, row_max, row_sum = safe_softmax(scores)
+    if dropout_p:
+        probs = probs * dropout_scale(q, scores, dropout_p, dropout_seed, dropout_block)
     out = torch.matmul(probs, vc).to(q.dtype)
     if not return_lse:
         return out
@@ -82,7 +88,8 @@ def attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
     softcap: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None,
-    compute_dtype: Optional[torch.dtype] = torch.float32,
+    compute_dtype: Optional[torch.dtype] = torch.float32, dropout_p: float = 0.0, dropout_seed: int = 0,
+    dropout_block: Optional[tuple] = None,
 ):
     """(dq, dk, dv) of attention whose softmax is normalized by the given ``lse`` and whose output
     was ``out`` - the kernels' backward contract, also when (out, lse) were merged from several
@@ -97,12 +104,31 @@ def attention_backward(
         probs = torch.where(finite, torch.exp(scores - torch.where(finite, lse.unsqueeze(-1).to(dtype), 0)), 0)
         grad = grad_out.to(dtype)
         delta = (grad * out.to(dtype)).sum(-1, keepdim=True)
-        grad_scores = probs * (torch.matmul(grad, vc.transpose(-1, -2)) - delta)
+        # With dropout (keep mask M, Z = M / (1 − p)): out = (P ⊙ Z)·V, so dV = (P ⊙ Z)ᵀ·dO and
+        # dS = P ⊙ ((dO·Vᵀ) ⊙ Z − δ), δ = rowsum(dO ⊙ out) as without it.
+        scaled = dropout_scale(q, scores, dropout_p, dropout_seed, dropout_block) if dropout_p else None
+        grad_probs = torch.matmul(grad, vc.transpose(-1, -2))
+        if scaled is not None:
+            grad_probs = grad_probs * scaled
+        grad_scores = probs * (grad_probs - delta)
         dq, dk = torch.autograd.grad(scores, leaves, grad_scores)
-    dv = torch.matmul(probs.detach().transpose(-1, -2), grad)
+    kept = probs.detach() if scaled is None else probs.detach() * scaled
+    dv = torch.matmul(kept.transpose(-1, -2), grad)
     if heads_q != heads_kv:  # GQA: each KV head gathers its group's query heads
         dv = dv.unflatten(1, (heads_kv, heads_q // heads_kv)).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def dropout_scale(q: torch.Tensor, scores: torch.Tensor, p: float, seed: int, block: Optional[tuple]) -> torch.Tensor:
+    """``M / (1 − p)`` over ``scores`` ``[B, Hq, Nq, Nk]`` (M: the keep mask of flashlite.core.dropout)."""
+    from .core.dropout import keep_mask
+
+    if block is None:
+        mask = keep_mask(seed, p, tuple(scores.shape), scores.device)
+    else:
+        shape, rows, cols = block
+        mask = keep_mask(seed, p, shape, scores.device, rows, cols)
+    return mask.to(scores.dtype) / (1.0 - p)
 
 
 def safe_softmax(scores: torch.Tensor):

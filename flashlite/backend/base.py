@@ -37,6 +37,7 @@ class Request:
     deterministic: bool = True
     block_size: Optional[int] = None
     packed: bool = False  # a packed (varlen) batch on the tile engine: work items in the schedule
+    dropout: bool = False  # attention dropout (flashlite.core.dropout's mask)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Backend:
     # True where the tile kernels read packed work items (TileSchedule.q_items / k_items). The
     # gather engine needs nothing: packed top-k rows are ordinary rows in packed coordinates.
     packed_tiles = False
+    # True where forward/backward take ``dropout=(p, seed)`` and apply flashlite.core.dropout's mask.
+    dropout = False
 
     def available(self) -> Optional[str]:
         """None if the backend can run on this machine, else the reason it cannot."""
@@ -84,6 +87,8 @@ class Backend:
             return f"no {req.engine} engine (pattern {req.pattern})"
         if req.packed and req.engine == "tile" and not self.packed_tiles:
             return f"no packed (varlen) work items in its tile kernels yet (pattern {req.pattern})"
+        if req.dropout and not self.dropout:
+            return "no attention dropout in its kernels yet"
         return None
 
     def slower_here(self, req: Request) -> Optional[str]:

@@ -26,12 +26,14 @@ class ReferenceBackend(Backend):
     engines = ("tile", "gather")
     differentiable = True
     packed_tiles = True
+    dropout = True
 
-    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes):
+    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None):
+        p, seed = dropout or (0.0, 0)
         if isinstance(plan.pattern, Packed):
-            return self._packed_forward(plan.pattern, q, k, v, scale, softcap, alibi_slopes)
+            return self._packed_forward(plan.pattern, q, k, v, scale, softcap, alibi_slopes, p, seed)
         return reference.attention(q, k, v, plan.pattern, scale=scale, softcap=softcap or None,
-                                   alibi_slopes=alibi_slopes, return_lse=True)
+                                   alibi_slopes=alibi_slopes, return_lse=True, dropout_p=p, dropout_seed=seed)
 
     def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
         if isinstance(plan.pattern, Packed):
@@ -40,8 +42,9 @@ class ReferenceBackend(Backend):
                                             softcap=softcap or None, alibi_slopes=alibi_slopes)
 
     @staticmethod
-    def _packed_forward(pattern: Packed, q, k, v, scale, softcap, alibi_slopes):
+    def _packed_forward(pattern: Packed, q, k, v, scale, softcap, alibi_slopes, p=0.0, seed=0):
         outs, lses = [], []
+        total = (1, q.shape[1], q.shape[2], k.shape[2])  # the packed [1, Hq, Tq, Tk] the mask indexes
         for s in pattern.sequences():
             rows, keys = slice(s.q_start, s.q_end), slice(s.k_start, s.k_end)
             if s.q_end == s.q_start:
@@ -52,7 +55,8 @@ class ReferenceBackend(Backend):
                 continue
             out, lse = reference.attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], s.pattern, scale=scale,
                                            softcap=softcap or None, alibi_slopes=_slopes_of(alibi_slopes, s.index),
-                                           return_lse=True)
+                                           return_lse=True, dropout_p=p, dropout_seed=seed,
+                                           dropout_block=(total, (s.q_start, s.q_end), (s.k_start, s.k_end)))
             outs.append(out)
             lses.append(lse)
         return torch.cat(outs, 2), torch.cat(lses, 2)

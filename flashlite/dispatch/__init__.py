@@ -37,20 +37,27 @@ def _needs_op(q: Tensor, k: Tensor, v: Tensor) -> bool:
             or torch._C._is_torch_function_mode_enabled())
 
 
-def _request(q: Tensor, pattern: Pattern, requires_grad: bool, deterministic: bool) -> Request:
+def _request(q: Tensor, pattern: Pattern, requires_grad: bool, deterministic: bool, dropout: bool) -> Request:
     return Request(device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], engine=pattern.engine,
                    pattern=pattern.name, requires_grad=requires_grad, deterministic=deterministic,
-                   block_size=getattr(pattern, "block_size", None), packed=isinstance(pattern, Packed))
+                   block_size=getattr(pattern, "block_size", None), packed=isinstance(pattern, Packed),
+                   dropout=dropout)
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float, softcap: float,
-        alibi_slopes: Optional[Tensor], backend: Optional[str], deterministic: bool = True) -> Tuple[Tensor, Tensor]:
-    """Attention over ``pattern`` on the chosen backend. Returns (out, lse)."""
+        alibi_slopes: Optional[Tensor], backend: Optional[str], deterministic: bool = True,
+        dropout: Optional[Tuple[float, int]] = None) -> Tuple[Tensor, Tensor]:
+    """Attention over ``pattern`` on the chosen backend. Returns (out, lse). ``dropout``: (p, seed)
+    with p > 0, served by backends that declare ``dropout`` (the reference, so far)."""
     requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    req = _request(q, pattern, requires_grad, deterministic)
+    req = _request(q, pattern, requires_grad, deterministic, dropout is not None)
     chosen = backends.select(req, backend)
     _last.name = chosen.name
     plan = plan_for(pattern, q, k, chosen, req)
+    if dropout is not None:
+        if not chosen.differentiable:  # pragma: no cover - no kernel backend declares dropout yet
+            raise NotImplementedError(f"backend {chosen.name!r}: dropout through the custom op")
+        return chosen.forward(plan, q, k, v, scale, softcap, alibi_slopes, dropout=dropout)
     if chosen.differentiable or not (requires_grad or _needs_op(q, k, v)):
         return chosen.forward(plan, q, k, v, scale, softcap, alibi_slopes)
     tensors, ints = plan.op_args()
@@ -63,7 +70,7 @@ def run_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     """(dq, dk, dv) of one call whose softmax is normalized by ``lse`` and whose output was ``out``:
     the kernels' backward, callable on its own when (out, lse) were merged from several partial
     calls (context parallelism). Runs eagerly, outside autograd."""
-    req = _request(q, pattern, True, deterministic)
+    req = _request(q, pattern, True, deterministic, False)
     chosen = backends.select(req, backend)
     _last.name = chosen.name
     plan = plan_for(pattern, q, k, chosen, req)
