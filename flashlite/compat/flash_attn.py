@@ -212,7 +212,8 @@ def flash_attn_qkvpacked_func(
     if qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [batch, seqlen, 3, heads, head_dim], got shape {tuple(qkv.shape)}")
     return _padded(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size, softcap,
-                   alibi_slopes, deterministic, return_attn_probs, names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"))
+                   alibi_slopes, deterministic, return_attn_probs,
+                   names=("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"))
 
 
 def flash_attn_kvpacked_func(

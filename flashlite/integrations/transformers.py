@@ -45,9 +45,10 @@ recognises them, first match wins, from
      packing and is not read, but a 2-D padding mask with padding in it is an error);
   2. the packed mask of the mask function above;
   3. ``position_ids`` that do not run ``0, 1, 2, ...`` along a batch of one row, with no mask (or
-     a key mask with nothing padded), keys as long as the queries (no cache before them): a new sequence starts wherever the position
-     does not grow by one (transformers' rule). While compiling no value is read, so this case is
-     left to the mask (and a packed batch is not one graph: its boundaries are values).
+     a key mask with nothing padded), keys as long as the queries (no cache before them): a new
+     sequence starts wherever the position does not grow by one (transformers' rule). While
+     compiling no value is read, so this case is left to the mask (and a packed batch is not one
+     graph: its boundaries are values).
 
 Every mask form the attention functions receive (the tagged key mask, a 4-D bool or float mask,
 a position bias) is lowered by the one mask front, :func:`flashlite.core.masks.lower`, and run by
