@@ -119,6 +119,8 @@ class Backend:
         return (), ()
 
     # -- kernels ----------------------------------------------------------------------------------
+    # A backend that declares ``dropout`` also takes the keyword ``dropout=(p, seed)`` (p > 0) in
+    # forward and backward; it is passed only when dropout is on.
     def forward(self, plan, q, k, v, scale: float, softcap: float, alibi_slopes):
         raise NotImplementedError(f"backend {self.name!r} has no forward")
 

@@ -35,11 +35,14 @@ class ReferenceBackend(Backend):
         return reference.attention(q, k, v, plan.pattern, scale=scale, softcap=softcap or None,
                                    alibi_slopes=alibi_slopes, return_lse=True, dropout_p=p, dropout_seed=seed)
 
-    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None):
+        p, seed = dropout or (0.0, 0)
         if isinstance(plan.pattern, Packed):
-            return self._packed_backward(plan.pattern, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes)
+            return self._packed_backward(plan.pattern, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes,
+                                         p, seed)
         return reference.attention_backward(grad_out, q, k, v, out, lse, plan.pattern, scale=scale,
-                                            softcap=softcap or None, alibi_slopes=alibi_slopes)
+                                            softcap=softcap or None, alibi_slopes=alibi_slopes, dropout_p=p,
+                                            dropout_seed=seed)
 
     @staticmethod
     def _packed_forward(pattern: Packed, q, k, v, scale, softcap, alibi_slopes, p=0.0, seed=0):
@@ -62,8 +65,9 @@ class ReferenceBackend(Backend):
         return torch.cat(outs, 2), torch.cat(lses, 2)
 
     @staticmethod
-    def _packed_backward(pattern: Packed, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+    def _packed_backward(pattern: Packed, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, p=0.0, seed=0):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        total = (1, q.shape[1], q.shape[2], k.shape[2])
         for s in pattern.sequences():
             rows, keys = slice(s.q_start, s.q_end), slice(s.k_start, s.k_end)
             if s.q_end == s.q_start or s.k_end == s.k_start:
@@ -71,6 +75,8 @@ class ReferenceBackend(Backend):
             grads = reference.attention_backward(grad_out[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys],
                                                  out[:, :, rows], lse[:, :, rows], s.pattern, scale=scale,
                                                  softcap=softcap or None,
-                                                 alibi_slopes=_slopes_of(alibi_slopes, s.index))
+                                                 alibi_slopes=_slopes_of(alibi_slopes, s.index), dropout_p=p,
+                                                 dropout_seed=seed,
+                                                 dropout_block=(total, (s.q_start, s.q_end), (s.k_start, s.k_end)))
             dq[:, :, rows], dk[:, :, keys], dv[:, :, keys] = grads
         return dq, dk, dv

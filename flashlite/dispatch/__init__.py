@@ -54,27 +54,26 @@ def run(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float, soft
     chosen = backends.select(req, backend)
     _last.name = chosen.name
     plan = plan_for(pattern, q, k, chosen, req)
-    if dropout is not None:
-        if not chosen.differentiable:  # pragma: no cover - no kernel backend declares dropout yet
-            raise NotImplementedError(f"backend {chosen.name!r}: dropout through the custom op")
-        return chosen.forward(plan, q, k, v, scale, softcap, alibi_slopes, dropout=dropout)
+    extra = {"dropout": dropout} if dropout is not None else {}
     if chosen.differentiable or not (requires_grad or _needs_op(q, k, v)):
-        return chosen.forward(plan, q, k, v, scale, softcap, alibi_slopes)
+        return chosen.forward(plan, q, k, v, scale, softcap, alibi_slopes, **extra)
     tensors, ints = plan.op_args()
-    return attention_op(q, k, v, tensors, ints, alibi_slopes, [scale, softcap])
+    p, seed = dropout if dropout is not None else (0.0, 0)
+    return attention_op(q, k, v, tensors, ints, alibi_slopes, [scale, softcap, p], seed)
 
 
 def run_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, pattern: Pattern, *,
                  scale: float, softcap: float, alibi_slopes: Optional[Tensor], backend: Optional[str],
-                 deterministic: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+                 deterministic: bool = True, dropout: Optional[Tuple[float, int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of one call whose softmax is normalized by ``lse`` and whose output was ``out``:
     the kernels' backward, callable on its own when (out, lse) were merged from several partial
     calls (context parallelism). Runs eagerly, outside autograd."""
-    req = _request(q, pattern, True, deterministic, False)
+    req = _request(q, pattern, True, deterministic, dropout is not None)
     chosen = backends.select(req, backend)
     _last.name = chosen.name
     plan = plan_for(pattern, q, k, chosen, req)
-    return chosen.backward(plan, grad_out.contiguous(), q, k, v, out, lse, scale, softcap, alibi_slopes)
+    extra = {"dropout": dropout} if dropout is not None else {}
+    return chosen.backward(plan, grad_out.contiguous(), q, k, v, out, lse, scale, softcap, alibi_slopes, **extra)
 
 
 __all__ = ["run", "run_backward", "last_backend"]
