@@ -153,6 +153,15 @@ def _schedule_args(tiles: torch.Tensor, count: torch.Tensor, batch: int, heads: 
     return tiles, count, (tiles.stride(0), tiles.stride(1), tiles.stride(2), count.stride(0), count.stride(1))
 
 
+def _packed_args(schedule, items) -> tuple:
+    """(ITEMS, CU_Q, CU_K, flags) of a launch: a packed schedule's work items (``items``: its
+    q_items or k_items, int32 [n, 2]) and cu_seqlens with PACKED=True; otherwise None (constexpr:
+    the kernels compile without them)."""
+    if not schedule.is_packed:
+        return (None, None, None), {}
+    return (items, schedule.cu_seqlens_q, schedule.cu_seqlens_k), dict(PACKED=True)
+
+
 def _alibi_args(alibi_slopes, fallback: torch.Tensor):
     if alibi_slopes is None:
         return fallback, 0
@@ -165,6 +174,8 @@ def tile_forward(q, k, v, schedule, scale: float, softcap: float = 0.0, alibi_sl
 
     ``tile_counter`` (int32, ``B·Hq·num_q_tiles``), if given, receives how many key tiles each
     program visited: the evidence that tiles outside the pattern are skipped.
+    A packed schedule (``schedule.is_packed``: q, k, v the ``[1, H, T, D]`` views of a packed
+    batch) launches one program per forward work item and head.
     """
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
@@ -173,17 +184,18 @@ def tile_forward(q, k, v, schedule, scale: float, softcap: float = 0.0, alibi_sl
     _poison(out, lse)
     tiles, count, sched_strides = _schedule_args(schedule.kv_tiles, schedule.kv_count, batch, heads_q)
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
+    items, packed = _packed_args(schedule, schedule.q_items)
     grid = tile_grid(schedule.num_q_tiles, batch, heads_q)
     launch = {} if config is None or q.device.type != "cuda" else dict(num_warps=config.num_warps,
                                                                         num_stages=config.num_stages)
     tile_engine.tile_forward_kernel[grid](
-        q, k, v, out, lse, tiles, count, alibi, tile_counter if tile_counter is not None else count,
+        q, k, v, out, lse, tiles, count, alibi, tile_counter if tile_counter is not None else count, *items,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         *sched_strides, alibi_stride,
         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
         schedule.window_left, schedule.window_right, float(scale), float(softcap or 0.0),
         schedule.num_q_tiles, batch * heads_q, COUNT_TILES=tile_counter is not None,
-        ALIGN=row_align(head_dim, q, k, v, out), **_flags(q, schedule, softcap, alibi_slopes), **launch,
+        ALIGN=row_align(head_dim, q, k, v, out), **_flags(q, schedule, softcap, alibi_slopes), **packed, **launch,
     )
     return out, lse
 
@@ -203,7 +215,8 @@ def backward_launches(block_m: int, block_n: int, head_dim: int, dtype: torch.dt
 
 def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: float = 0.0,
                   alibi_slopes=None, config: Optional[TileConfig] = None):
-    """Backward over ``schedule``: dK/dV per key tile (transposed schedule), dQ per query tile."""
+    """Backward over ``schedule``: dK/dV per key tile (transposed schedule), dQ per query tile (per
+    backward / forward work item when packed). δ = row_dot(dO, O) needs nothing packed: a row is a row."""
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -217,21 +230,23 @@ def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: 
     common = (float(scale), float(softcap or 0.0))
 
     q_tiles, q_count, q_strides = _schedule_args(schedule.q_tiles, schedule.q_count, batch, heads_q)
+    items, packed = _packed_args(schedule, schedule.k_items)
     tile_engine.tile_backward_kv_kernel[tile_grid(schedule.num_kv_tiles, batch, heads_kv)](
-        q, k, v, grad_out, lse, delta, dk, dv, q_tiles, q_count, alibi,
+        q, k, v, grad_out, lse, delta, dk, dv, q_tiles, q_count, alibi, *items,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *q_strides, alibi_stride,
         heads_kv, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
         schedule.window_left, schedule.window_right, *common, schedule.num_kv_tiles, batch * heads_kv,
-        **flags, **kv_launch,
+        **flags, **packed, **kv_launch,
     )
     kv_tiles, kv_count, kv_strides = _schedule_args(schedule.kv_tiles, schedule.kv_count, batch, heads_q)
+    items, packed = _packed_args(schedule, schedule.q_items)
     tile_engine.tile_backward_q_kernel[tile_grid(schedule.num_q_tiles, batch, heads_q)](
-        q, k, v, grad_out, lse, delta, dq, kv_tiles, kv_count, alibi,
+        q, k, v, grad_out, lse, delta, dq, kv_tiles, kv_count, alibi, *items,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *dq.stride()[:3], *kv_strides, alibi_stride,
         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
         schedule.window_left, schedule.window_right, *common, schedule.num_q_tiles, batch * heads_q,
-        **flags, **q_launch,
+        **flags, **packed, **q_launch,
     )
     return dq, dk, dv

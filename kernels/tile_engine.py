@@ -24,6 +24,14 @@ run of slots [ta, tb). The forward walks that run with no element mask and no ro
 key loads, then the other (*edge*) slots with them. The backward kernels mask every tile: split
 the same way (or with a per-tile branch) they need more registers than sm_90 has at the launch
 configurations, and spill (measured by compiling for sm_90), which costs more than the mask.
+
+Packed (variable-length) batches (constexpr PACKED; ``flashlite.core.packed``): the tensors are
+``[1, H, T, D]`` views of S sequences back to back, and a program's tile index is a *work item*
+t: ``ITEMS[t] = (s, tile)``, the tile local to sequence s, whose rows start at ``CU_Q[s]`` and keys
+at ``CU_K[s]`` with lengths Nq, Nk. The kernel offsets its row pointers by those starts and runs
+the tile loop unchanged with Nq, Nk (local positions, ``p(i) = i + Nk − Nq``, the interior/edge
+split included); the schedule row is the item's. Without PACKED the item pointers are None
+(constexpr) and that code is not compiled.
 """
 from __future__ import annotations
 
@@ -48,6 +56,18 @@ def _load_rows(base, rows, stride_row, cols_d, row_limit, d_ok, MASK_ROWS: tl.co
     if UPCAST:
         block = block.to(tl.float32)
     return block
+
+
+@triton.jit
+def _packed_item(ITEMS, CU_ROWS, CU_COLS, item):
+    """Work item ``item`` of a packed launch, (s, tile) = ITEMS[item]: returns (tile, s, r0, Nr, c0, Nc)
+    with r0 = CU_ROWS[s], Nr = CU_ROWS[s + 1] − r0 (the item's own rows) and c0, Nc from CU_COLS (the
+    rows it attends to)."""
+    seq = tl.load(ITEMS + 2 * item)
+    tile = tl.load(ITEMS + 2 * item + 1)
+    row0 = tl.load(CU_ROWS + seq)
+    col0 = tl.load(CU_COLS + seq)
+    return tile, seq, row0, tl.load(CU_ROWS + seq + 1) - row0, col0, tl.load(CU_COLS + seq + 1) - col0
 
 
 @triton.jit
@@ -124,7 +144,7 @@ def _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride
 
 @triton.jit
 def tile_forward_kernel(
-    Q, K, V, OUT, LSE, KV_TILES, KV_COUNT, ALIBI, TILE_COUNTER,
+    Q, K, V, OUT, LSE, KV_TILES, KV_COUNT, ALIBI, TILE_COUNTER, ITEMS, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     stride_tiles_b, stride_tiles_h, stride_tiles_m, stride_count_b, stride_count_h, stride_alibi_b,
@@ -132,8 +152,9 @@ def tile_forward_kernel(
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     COUNT_TILES: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    PACKED: tl.constexpr = False,
 ):
-    """out, lse for one query tile over its scheduled key tiles.
+    """out, lse for one query tile (PACKED: one forward work item) over its scheduled key tiles.
 
     COUNT_TILES (debug): 1 stores the key tiles each program visited in ``TILE_COUNTER[program]``;
     2 also stores its edge (element-masked) tiles in ``TILE_COUNTER[programs + program]``."""
@@ -146,6 +167,18 @@ def tile_forward_kernel(
     batch = batch_head // heads_q
     head = batch_head % heads_q
     kv_head = head // group
+    item = q_tile
+    lse_stride = seqlen_q  # lse: [B, Hq, packed length]
+    if PACKED:
+        # Item (s, m): query tile m of sequence s, rows from r0 = cu_q[s], keys from c0 = cu_k[s];
+        # Nq, Nk its lengths from here on; ALiBi slopes row s.
+        q_tile, seq, row0, seqlen_q, key0, seqlen_k = _packed_item(ITEMS, CU_Q, CU_K, item)
+        Q += row0.to(tl.int64) * stride_qn
+        OUT += row0.to(tl.int64) * stride_on
+        K += key0.to(tl.int64) * stride_kn
+        V += key0.to(tl.int64) * stride_vn
+        LSE += row0
+        ALIBI += seq * stride_alibi_b
 
     rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
@@ -163,8 +196,8 @@ def tile_forward_kernel(
     if HAS_ALIBI:
         slope2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
 
-    schedule_row = KV_TILES + batch * stride_tiles_b + head * stride_tiles_h + q_tile * stride_tiles_m
-    tile_count = tl.load(KV_COUNT + batch * stride_count_b + head * stride_count_h + q_tile)
+    schedule_row = KV_TILES + batch * stride_tiles_b + head * stride_tiles_h + item * stride_tiles_m
+    tile_count = tl.load(KV_COUNT + batch * stride_count_b + head * stride_count_h + item)
     first_tile = tl.load(schedule_row)
     # Interior key tiles [lo, hi): inside every real row's band and before Nk; slots [ta, tb).
     lo, hi = _interior_key_tiles(q_tile, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N)
@@ -197,9 +230,9 @@ def tile_forward_kernel(
     o_ptrs = (OUT + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
               + rows.to(tl.int64)[:, None] * stride_on + cols_d[None, :])
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + batch_head.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
+    tl.store(LSE + batch_head.to(tl.int64) * lse_stride + rows, lse, mask=row_ok)
     if COUNT_TILES:
-        program = batch_head * num_tiles + q_tile
+        program = batch_head * num_tiles + item
         tl.store(TILE_COUNTER + program, interior + edges)
         if COUNT_TILES == 2:
             tl.store(TILE_COUNTER + num_tiles * num_rows + program, edges)
@@ -222,7 +255,7 @@ def _recompute_probs(q, k_tile, lse2, query_pos, key_index, seqlen_k, window_lef
 
 @triton.jit
 def tile_backward_kv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_TILES, Q_COUNT, ALIBI,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_TILES, Q_COUNT, ALIBI, ITEMS, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -231,7 +264,7 @@ def tile_backward_kv_kernel(
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
-    SUB_M: tl.constexpr,
+    SUB_M: tl.constexpr, PACKED: tl.constexpr = False,
 ):
     """dK, dV for one key tile of one KV head, over the query tiles of the transposed schedule
     and every query head of the GQA group (so no atomics: each program owns its dK/dV rows).
@@ -250,6 +283,21 @@ def tile_backward_kv_kernel(
     head_dim, _, _ = aligned(head_dim, head_dim, head_dim, ALIGN)
     batch = batch_head // heads_kv
     kv_head = batch_head % heads_kv
+    item = kv_tile
+    lse_stride = seqlen_q  # lse, δ: [B, Hq, packed length]
+    if PACKED:
+        # Item (s, n): key tile n of sequence s, keys from c0 = cu_k[s], query rows from r0 = cu_q[s];
+        # Nk, Nq its lengths from here on; ALiBi slopes row s.
+        kv_tile, seq, key0, seqlen_k, row0, seqlen_q = _packed_item(ITEMS, CU_K, CU_Q, item)
+        K += key0.to(tl.int64) * stride_kn
+        V += key0.to(tl.int64) * stride_vn
+        DK += key0.to(tl.int64) * stride_dkn
+        DV += key0.to(tl.int64) * stride_dvn
+        Q += row0.to(tl.int64) * stride_qn
+        DO += row0.to(tl.int64) * stride_don
+        LSE += row0
+        DELTA += row0
+        ALIBI += seq * stride_alibi_b
 
     key_index = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_d = tl.arange(0, BLOCK_D)
@@ -270,12 +318,12 @@ def tile_backward_kv_kernel(
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
-        schedule_row = Q_TILES + batch * stride_tiles_b + head * stride_tiles_h + kv_tile * stride_tiles_n
-        tile_count = tl.load(Q_COUNT + batch * stride_count_b + head * stride_count_h + kv_tile)
+        schedule_row = Q_TILES + batch * stride_tiles_b + head * stride_tiles_h + item * stride_tiles_n
+        tile_count = tl.load(Q_COUNT + batch * stride_count_b + head * stride_count_h + item)
         first_tile = tl.load(schedule_row)
         q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
         do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-        row_base = (batch.to(tl.int64) * heads_kv * group + head) * seqlen_q
+        row_base = (batch.to(tl.int64) * heads_kv * group + head) * lse_stride
         for step in range(0, tile_count * (BLOCK_M // SUB_M)):
             t = step // (BLOCK_M // SUB_M)
             rows = (_scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_M
@@ -304,7 +352,7 @@ def tile_backward_kv_kernel(
 
 @triton.jit
 def tile_backward_q_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_TILES, KV_COUNT, ALIBI,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_TILES, KV_COUNT, ALIBI, ITEMS, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
@@ -313,7 +361,7 @@ def tile_backward_q_kernel(
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
-    SUB_N: tl.constexpr,
+    SUB_N: tl.constexpr, PACKED: tl.constexpr = False,
 ):
     """dQ for one query tile over the forward schedule (a separate pass: deterministic), each
     scheduled key tile taken ``SUB_N`` keys at a time (the backward's own, smaller key tile).
@@ -330,6 +378,19 @@ def tile_backward_q_kernel(
     batch = batch_head // heads_q
     head = batch_head % heads_q
     kv_head = head // group
+    item = q_tile
+    lse_stride = seqlen_q  # lse, δ: [B, Hq, packed length]
+    if PACKED:
+        # Item (s, m) as in the forward: rows from cu_q[s], keys from cu_k[s], local Nq, Nk.
+        q_tile, seq, row0, seqlen_q, key0, seqlen_k = _packed_item(ITEMS, CU_Q, CU_K, item)
+        Q += row0.to(tl.int64) * stride_qn
+        DO += row0.to(tl.int64) * stride_don
+        DQ += row0.to(tl.int64) * stride_dqn
+        K += key0.to(tl.int64) * stride_kn
+        V += key0.to(tl.int64) * stride_vn
+        LSE += row0
+        DELTA += row0
+        ALIBI += seq * stride_alibi_b
 
     rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
@@ -343,8 +404,8 @@ def tile_backward_q_kernel(
                    seqlen_q, d_ok, True, UPCAST)
     do = _load_rows(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, rows, stride_don,
                     cols_d, seqlen_q, d_ok, True, UPCAST)
-    lse2 = log2_lse(tl.load(LSE + batch_head.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=float("-inf")))
-    delta = tl.load(DELTA + batch_head.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
+    lse2 = log2_lse(tl.load(LSE + batch_head.to(tl.int64) * lse_stride + rows, mask=row_ok, other=float("-inf")))
+    delta = tl.load(DELTA + batch_head.to(tl.int64) * lse_stride + rows, mask=row_ok, other=0.0)
     qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
     slope2 = 0.0
     if HAS_ALIBI:
@@ -352,8 +413,8 @@ def tile_backward_q_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
-    schedule_row = KV_TILES + batch * stride_tiles_b + head * stride_tiles_h + q_tile * stride_tiles_m
-    tile_count = tl.load(KV_COUNT + batch * stride_count_b + head * stride_count_h + q_tile)
+    schedule_row = KV_TILES + batch * stride_tiles_b + head * stride_tiles_h + item * stride_tiles_m
+    tile_count = tl.load(KV_COUNT + batch * stride_count_b + head * stride_count_h + item)
     first_tile = tl.load(schedule_row)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for step in range(0, tile_count * (BLOCK_N // SUB_N)):

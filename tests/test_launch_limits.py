@@ -116,6 +116,40 @@ def test_launchers_pass_grids_within_limits(shape):
         within_limits(x.grid, tiles, rows)
 
 
+@pytest.mark.parametrize("lengths,heads_q,heads_kv", [
+    ([1] * 10 ** 6, 65536, 8),  # 10^6 one-token sequences x 65536 heads: the forward grid folds
+    ([10 ** 6 - 999 * 1000] + [1000] * 999, 32, 8),  # one long sequence and many short ones
+], ids=["1e6x1-65536heads", "long+999x1000"])
+def test_packed_launchers_pass_grids_within_limits(lengths, heads_q, heads_kv):
+    """Packed (varlen) launches: one program per work item and head (q_items for the forward and
+    dQ kernels, k_items for dK/dV), PACKED set, grids within CUDA's limits."""
+    from flashlite.core.packed import Packed, packed_schedule
+
+    dtype, head_dim, total = torch.bfloat16, 128, sum(lengths)
+    config = launch.tile_config(head_dim, dtype, GPU)
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+    schedule = packed_schedule(Packed(Full(True), cu_seqlens, cu_seqlens), total, total, config.block_m,
+                               config.block_n)
+
+    def run():
+        q = torch.empty(1, heads_q, total, head_dim, dtype=dtype, device=GPU)
+        k = torch.empty(1, heads_kv, total, head_dim, dtype=dtype, device=GPU)
+        out, lse = launch.tile_forward(q, k, k, schedule, 0.1, config=config)
+        launch.tile_backward(out, q, k, k, out, lse, schedule, 0.1, config=config)
+
+    launches = record_launches(run)
+    items = {"tile_forward_kernel": (schedule.q_items.shape[0], heads_q),
+             "tile_backward_q_kernel": (schedule.q_items.shape[0], heads_q),
+             "tile_backward_kv_kernel": (schedule.k_items.shape[0], heads_kv)}
+    assert sorted(x.kernel for x in launches) == sorted(items)
+    for x in launches:
+        assert x.constexprs["PACKED"] is True
+        assert (x.ints["num_tiles"], x.ints["num_rows"]) == items[x.kernel]
+        within_limits(x.grid, *items[x.kernel])
+    if len(lengths) == 10 ** 6:
+        assert next(x for x in launches if x.kernel == "tile_forward_kernel").grid[1] > 1  # folded
+
+
 @pytest.mark.parametrize("engine", ["tile", "gather"])
 def test_split_grid_runs_correctly(monkeypatch, engine):
     """With gridDim.x lowered to 7, tiles × rows programs no longer fit on axis 0: the numbering folds
@@ -131,3 +165,27 @@ def test_split_grid_runs_correctly(monkeypatch, engine):
         monkeypatch.setattr(gather_launch, "FORCE_MODE", "row")  # one program per query: 27 programs
         indices = torch.randint(0, N, (B, Hkv, N, 4), device=q.device)
         check_against_reference(q, k, v, TopK(indices, causal=True), "triton")
+
+
+def test_packed_split_grid_runs_correctly(monkeypatch):
+    """Packed launches with gridDim.x lowered to 7: items × heads programs fold over axis 1 (spare
+    programs repeat the last row's work); the same out and gradients as the unfolded launch."""
+    import flashlite
+    from flashlite import SlidingWindow
+
+    lengths = [20, 45, 5, 33]
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+    q, k, v = randn(sum(lengths), 3, 16), randn(sum(lengths), 3, 16), randn(sum(lengths), 3, 16)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = flashlite.varlen_attention(*leaves, cu_seqlens, cu_seqlens, SlidingWindow(20, 3), backend="triton")
+        out.backward(torch.ones_like(out))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    want = run()
+    monkeypatch.setattr(launch, "MAX_GRID_X", 7)
+    items = sum(-(-n // 32) for n in lengths)
+    assert launch.tile_grid(items, 1, 3)[1] > 1
+    for name, got, w in zip(("out", "dq", "dk", "dv"), run(), want):
+        assert torch.equal(got, w), name

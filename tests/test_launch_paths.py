@@ -61,6 +61,37 @@ def test_kernels_run_without_host_sync_once_planned(backend, name):
     assert (out - want).abs().max() < 1e-4 and all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("name", ["causal", "window", "block_sparse"])
+def test_packed_kernels_run_without_host_sync_once_planned(backend, name):
+    """Packed (varlen) tile launches too: the work items and cu_seqlens are read by the kernels, not
+    the host."""
+    from flashlite.core.packed import Packed
+
+    chosen = flashlite.backend.get(backend)
+    if not chosen.packed_tiles:
+        pytest.skip(f"{backend}: no packed work items in its tile kernels yet")
+    lens_q, lens_k, Hq, Hkv, D = [5, 0, 37, 1], [9, 3, 45, 1], 4, 2, 16
+    cu_q, cu_k = (torch.tensor([0] + lens, device=DEVICE).cumsum(0).to(torch.int32) for lens in (lens_q, lens_k))
+    inner = _patterns(1, Hkv, 37, 45)[name]
+    if name == "block_sparse":
+        inner = BlockSparse(torch.rand(len(lens_q), 1, 3, 3, device=DEVICE) < 0.6, 16, causal=True)
+    q = randn(sum(lens_q), Hq, D).transpose(0, 1)[None]  # the [1, H, T, D] views varlen_attention passes
+    k, v = (randn(sum(lens_k), Hkv, D).transpose(0, 1)[None] for _ in range(2))
+    pattern = Packed(inner, cu_q, cu_k)
+    pattern.validate(q, k)
+    req = Request(q.device.type, q.dtype, D, pattern.engine, pattern.name, requires_grad=True,
+                  block_size=pattern.block_size, packed=True)
+    plan = plan_for(pattern, q, k, chosen, req)
+    slopes = torch.rand(len(lens_q), Hq, device=DEVICE)
+    with NoHostSync():
+        out, lse = chosen.forward(plan, q, k, v, 0.25, 0.0, slopes)
+        grads = chosen.backward(plan, torch.ones_like(out), q, k, v, out, lse, 0.25, 0.0, slopes)
+    want = flashlite.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_q, cu_k,
+                                      inner, scale=0.25, alibi_slopes=slopes, backend="reference")
+    assert (out[0].transpose(0, 1) - want).abs().max() < 1e-4 and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_the_detector_catches_a_sync():
     x = torch.ones(3)
     with pytest.raises(AssertionError, match="host synchronization"), NoHostSync():

@@ -6,6 +6,7 @@ time for sm_90a and held against ``tests/budgets/triton.json``:
 
 * no spills in forward kernels at head dim <= 128;
 * shared memory <= 90 % of the sm_90 limit (227 KB per block);
+* a packed (varlen) tile kernel spills no more than the same kernel over a plain batch ("causal");
 * every kernel at most the spill bytes recorded for it (a ceiling that may only come down; a
   launch without an entry fails, with the line to add; ``python tests/triton_budget.py --write``
   records a whole new table).
@@ -26,9 +27,11 @@ from triton_aot import compile_launches
 from triton_budget import (BUDGET_FILE, FORWARD_KERNELS, SMEM_LIMIT, SMEM_SHARE, budget_entry, budget_launches,
                            format_table)
 
-# Each engine's kernels at bfloat16 d128 (and with softcap + ALiBi), and the block-sparse forward at
-# d64 (a 36-byte spill before 2 pipeline stages).
-CORE = {f"tile_{k}_kernel {v} bf16 d128" for k in ("forward", "backward_kv", "backward_q") for v in ("causal",)} \
+# Each engine's kernels at bfloat16 d128 (and with softcap + ALiBi; the tile kernels also over a
+# packed batch, PACKED work items), and the block-sparse forward at d64 (a 36-byte spill before 2
+# pipeline stages).
+CORE = {f"tile_{k}_kernel {v} bf16 d128" for k in ("forward", "backward_kv", "backward_q")
+        for v in ("causal", "packed")} \
     | {"tile_forward_kernel flags bf16 d128", "tile_backward_kv_kernel flags bf16 d128",
        "tile_forward_kernel sparse bf16 d64"} \
     | {f"gather_{k} bf16 d128" for k in ("forward_kernel row", "backward_q_kernel row", "backward_kv_kernel -",
@@ -55,6 +58,9 @@ def check_budget(launches, results):
             failures.append(f"{x.label}: {r['smem']} B of shared memory > {SMEM_SHARE:.0%} of {SMEM_LIMIT} B")
         if x.kernel in FORWARD_KERNELS and d <= 128 and r["spill_stores"]:
             failures.append(f"{x.label}: a forward kernel spills {r['spill_stores']} B at d{d}")
+        plain = results.get(x.label.replace(" packed ", " causal "), {})
+        if " packed " in x.label and "spill_stores" in plain and r["spill_stores"] > plain["spill_stores"]:
+            failures.append(f"{x.label}: {r['spill_stores']} B spilled > {plain['spill_stores']} B without PACKED")
         entry = budget.get(x.label)
         if entry is None:
             failures.append(f'{x.label}: no budget entry; measured "{x.label}": {budget_entry(r)}')

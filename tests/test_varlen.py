@@ -42,11 +42,11 @@ def make_pattern(name, lens_q, lens_k, heads_q, heads_kv):
     if name in ("full", "causal"):
         pattern = Full(causal=name == "causal")
         return pattern, lambda s, q0, q1: pattern
-    if name == "window":
-        pattern = SlidingWindow(6, 3)
+    if name in ("window", "window_wide"):
+        pattern = SlidingWindow(6, 3) if name == "window" else SlidingWindow(40, 9)
         return pattern, lambda s, q0, q1: pattern
-    if name == "block_sparse":
-        bs = 16
+    if name.startswith("block_sparse"):
+        bs = int(name[len("block_sparse"):] or 16)  # "block_sparse32": blocks of 32
         layout = torch.rand(len(lens_q), heads_q, cdiv(max(lens_q), bs), cdiv(max(lens_k), bs), device=DEVICE) > 0.4
         pattern = BlockSparse(layout, bs, causal=True)
         return pattern, lambda s, q0, q1: BlockSparse(
@@ -159,12 +159,94 @@ def test_varlen_equals_padded_batch_for_equal_lengths(backend):
     torch.testing.assert_close(packed, batched.transpose(1, 2).flatten(0, 1), rtol=1e-5, atol=1e-5)
 
 
+# Sequences longer than a tile (the interpreter's tiles are 32 x 32; min(32, block_size) for block-sparse),
+# so an item's key tiles split into interior and edge ones, with partial last tiles and a 1-token sequence.
+LONG = ([100, 1, 75, 40], [120, 3, 60, 40])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern_name", ["causal", "window_wide", "block_sparse32", "block_sparse64"])
+def test_varlen_sequences_longer_than_a_tile(backend, pattern_name):
+    check_varlen(backend, *LONG, pattern_name, torch.float32, heads_q=2, heads_kv=1, head_dim=24)
+
+
+def _packed_kernel_inputs(pattern, lens_q, lens_k, heads_q, heads_kv, head_dim, block_m, block_n):
+    q = randn(1, heads_q, sum(lens_q), head_dim)
+    k, v = randn(1, heads_kv, sum(lens_k), head_dim), randn(1, heads_kv, sum(lens_k), head_dim)
+    schedule = packed_schedule(_packed(pattern, lens_q, lens_k, heads_q, heads_kv), sum(lens_q), sum(lens_k),
+                               block_m, block_n)
+    return q, k, v, schedule
+
+
+def test_packed_backward_sub_tiles(monkeypatch):
+    """The backward's own tiles in packed launches (as on a GPU: dK/dV takes each query tile SUB_M rows
+    at a time, dQ each key tile SUB_N keys at a time), halved here: rows and keys of a sub-tile past
+    the sequence's end belong to the next sequence and must not count."""
+    from flashlite import kernels
+
+    monkeypatch.setattr(kernels.launch, "backward_launches",
+                        lambda bm, bn, *args: (dict(SUB_M=bm // 4), dict(SUB_N=bn // 2)))
+    check_varlen("triton", *LONG, "window_wide", torch.float16, heads_q=2, heads_kv=1, head_dim=24)
+    check_varlen("triton", *LONG, "block_sparse32", torch.float32, heads_q=2, heads_kv=1, head_dim=24)
+
+
+@pytest.mark.parametrize("pattern_name,blocks", [("causal", (32, 32)), ("causal", (16, 32)), ("full", (32, 16)),
+                                                 ("window_wide", (16, 16)), ("block_sparse32", (32, 16))])
+def test_packed_interior_tiles_skip_the_mask(monkeypatch, pattern_name, blocks):
+    """Packed forward items split their key tiles into interior and edge ones by their own sequence's
+    lengths: the debug counter (COUNT_TILES=2) sees exactly the edge tiles of each sequence's own rule
+    (rows and keys local, real rows only), and out/lse equal the per-sequence oracle."""
+    from flashlite import kernels
+    from flashlite.kernels import tile_engine
+    from test_tile_edges import _CountEdges
+
+    lens_q, lens_k = LONG
+    heads = 2
+    pattern, pattern_of = make_pattern(pattern_name, lens_q, lens_k, heads, heads)
+    q, k, v, schedule = _packed_kernel_inputs(pattern, lens_q, lens_k, heads, heads, 16, *blocks)
+    items = schedule.num_q_tiles
+    counter = torch.full((2 * heads * items,), -1, dtype=torch.int32, device=DEVICE)
+    counting = _CountEdges(tile_engine.tile_forward_kernel)
+    for module in (tile_engine, kernels.launch):
+        if hasattr(module, "tile_forward_kernel"):
+            monkeypatch.setattr(module, "tile_forward_kernel", counting)
+    out, lse = kernels.tile_forward(q, k, v, schedule, 16 ** -0.5, tile_counter=counter)
+    visited, edges = counter[:heads * items].cpu(), counter[heads * items:].cpu()
+    assert torch.equal(visited, schedule.kv_count.cpu().expand(1, heads, -1).reshape(-1))
+
+    bm, bn = blocks
+    left, right = schedule.window_left, schedule.window_right
+    want = []
+    tiles, count = schedule.kv_tiles.cpu().expand(1, heads, -1, -1), schedule.kv_count.cpu().expand(1, heads, -1)
+    for h in range(heads):
+        for t, (s, m) in enumerate(schedule.q_items.tolist()):
+            nq, nk = lens_q[s], lens_k[s]
+            rows = torch.arange(m * bm, min((m + 1) * bm, nq))[:, None] + (nk - nq)
+            cols = torch.arange(0, -(-nk // bn) * bn)[None, :]
+            visible = (cols < nk) & (cols >= rows - left) & (cols <= rows + right)
+            scheduled = [int(tiles[0, h, t, 0]) + i if not schedule.is_list else int(tiles[0, h, t, i])
+                         for i in range(int(count[0, h, t]))]
+            want.append(sum(not bool(visible[:, n * bn:(n + 1) * bn].all()) for n in scheduled))
+    assert torch.equal(edges, torch.tensor(want, dtype=torch.int32))
+    assert int((visited - edges).sum()) > 0, "no interior tile skipped the mask"
+
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    exact, exact_lse = per_sequence(q[0].transpose(0, 1).double(), k[0].transpose(0, 1).double(),
+                                    v[0].transpose(0, 1).double(), cu_q, cu_k, pattern_of, torch.float64,
+                                    scale=16 ** -0.5)
+    lowp, lowp_lse = per_sequence(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_q, cu_k,
+                                  pattern_of, None, scale=16 ** -0.5)
+    assert_rule("out", out[0].transpose(0, 1), lowp, exact)
+    assert_rule("lse", lse[0].transpose(0, 1), lowp_lse, exact_lse)
+
+
 # -- the plan: work items ----------------------------------------------------------------------------
 
-def _packed(pattern, lens_q, lens_k):
+def _packed(pattern, lens_q, lens_k, heads_q=4, heads_kv=2):
     total_q, total_k = sum(lens_q), sum(lens_k)
     packed = Packed(pattern, cu(lens_q), cu(lens_k))
-    packed.validate(torch.empty(1, 4, total_q, 8, device=DEVICE), torch.empty(1, 2, total_k, 8, device=DEVICE))
+    packed.validate(torch.empty(1, heads_q, total_q, 8, device=DEVICE),
+                    torch.empty(1, heads_kv, total_k, 8, device=DEVICE))
     packed.check_values(total_k)
     return packed
 

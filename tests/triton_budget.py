@@ -24,19 +24,27 @@ import torch
 from triton_aot import compile_launches, record_launches  # first: it may point flashlite.kernels elsewhere
 
 from flashlite import BlockSparse, Full  # noqa: E402
+from flashlite.core.packed import Packed  # noqa: E402
 from flashlite.kernels import gather_launch, launch  # noqa: E402
 
 BUDGET_FILE = Path(__file__).parent / "budgets" / "triton.json"
 GPU = torch.device("cuda")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BATCH, HEADS_Q, HEADS_KV, SEQLEN, TOP_K = 2, 8, 2, 1024, 64
+PACKED_LENGTHS = [1024, 777, 250]  # a packed (varlen) batch: 2051 tokens, an odd total as most are
 SMEM_LIMIT = 227 * 1024  # sm_90: largest shared memory per block
 SMEM_SHARE = 0.9
 
 FORWARD_KERNELS = ("tile_forward_kernel", "gather_forward_kernel")
 
 
-def _tensors(dtype, head_dim):
+def _tensors(dtype, head_dim, packed=False):
+    if packed:  # the [1, H, T, D] views of packed [T, H, D] tensors that varlen_attention passes
+        total = sum(PACKED_LENGTHS)
+        q = torch.empty(total, HEADS_Q, head_dim, dtype=dtype, device=GPU).transpose(0, 1).unsqueeze(0)
+        k = torch.empty(total, HEADS_KV, head_dim, dtype=dtype, device=GPU).transpose(0, 1).unsqueeze(0)
+        v = torch.empty(total, HEADS_KV, head_dim, dtype=dtype, device=GPU).transpose(0, 1).unsqueeze(0)
+        return q, k, v
     q = torch.empty(BATCH, HEADS_Q, SEQLEN, head_dim, dtype=dtype, device=GPU)
     k = torch.empty(BATCH, HEADS_KV, SEQLEN, head_dim, dtype=dtype, device=GPU)
     v = torch.empty_like(k)
@@ -45,8 +53,8 @@ def _tensors(dtype, head_dim):
 
 def tile_launches(name, dtype, head_dim):
     """The tile engine's three kernels for pattern ``name`` ("causal": a range schedule with the
-    band mask; "flags": the same with softcap and ALiBi; "sparse": a block-sparse list schedule),
-    as ``tile_config`` configures them."""
+    band mask; "flags": the same with softcap and ALiBi; "sparse": a block-sparse list schedule;
+    "packed": causal over a packed batch, PACKED work items), as ``tile_config`` configures them."""
     block_size = 128 if name == "sparse" else None
     config = launch.tile_config(head_dim, dtype, GPU, block_size)
     if name == "sparse":
@@ -55,12 +63,16 @@ def tile_launches(name, dtype, head_dim):
         pattern = BlockSparse(layout, 128, causal=True)
     else:
         pattern = Full(True)
-    schedule = pattern.schedule(SEQLEN, SEQLEN, config.block_m, config.block_n)  # real: built before faking
+    seqlen = SEQLEN
+    if name == "packed":
+        cu_seqlens = torch.tensor([0] + PACKED_LENGTHS).cumsum(0).to(torch.int32)
+        pattern, seqlen = Packed(Full(True), cu_seqlens, cu_seqlens), sum(PACKED_LENGTHS)
+    schedule = pattern.schedule(seqlen, seqlen, config.block_m, config.block_n)  # real: built before faking
 
     softcap = 30.0 if name == "flags" else 0.0
 
     def run():
-        q, k, v = _tensors(dtype, head_dim)
+        q, k, v = _tensors(dtype, head_dim, packed=name == "packed")
         slopes = torch.empty(HEADS_Q, device=GPU) if name == "flags" else None
         out, lse = launch.tile_forward(q, k, v, schedule, head_dim ** -0.5, softcap, slopes, config=config)
         launch.tile_backward(torch.empty_like(out), q, k, v, out, lse, schedule, head_dim ** -0.5, softcap, slopes,
@@ -116,7 +128,7 @@ def gather_launches(mode, dtype, head_dim):
 MATRIX = {
     **{(dt, d): (("causal", "sparse") if d <= 128 else ("causal",), ("row", "union"))
        for dt in ("bf16", "fp32") for d in (64, 128, 256)},
-    ("bf16", 128): (("causal", "sparse", "flags"), ("row", "union", "shared", "flags")),
+    ("bf16", 128): (("causal", "sparse", "flags", "packed"), ("row", "union", "shared", "flags")),
     ("bf16", 72): (("causal",), ("row",)),
     ("fp32", 72): (("causal",), ()),
     ("fp16", 64): (("causal", "sparse"), ("row",)),

@@ -26,6 +26,7 @@ def _on_device(device: torch.device):
 class TritonBackend(Backend):
     name = "triton"
     devices = ("cuda", "cpu")
+    packed_tiles = True  # the tile kernels' PACKED launches read the schedule's work items
 
     def available(self) -> Optional[str]:
         try:
