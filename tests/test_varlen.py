@@ -351,5 +351,5 @@ def test_bad_varlen_arguments():
     small = torch.ones(2, 2, 1, 1, dtype=torch.bool, device=DEVICE)  # 36 rows need 3 blocks of 16
     with pytest.raises(ValueError, match="layout covers"):
         flashlite.varlen_attention(q40, k40, v40, c40, c40, BlockSparse(small, 16))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        flashlite.varlen_attention(q, k, v, c, c, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must be a float in \[0, 1\)"):
+        flashlite.varlen_attention(q, k, v, c, c, dropout_p=1.0)
