@@ -597,6 +597,9 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
     except KeyboardInterrupt:
         report["interrupted"] = True
         print("\ninterrupted: reporting the rows measured so far", file=out)
+        for row in rows:  # CPU rows wait for their group's interleaved timing: not timed, not ok
+            if row["status"] == "ok" and "time_ms" not in row:
+                row.update(status="skip", reason="interrupted before it was timed")
     progress.done()
     impl_order = {impl.name: i for i, impl in enumerate(impls)}
     case_order = {case.id: i for i, case in enumerate(case_list)}

@@ -385,3 +385,19 @@ def test_cpu_peak_is_the_processors_fma_limit_and_copy():
     assert rows[1]["pct_peak"] == pytest.approx(40.0)  # 4 GB/s of a 10 GB/s stream copy
     text = "\n".join(peak_lines(peak))
     assert "FMA loop" in text and "stream copy" in text and "torch matmul" in text
+
+
+def test_interrupt_during_cpu_timing_reports_untimed_rows(tmp_path, monkeypatch):
+    """Ctrl-C while a CPU group is being timed: the run reports what it has, and the rows waiting for
+    that group's timing say so (they used to stay "ok" without a time and crash the report)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "time_group", interrupted)
+    argv = ["--quick", "--device", "cpu", "--patterns", "full", "--seqlens", "64", "--backends", BACKEND,
+            "--peers", "sdpa", "--no-validate", "--out", str(tmp_path), "--json", str(tmp_path / "run.json"),
+            "--quiet"]
+    report = runner.run(runner.parse_args(argv), out=io.StringIO())
+    assert report["interrupted"] is True
+    rows = report["results"]
+    assert rows and all(r["status"] == "skip" and r["reason"] == "interrupted before it was timed" for r in rows)
