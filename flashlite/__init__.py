@@ -23,6 +23,7 @@ from .api import (
     attention,
     block_sparse_attention,
     flash_attention,
+    paged_attention,
     sliding_window_attention,
     topk_attention,
     varlen_attention,
@@ -41,6 +42,7 @@ _LAZY = {
     "kernels": ("flashlite.kernels", None),
     "swap": ("flashlite.nn.swap", "swap"),
     "SelectiveKVCache": ("flashlite.cache", "SelectiveKVCache"),
+    "PagedKVCache": ("flashlite.paged_cache", "PagedKVCache"),
     "distributed": ("flashlite.distributed", None),
     "compat": ("flashlite.compat", None),
 }
@@ -69,6 +71,7 @@ def backends() -> Dict[str, str]:
 
 __all__ = [
     "attention", "flash_attention", "sliding_window_attention", "block_sparse_attention", "topk_attention",
-    "varlen_attention", "Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "reference", "backends", "last_backend",
-    "nn", "swap", "selection", "SelectiveKVCache", "integrations", "distributed", "compat",
+    "varlen_attention", "paged_attention", "Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "reference",
+    "backends", "last_backend", "nn", "swap", "selection", "SelectiveKVCache", "PagedKVCache", "integrations",
+    "distributed", "compat",
 ]

@@ -242,3 +242,112 @@ def varlen_attention(
                             backend=backend, deterministic=deterministic, dropout=dropout)
     out, lse = out[0].transpose(0, 1), lse[0].transpose(0, 1)
     return (out, lse) if return_lse else out
+
+
+def paged_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
+    pattern: Optional[Pattern] = None, *, scale: Optional[float] = None, softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None, return_lse: bool = False, backend: Optional[str] = None,
+):
+    """Attention of each sequence's newest queries over its keys in a paged KV cache (forward only).
+
+    Args:
+        q: ``[B, Hq, Nq, D]``: sequence b's newest Nq queries (decode: Nq = 1; chunked prefill: Nq > 1),
+            query i at logical position ``p(i) = cache_seqlens[b] − Nq + i``.
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]`` (vLLM / flash-attn layout; ``Hq % Hkv == 0``),
+            q's dtype and device, page and slot dimensions mergeable (a contiguous cache is). Any
+            page_size >= 1 (16 to 256 are the usual ones).
+        block_table: int32 ``[B, max_pages]``: sequence b's pages in logical order. Only its first
+            ``ceil(cache_seqlens[b] / page_size)`` entries are read (and checked to be page ids in
+            ``[0, num_pages)``); the rest may hold anything (-1, say).
+        cache_seqlens: int32 ``[B]``: keys per sequence, the new queries' keys already written
+            (so ``cache_seqlens[b] >= Nq``).
+        pattern: ``Full`` (default, non-causal: every key), ``Full(causal=True)`` (keys ``j <= p(i)``),
+            ``SlidingWindow(left, right)`` (pages wholly outside every window are never read) or
+            ``TopK`` (logical positions ``[B, Hkv|1, Nq, K]`` or ``[B, Hkv|1, K]`` in ``[-1, cache_seqlens[b])``).
+        scale, softcap, backend: as in ``attention``.
+        alibi_slopes: not supported yet (ValueError): the gather kernels compute ``|p(i) − j|`` in the
+            flattened pool's coordinates, where a slot's position is not its logical position.
+        return_lse: also return the log-sum-exp, ``[B, Hq, Nq]`` float32.
+
+    Returns ``out`` ``[B, Hq, Nq, D]`` (and lse). Forward only: the result carries no gradient (the
+    inputs are detached). The plan (physical rows) is built once per (block_table, cache_seqlens)
+    version and reused while neither changes.
+    """
+    from . import backend as backends
+    from .core.paged import Paged, pool_view
+    from .dispatch.plan import Plan
+
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [batch, heads_q, seqlen_q, head_dim], got shape {tuple(q.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [num_pages, page_size, heads_kv, head_dim], "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape [num_pages, page_size, Hkv, D], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    num_pages, page_size, heads_kv, _ = k_cache.shape
+    if k_cache.shape[-1] != head_dim:
+        raise ValueError(f"k_cache/v_cache head_dim {k_cache.shape[-1]} does not match q head_dim {head_dim}")
+    if head_dim < 1 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    if page_size < 1:
+        raise ValueError(f"k_cache must have page_size >= 1 (its dimension 1), got {page_size}")
+    if heads_kv == 0 or heads_q % heads_kv:
+        raise ValueError(f"q heads ({heads_q}) must be a multiple of k_cache heads ({heads_kv}) (GQA/MQA)")
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes is not supported by paged_attention yet: the gather kernels compute "
+                         "|p(i) - j| in the flattened page pool's coordinates, where a slot's position is not the "
+                         "key's logical position")
+    if pattern is None:
+        pattern = Full()
+    elif not isinstance(pattern, (Full, SlidingWindow, TopK)):
+        raise TypeError(f"pattern must be Full, SlidingWindow, TopK or None for a paged cache, "
+                        f"got {type(pattern).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError("return_lse must be a bool")
+    paged = Paged(pattern, block_table, cache_seqlens, page_size, seqlen_q)
+    paged.validate(q, k_cache)
+    scale, softcap, _ = check_scalars(q, scale, softcap, None)
+    q, k_cache, v_cache = q.detach(), k_cache.detach(), v_cache.detach()
+    if q.stride(-1) != 1 and head_dim != 1:
+        q = q.contiguous()
+    k4, v4 = pool_view(k_cache, "k_cache"), pool_view(v_cache, "v_cache")
+    if batch == 0 or seqlen_q == 0 or heads_q == 0:
+        out = q.new_zeros(q.shape)
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
+        return (out, lse) if return_lse else out
+
+    q4 = q.permute(1, 0, 2, 3).reshape(1, heads_q, batch * seqlen_q, head_dim)  # a copy unless B == 1
+    with torch.no_grad():
+        request = dispatch._request(q4, paged, False, True, False)
+        chosen = backends.select(request, backend)
+        if chosen.differentiable:  # the reference: each sequence on its keys gathered contiguously
+            paged.check_values(num_pages=num_pages)
+            dispatch._last.name = chosen.name
+            outs, lses = [], []
+            for b, slots, inner in paged.sequences():
+                keys = k4.index_select(2, slots)
+                values = v4.index_select(2, slots)
+                o, l = chosen.forward(Plan(chosen, "dense", pattern=inner), q[b:b + 1], keys, values,
+                                      scale, softcap, None)
+                outs.append(o)
+                lses.append(l)
+            out, lse = torch.cat(outs, 0).to(q.dtype), torch.cat(lses, 0)
+        else:
+            out4, lse4 = dispatch.run(q4, k4, v4, paged, scale=scale, softcap=softcap, alibi_slopes=None,
+                                      backend=chosen.name)
+            out = out4[0].view(heads_q, batch, seqlen_q, head_dim).permute(1, 0, 2, 3)
+            lse = lse4[0].view(heads_q, batch, seqlen_q).permute(1, 0, 2)
+    return (out, lse) if return_lse else out
