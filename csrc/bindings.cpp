@@ -35,6 +35,20 @@ py::tuple cpu_tile_config(int64_t head_dim, py::object dtype, int64_t block_size
   return py::make_tuple(block_m, block_n);
 }
 
+// Attention dropout (docs/native_abi.md): dropout_p in [0, 1) (0 = off) and the seed of the call's
+// counter-based mask (flashlite/core/dropout.py): threshold floor(p·2^32) (the same double
+// product as flashlite.core.dropout.threshold), scale 1/(1 − p).
+void set_dropout(flashlite::AttentionParams& p, double dropout_p, int64_t dropout_seed, const char* fn) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "flashlite: ", fn, ": dropout_p must be in [0, 1), got ",
+                    dropout_p);
+  if (dropout_p == 0.0) return;
+  p.dropout = true;
+  const double words = dropout_p * 4294967296.0;
+  p.dropout_threshold = words >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(words);
+  p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.dropout_seed = static_cast<uint64_t>(dropout_seed);
+}
+
 // grad_out/out like q and lse [B, Hq, Nq] (sizes and grad_out's dtype).
 void check_saved(const Tensor& grad_out, const Tensor& out, const Tensor& lse, const Tensor& q) {
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
@@ -50,7 +64,8 @@ std::tuple<Tensor, Tensor> cpu_tile_forward(Tensor q, Tensor k, Tensor v, const 
                                             int64_t window_right, double scale, double softcap,
                                             const optional<Tensor>& q_items, const optional<Tensor>& k_items,
                                             const optional<Tensor>& cu_seqlens_q,
-                                            const optional<Tensor>& cu_seqlens_k) {
+                                            const optional<Tensor>& cu_seqlens_k, double dropout_p,
+                                            int64_t dropout_seed) {
   flashlite::make_last_dims_contiguous({&q, &k, &v});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap,
@@ -59,6 +74,7 @@ std::tuple<Tensor, Tensor> cpu_tile_forward(Tensor q, Tensor k, Tensor v, const 
                                                   block_m, block_n, "cpu_tile_forward");
   flashlite::set_tile_schedule(call.params, q, block_m, block_n, window_left, window_right, kv_tiles, kv_count,
                                is_list, "cpu_tile_config", packed ? call.params.packed.num_q_items : -1);
+  set_dropout(call.params, dropout_p, dropout_seed, "cpu_tile_forward");
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::tile_forward(call.params, threads());
@@ -71,7 +87,8 @@ std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
     const Tensor& kv_count, const Tensor& q_tiles, const Tensor& q_count, const optional<Tensor>& alibi_slopes,
     bool is_list, int64_t block_m, int64_t block_n, int64_t window_left, int64_t window_right, double scale,
     double softcap, bool deterministic, const optional<Tensor>& q_items, const optional<Tensor>& k_items,
-    const optional<Tensor>& cu_seqlens_q, const optional<Tensor>& cu_seqlens_k) {
+    const optional<Tensor>& cu_seqlens_q, const optional<Tensor>& cu_seqlens_k, double dropout_p,
+    int64_t dropout_seed) {
   flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   check_saved(grad_out, out, lse, q);
@@ -85,6 +102,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
                                is_list, "cpu_tile_config", packed ? call.params.packed.num_q_items : -1);
   flashlite::set_backward_schedule(call.params, q, k, q_tiles, q_count, is_list,
                                    packed ? call.params.packed.num_k_items : -1);
+  set_dropout(call.params, dropout_p, dropout_seed, "cpu_tile_backward");
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::tile_backward(call.params, call.grads, threads());
@@ -94,11 +112,12 @@ std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
 
 std::tuple<Tensor, Tensor> cpu_gather_forward(Tensor q, Tensor k, Tensor v, const Tensor& indices,
                                               const optional<Tensor>& alibi_slopes, bool causal, double scale,
-                                              double softcap) {
+                                              double softcap, double dropout_p, int64_t dropout_seed) {
   flashlite::make_last_dims_contiguous({&q, &k, &v});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap);
   flashlite::set_indices(call.params, indices, causal);
+  set_dropout(call.params, dropout_p, dropout_seed, "cpu_gather_forward");
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::gather_forward(call.params, threads());
@@ -111,7 +130,8 @@ std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q
                                                        const Tensor& out, const Tensor& lse, const Tensor& indices,
                                                        const Tensor& key_offsets, const Tensor& key_slots,
                                                        const optional<Tensor>& alibi_slopes, bool causal,
-                                                       double scale, double softcap, bool deterministic) {
+                                                       double scale, double softcap, bool deterministic,
+                                                       double dropout_p, int64_t dropout_seed) {
   flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   check_saved(grad_out, out, lse, q);
@@ -119,6 +139,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q
       flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap, deterministic);
   flashlite::set_indices(call.params, indices, causal);
   flashlite::set_key_index(call.grads, call.params, key_offsets, key_slots, q);
+  set_dropout(call.params, dropout_p, dropout_seed, "cpu_gather_backward");
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::gather_backward(call.params, call.grads, threads());
@@ -175,6 +196,20 @@ std::tuple<Tensor, Tensor> cpu_key_index(const Tensor& rows, int64_t seqlen_q, i
                               key_offsets.data_ptr<int64_t>(), key_slots.data_ptr<int64_t>(), threads());
   }
   return {key_offsets, key_slots};
+}
+
+// The dropout words the kernels draw (the active build's vector Philox): int64 [count], entry t =
+// Philox4x32-10 word 0 at counter start + t under seed (flashlite.core.dropout.philox_words).
+Tensor cpu_dropout_words(int64_t seed, int64_t start, int64_t count) {
+  TORCH_CHECK_VALUE(start >= 0 && count >= 0 && count <= (int64_t(1) << 30),
+                    "flashlite: cpu_dropout_words: start must be >= 0 and count in [0, 2^30], got ", start, " and ",
+                    count);
+  std::vector<uint32_t> words(static_cast<size_t>(count));
+  flashlite::cpu::dropout_words(static_cast<uint64_t>(seed), static_cast<uint64_t>(start), count, words.data());
+  Tensor out = at::empty({count}, at::kLong);
+  int64_t* data = out.data_ptr<int64_t>();
+  for (int64_t t = 0; t < count; ++t) data[t] = words[size_t(t)];
+  return out;
 }
 
 std::vector<std::string> cpu_isas() {
@@ -241,25 +276,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kv_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),
         py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
         py::arg("q_items") = py::none(), py::arg("k_items") = py::none(), py::arg("cu_seqlens_q") = py::none(),
-        py::arg("cu_seqlens_k") = py::none(),
-        "tile engine forward -> (out, lse); q_items/k_items/cu_seqlens_q/cu_seqlens_k: a packed batch's work items "
-        "(docs/native_abi.md)");
+        py::arg("cu_seqlens_k") = py::none(), py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
+        "tile engine forward -> (out, lse); q_items/k_items/cu_seqlens_q/cu_seqlens_k: a packed batch's work items; "
+        "dropout_p (0 = off) / dropout_seed: attention dropout (docs/native_abi.md)");
   m.def("cpu_tile_backward", &cpu_tile_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("kv_tiles"), py::arg("kv_count"), py::arg("q_tiles"),
         py::arg("q_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),
         py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
         py::arg("deterministic"), py::arg("q_items") = py::none(), py::arg("k_items") = py::none(),
-        py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
+        py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(), py::arg("dropout_p") = 0.0,
+        py::arg("dropout_seed") = 0,
         "tile engine backward -> (dq, dk, dv); q_items/k_items/cu_seqlens_q/cu_seqlens_k: a packed batch's work "
-        "items (docs/native_abi.md)");
+        "items; dropout_p / dropout_seed: the forward's (docs/native_abi.md)");
   m.def("cpu_gather_forward", &cpu_gather_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("indices"),
-        py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"),
-        "gather (top-k) forward -> (out, lse)");
+        py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("dropout_p") = 0.0,
+        py::arg("dropout_seed") = 0,
+        "gather (top-k) forward -> (out, lse); dropout_p (0 = off) / dropout_seed: attention dropout");
   m.def("cpu_gather_backward", &cpu_gather_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("indices"), py::arg("key_offsets"), py::arg("key_slots"),
         py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("deterministic"),
-        "gather (top-k) backward -> (dq, dk, dv); key_offsets/key_slots: the key -> slot index of indices "
-        "(docs/native_abi.md)");
+        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
+        "gather (top-k) backward -> (dq, dk, dv); key_offsets/key_slots: the key -> slot index of indices; "
+        "dropout_p / dropout_seed: the forward's (docs/native_abi.md)");
   m.def("cpu_canonical_rows", &cpu_canonical_rows, py::arg("indices"), py::arg("seqlen_q"), py::arg("seqlen_k"),
         py::arg("causal"),
         "canonical top-k rows (int64, indices' shape): flashlite.core.gather_rows.canonical_rows, element for "
@@ -268,6 +306,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("causal"),
         "the key -> slot index of canonical rows -> (key_offsets [B*Hi*Nk + 1], key_slots [B*Hi*Nq*K]): "
         "flashlite.core.gather_rows.key_index, element for element");
+  m.def("cpu_dropout_words", &cpu_dropout_words, py::arg("seed"), py::arg("start"), py::arg("count"),
+        "attention dropout's random words as the CPU kernels draw them -> int64 [count]: Philox4x32-10 word 0 at "
+        "counters start .. start + count - 1 (flashlite.core.dropout.philox_words)");
   m.def("cpu_isa", [] { return std::string(flashlite::cpu::isa()); }, "instruction-set build of the CPU kernels in use");
   m.def("cpu_isas", &cpu_isas, "instruction-set builds this CPU can run, best first");
   m.def("cpu_set_isa", &cpu_set_isa, py::arg("name"), "use another runnable build (tests, benchmarks)");

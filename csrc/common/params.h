@@ -100,7 +100,19 @@ struct AttentionParams {
   int32_t top_k = 0;
   int32_t index_heads = 0;  // Hi = indices.size(1): 1 (shared by the KV heads) or Hkv
   bool causal = false;
+  // Attention dropout (flashlite/core/dropout.py; the CPU kernels so far). Element (b, h, i, j) of
+  // the [B, Hq, Nq, Nk] probability matrix (a packed batch: its [1, Hq, Tq, Tk] views) has the
+  // counter e = dropout_index(b, h, i, j) and is kept iff Philox4x32-10(key = seed, counter = e)
+  // word 0 >= dropout_threshold = floor(p * 2^32); kept probabilities are scaled by dropout_scale =
+  // 1 / (1 - p). The lse stays the undropped one. Off (dropout = false): nothing is read.
+  bool dropout = false;
+  uint32_t dropout_threshold = 0;
+  float dropout_scale = 1.f;
+  uint64_t dropout_seed = 0;
 
+  FL_HOST_DEVICE uint64_t dropout_index(int32_t b, int32_t h, int64_t i, int64_t j) const {
+    return static_cast<uint64_t>(((int64_t(b) * heads_q + h) * seqlen_q + i) * seqlen_k + j);
+  }
   FL_HOST_DEVICE int32_t group() const { return heads_q / heads_kv; }
   FL_HOST_DEVICE int32_t query_position(int32_t i) const { return i + seqlen_k - seqlen_q; }
   FL_HOST_DEVICE bool band_visible(int32_t i, int32_t j) const {

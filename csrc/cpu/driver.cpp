@@ -95,6 +95,10 @@ const KernelTable& active() {
 
 const char* isa() { return active().name; }
 
+void dropout_words(uint64_t seed, uint64_t start, int64_t count, uint32_t* out) {
+  if (count > 0) active().dropout_words(seed, start, count, out);
+}
+
 std::vector<const char*> available_isas() {
   std::vector<const char*> names;
   for (const KernelTable* table : runnable_tables()) names.push_back(table->name);

@@ -8,6 +8,7 @@
 #endif
 
 #include "simd.h"
+#include "philox.h"
 #include "gemm.h"
 #include "pack.h"
 #include "prefetch.h"
@@ -142,6 +143,15 @@ inline float gather_row_scores(const AttentionParams& p, int b, int kv_head, int
   return hmax(row_max);
 }
 
+// Attention dropout of query row i's slots t0 .. t0 + L − 1 (philox.h): the factors Z = M/(1 − p)
+// of elements (b, h, i, j = idx[t]), the same counters as the dense matrix's (the key position,
+// not the slot, counts). Slots past K (and empty ones, whose probability is 0) use key 0.
+FL_ALWAYS_INLINE vf gather_dropout_factors(const AttentionParams& p, uint64_t row_base, const int64_t* idx, int t0) {
+  vu64w e;
+  for (int l = 0; l < L; ++l) e[l] = row_base + static_cast<uint64_t>(t0 + l < p.top_k ? idx[t0 + l] : 0);
+  return dropout_factors(p, e);
+}
+
 // Prefetch what row i streams through: its index list, its query row and (for writing) its
 // output row. They are read in order, but the hardware prefetchers lose track of these streams
 // among the scattered key/value loads; fetching them a few rows ahead removes most of the stalls
@@ -199,6 +209,11 @@ void gather_forward(const AttentionParams& p, int b, int h, int row_begin, int r
       sum += prob;
     }
     const float l = hsum(sum);
+    if (p.dropout) {  // P_t *= Z_t after the (undropped) sum
+      const uint64_t row_base = p.dropout_index(b, h, i, 0);
+      const int64_t* idx = gather_row_indices(p, b, kv_head, i);
+      for (int t = 0; t < Kp; t += L) store(row.s + t, load(row.s + t) * gather_dropout_factors(p, row_base, idx, t));
+    }
     weighted_rows(row.s, row.values, K, Dp, acc);
     store_scaled_row(p, p.out, p.out_strides, b, h, i, acc, 1.f / l);
     lse[i] = (row_max + log2f(l)) * kLn2;
@@ -206,7 +221,8 @@ void gather_forward(const AttentionParams& p, int b, int h, int row_begin, int r
 }
 
 // Backward, per row:  P_t = 2^(s_t − lse_i),  dS_t = P_t (dO_i·v_t − δ_i)·chain·scale,
-// dq_i = Σ_t dS_t·k_t; P and dS are kept for the key pass.
+// dq_i = Σ_t dS_t·k_t; P and dS are kept for the key pass. With dropout (Z_t = M/(1 − p)):
+// dS_t = P_t (Z_t·dO_i·v_t − δ_i)·chain·scale, and P_t·Z_t is kept (dv_j = Σ P·Z·dO).
 void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, const GatherGrads& gg, int b, int h,
                           int row_begin, int row_end, Workspace& ws) {
   const int D = p.head_dim, Dp = round_up(D, L), K = p.top_k, Kp = round_up(K, L);
@@ -234,13 +250,17 @@ void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, con
     pack_query_row(p, g.grad_out, g.grad_out_strides, b, h, i, 1.f, dov);
     gather_row_scores(p, b, kv_head, i, qv, slope, row);
     const float lse2 = lse * kLog2e, delta = g.delta[row_base + i];
+    const uint64_t drop_base = p.dropout_index(b, h, i, 0);
+    const int64_t* idx = p.dropout ? gather_row_indices(p, b, kv_head, i) : nullptr;
     for (int t0 = 0; t0 < Kp; t0 += L) {
-      const vf dp = dots(dov, row.values + t0, Dp);  // dP_t = dO_i·v_t
+      vf dp = dots(dov, row.values + t0, Dp);  // dP_t = dO_i·v_t
+      const vf z = p.dropout ? gather_dropout_factors(p, drop_base, idx, t0) : splat(1.f);
+      if (p.dropout) dp *= z;
       for (int t = t0; t < t0 + L; ++t) {
         const float prob = row.s[t] == -kInf ? 0.f : exp2f(row.s[t] - lse2);
         ds[t] = prob == 0.f ? 0.f : prob * (dp[t - t0] - delta) * (p.softcap != 0.f ? row.chain[t] : 1.f) * p.scale;
         if (t < K) {
-          probs[t] = prob;
+          probs[t] = prob * z[t - t0];  // z = 1 without dropout
           grads[t] = ds[t];
         }
       }

@@ -7,6 +7,7 @@
 // defined by it and its parts, so no code compiled for one instruction set is shared with
 // another build. The parts, in include order:
 //   simd.h           vector types and primitives, 2^x, tanh, lane reductions
+//   philox.h         Philox4x32-10 over the lanes (attention dropout's random words)
 //   gemm.h           the micro-kernel (gemm) and the row kernels (axpy, dots, weighted_rows)
 //   pack.h           float32 packing / conversion of rows and tiles, output stores
 //   prefetch.h       software prefetch helpers (always_inline: see there)
@@ -15,6 +16,7 @@
 #pragma once
 
 #include "simd.h"
+#include "philox.h"
 #include "gemm.h"
 #include "pack.h"
 #include "prefetch.h"
@@ -28,7 +30,7 @@ namespace FL_ISA {
 const KernelTable& table() {
   static const KernelTable kernels = {
       FL_ISA_NAME, L, &tile_forward, &tile_forward_rows, &tile_forward_rows_merge, &tile_backward_pack, &tile_backward_kv, &tile_backward_head, &tile_backward_q, &gather_forward, &gather_backward_rows,
-      &gather_backward_keys,
+      &gather_backward_keys, &dropout_words,
   };
   return kernels;
 }

@@ -29,6 +29,10 @@ void gather_forward(const AttentionParams& params, int num_threads);
 // index grads.key_offsets / key_slots (required; params.h and docs/native_abi.md give its form).
 void gather_backward(const AttentionParams& params, const BackwardParams& grads, int num_threads);
 
+// Attention dropout's random words as the kernels draw them (the active build's vector code):
+// out[t] = Philox4x32-10 word 0 at counter start + t under seed, t < count (csrc/cpu/philox.h).
+void dropout_words(uint64_t seed, uint64_t start, int64_t count, uint32_t* out);
+
 // The instruction-set variant of the kernels in use ("avx512", "avx2", "default") and those this
 // machine can run. set_isa picks one of them (false if it cannot run here).
 const char* isa();

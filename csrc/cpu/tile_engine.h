@@ -15,6 +15,7 @@
 #endif
 
 #include "simd.h"
+#include "philox.h"
 #include "gemm.h"
 #include "pack.h"
 
@@ -61,6 +62,18 @@ inline void score_tile(const AttentionParams& p, float slope, int shift, int i0,
       if (masked) s = select(in_band(p, dist), s, splat(-kInf));
       store(s_row + y, s);
     }
+  }
+}
+
+// Attention dropout on a tile of probabilities Pᵀ[c][r] (keys c < nk, query lanes r < Y): each
+// times its factor Z = M/(1 − p) (philox.h), element (c, r) having the counter base + r·Nk + c
+// (base = p.dropout_index of the tile's first query and key). Called only when p.dropout.
+inline void dropout_tile(const AttentionParams& p, uint64_t base, int nk, int Y, float* st, int ld) {
+  const uint64_t Nk = uint64_t(p.seqlen_k);
+  for (int y = 0; y < Y; y += L) {
+    const vu64w lanes = counters(base + uint64_t(y) * Nk, Nk);
+    for (int c = 0; c < nk; ++c)
+      store(st + c * ld + y, load(st + c * ld + y) * dropout_factors(p, lanes + uint64_t(c)));
   }
 }
 
@@ -113,6 +126,8 @@ void tile_forward(const AttentionParams& p, const Segment& sg, int h, int m, Wor
       store(row_sum + y, load(row_sum + y) * a + sum);
       store(row_max + y, m_new);
     }
+    // Dropout (the sums above stay undropped: lse is the undropped softmax's):  P[c][r] *= Z[c][r]
+    if (p.dropout) dropout_tile(p, p.dropout_index(b, h, sg.q0 + i0, sg.k0 + j0), nk, Y, st, BM);
     // Oᵀ[d][r] = α[r]·Oᵀ[d][r] + Σ_c v[j0 + c][d]·P[c][r]
     for (int d = 0; d < D; ++d)
       for (int y = 0; y < Y; y += L) store(ot + d * BM + y, load(ot + d * BM + y) * load(alpha + y));
@@ -197,6 +212,11 @@ void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, 
         const vf prob = exp2v(load(s + c0) - m_new);
         store(s + c0, prob);
         sum += prob;
+      }
+      if (p.dropout) {  // P_c *= Z_c after the (undropped) sum; keys along the lanes: consecutive counters
+        const uint64_t base = p.dropout_index(b, h, i0 + r % rows, j0);
+        for (int c0 = 0; c0 < nkp; c0 += L)
+          store(s + c0, load(s + c0) * dropout_factors(p, counters(base + uint64_t(c0), 1)));
       }
       const float alpha = m_old == -kInf ? 0.f : exp2f(m_old - m_new);
       record[Dp + 1] = record[Dp + 1] * alpha + hsum(sum);
@@ -293,21 +313,41 @@ void tile_backward_pack(const AttentionParams& p, const BackwardParams& g, const
 }
 
 // P, then dS in place of dPᵀ:  P[c][r] = 2^(s[c][r] − lse_r),  dS = P ⊙ (dP − δ_r) ⊙ chain · scale
-// (chain = 1 − tanh² with softcap, else 1).
-inline void probs_and_score_grads(const AttentionParams& p, int nk, int Y, float* st, float* dpt, const float* chain,
-                                  const float* lse2, const float* delta, int ld, bool grads) {
+// (chain = 1 − tanh² with softcap, else 1). With dropout (Z = M/(1 − p), element (c, r) at counter
+// drop_base + r·Nk + c, as dropout_tile): st gets P ⊙ Z (for dV = (P ⊙ Z)ᵀ·dO) and
+// dS = P ⊙ (dP ⊙ Z − δ_r) ⊙ chain · scale.
+template <bool Dropout>
+inline void probs_and_score_grads_of(const AttentionParams& p, int nk, int Y, float* st, float* dpt, const float* chain,
+                                     const float* lse2, const float* delta, int ld, bool grads, uint64_t drop_base) {
   const vf scale = splat(p.scale);
+  const uint64_t Nk = uint64_t(p.seqlen_k);
+  vu64w lanes{};  // lane r: r·Nk
+  if constexpr (Dropout) lanes = counters(0, Nk);
   for (int c = 0; c < nk; ++c) {
     for (int y = 0; y < Y; y += L) {
       const vf prob = exp2v(load(st + c * ld + y) - load(lse2 + y));
-      store(st + c * ld + y, prob);
+      vf dp = load(dpt + c * ld + y);
+      if constexpr (Dropout) {
+        const vf z = dropout_factors(p, lanes + (drop_base + uint64_t(y) * Nk + uint64_t(c)));
+        store(st + c * ld + y, prob * z);
+        dp *= z;
+      } else {
+        store(st + c * ld + y, prob);
+      }
       if (grads) {
-        vf ds = prob * (load(dpt + c * ld + y) - load(delta + y)) * scale;
+        vf ds = prob * (dp - load(delta + y)) * scale;
         if (chain) ds *= load(chain + c * ld + y);
         store(dpt + c * ld + y, ds);
       }
     }
   }
+}
+inline void probs_and_score_grads(const AttentionParams& p, int nk, int Y, float* st, float* dpt, const float* chain,
+                                  const float* lse2, const float* delta, int ld, bool grads, uint64_t drop_base) {
+  if (p.dropout)
+    probs_and_score_grads_of<true>(p, nk, Y, st, dpt, chain, lse2, delta, ld, grads, drop_base);
+  else
+    probs_and_score_grads_of<false>(p, nk, Y, st, dpt, chain, lse2, delta, ld, grads, drop_base);
 }
 
 // Tile engine, backward for key tile n of (segment, kv head): over every query head of the GQA
@@ -351,7 +391,8 @@ void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, const S
       gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
       score_tile(p, slope, sg.shift(), i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
       gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
-      probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true);
+      probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true,
+                            p.dropout_index(b, h, sg.q0 + i0, sg.k0 + j0));
       gemm(nk, Dp, rows, st, BM, 1, tile.do_rows, Dp, dv, Dp, true);   // dV += Pᵀ·dO
       gemm(nk, Dp, rows, dpt, BM, 1, tile.q_rows, Dp, dk, Dp, true);   // dK += dSᵀ·Q
     }
@@ -408,7 +449,8 @@ void tile_backward_head(const AttentionParams& p, const BackwardParams& g, const
         gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
         score_tile(p, slope, sg.shift(), i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
         gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
-        probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true);
+        probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true,
+                              p.dropout_index(b, h, sg.q0 + i0, sg.k0 + j0));
         gemm(nk, Dp, rows, st, BM, 1, tile.do_rows, Dp, dv, Dp, true);   // dV += Pᵀ·dO
         gemm(nk, Dp, rows, dpt, BM, 1, tile.q_rows, Dp, dk, Dp, true);   // dK += dSᵀ·Q
         gemm(rows, Dp, nk, dpt, 1, BM, k.data, k.ld, dq_all + (int64_t(gi) * num_m + m) * BM * Dp, Dp,
@@ -461,7 +503,8 @@ void tile_backward_q(const AttentionParams& p, const BackwardParams& g, const Se
     gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
     score_tile(p, slope, sg.shift(), i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
     gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
-    probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true);
+    probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true,
+                          p.dropout_index(b, h, sg.q0 + i0, sg.k0 + j0));
     gemm(rows, Dp, nk, dpt, 1, BM, k.data, k.ld, dq, Dp, true);  // dQ += dS·K
   }
   store_rows(p.dtype, g.dq, g.dq_strides, b, h, sg.q0 + i0, rows, D, dq, Dp);

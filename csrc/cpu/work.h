@@ -115,6 +115,9 @@ struct KernelTable {
   // index (BackwardParams::key_offsets / key_slots).
   void (*gather_backward_keys)(const AttentionParams&, const BackwardParams&, const GatherGrads&, int b,
                                int kv_head, int key_begin, int key_end, Workspace&);
+  // Attention dropout's random words (philox.h, this build's vectors): out[t] = word at counter
+  // start + t for t < count (tests and debugging: cpu_dropout_words).
+  void (*dropout_words)(uint64_t seed, uint64_t start, int64_t count, uint32_t* out);
 };
 
 const KernelTable& kernels_default();

@@ -62,28 +62,37 @@ class NativeBackend(Backend):
         return dict(q_items=schedule.q_items, k_items=schedule.k_items, cu_seqlens_q=schedule.cu_seqlens_q,
                     cu_seqlens_k=schedule.cu_seqlens_k)
 
-    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes):
+    @staticmethod
+    def _dropout(dropout) -> dict:
+        """``dropout=(p, seed)`` as the kernels' named arguments (none when off, so a build without
+        them still serves calls without dropout)."""
+        if dropout is None:
+            return {}
+        p, seed = dropout
+        return dict(dropout_p=float(p), dropout_seed=int(seed))
+
+    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None):
         if plan.engine == "tile":
             s = plan.schedule
             return self._fns["tile_forward"](
                 q, k, v, kv_tiles=s.kv_tiles, kv_count=s.kv_count, alibi_slopes=alibi_slopes, is_list=s.is_list,
                 block_m=s.block_m, block_n=s.block_n, window_left=s.window_left, window_right=s.window_right,
-                scale=scale, softcap=softcap, **self._packed(s))
+                scale=scale, softcap=softcap, **self._packed(s), **self._dropout(dropout))
         return self._fns["gather_forward"](q, k, v, indices=plan.rows, alibi_slopes=alibi_slopes, causal=plan.causal,
-                                           scale=scale, softcap=softcap)
+                                           scale=scale, softcap=softcap, **self._dropout(dropout))
 
-    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None):
         if plan.engine == "tile":
             s = plan.schedule
             return self._fns["tile_backward"](
                 grad_out, q, k, v, out, lse, kv_tiles=s.kv_tiles, kv_count=s.kv_count, q_tiles=s.q_tiles,
                 q_count=s.q_count, alibi_slopes=alibi_slopes, is_list=s.is_list, block_m=s.block_m,
                 block_n=s.block_n, window_left=s.window_left, window_right=s.window_right, scale=scale,
-                softcap=softcap, deterministic=plan.deterministic, **self._packed(s))
+                softcap=softcap, deterministic=plan.deterministic, **self._packed(s), **self._dropout(dropout))
         return self._fns["gather_backward"](
             grad_out, q, k, v, out, lse, indices=plan.rows, key_offsets=plan.key_offsets, key_slots=plan.key_slots,
             alibi_slopes=alibi_slopes, causal=plan.causal, scale=scale, softcap=softcap,
-            deterministic=plan.deterministic)
+            deterministic=plan.deterministic, **self._dropout(dropout))
 
 
 class CpuBackend(NativeBackend):
@@ -93,6 +102,7 @@ class CpuBackend(NativeBackend):
     prefix = "cpu"
     devices = ("cpu",)
     packed_tiles = True  # cpu_tile_forward/backward take q_items, k_items, cu_seqlens_q/k
+    dropout = True  # the four kernel functions take dropout_p / dropout_seed (docs/native_abi.md)
 
     def __init__(self, extension) -> None:
         super().__init__(extension)

@@ -378,12 +378,13 @@ def _run(query, key, value, pattern, key_keep, keep, bias, scaling, softcap, dro
         out, _ = FL.serve(query, key, value, lowered, scale=scaling, softcap=softcap, dropout_p=dropout,
                           backend=_backend)
         return out
-    if lowered.dense or dropout:
+    if lowered.dense or dropout >= 1.0:
         raise ValueError(f"{MAIN_NAME}: learned sinks (s_aux) are supported with causal / sliding-window / "
-                         f"padding masks and no dropout, not with dense masks")
-    # Sink logit s per head joins the softmax denominator: out·e^lse / (e^lse + e^s) = out·sigmoid(lse − s).
-    out, lse = FL.serve(query, key, value, lowered, scale=scaling, softcap=softcap, backend=_backend,
-                        return_lse=True)
+                         f"padding masks and dropout < 1, not with dense masks")
+    # Sink logit s per head joins the softmax denominator: out·e^lse / (e^lse + e^s) = out·sigmoid(lse − s)
+    # (with dropout too: out is Σ P·Z·v over the undropped l, and lse is the undropped one).
+    out, lse = FL.serve(query, key, value, lowered, scale=scaling, softcap=softcap, dropout_p=dropout,
+                        backend=_backend, return_lse=True)
     gate = torch.sigmoid(lse - s_aux.float().view(1, -1, 1))
     return (out.float() * gate.unsqueeze(-1)).to(out.dtype)
 

@@ -7,11 +7,14 @@ float masks, key padding, ``is_causal``, a pattern -> a pattern plus whatever is
 hands the result to :func:`serve`:
 
 * **kernel path** - nothing left dense: the pattern (full, causal, sliding window, block-sparse,
-  top-k; key padding has become top-k indices) goes to :func:`flashlite.attention`;
-* **slow path** (documented): a dense mask or bias that has no pattern form, ``dropout_p > 0``, a
-  request for the attention weights, value head_dim != key head_dim or a dtype flashlite does not
-  take runs :func:`dense_attention` - the oracle, ``flashlite.reference.attention`` with its
-  ``mask=`` / ``attn_bias=`` arguments, in float32 (float64 inputs in float64), O(Nq·Nk) memory.
+  top-k; key padding has become top-k indices) goes to :func:`flashlite.attention`, with
+  ``dropout_p`` (flashlite's counter-based attention dropout, in the kernels of the backends that
+  have it - the cpu backend's C++ kernels - else on the reference backend);
+* **slow path** (documented): a dense mask or bias that has no pattern form, a request for the
+  attention weights, ``dropout_p >= 1``, value head_dim != key head_dim, a dtype flashlite does not
+  take, or dropout with a ``backend=`` whose kernels have none runs :func:`dense_attention` - the
+  oracle, ``flashlite.reference.attention`` with its ``mask=`` / ``attn_bias=`` arguments, in
+  float32 (float64 inputs in float64), O(Nq·Nk) memory (its dropout draws from ``torch.rand``).
 
 Alignment. flashlite patterns align queries to the *end* of the keys (bottom-right,
 ``p(i) = i + Nk - Nq``). PyTorch's ``is_causal`` aligns them to the *start* (top-left: query i
@@ -40,10 +43,23 @@ _FLASHLITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def needs_slow_path(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, need_weights: bool = False) -> bool:
-    """True if the call runs on the slow path whatever its masks: attention weights, dropout, a
-    value head_dim other than the key head_dim, or a dtype the kernels do not take."""
-    return (need_weights or dropout_p > 0.0 or k.shape[-1] != v.shape[-1]
+    """True if the call runs on the slow path whatever its masks: attention weights, dropout_p >= 1
+    (everything dropped; flashlite.attention takes p in [0, 1)), a value head_dim other than the
+    key head_dim, or a dtype the kernels do not take. Dropout below 1 stays on the kernels."""
+    return (need_weights or dropout_p >= 1.0 or k.shape[-1] != v.shape[-1]
             or q.dtype not in _FLASHLITE_DTYPES)
+
+
+def _backend_drops(backend: Optional[str], dropout_p: float) -> bool:
+    """False only for dropout with a forced ``backend`` whose kernels have no dropout (the call
+    then takes the slow path rather than failing)."""
+    if dropout_p == 0.0 or backend is None:
+        return True
+    from ..backend import get as _get_backend
+    try:
+        return bool(_get_backend(backend).dropout)
+    except ValueError:  # unknown / unavailable: flashlite.attention says why
+        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,11 +138,14 @@ def serve(q: Tensor, k: Tensor, v: Tensor, lowered: Lowered, *, scale: Optional[
     pattern, keep, bias, keys = lowered
     if keys < k.shape[2]:
         k, v = k[:, :, :keys], v[:, :, :keys]
-    if not lowered.dense and not needs_slow_path(q, k, v, dropout_p, need_weights):
-        result = _attention(q, k, v, pattern, scale=scale, softcap=softcap, backend=backend, return_lse=return_lse)
+    if (not lowered.dense and not needs_slow_path(q, k, v, dropout_p, need_weights)
+            and _backend_drops(backend, dropout_p)):
+        result = _attention(q, k, v, pattern, scale=scale, softcap=softcap, backend=backend, return_lse=return_lse,
+                            dropout_p=dropout_p)
         return result if return_lse else (result, None)
     if return_lse:
-        raise ValueError("return_lse is not available with dense masks, dropout or need_weights")
+        raise ValueError("return_lse is not available with dense masks, need_weights, dropout_p >= 1 or dropout on "
+                         "a backend without it")
     return dense_attention(q, k, v, pattern, keep=keep, bias=bias, scale=scale, softcap=softcap,
                            dropout_p=dropout_p, need_weights=need_weights)
 
@@ -167,8 +186,9 @@ def scaled_dot_product_attention(
     ``Hq`` to be a multiple of ``Hkv``. A query that sees no key returns zeros (as PyTorch 2.5+).
 
     Masks that are patterns in disguise run on the kernels: a causal mask, a key-padding mask
-    (``[B|1, 1, 1, S]``, as top-k indices). Other masks, ``dropout_p > 0`` and ``Ev != E`` run the
-    slow path (the reference with the explicit mask); dtypes flashlite does not take (e.g.
+    (``[B|1, 1, 1, S]``, as top-k indices), with ``dropout_p`` in flashlite's kernels. Other masks,
+    ``dropout_p >= 1`` and ``Ev != E`` run the slow path (the reference with the explicit mask); dtypes
+    flashlite does not take (e.g.
     float64) run PyTorch's own function. Monkey-patch with
     ``torch.nn.functional.scaled_dot_product_attention = flashlite.nn.functional.scaled_dot_product_attention``.
     """

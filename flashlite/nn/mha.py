@@ -10,7 +10,9 @@ Every mask form is lowered by the one mask front, :func:`flashlite.core.masks.lo
 * no mask, ``is_causal=True`` or a causal ``attn_mask`` -> the kernels' full / causal schedules
   (a causal mask is recognised and never used densely; PyTorch's top-left alignment is kept);
 * ``key_padding_mask`` -> top-k indices over the kept keys (still a kernel, no dense mask);
-* other ``attn_mask``\\ s (bool or float), dropout in training mode and ``need_weights=True`` ->
+* dropout in training mode -> flashlite's attention dropout (``dropout_p``), on the kernels when
+  nothing else needs the slow path;
+* other ``attn_mask``\\ s (bool or float) and ``need_weights=True`` ->
   the slow path: ``flashlite.reference.attention`` with the explicit mask
   (``flashlite.nn.functional.dense_attention``). ``need_weights=True`` is PyTorch's default: each
   module warns once (:class:`SlowPathWarning`) when it is called with it; pass
