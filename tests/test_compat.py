@@ -371,7 +371,6 @@ def test_dropout_is_passed_through():
     (lambda q: fa.flash_attn_varlen_func(q[0], q[0], q[0], cu([3]), cu([4]), 4, 4), ValueError, "cu_seqlens_q"),
     (lambda q: fa.flash_attn_varlen_func(q[0], q[0], q[0], cu([4]), cu([4]), 4, 4, block_table=cu([1])),
      NotImplementedError, "block_table"),
-    (lambda q: fa.flash_attn_with_kvcache(q, q, q), NotImplementedError, "paged"),
 ])
 def test_bad_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
@@ -448,3 +447,231 @@ def test_varlen_attn_twin():
     varlen = pytest.importorskip("torch.nn.attention.varlen")
     out, lse = FL.varlen_attn(q, q, q, cu(lens), cu(lens), 8, 8, return_aux=varlen.AuxRequest(lse=True))
     assert lse.shape == (4, sum(lens))
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache (issue 17 item 4): contiguous and paged caches, in-place append, rotary,
+# cache_batch_idx, cache_leftpad. The oracle follows flash-attn's docstring and its
+# test_flash_attn_kvcache: sequence b's keys are cache positions [leftpad_b, cache_seqlens_b +
+# Sk_new) after the new k/v are written at cache_seqlens_b..; causal / window / ALiBi count
+# positions from leftpad (query i at n_b - Sq + i, n_b the key count); rotary rotates the new k at
+# cache_seqlens_b + j and q at cache_seqlens_b + i (causal or local) or cache_seqlens_b (else).
+# ---------------------------------------------------------------------------------------------
+def rotary_oracle(x, cos, sin, positions, interleaved):
+    """x [B, S, H, D] float64 rotated at positions [B, S] (flash-attn's apply_rotary_emb_torch)."""
+    x = x.double()
+    rd = 2 * cos.shape[1]
+    c = cos.double()[positions]
+    s_ = sin.double()[positions]
+    if interleaved:
+        c, s_ = c.repeat_interleave(2, -1), s_.repeat_interleave(2, -1)
+        r = x[..., :rd]
+        half = torch.stack((-r[..., 1::2], r[..., 0::2]), -1).flatten(-2)
+    else:
+        c, s_ = torch.cat((c, c), -1), torch.cat((s_, s_), -1)
+        r = x[..., :rd]
+        half = torch.cat((-r[..., rd // 2:], r[..., :rd // 2]), -1)
+    return torch.cat((r * c[:, :, None] + half * s_[:, :, None], x[..., rd:]), -1)
+
+
+def kvcache_oracle(q, k_cache, v_cache, k, v, cos, sin, lengths, rows, leftpad, table, causal, window, softcap,
+                   alibi, interleaved, capacity):
+    """(out, lse, logical k/v cache per sequence after the append) in float64, plain loops."""
+    batch, seqlen_q = q.shape[:2]
+    new = 0 if k is None else k.shape[1]
+    left, right = window
+    left, right = (-1 if left >= capacity else left), (-1 if right >= capacity else right)
+    positional = causal or left >= 0 or right >= 0
+    if cos is not None:
+        steps = torch.arange(seqlen_q) if positional else torch.zeros(seqlen_q, dtype=torch.long)
+        q = rotary_oracle(q, cos, sin, lengths[:, None] + steps, interleaved)
+        k = rotary_oracle(k, cos, sin, lengths[:, None] + torch.arange(new), interleaved)
+    outs, lses = [], []
+    for b in range(batch):
+        total = int(lengths[b]) + new
+        if table is None:
+            keys, values = k_cache[rows[b], :total].double(), v_cache[rows[b], :total].double()
+        else:
+            ps = k_cache.shape[1]
+            keys = torch.stack([k_cache[table[b, j // ps], j % ps] for j in range(total)]).double() if total else \
+                k_cache.new_zeros(0, *k_cache.shape[2:]).double()
+            values = torch.stack([v_cache[table[b, j // ps], j % ps] for j in range(total)]).double() if total else \
+                keys
+        if new:
+            keys = torch.cat((keys[:int(lengths[b])], k[b].double()))
+            values = torch.cat((values[:int(lengths[b])], v[b].double()))
+        start = 0 if leftpad is None else int(leftpad[b])
+        slopes = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[b])
+        o, l = oracle(q[b:b + 1], keys[None, start:], values[None, start:], causal=causal, window=(left, right),
+                      softcap=softcap, alibi=slopes)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def rotary_tables(length, rotary_dim, dtype=torch.float32):
+    angle = torch.rand(length, rotary_dim // 2) * 2 * torch.pi
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+# (name, page size or None, Sq, Sk_new, H, Hk, D, options)
+KVCACHE_CASES = [
+    ("decode-contiguous", None, 1, 0, 4, 4, 16, dict()),
+    ("decode-append-rotary-gqa", None, 1, 1, 4, 2, 32, dict(causal=True, rotary=(32, True), lse=True)),
+    ("prefill-rotary-neox-leftpad", None, 3, 3, 4, 2, 32, dict(causal=True, rotary=(16, False), leftpad=True)),
+    ("nonpositional-rotary-batchidx", None, 4, 2, 4, 1, 32, dict(rotary=(16, True), batch_idx=True, lse=True)),
+    ("window-softcap-leftpad-batchidx", None, 2, 2, 4, 2, 16,
+     dict(window=(3, 1), softcap=5.0, leftpad=True, batch_idx=True, lse=True)),
+    ("alibi-causal", None, 2, 1, 4, 2, 16, dict(causal=True, alibi=True, lse=True, leftpad=True)),
+    ("alibi-heads-window", None, 3, 3, 4, 4, 16, dict(window=(4, 0), alibi="heads", rotary=(16, False))),
+    ("fewer-keys-than-queries", None, 6, 0, 4, 2, 16, dict(causal=True, short=True, lse=True)),
+    ("int-seqlens-rotary-local", None, 2, 2, 2, 1, 32, dict(window=(5, 2), rotary=(16, False), int_seqlens=True)),
+    ("full-capacity", None, 2, 0, 2, 2, 16, dict(no_seqlens=True, causal=True)),
+    ("strided-cache", None, 2, 2, 4, 2, 16, dict(causal=True, strided=True, leftpad=True, lse=True)),
+    ("paged16-prefill-rotary", 16, 3, 3, 4, 2, 32, dict(causal=True, rotary=(32, True), lse=True)),
+    ("paged16-decode-window-softcap", 16, 1, 0, 4, 2, 16, dict(window=(20, 0), softcap=3.0)),
+    ("paged16-chunk-neox", 16, 5, 5, 4, 4, 32, dict(causal=True, rotary=(16, False), lse=True)),
+    ("paged256-decode-mqa-rotary", 256, 1, 1, 4, 1, 32, dict(rotary=(16, False), lse=True)),
+    ("paged256-noncausal-append", 256, 4, 4, 2, 2, 16, dict()),
+    ("paged16-fewer-keys", 16, 4, 0, 2, 2, 16, dict(causal=True, short=True, lse=True)),
+    ("paged16-fp16", 16, 2, 2, 4, 2, 32, dict(causal=True, dtype=torch.float16, rotary=(16, True))),
+]
+
+
+@pytest.mark.parametrize("case", KVCACHE_CASES, ids=lambda c: c[0])
+def test_flash_attn_with_kvcache_matches_oracle(case):
+    name, page, seqlen_q, new, heads, heads_k, d, opt = case
+    torch.manual_seed(zlib.crc32(name.encode()))
+    dtype = opt.get("dtype", torch.float32)
+    batch = 3
+    if page is None:
+        capacity = 24
+        rows_cache = 5 if opt.get("batch_idx") else batch
+        if opt.get("strided"):  # batch and sequence dimensions that cannot merge into one view
+            k_cache = torch.randn(rows_cache, capacity + 3, heads_k, d).to(dtype)[:, :capacity]
+            v_cache = torch.randn(rows_cache, capacity + 3, heads_k, d).to(dtype)[:, :capacity]
+        else:
+            k_cache = torch.randn(rows_cache, capacity, heads_k, d).to(dtype)
+            v_cache = torch.randn(rows_cache, capacity, heads_k, d).to(dtype)
+        table = None
+        rows = torch.randperm(rows_cache)[:batch].to(torch.int32) if opt.get("batch_idx") else None
+    else:
+        max_blocks = 3 if page == 16 else 2
+        capacity = max_blocks * page
+        num_pages = batch * max_blocks + 2
+        k_cache = torch.randn(num_pages, page, heads_k, d).to(dtype)
+        v_cache = torch.randn(num_pages, page, heads_k, d).to(dtype)
+        table = torch.randperm(num_pages)[:batch * max_blocks].view(batch, max_blocks).to(torch.int32)
+        rows = None
+    top = capacity - max(new, seqlen_q if opt.get("rotary") else 0)
+    if opt.get("short"):
+        lengths = torch.tensor([2, 0 if page is None else 1, seqlen_q + 1], dtype=torch.int32)
+    else:
+        lengths = torch.randint(0 if new else 1, top + 1, (batch,), dtype=torch.int32)
+        lengths[0] = top  # one sequence at the end of its capacity
+    if opt.get("no_seqlens"):
+        lengths = torch.full((batch,), capacity, dtype=torch.int32)
+    if opt.get("int_seqlens"):
+        lengths = torch.full((batch,), int(lengths[1]), dtype=torch.int32)
+    leftpad = torch.stack([torch.randint(0, int(n) + 1, ()) for n in lengths]).to(torch.int32) \
+        if opt.get("leftpad") else None
+    q = torch.randn(batch, seqlen_q, heads, d).to(dtype)
+    k = torch.randn(batch, new, heads_k, d).to(dtype) if new else None
+    v = torch.randn(batch, new, heads_k, d).to(dtype) if new else None
+    cos = sin = None
+    if opt.get("rotary"):
+        rd, interleaved = opt["rotary"]
+        cos, sin = rotary_tables(capacity, rd, dtype)
+    interleaved = opt.get("rotary", (0, True))[1]
+    alibi = None
+    if opt.get("alibi"):
+        alibi = torch.rand(heads) * 0.3 if opt["alibi"] == "heads" else torch.rand(batch, heads) * 0.3
+    causal, window, softcap = opt.get("causal", False), opt.get("window", (-1, -1)), opt.get("softcap", 0.0)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    seqlens_arg = None if opt.get("no_seqlens") else (int(lengths[0]) if opt.get("int_seqlens") else lengths)
+
+    result = fa.flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens_arg, cache_batch_idx=rows,
+        cache_leftpad=leftpad, block_table=table, causal=causal, window_size=window, softcap=softcap,
+        rotary_interleaved=interleaved, alibi_slopes=alibi, num_splits=3, return_softmax_lse=opt.get("lse", False))
+    out, lse = result if opt.get("lse") else (result, None)
+
+    rows_l = torch.arange(batch) if rows is None else rows.long()
+    want, want_lse = kvcache_oracle(q, k_before, v_before, k, v, cos, sin, lengths.long(), rows_l, leftpad,
+                                    None if table is None else table.long(), causal, window, softcap, alibi,
+                                    interleaved, capacity)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    assert out.shape == q.shape and out.dtype == dtype
+    close(out, want, f"{name}: out", **tol)
+    if lse is not None:
+        assert lse.shape == (batch, heads, seqlen_q) and lse.dtype == torch.float32
+        close(lse, want_lse, f"{name}: lse", atol=1e-4, rtol=1e-4)
+
+    # The append: exactly the new rows are written, everything else is bit-identical.
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    for b in range(batch):
+        for j in range(new):
+            pos = int(lengths[b]) + j
+            at = (int(rows_l[b]), pos) if table is None else (int(table[b, pos // page]), pos % page)
+            written[at] = True
+            torch.testing.assert_close(v_cache[at], v[b, j], atol=0, rtol=0)
+            k_want = k[b, j] if cos is None else rotary_oracle(
+                k[b:b + 1, j:j + 1], cos, sin, lengths[b:b + 1, None].long() + j, interleaved)[0, 0].to(dtype)
+            close(k_cache[at], k_want, f"{name}: appended k", **tol)
+    assert torch.equal(k_cache[~written], k_before[~written]), "k_cache changed outside the appended rows"
+    assert torch.equal(v_cache[~written], v_before[~written]), "v_cache changed outside the appended rows"
+    assert int(written.sum()) == batch * new
+
+
+def test_flash_attn_with_kvcache_decode_loop_matches_flash_attn_func():
+    """Ten decode steps appending into a preallocated cache give flash_attn_func's causal result on
+    the whole sequence so far (each step's query is the last row)."""
+    torch.manual_seed(3)
+    batch, heads, heads_k, d, steps = 2, 4, 2, 16, 10
+    k_all, v_all = torch.randn(batch, steps, heads_k, d), torch.randn(batch, steps, heads_k, d)
+    q_all = torch.randn(batch, steps, heads, d)
+    k_cache, v_cache = torch.zeros(batch, 16, heads_k, d), torch.zeros(batch, 16, heads_k, d)
+    seqlens = torch.zeros(batch, dtype=torch.int32)
+    for t in range(steps):
+        out = fa.flash_attn_with_kvcache(q_all[:, t:t + 1], k_cache, v_cache, k_all[:, t:t + 1], v_all[:, t:t + 1],
+                                         cache_seqlens=seqlens, causal=True)
+        seqlens += 1
+        want = fa.flash_attn_func(q_all[:, :t + 1], k_all[:, :t + 1], v_all[:, :t + 1], causal=True)[:, -1:]
+        close(out, want, f"step {t}")
+    assert torch.equal(k_cache[:, :steps], k_all) and torch.equal(k_cache[:, steps:], torch.zeros_like(k_cache[:, steps:]))
+
+
+def _kv_args():
+    q = torch.randn(2, 1, 4, 8)
+    return q, torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(k=torch.randn(2, 1, 2, 8)), ValueError, "k and v"),
+    (dict(k=torch.randn(2, 1, 2, 8), v=torch.randn(2, 1, 2, 8)), ValueError, "cache_seqlens"),
+    (dict(cache_seqlens=torch.tensor([9, 1], dtype=torch.int32)), ValueError, "cache_seqlens"),
+    (dict(cache_seqlens=torch.tensor([1, 1])), TypeError, "cache_seqlens"),
+    (dict(cache_seqlens=7, k=torch.randn(2, 2, 2, 8), v=torch.randn(2, 2, 2, 8)), ValueError, "cache_seqlens"),
+    (dict(cache_seqlens=2, cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)), ValueError, "cache_batch_idx"),
+    (dict(cache_seqlens=2, cache_leftpad=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "cache_leftpad"),
+    (dict(cache_seqlens=2, rotary_cos=torch.ones(8, 2), rotary_sin=torch.ones(8, 2)), ValueError, "rotary_cos"),
+    (dict(cache_seqlens=2, k=torch.randn(2, 1, 2, 8), v=torch.randn(2, 1, 2, 8), rotary_cos=torch.ones(8, 8),
+          rotary_sin=torch.ones(8, 8)), ValueError, "rotary_cos"),
+    (dict(cache_seqlens=7, k=torch.randn(2, 1, 2, 8), v=torch.randn(2, 1, 2, 8), rotary_cos=torch.ones(7, 2),
+          rotary_sin=torch.ones(7, 2)), ValueError, "rotary_cos"),
+    (dict(k=torch.randn(2, 1, 2, 8).half(), v=torch.randn(2, 1, 2, 8).half(), cache_seqlens=1), TypeError, "k must"),
+    (dict(block_table=torch.tensor([[0], [1]], dtype=torch.int32), alibi_slopes=torch.ones(4)),
+     NotImplementedError, "alibi_slopes"),
+    (dict(block_table=torch.tensor([[0], [1]], dtype=torch.int32), cache_batch_idx=torch.zeros(2, dtype=torch.int32)),
+     ValueError, "cache_batch_idx"),
+    (dict(block_table=torch.tensor([[0], [5]], dtype=torch.int32), cache_seqlens=3), ValueError, r"block_table\[1, 0\]"),
+    (dict(block_table=torch.tensor([[0], [1]])), TypeError, "block_table"),
+    (dict(return_softmax_lse=1), TypeError, "return_softmax_lse"),
+    (dict(num_splits="x"), TypeError, "num_splits"),
+])
+def test_flash_attn_with_kvcache_bad_arguments_are_named_and_write_nothing(kw, error, match):
+    q, k_cache, v_cache = _kv_args()
+    before = k_cache.clone()
+    with pytest.raises(error, match=match):
+        fa.flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
+    assert torch.equal(k_cache, before)

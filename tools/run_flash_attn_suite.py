@@ -14,23 +14,28 @@ What it does, in a fresh temporary folder:
   every tensor the tests make), nothing else changed;
 * writes a conftest.py that calls ``flashlite.compat.install()`` (so ``import flash_attn``,
   ``flash_attn.bert_padding`` and ``flash_attn.flash_attn_interface`` are flashlite's), registers
-  ``flash_attn.layers.rotary`` with an ``apply_rotary_emb`` that raises (only the kv-cache tests,
-  not run, use it), and answers ``torch.cuda.get_device_capability`` / ``get_device_properties``
+  ``flash_attn.layers.rotary`` with a plain-PyTorch ``apply_rotary_emb`` written from flash-attn's
+  definition (the kv-cache test's reference rotates with it; it is not flashlite's code), and answers ``torch.cuda.get_device_capability`` / ``get_device_properties``
   as an A100 (sm80, 80 GB) so the module imports and its memory/architecture branches take the
   A100 path;
 * samples ``--cases`` test cases (default 150) with a fixed seed (``--seed``, default 0) from the
   functions in ``SAMPLED`` - an equal share per function (``FIXED_SHARE``: one race-condition
-  case, 250 repeats of a batch of 60 - about 140 s on two cores), among the cases whose work
+  case, 250 repeats of a batch of 60 - about 140 s on two cores; the kv-cache bounds test's two
+  cases), among the cases the test does not skip at its top (``self_skipped``) whose work
   ``seqlen_q·seqlen_k·d`` is at most ``--max-work`` (default 2^22) - flash-attn's shapes go up to
   2048² (and 100000 keys in split-kv) with d 256, which the plain-PyTorch references in these
   tests take minutes each to compute on two cores;
 * runs them with pytest and classifies each: **passed**; **not applicable** - the test reads
   flash-attn internals flashlite does not have (``S_dmask``, the debug matrix of dropped-out
   probabilities that dropout tests decode; flashlite returns ``None`` in its place), or needs
-  paged KV caches (``block_table``: not built yet), or the test skipped itself; **failed** - with
-  the exception's first line as the cause;
+  what is not built (varlen queries over a paged cache; ALiBi on a paged cache), or the test
+  skipped itself; **failed** - with the exception's first line as the cause;
+* ``--functions`` runs other functions: flash_attn_with_kvcache's tests (``KVCACHE``) run on their
+  own, ``--functions test_flash_attn_kvcache,test_flash_attn_kvcache_paged_block_table_bounds
+  --cases 42`` (about 2 minutes of it collecting the kv-cache test's 304128 cases);
 * prints the summary and, with ``--write-docs``, writes it into docs/compat.md between the
-  ``flash-attn-suite`` markers.
+  ``flash-attn-suite`` markers (a run of other functions than the default ones gets markers named
+  by its functions), and the sum over every run's block between the ``flash-attn-suite-total`` ones.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -58,11 +64,14 @@ SAMPLED = [
 ]
 # Cases per function where an equal share would not fit the time budget: the race-condition test
 # repeats a batch-60 forward and backward 250 times (about 140 s a case on two cores).
-FIXED_SHARE = {"test_flash_attn_race_condition": 1}
+FIXED_SHARE = {"test_flash_attn_race_condition": 1, "test_flash_attn_kvcache_paged_block_table_bounds": 2}
+# flash_attn_with_kvcache's tests, run on their own (a second block in docs/compat.md):
+#   --functions test_flash_attn_kvcache,test_flash_attn_kvcache_paged_block_table_bounds --cases 42
+KVCACHE = ["test_flash_attn_kvcache", "test_flash_attn_kvcache_paged_block_table_bounds"]
 NOT_RUN = {
-    "test_flash_attn_kvcache": "flash_attn_with_kvcache: comes with flashlite.paged_attention (not built yet)",
-    "test_flash_attn_kvcache_paged_block_table_bounds": "paged KV cache (not built yet)",
-    "test_flash_attn_varlen_paged_kv_num_splits": "paged KV cache (not built yet)",
+    "test_flash_attn_kvcache": "run on its own, see the flash_attn_with_kvcache run below",
+    "test_flash_attn_kvcache_paged_block_table_bounds": "run on its own, see the flash_attn_with_kvcache run below",
+    "test_flash_attn_varlen_paged_kv_num_splits": "varlen attention over a paged cache (not built yet)",
     "test_flash_attn_generator_arg_must_be_none": "calls flash-attn's CUDA extension (flash_attn_gpu) directly",
 }
 
@@ -85,8 +94,25 @@ layers = types.ModuleType("flash_attn.layers")
 rotary = types.ModuleType("flash_attn.layers.rotary")
 
 
-def apply_rotary_emb(*args, **kwargs):
-    raise NotImplementedError("flash_attn.layers.rotary is not part of flashlite.compat")
+def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
+                     max_seqlen=None):
+    """flash-attn's rotary embedding in plain PyTorch (the kv-cache test's reference; written here from
+    flash_attn.layers.rotary's definition, not flashlite's code): x [B, S, H, D] rotated at positions
+    seqlen_offsets + s (an int or a [B] tensor), in float32, rounded once to x's dtype."""
+    assert cu_seqlens is None and not inplace
+    half = cos.shape[-1]
+    offsets = torch.as_tensor(seqlen_offsets, device=x.device).long().reshape(-1, 1)
+    positions = offsets + torch.arange(x.shape[1], device=x.device)
+    c = cos[positions].float().unsqueeze(2)
+    s = sin[positions].float().unsqueeze(2)
+    r = x[..., :2 * half].float()
+    if interleaved:
+        c, s = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
+        turned = torch.stack((-r[..., 1::2], r[..., 0::2]), -1).flatten(-2)
+    else:
+        c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
+        turned = torch.cat((-r[..., half:], r[..., :half]), -1)
+    return torch.cat(((r * c + turned * s).to(x.dtype), x[..., 2 * half:]), -1)
 
 
 rotary.apply_rotary_emb = apply_rotary_emb
@@ -122,6 +148,16 @@ def work(params):
     return q * k * params.get("d", 64)
 
 
+def self_skipped(name, p):
+    """The cases a test skips at its top (pytest.skip() with no reason): not sampled, so a sample
+    holds cases flash-attn itself runs. test_flash_attn_kvcache's rules, copied from its body."""
+    if name == "test_flash_attn_kvcache":
+        paged = p["paged_kv_block_size"] is not None
+        return ((p["seqlen_q"] > p["seqlen_k"] and p["new_kv"]) or (not p["new_kv"] and p["rotary_fraction"] > 0.0)
+                or (p["has_batch_idx"] and paged) or (p["has_leftpad"] and paged))
+    return False
+
+
 def pytest_collection_modifyitems(session, config, items):
     rng = random.Random(int(os.environ["FA_SUITE_SEED"]))
     limit, cases = int(os.environ["FA_SUITE_MAX_WORK"]), int(os.environ["FA_SUITE_CASES"])
@@ -130,7 +166,7 @@ def pytest_collection_modifyitems(session, config, items):
     for item in items:
         name = item.originalname
         totals[name] = totals.get(name, 0) + 1
-        if name in by_function and work(item.callspec.params) <= limit:
+        if name in by_function and work(item.callspec.params) <= limit and not self_skipped(name, item.callspec.params):
             by_function[name].append(item)
     fixed = {name: n for name, n in FIXED_SHARE.items() if name in by_function}
     free = [name for name in SAMPLED if name not in fixed]
@@ -157,8 +193,10 @@ def classify(report, call):
         return "not applicable", "reads flash-attn's debug S_dmask (dropout mask), which flashlite does not build"
     if isinstance(exc, NotImplementedError):
         message = str(exc).splitlines()[0]
+        if "alibi_slopes with a paged" in message:
+            return "not applicable", "ALiBi on a paged KV cache: flashlite.paged_attention has no ALiBi yet"
         if "paged" in message or "block_table" in message:
-            return "not applicable", "paged KV cache (block_table): not built yet"
+            return "not applicable", "varlen attention over a paged KV cache (block_table): not built yet"
         return "failed", "NotImplementedError: " + message
     lines = [line[2:].strip() for line in text.splitlines() if line.startswith("E ")]
     cause = lines[0] if lines else type(exc).__name__
@@ -186,7 +224,7 @@ def patched_tests(source: str) -> str:
     return source.replace('"cuda"', '"cpu"').replace("'cuda'", "'cpu'")
 
 
-def summarize(results, collected, args, command, wall) -> str:
+def summarize(results, collected, args, command, wall, functions) -> str:
     counts = collections.Counter(r["status"] for r in results)
     per_function = collections.defaultdict(collections.Counter)
     for r in results:
@@ -200,20 +238,21 @@ def summarize(results, collected, args, command, wall) -> str:
         "```",
         "",
         f"flash-attn snapshot: `tests/test_flash_attn.py` of Dao-AILab/flash-attention {args.revision}. "
-        f"Sample: {len(results)} cases, seed {args.seed}, an equal share per function (race condition: "
-        f"{FIXED_SHARE['test_flash_attn_race_condition']}) among the cases with "
-        f"seqlen_q·seqlen_k·d ≤ {args.max_work}.",
+        f"Sample: {len(results)} cases, seed {args.seed}, an equal share per function ("
+        + ", ".join(f"`{n}`: {c}" for n, c in FIXED_SHARE.items() if n in functions)
+        + (") " if any(n in functions for n in FIXED_SHARE) else "none fixed) ")
+        + f"among the cases with seqlen_q·seqlen_k·d ≤ {args.max_work}.",
         "",
         f"**{counts['passed']} passed, {counts['failed']} failed, {counts['not applicable']} not applicable.**",
         "",
         "| function | cases in flash-attn | eligible (work cap) | sampled | passed | failed | not applicable |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in SAMPLED:
+    for name in functions:
         c = per_function[name]
         lines.append(f"| `{name}` | {collected['totals'].get(name, 0)} | {collected['eligible'].get(name, 0)} | "
                      f"{sum(c.values())} | {c['passed']} | {c['failed']} | {c['not applicable']} |")
-    for name, why in NOT_RUN.items():
+    for name, why in (NOT_RUN.items() if set(functions) == set(SAMPLED) else ()):
         lines.append(f"| `{name}` | {collected['totals'].get(name, 0)} | not run: {why} | | | | |")
     lines += ["", "Causes (failed and not applicable):", ""]
     if not causes:
@@ -229,13 +268,40 @@ def summarize(results, collected, args, command, wall) -> str:
     return "\n".join(lines)
 
 
-def write_docs(summary: str) -> None:
-    text = DOC.read_text() if DOC.exists() else f"# flash-attn compatibility\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    DOC.write_text(f"{head}{BEGIN}\n{summary}\n{END}{tail}")
+def markers(functions) -> tuple:
+    """The docs block of a run: the main one for the default functions, a named one otherwise."""
+    if set(functions) == set(SAMPLED):
+        return BEGIN, END
+    name = ",".join(functions)
+    return f"<!-- flash-attn-suite:{name}:begin -->", f"<!-- flash-attn-suite:{name}:end -->"
+
+
+def replace_block(text: str, begin: str, end: str, body: str) -> str:
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"
+
+
+TOTAL_BEGIN, TOTAL_END = "<!-- flash-attn-suite-total:begin -->", "<!-- flash-attn-suite-total:end -->"
+
+
+def write_docs(summary: str, functions) -> None:
+    """Write this run's block, then the sum of every run's bold totals line into the total block."""
+    text = DOC.read_text() if DOC.exists() else "# flash-attn compatibility\n"
+    text = replace_block(text, *markers(functions), summary)
+    totals = [0, 0, 0]
+    runs = 0
+    for match in re.finditer(r"<!-- flash-attn-suite(?::[^ ]*)?:begin -->(.*?)<!-- flash-attn-suite", text, re.S):
+        line = re.search(r"\*\*(\d+) passed, (\d+) failed, (\d+) not applicable\.\*\*", match.group(1))
+        if line:
+            runs += 1
+            totals = [t + int(n) for t, n in zip(totals, line.groups())]
+    if TOTAL_BEGIN in text:
+        body = (f"All runs below together ({runs}): **{sum(totals)} cases, {totals[0]} passed, {totals[1]} failed, "
+                f"{totals[2]} not applicable.**")
+        text = replace_block(text, TOTAL_BEGIN, TOTAL_END, body)
+    DOC.write_text(text)
 
 
 def main() -> int:
@@ -275,11 +341,12 @@ def main() -> int:
     command = " ".join(["python tools/run_flash_attn_suite.py", f"--tests {args.tests}", f"--cases {args.cases}",
                         f"--seed {args.seed}", f"--max-work {args.max_work}"]
                        + ([f"--revision {args.revision}"] if args.revision != parser.get_default("revision") else [])
+                       + ([] if set(functions) == set(SAMPLED) else [f"--functions {','.join(functions)}"])
                        + (["--write-docs"] if args.write_docs else []))
-    summary = summarize(results, collected, args, command, wall)
+    summary = summarize(results, collected, args, command, wall, functions)
     print(summary)
     if args.write_docs:
-        write_docs(summary)
+        write_docs(summary, functions)
         print(f"\nwritten to {DOC.relative_to(ROOT)}")
     return 0
 
