@@ -117,11 +117,11 @@ def scores(q, k_tile, query_pos, key_index, slope2, qk_scale, cap2,
 
 
 @triton.jit
-def online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT: tl.constexpr):
+def online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT: tl.constexpr, DROPOUT: tl.constexpr = False, z=0.0):
     """One block of keys of the online softmax (base 2), s in log2 units (−inf = not visible):
 
         m' = max(m, max_j s_ij);   α = 2^(m − m');   p_ij = 2^(s_ij − m')
-        l' = α·l + Σ_j p_ij;       acc' = α·acc + p·V
+        l' = α·l + Σ_j p_ij;       acc' = α·acc + p·V     (DROPOUT: acc' = α·acc + (p ⊙ Z)·V, l undropped)
 
     A row that has seen no visible key yet keeps m = −inf; using 0 in its place keeps
     2^(−inf − 0) = 0 instead of NaN. Returns (m', l', acc')."""
@@ -130,11 +130,31 @@ def online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT: tl.constexpr):
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = p * z
     if IEEE_DOT:
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=FP32_PRECISION)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
     return m_new, l_i, acc
+
+
+@triton.jit
+def dropout_rows(head_row, rows, seqlen_q, seqlen_k, key0):
+    """e − j of row i = ``rows`` of flattened head ``head_row`` = b·Hq + h (int64): the element
+    index of flashlite.core.dropout, e = ((b·Hq + h)·Nq + i)·Nk + j, less the key (key0 + local j
+    added by ``dropout_keep``'s caller; a packed batch counts i, j, Nq, Nk in its [1, Hq, Tq, Tk] view)."""
+    return (head_row.to(tl.int64) * seqlen_q + rows) * seqlen_k + key0
+
+
+@triton.jit
+def dropout_keep(seed, bias, scale, e):
+    """Z = M / (1 − p) at element indices ``e`` (int64, any shape): M_e = 1 iff the uint32 word
+    r(e) = tl.randint(seed, e) ≥ threshold = ⌊p·2^32⌋. Compared as int32 with the top bit of both
+    sides flipped (r ⊕ 2^31 ≥ threshold − 2^31 = ``bias``, the same order), so ``bias`` is an int32
+    for every p. ``scale`` = 1 / (1 − p)."""
+    word = tl.randint(seed, e).to(tl.int32, bitcast=True) ^ (-2147483648)
+    return tl.where(word >= bias, scale, 0.0)
 
 
 @triton.jit

@@ -26,14 +26,21 @@ Notation as in ``tile_engine``: ``s_ij`` score, ``m_i`` running max, ``l_i`` run
 ``lse_i = m_i + log l_i``; scores carried in base 2 in the hot loop (``exp2``, log2(e) folded into
 the score constants once per program; lse natural at the interface). The stages shared
 with the tile engine (scores, online softmax, softmax backward) are in ``attention_steps``.
+
+Attention dropout (constexpr DROPOUT; ``flashlite.core.dropout``): j is the key position a slot
+names, so (query i, key j) has the dense matrix's index e = ((b·Hq + h)·Nq + i)·Nk + j (a packed
+batch's rows arrive in packed coordinates: its [1, Hq, Tq, Tk] view) and Z = M / (1 − p) as in the
+tile engine: the forward uses P ⊙ Z for P·V only; dQ and the dK/dV pieces take dP ⊙ Z and P ⊙ Z.
+Without DROPOUT the seed, bias and scale are None (constexpr) and that code is not compiled.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .attention_steps import (LOG2E, aligned, capped_scores, dot, log2_lse, online_softmax_step, program_tile,
-                              score_grad, score_scales, scores, softcap_scores, softmax_finish)
+from .attention_steps import (LOG2E, aligned, capped_scores, dot, dropout_keep, dropout_rows, log2_lse,
+                              online_softmax_step, program_tile, score_grad, score_scales, scores, softcap_scores,
+                              softmax_finish)
 
 
 @triton.jit
@@ -89,7 +96,7 @@ def gather_forward_kernel(
     CAUSAL: tl.constexpr, HAS_MEMBER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, DROPOUT: tl.constexpr = False, dropout_seed=None, dropout_bias=None, dropout_scale=None,
 ):
     tile, batch_kv = program_tile(num_tiles, num_rows)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
@@ -122,6 +129,9 @@ def gather_forward_kernel(
     member_rows = (MEMBER + batch.to(tl.int64) * stride_member_b + kv_head.to(tl.int64) * stride_member_h
                    + query.to(tl.int64) * stride_member_row)
 
+    drop_rows = 0
+    if DROPOUT:
+        drop_rows = dropout_rows(batch * heads_q + head, query, seqlen_q, seqlen_k, 0)  # e − j
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], dtype=tl.float32)
@@ -133,8 +143,12 @@ def gather_forward_kernel(
         # s_ij = (softcap·tanh(q_i·k_j·scale / softcap) − slope·|p(i) − j|)·log2(e)   (−inf: not visible)
         s = scores(q, k_tile, query_pos, key, slope2[:, None], qk_scale, cap2, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
         s = tl.where(visible, s, float("-inf"))
-        # Online softmax (base 2): m, l, acc over this chunk's keys.
-        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT)
+        # Online softmax (base 2): m, l, acc over this chunk's keys (DROPOUT: acc takes (p ⊙ Z)·V,
+        # Z at e = ((b·Hq + h)·Nq + i)·Nk + j).
+        z = 0.0
+        if DROPOUT:
+            z = dropout_keep(dropout_seed, dropout_bias, dropout_scale, drop_rows[:, None] + key[None, :])
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT, DROPOUT, z)
 
     # out = acc / l, lse = (m + log2 l)·ln 2; a row that saw no key gets 0 and −inf.
     out, lse = softmax_finish(m_i, l_i, acc)
@@ -156,7 +170,7 @@ def gather_backward_q_kernel(
     CAUSAL: tl.constexpr, HAS_MEMBER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, DROPOUT: tl.constexpr = False, dropout_seed=None, dropout_bias=None, dropout_scale=None,
 ):
     """dQ_i = Σ_j ds_ij · k_j over the forward's key lists (each row has one owner: no atomics)."""
     tile, batch_kv = program_tile(num_tiles, num_rows)
@@ -197,6 +211,9 @@ def gather_backward_q_kernel(
     member_rows = (MEMBER + batch.to(tl.int64) * stride_member_b + kv_head.to(tl.int64) * stride_member_h
                    + query.to(tl.int64) * stride_member_row)
 
+    drop_rows = 0
+    if DROPOUT:
+        drop_rows = dropout_rows(batch * heads_q + head, query, seqlen_q, seqlen_k, 0)  # e − j
     dq = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], dtype=tl.float32)
     for start in range(0, count, BLOCK_K):
         key, k_tile, v_tile, visible = _gather_keys(list_base, stride_list_s, start, count, k_base, v_base, stride_kn,
@@ -208,8 +225,10 @@ def gather_backward_q_kernel(
         if HAS_ALIBI:
             s = sc - slope2[:, None] * tl.abs(query_pos[:, None] - key[None, :]).to(tl.float32)
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-        # dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ) · (1 − tanh²) · scale ;  dQ += dS·K
+        # dP = dO·Vᵀ (DROPOUT: ⊙ Z) ;  dS = p ⊙ (dP − δ) · (1 − tanh²) · scale ;  dQ += dS·K
         dp = dot(do, tl.trans(v_tile), IEEE_DOT)
+        if DROPOUT:
+            dp = dp * dropout_keep(dropout_seed, dropout_bias, dropout_scale, drop_rows[:, None] + key[None, :])
         ds = score_grad(p, dp, delta, sc, scale, cap2, HAS_SOFTCAP)
         dq += dot(ds.to(k_tile.dtype), k_tile, IEEE_DOT)
 
@@ -226,10 +245,12 @@ def gather_backward_kv_kernel(
     num_chunks, replicas,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PIECE_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_DC: tl.constexpr, ALIGN: tl.constexpr,
+    DROPOUT: tl.constexpr = False, dropout_seed=None, dropout_bias=None, dropout_scale=None,
 ):
     """Partial dK/dV of the pieces of one chunk of ``BLOCK_E`` entries, for one KV-head replica:
 
         dV_j += Σ_(i,g) p_gij · dO_gi        dK_j += Σ_(i,g) ds_gij · q_gi
+        (DROPOUT: p_gij · Z_gij in dV and dp ⊙ Z in ds)
 
     over the chunk's entries (query i selected key j) and the group's heads g. Entry keys are
     flattened ``(batch · index_heads + index_head) · Nk + j``; ``ENTRY_PIECE`` is the entry's
@@ -284,11 +305,18 @@ def gather_backward_kv_kernel(
         s = sc - slope2 * tl.abs(query + (seqlen_k - seqlen_q) - key).to(tl.float32)
     p = tl.where(row_ok, tl.exp2(s - lse * LOG2E), 0.0)
     # dp = dO·v ;  ds = p (dp − δ) (1 − tanh²) · scale   (tanh = sc / cap2)
+    # DROPOUT: Z at e = ((b·Hq + h)·Nq + i)·Nk + j;  dp ⊙ Z here, p ⊙ Z for dV
+    if DROPOUT:
+        z = dropout_keep(dropout_seed, dropout_bias, dropout_scale,
+                         dropout_rows(batch * heads_q + head, query, seqlen_q, seqlen_k, 0) + key)
+        dp = dp * z
     ds = p * (dp - delta)
     if HAS_SOFTCAP:
         tanh = sc * (1.0 / cap2)
         ds = ds * (1.0 - tanh * tanh)
     ds = ds * scale
+    if DROPOUT:
+        p = p * z
 
     # Sum the rows of each piece: one-hot [pieces, rows] @ per-row terms [rows, BLOCK_DC].
     slots = tl.arange(0, BLOCK_E)

@@ -162,6 +162,20 @@ def _packed_args(schedule, items) -> tuple:
     return (items, schedule.cu_seqlens_q, schedule.cu_seqlens_k), dict(PACKED=True)
 
 
+def dropout_args(dropout: Optional[Tuple[float, int]]) -> dict:
+    """The kernels' dropout arguments for ``dropout`` = (p, seed) (``flashlite.core.dropout``):
+    DROPOUT=True, the seed, ``bias`` = ⌊p·2^32⌋ − 2^31 (the threshold as an int32: the kernels
+    compare words with their top bit flipped, ``attention_steps.dropout_keep``) and 1 / (1 − p).
+    None (or p = 0): {} - the kernels compile without dropout."""
+    if dropout is None or not dropout[0]:
+        return {}
+    from flashlite.core.dropout import threshold
+
+    p, seed = dropout
+    return dict(DROPOUT=True, dropout_seed=int(seed), dropout_bias=threshold(p) - 2 ** 31,
+                dropout_scale=1.0 / (1.0 - float(p)))
+
+
 def _alibi_args(alibi_slopes, fallback: torch.Tensor):
     if alibi_slopes is None:
         return fallback, 0
@@ -169,8 +183,10 @@ def _alibi_args(alibi_slopes, fallback: torch.Tensor):
 
 
 def tile_forward(q, k, v, schedule, scale: float, softcap: float = 0.0, alibi_slopes=None,
-                 tile_counter: Optional[torch.Tensor] = None, config: Optional[TileConfig] = None):
-    """Forward over ``schedule``. Returns (out like q, lse float32 [B, Hq, Nq]).
+                 tile_counter: Optional[torch.Tensor] = None, config: Optional[TileConfig] = None,
+                 dropout: Optional[Tuple[float, int]] = None):
+    """Forward over ``schedule``. Returns (out like q, lse float32 [B, Hq, Nq]). ``dropout``: (p, seed)
+    of attention dropout (``flashlite.core.dropout``), or None.
 
     ``tile_counter`` (int32, ``B·Hq·num_q_tiles``), if given, receives how many key tiles each
     program visited: the evidence that tiles outside the pattern are skipped.
@@ -195,7 +211,8 @@ def tile_forward(q, k, v, schedule, scale: float, softcap: float = 0.0, alibi_sl
         heads_q, heads_q // heads_kv, seqlen_q, seqlen_k, head_dim,
         schedule.window_left, schedule.window_right, float(scale), float(softcap or 0.0),
         schedule.num_q_tiles, batch * heads_q, COUNT_TILES=tile_counter is not None,
-        ALIGN=row_align(head_dim, q, k, v, out), **_flags(q, schedule, softcap, alibi_slopes), **packed, **launch,
+        ALIGN=row_align(head_dim, q, k, v, out), **_flags(q, schedule, softcap, alibi_slopes), **packed,
+        **dropout_args(dropout), **launch,
     )
     return out, lse
 
@@ -214,9 +231,10 @@ def backward_launches(block_m: int, block_n: int, head_dim: int, dtype: torch.dt
 
 
 def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: float = 0.0,
-                  alibi_slopes=None, config: Optional[TileConfig] = None):
+                  alibi_slopes=None, config: Optional[TileConfig] = None, dropout: Optional[Tuple[float, int]] = None):
     """Backward over ``schedule``: dK/dV per key tile (transposed schedule), dQ per query tile (per
-    backward / forward work item when packed). δ = row_dot(dO, O) needs nothing packed: a row is a row."""
+    backward / forward work item when packed). δ = row_dot(dO, O) needs nothing packed: a row is a row
+    (with dropout too: δ = rowsum(dO ⊙ out) of the dropped output)."""
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -224,7 +242,8 @@ def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: 
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _poison(dq, dk, dv)
-    flags = dict(_flags(q, schedule, softcap, alibi_slopes), ALIGN=row_align(head_dim, q, k, v, grad_out, dq, dk, dv))
+    flags = dict(_flags(q, schedule, softcap, alibi_slopes), ALIGN=row_align(head_dim, q, k, v, grad_out, dq, dk, dv),
+                 **dropout_args(dropout))
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
     kv_launch, q_launch = backward_launches(schedule.block_m, schedule.block_n, head_dim, q.dtype, q.device, config)
     common = (float(scale), float(softcap or 0.0))

@@ -32,14 +32,21 @@ at ``CU_K[s]`` with lengths Nq, Nk. The kernel offsets its row pointers by those
 the tile loop unchanged with Nq, Nk (local positions, ``p(i) = i + Nk − Nq``, the interior/edge
 split included); the schedule row is the item's. Without PACKED the item pointers are None
 (constexpr) and that code is not compiled.
+
+Attention dropout (constexpr DROPOUT; ``flashlite.core.dropout``): element (b, h, i, j) has index
+e = ((b·Hq + h)·Nq + i)·Nk + j (packed: i, j, Nq, Nk of the [1, Hq, Tq, Tk] view, i.e. r0 + local
+row, c0 + local key) and is kept iff ``tl.randint(seed, e)`` ≥ ⌊p·2^32⌋; Z = M / (1 − p). The
+forward multiplies P by Z before P·V only (l and lse stay undropped); the backward regenerates Z:
+dV = (P ⊙ Z)ᵀ·dO, dS = P ⊙ ((dO·Vᵀ) ⊙ Z − δ). Without DROPOUT the seed, bias and scale are None
+(constexpr) and that code is not compiled.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .attention_steps import (LOG2E, aligned, capped_scores, dot, log2_lse, online_softmax_step, program_tile,
-                              score_grad, score_scales, scores, softmax_finish)
+from .attention_steps import (LOG2E, aligned, capped_scores, dot, dropout_keep, dropout_rows, log2_lse,
+                              online_softmax_step, program_tile, score_grad, score_scales, scores, softmax_finish)
 
 SPAN_CHUNK = tl.constexpr(64)  # list-schedule slots read at once when locating the interior run
 NO_TILE = tl.constexpr(2147483647)  # past every tile index
@@ -128,18 +135,22 @@ def _visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAN
 def _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride_kn, stride_vn, cols_d, d_ok,
                   seqlen_k, window_left, window_right, slope2, qk_scale, cap2, EDGE: tl.constexpr,
                   MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                  UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr):
+                  UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr, DROPOUT: tl.constexpr, seed, bias, dscale, drop_rows):
     """One key tile of the forward pass (EDGE: with the element mask and masked key rows):
 
         s_ij = (softcap·tanh(q_i·k_jᵀ·scale / softcap) − slope·|p(i) − j|)·log2(e),  edge: −inf where not visible
         m' = max(m, max_j s_ij);   α = 2^(m − m');   l' = α·l + Σ_j 2^(s_ij − m');   acc' = α·acc + 2^(s − m')·V
+        DROPOUT: acc' = α·acc + (2^(s − m') ⊙ Z)·V,  Z_ij at e = drop_rows_i + j
     """
     k_tile = _load_rows(k_base, key_index, stride_kn, cols_d, seqlen_k, d_ok, EDGE, UPCAST)
     v_tile = _load_rows(v_base, key_index, stride_vn, cols_d, seqlen_k, d_ok, EDGE, UPCAST)
     s = scores(q, k_tile, query_pos, key_index, slope2, qk_scale, cap2, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
     if EDGE:
         s = tl.where(_visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAND), s, float("-inf"))
-    return online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT)
+    z = 0.0
+    if DROPOUT:
+        z = dropout_keep(seed, bias, dscale, drop_rows[:, None] + key_index[None, :])
+    return online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT, DROPOUT, z)
 
 
 @triton.jit
@@ -152,7 +163,8 @@ def tile_forward_kernel(
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     COUNT_TILES: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
-    PACKED: tl.constexpr = False,
+    PACKED: tl.constexpr = False, DROPOUT: tl.constexpr = False, dropout_seed=None, dropout_bias=None,
+    dropout_scale=None,
 ):
     """out, lse for one query tile (PACKED: one forward work item) over its scheduled key tiles.
 
@@ -169,6 +181,9 @@ def tile_forward_kernel(
     kv_head = head // group
     item = q_tile
     lse_stride = seqlen_q  # lse: [B, Hq, packed length]
+    total_k = seqlen_k  # the dropout index counts keys of the whole (packed) matrix
+    row0 = 0
+    key0 = 0
     if PACKED:
         # Item (s, m): query tile m of sequence s, rows from r0 = cu_q[s], keys from c0 = cu_k[s];
         # Nq, Nk its lengths from here on; ALiBi slopes row s.
@@ -196,6 +211,11 @@ def tile_forward_kernel(
     if HAS_ALIBI:
         slope2 = tl.load(ALIBI + batch * stride_alibi_b + head) * LOG2E
 
+    drop_rows = 0
+    if DROPOUT:
+        # e − j = ((b·Hq + h)·Nq + r0 + i)·Nk + c0   (packed: Nq, Nk the packed lengths)
+        drop_rows = dropout_rows(batch_head, row0 + rows, lse_stride, total_k, key0)
+
     schedule_row = KV_TILES + batch * stride_tiles_b + head * stride_tiles_h + item * stride_tiles_m
     tile_count = tl.load(KV_COUNT + batch * stride_count_b + head * stride_count_h + item)
     first_tile = tl.load(schedule_row)
@@ -213,7 +233,8 @@ def tile_forward_kernel(
         key_index = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N + tile_cols
         m_i, l_i, acc = _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride_kn, stride_vn,
                                       cols_d, d_ok, seqlen_k, window_left, window_right, slope2, qk_scale, cap2,
-                                      False, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT)
+                                      False, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT, DROPOUT,
+                                      dropout_seed, dropout_bias, dropout_scale, drop_rows)
         interior += 1
     # Edge tiles (slots 0..ta−1 and tb..count−1: band edges, the last partial key tile): the same,
     # s_ij = −inf where j ≥ Nk or j is outside p(i) − left ≤ j ≤ p(i) + right.
@@ -222,7 +243,8 @@ def tile_forward_kernel(
         key_index = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N + tile_cols
         m_i, l_i, acc = _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride_kn, stride_vn,
                                       cols_d, d_ok, seqlen_k, window_left, window_right, slope2, qk_scale, cap2,
-                                      True, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT)
+                                      True, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT, DROPOUT,
+                                      dropout_seed, dropout_bias, dropout_scale, drop_rows)
         edges += 1
 
     # Finish: out = acc / l, lse = (m + log2 l)·ln 2; rows that saw no key give 0 and −inf.
@@ -264,7 +286,8 @@ def tile_backward_kv_kernel(
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
-    SUB_M: tl.constexpr, PACKED: tl.constexpr = False,
+    SUB_M: tl.constexpr, PACKED: tl.constexpr = False, DROPOUT: tl.constexpr = False, dropout_seed=None,
+    dropout_bias=None, dropout_scale=None,
 ):
     """dK, dV for one key tile of one KV head, over the query tiles of the transposed schedule
     and every query head of the GQA group (so no atomics: each program owns its dK/dV rows).
@@ -285,6 +308,9 @@ def tile_backward_kv_kernel(
     kv_head = batch_head % heads_kv
     item = kv_tile
     lse_stride = seqlen_q  # lse, δ: [B, Hq, packed length]
+    total_k = seqlen_k  # the dropout index counts keys of the whole (packed) matrix
+    row0 = 0
+    key0 = 0
     if PACKED:
         # Item (s, n): key tile n of sequence s, keys from c0 = cu_k[s], query rows from r0 = cu_q[s];
         # Nk, Nq its lengths from here on; ALiBi slopes row s.
@@ -337,8 +363,17 @@ def tile_backward_kv_kernel(
                                      window_left, window_right, slope2, qk_scale, cap2, MASK_BAND, HAS_SOFTCAP,
                                      HAS_ALIBI, IEEE_DOT)
             # dV += pᵀ·dO ;  dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ)·(1 − tanh²)·scale ;  dK += dSᵀ·Q
-            dv += dot(tl.trans(p.to(do.dtype)), do, IEEE_DOT)
+            # DROPOUT (Z at e = ((b·Hq + h)·Nq + r0 + i)·Nk + c0 + j): dV += (p ⊙ Z)ᵀ·dO ;  dP = (dO·Vᵀ) ⊙ Z
+            kept = p
+            if DROPOUT:
+                z = dropout_keep(dropout_seed, dropout_bias, dropout_scale,
+                                 dropout_rows(batch * heads_kv * group + head, row0 + rows, lse_stride, total_k,
+                                              key0)[:, None] + key_index[None, :])
+                kept = p * z
+            dv += dot(tl.trans(kept.to(do.dtype)), do, IEEE_DOT)
             dp = dot(do, tl.trans(v_tile), IEEE_DOT)
+            if DROPOUT:
+                dp = dp * z
             ds = score_grad(p, dp, delta, sc, scale, cap2, HAS_SOFTCAP)
             dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
 
@@ -361,7 +396,8 @@ def tile_backward_q_kernel(
     IS_LIST: tl.constexpr, MASK_BAND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
-    SUB_N: tl.constexpr, PACKED: tl.constexpr = False,
+    SUB_N: tl.constexpr, PACKED: tl.constexpr = False, DROPOUT: tl.constexpr = False, dropout_seed=None,
+    dropout_bias=None, dropout_scale=None,
 ):
     """dQ for one query tile over the forward schedule (a separate pass: deterministic), each
     scheduled key tile taken ``SUB_N`` keys at a time (the backward's own, smaller key tile).
@@ -380,6 +416,9 @@ def tile_backward_q_kernel(
     kv_head = head // group
     item = q_tile
     lse_stride = seqlen_q  # lse, δ: [B, Hq, packed length]
+    total_k = seqlen_k  # the dropout index counts keys of the whole (packed) matrix
+    row0 = 0
+    key0 = 0
     if PACKED:
         # Item (s, m) as in the forward: rows from cu_q[s], keys from cu_k[s], local Nq, Nk.
         q_tile, seq, row0, seqlen_q, key0, seqlen_k = _packed_item(ITEMS, CU_Q, CU_K, item)
@@ -413,6 +452,11 @@ def tile_backward_q_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
+    drop_rows = 0
+    if DROPOUT:
+        # e − j = ((b·Hq + h)·Nq + r0 + i)·Nk + c0   (packed: Nq, Nk the packed lengths)
+        drop_rows = dropout_rows(batch_head, row0 + rows, lse_stride, total_k, key0)
+
     schedule_row = KV_TILES + batch * stride_tiles_b + head * stride_tiles_h + item * stride_tiles_m
     tile_count = tl.load(KV_COUNT + batch * stride_count_b + head * stride_count_h + item)
     first_tile = tl.load(schedule_row)
@@ -425,8 +469,10 @@ def tile_backward_q_kernel(
         v_tile = _load_rows(v_base, key_index, stride_vn, cols_d, seqlen_k, d_ok, True, UPCAST)
         p, sc = _recompute_probs(q, k_tile, lse2, query_pos, key_index, seqlen_k, window_left, window_right, slope2,
                                  qk_scale, cap2, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
-        # dP = dO·Vᵀ ;  dS = p ⊙ (dP − δ)·(1 − tanh²)·scale ;  dQ += dS·K
+        # dP = dO·Vᵀ (DROPOUT: ⊙ Z) ;  dS = p ⊙ (dP − δ)·(1 − tanh²)·scale ;  dQ += dS·K
         dp = dot(do, tl.trans(v_tile), IEEE_DOT)
+        if DROPOUT:
+            dp = dp * dropout_keep(dropout_seed, dropout_bias, dropout_scale, drop_rows[:, None] + key_index[None, :])
         ds = score_grad(p, dp, delta, sc, scale, cap2, HAS_SOFTCAP)
         dq += dot(ds.to(k_tile.dtype), k_tile, IEEE_DOT)
 

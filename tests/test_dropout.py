@@ -2,9 +2,9 @@
 
 The stream is Philox4x32-10 (flashlite.core.dropout): checked against the published known answer
 and, element for element, against Triton's own ``tl.randint`` (the kernels' generator). Then the
-semantics on the backends that serve dropout (the reference, the cpu backend's C++ kernels): the
-same seed gives the same output, the mean over seeds is the undropped output, the dropped share is
-p, the backward's formula equals autograd (float64) and finite differences.
+semantics on the backends that serve dropout (the reference, the cpu backend's C++ kernels, the
+Triton kernels): the same seed gives the same output, the mean over seeds is the undropped output,
+the dropped share is p, the backward's formula equals autograd (float64) and finite differences.
 """
 from __future__ import annotations
 
@@ -142,14 +142,19 @@ def test_varlen_dropout_is_the_packed_matrix_mask():
 
 
 def test_dropout_routes_to_a_backend_that_has_it():
-    """CPU tensors: the cpu backend's kernels (when built); elsewhere the reference until a GPU
-    backend declares dropout. A backend without it, asked by name, says so."""
+    """CPU tensors: the cpu backend's kernels (when built), else the reference; CUDA tensors: the
+    cuda backend's kernels if it declares dropout, else Triton's. A backend without it, asked by
+    name, says so."""
     from flashlite import backend as backends
 
     q, k, v = (randn(1, 2, 8, 8) for _ in range(3))
     flashlite.attention(q, k, v, dropout_p=0.1)
-    cpu = flashlite.backends().get("cpu") == "available"
-    assert flashlite.last_backend() == ("cpu" if DEVICE.type == "cpu" and cpu else "reference")
+    available = {name for name, state in flashlite.backends().items() if state == "available"}
+    if DEVICE.type == "cuda":
+        assert flashlite.last_backend() == ("cuda" if "cuda" in available and backends.get("cuda").dropout
+                                            else "triton")
+    else:
+        assert flashlite.last_backend() == ("cpu" if "cpu" in available else "reference")
     for name, state in flashlite.backends().items():
         if state == "available" and DEVICE.type in backends.get(name).devices and not backends.get(name).dropout:
             with pytest.raises(ValueError, match="no attention dropout in its kernels yet"):
@@ -410,3 +415,183 @@ def test_nn_dropout_runs_on_the_kernels():
     assert not torch.equal(a, b)  # a fresh seed per call
     a.sum().backward()
     assert mha.in_proj_weight.grad is not None
+
+
+# =============================================================================================
+# The triton backend: dropout inside the Triton kernels (kernels/: constexpr DROPOUT in the tile
+# engine's forward, dK/dV and dQ kernels and in every gather mode - row, shared, union - and its
+# dK/dV pieces). On CPU tensors they run in Triton's interpreter. out, lse and the three gradients
+# are held to the correctness rule against reference.attention(..., dropout_seed=draw_seed(the
+# same generator state)): one element dropped or kept wrongly is an error of the order of the
+# output itself, far past the rule's bound.
+# =============================================================================================
+import os  # noqa: E402
+import zlib  # noqa: E402
+
+from flashlite import BlockSparse  # noqa: E402,F811
+
+from conftest import assert_rule  # noqa: E402,F811
+
+_TRITON = flashlite.backends().get("triton") == "available" and (
+    DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+needs_triton = pytest.mark.skipif(not _TRITON, reason=f"triton backend: {flashlite.backends().get('triton')}")
+
+
+def _tr_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+                 for shape in ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D)))
+
+
+def _tr_run(q, k, v, pattern, p, gen_seed, grad_out, **kw):
+    """flashlite on the triton backend: (out, lse, dq, dk, dv)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flashlite.attention(*leaves, pattern, backend="triton", return_lse=True, dropout_p=p,
+                                   generator=_generator(gen_seed), **kw)
+    assert flashlite.last_backend() == "triton"
+    return (out.detach(), lse.detach()) + tuple(torch.autograd.grad(out, leaves, grad_out))
+
+
+def _tr_reference(q, k, v, pattern, p, seed, grad_out, compute, **kw):
+    leaves = [t.detach().clone().to(compute or t.dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = reference.attention(*leaves, pattern, return_lse=True, compute_dtype=compute, dropout_p=p,
+                                   dropout_seed=seed, **kw)
+    return (out.detach(), lse.detach()) + tuple(torch.autograd.grad(out, leaves, grad_out.to(out.dtype)))
+
+
+def _tr_check(q, k, v, pattern, p=0.3, gen_seed=5, **kw):
+    """The correctness rule for out, lse, dq, dk, dv of the triton backend with dropout."""
+    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(99))
+    grad_out = grad_out.to(q.dtype).to(DEVICE)
+    got = _tr_run(q, k, v, pattern, p, gen_seed, grad_out, **kw)
+    seed = fd.draw_seed(_generator(gen_seed))
+    exact = _tr_reference(q, k, v, pattern, p, seed, grad_out, torch.float64, **kw)
+    lowp = _tr_reference(q, k, v, pattern, p, seed, grad_out, None, **kw)
+    f32 = _tr_reference(q, k, v, pattern, p, seed, grad_out, torch.float32, **kw)
+    for name, g, lo, ex, fb in zip(("out", "lse", "dq", "dk", "dv"), got, lowp, exact, f32):
+        assert_rule(name, g, lo, ex, fallback=fb)
+    plain = flashlite.attention(q, k, v, pattern, backend="triton", **kw)
+    assert not torch.equal(plain, got[0])  # dropout really ran
+    return got
+
+
+def _tr_topk(B, H, Nq, Nk, K, shared=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, Nk, (B, H, K) if shared else (B, H, Nq, K), generator=g).to(DEVICE)
+
+
+_TR_LAYOUT = torch.rand(1, 4, 3, 3, generator=torch.Generator().manual_seed(3)) < 0.6
+_TR_LAYOUT[..., 0] = True
+
+# (pattern, Nq, Nk, gather FORCE_MODE); GQA 4:2 throughout.
+_TR_CASES = {
+    "full": (lambda: Full(False), 45, 53, None),
+    "causal": (lambda: Full(True), 45, 53, None),
+    "window": (lambda: SlidingWindow(11, 3), 45, 53, None),
+    "block_sparse": (lambda: BlockSparse(_TR_LAYOUT.to(DEVICE), 32), 96, 96, None),
+    "topk_row": (lambda: TopK(_tr_topk(1, 2, 45, 53, 9)), 45, 53, "row"),
+    "topk_union": (lambda: TopK(_tr_topk(1, 2, 45, 53, 9, seed=4)), 45, 53, "union"),
+    "topk_causal": (lambda: TopK(_tr_topk(1, 2, 45, 53, 9, seed=1), causal=True), 45, 53, None),
+    "topk_shared": (lambda: TopK(_tr_topk(1, 2, 45, 53, 9, shared=True, seed=2)), 45, 53, None),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(_TR_CASES))
+def test_triton_kernels_draw_the_reference_mask(name, dtype, monkeypatch):
+    """out, lse and the gradients of the triton backend = the reference's with the same seed."""
+    from flashlite.kernels import gather_launch
+
+    make, Nq, Nk, mode = _TR_CASES[name]
+    monkeypatch.setattr(gather_launch, "FORCE_MODE", mode)
+    q, k, v = _tr_qkv(1, 4, 2, Nq, Nk, 16, dtype, seed=zlib.crc32(name.encode()) % 1000)
+    _tr_check(q, k, v, make(), softcap=(8.0 if name == "window" else None))
+
+
+@needs_triton
+@pytest.mark.parametrize("p", [0.1, 0.75])
+def test_triton_dropout_thresholds_either_side_of_2_31(p):
+    """p >= 0.5 puts the threshold at or above 2^31 (the kernels' int32 bias turns non-negative)."""
+    q, k, v = _tr_qkv(2, 2, 1, 33, 40, 16, torch.float32, seed=7)
+    _tr_check(q, k, v, Full(True), p=p)
+    _tr_check(q, k, v, TopK(_tr_topk(2, 1, 33, 40, 8, seed=3), causal=True), p=p)
+
+
+@needs_triton
+def test_triton_dropout_same_seed_same_bits():
+    q, k, v = _tr_qkv(1, 4, 2, 40, 47, 16, torch.float32, seed=2)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    for pattern in (Full(True), TopK(_tr_topk(1, 2, 40, 47, 8, seed=6), causal=True)):
+        first = _tr_run(q, k, v, pattern, 0.35, 12, grad_out)
+        again = _tr_run(q, k, v, pattern, 0.35, 12, grad_out)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+        other = _tr_run(q, k, v, pattern, 0.35, 13, grad_out)
+        assert not torch.equal(other[0], first[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["causal", "topk"])
+def test_triton_varlen_dropout_is_the_packed_matrix_mask(kind):
+    """A packed batch on the Triton kernels (tile work items with packed row/key indices; top-k in
+    packed coordinates) = the reference backend's packed batch (whose mask indexes the
+    [1, Hq, Tq, Tk] matrix), forward and gradients, float32."""
+    lens = [37, 0, 50, 5]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    T = int(cu[-1])
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(T, h, 16, generator=g).to(DEVICE) for h in (4, 2, 2))
+    grad_out = torch.randn(T, 4, 16, generator=g).to(DEVICE)
+    if kind == "causal":
+        pattern = Full(True)
+    else:  # local key positions per packed query row, [Tq, Hkv, K]
+        length = torch.tensor(sum(([n] * n for n in lens), []))  # Nk_s of each packed row
+        draws = torch.rand(T, 2, 7, generator=g) * (length.view(T, 1, 1) + 1)
+        pattern = TopK((draws.long() - 1).to(DEVICE), causal=True)
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = flashlite.varlen_attention(*leaves, cu, cu, pattern, dropout_p=0.3, generator=_generator(8),
+                                              backend=backend, return_lse=True)
+        assert flashlite.last_backend() == backend
+        results[backend] = (out, lse) + torch.autograd.grad(out, leaves, grad_out)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=name)
+    plain = flashlite.varlen_attention(q, k, v, cu, cu, pattern, backend="triton")
+    assert not torch.equal(plain, results["triton"][0])
+
+
+@needs_triton
+def test_triton_topk_dropout_is_the_dense_mask_at_the_listed_keys():
+    """Top-k counts the key position a slot names: a top-k list naming every key (shuffled) gives
+    the dense pattern's output, mask included."""
+    q, k, v = _tr_qkv(1, 2, 2, 24, 32, 16, torch.float32, seed=8)
+    order = torch.stack([torch.randperm(32, generator=torch.Generator().manual_seed(i)) for i in range(24)])
+    dense = flashlite.attention(q, k, v, Full(False), backend="triton", dropout_p=0.4, generator=_generator(1))
+    topk = flashlite.attention(q, k, v, TopK(order.view(1, 1, 24, 32).expand(1, 2, 24, 32).to(DEVICE)),
+                               backend="triton", dropout_p=0.4, generator=_generator(1))
+    torch.testing.assert_close(topk, dense, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_triton_dropout_counters_past_2_32():
+    """The counter's high word through a real call (the gather forward): Hq = 4 heads of one query
+    over Nk = 2^31 − 1 keys (k, v one row expanded with stride 0) - element (0, h, 0, j) has
+    e = h·Nk + j, past 2^32 for h >= 2; the expected output is the softmax over the listed keys
+    with philox_words' mask."""
+    Nk, D, K, p = 2 ** 31 - 1, 16, 6, 0.5
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 1, D, generator=g).to(DEVICE)
+    k = torch.randn(1, 1, 1, D, generator=g).to(DEVICE).expand(1, 1, Nk, D)
+    v = torch.randn(1, 1, 1, D, generator=g).to(DEVICE).expand(1, 1, Nk, D)
+    keys = torch.tensor([3, 2 ** 30, 2 ** 31 - 40, 2 ** 31 - 9, 2 ** 31 - 2, 77])
+    out = flashlite.attention(q, k, v, TopK(keys.view(1, 1, 1, K).to(DEVICE)), backend="triton", dropout_p=p,
+                              generator=_generator(3))
+    seed = fd.draw_seed(_generator(3))
+    heads = torch.arange(4).view(4, 1)
+    kept = fd.philox_words(seed, heads * Nk + keys.view(1, K)) >= fd.threshold(p)
+    assert bool((heads * Nk + keys.view(1, K) >= 2 ** 32).any())
+    scores = (q[0, :, 0].cpu() @ k[0, 0, :1].cpu().T).expand(4, K) * D ** -0.5
+    want = (torch.softmax(scores.double(), -1) * kept / (1 - p)) @ v[0, 0, :1].cpu().double().expand(K, D)
+    torch.testing.assert_close(out[0, :, 0].cpu().double(), want, rtol=1e-5, atol=1e-6)

@@ -27,6 +27,7 @@ class TritonBackend(Backend):
     name = "triton"
     devices = ("cuda", "cpu")
     packed_tiles = True  # the tile kernels' PACKED launches read the schedule's work items
+    dropout = True  # the kernels' DROPOUT: flashlite.core.dropout's mask, regenerated in the backward
 
     def available(self) -> Optional[str]:
         try:
@@ -62,31 +63,33 @@ class TritonBackend(Backend):
         return ints, tensors
 
     # -- kernels ----------------------------------------------------------------------------------
-    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes):
+    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None):
         with _on_device(q.device):
-            return self._forward(plan, q, k, v, scale, softcap, alibi_slopes)
+            return self._forward(plan, q, k, v, scale, softcap, alibi_slopes, dropout)
 
-    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None):
         with _on_device(q.device):
-            return self._backward(plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes)
+            return self._backward(plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout)
 
-    def _forward(self, plan, q, k, v, scale, softcap, alibi_slopes):
+    def _forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None):
         kernels = _kernels()
         if plan.engine == "tile":
-            return kernels.tile_forward(q, k, v, plan.schedule, scale, softcap, alibi_slopes, config=plan.config)
+            return kernels.tile_forward(q, k, v, plan.schedule, scale, softcap, alibi_slopes, config=plan.config,
+                                        dropout=dropout)
         from flashlite.kernels import gather_launch as gl
 
         forward = gl.ForwardPlan.from_parts(plan.extra_ints[:FORWARD_PARTS], plan.extra[:FORWARD_PARTS])
-        return gl.gather_forward(q, k, v, forward, plan.rows.shape[1], plan.causal, scale, softcap, alibi_slopes)
+        return gl.gather_forward(q, k, v, forward, plan.rows.shape[1], plan.causal, scale, softcap, alibi_slopes,
+                                 dropout=dropout)
 
-    def _backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes):
+    def _backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None):
         kernels = _kernels()
         if plan.engine == "tile":
             return kernels.tile_backward(grad_out, q, k, v, out, lse, plan.schedule, scale, softcap, alibi_slopes,
-                                         config=plan.config)
+                                         config=plan.config, dropout=dropout)
         from flashlite.kernels import gather_launch as gl
 
         forward = gl.ForwardPlan.from_parts(plan.extra_ints[:FORWARD_PARTS], plan.extra[:FORWARD_PARTS])
         inverse = gl.InversePlan.from_parts(plan.extra_ints[FORWARD_PARTS:], plan.extra[FORWARD_PARTS:])
         return gl.gather_backward(grad_out, q, k, v, out, lse, forward, inverse, plan.rows.shape[1], plan.causal,
-                                  scale, softcap, alibi_slopes)
+                                  scale, softcap, alibi_slopes, dropout=dropout)
