@@ -108,7 +108,7 @@ def attention(
             whenever > 0, training or not). The mask is a counter-based stream
             (``flashlite.core.dropout``) seeded from ``generator`` (a CPU ``torch.Generator``;
             None: torch's default), regenerated in the backward, never stored. Served by the
-            reference backend so far (no kernel has it yet).
+            cpu, triton and reference backends (CUDA tensors: Triton).
 
     Returns ``out`` shaped like q (and ``lse``, the undropped softmax's). A query that sees no key
     gets zeros and lse = −inf.

@@ -48,7 +48,7 @@ def run(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float, soft
         alibi_slopes: Optional[Tensor], backend: Optional[str], deterministic: bool = True,
         dropout: Optional[Tuple[float, int]] = None) -> Tuple[Tensor, Tensor]:
     """Attention over ``pattern`` on the chosen backend. Returns (out, lse). ``dropout``: (p, seed)
-    with p > 0, served by backends that declare ``dropout`` (the reference, so far)."""
+    with p > 0, served by backends that declare ``dropout`` (reference, cpu, triton)."""
     requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     req = _request(q, pattern, requires_grad, deterministic, dropout is not None)
     chosen = backends.select(req, backend)
