@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flashlite-installed
 SOURCES := $(shell find flashlite kernels csrc bench -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
-.PHONY: setup test bench sanitize clean
+.PHONY: setup test test-full bench sanitize clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(SOURCES)
@@ -21,8 +21,16 @@ $(STAMP): pyproject.toml setup.py $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,transformers]"
 	@touch $(STAMP)
 
+# Two pytest workers (pytest-xdist), one test file each at a time (module fixtures such as the
+# CUDA compile run once): most tests are single-threaded Python (Triton's interpreter), so two
+# workers use both cores. `make test-full` adds what CI leaves out: sm_80 compiles and every CUDA
+# emulation case, the whole Triton sm_90a resource table (about 30 minutes more on 2 cores).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+test-full: setup
+	FLASHLITE_CUDA_TESTS=full FLASHLITE_BUDGET_FULL=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: setup
 	$(VENV)/bin/flashlite bench $(BENCH_ARGS)

@@ -285,7 +285,9 @@ def test_help_states_each_default_once(monkeypatch, capsys):
 
 
 def _env():
-    env = dict(os.environ)
+    """The environment of a child process: no backend override, and not an xdist worker (a child
+    pytest that believes it is one disables pytest-benchmark)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     env.pop("FLASHLITE_BACKEND", None)
     return env
 
