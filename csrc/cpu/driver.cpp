@@ -226,7 +226,8 @@ FLASHLITE_OMP_DRIVER void tile_forward_packed(const KernelTable& kernels, const 
     Workspace ws;
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < tasks; ++task) {
-      const int t = order[size_t(task / p.heads_q)], h = static_cast<int>(task % p.heads_q);
+      // head-major: one head's items in turn (longest first), so its K/V rows stay in cache
+      const int t = order[size_t(task % int64_t(order.size()))], h = static_cast<int>(task / int64_t(order.size()));
       kernels.tile_forward(p, segments[size_t(items[2 * t])], h, items[2 * t + 1], ws);
     }
     sync.leave();
