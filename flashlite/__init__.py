@@ -20,7 +20,9 @@ import importlib
 from typing import Dict
 
 from .api import (
+    AttentionStats,
     attention,
+    attention_stats,
     block_sparse_attention,
     flash_attention,
     paged_attention,
@@ -71,7 +73,8 @@ def backends() -> Dict[str, str]:
 
 __all__ = [
     "attention", "flash_attention", "sliding_window_attention", "block_sparse_attention", "topk_attention",
-    "varlen_attention", "paged_attention", "Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "reference",
+    "varlen_attention", "paged_attention", "attention_stats", "AttentionStats", "Pattern", "Full", "SlidingWindow",
+    "BlockSparse", "TopK", "reference",
     "backends", "last_backend", "nn", "swap", "selection", "SelectiveKVCache", "PagedKVCache", "integrations",
     "distributed", "compat",
 ]

@@ -1,7 +1,7 @@
 """The api layer: the public functions. Validate the inputs, build the pattern, hand over to dispatch."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -84,11 +84,75 @@ def check_dropout(dropout_p, generator) -> Optional[Tuple[float, int]]:
     return float(dropout_p), draw_seed(generator)
 
 
+def check_head_mask(head_mask, q: Tensor) -> Optional[Tensor]:
+    """None, or the mask as ``[B, Hq]`` (bool: which heads run; float: each head's output gate)."""
+    if head_mask is None:
+        return None
+    batch, heads_q = q.shape[:2]
+    if not isinstance(head_mask, Tensor) or not (head_mask.dtype == torch.bool or head_mask.is_floating_point()):
+        raise TypeError(f"head_mask must be a bool or float tensor [{heads_q}] or [{batch}, {heads_q}], got "
+                        f"{type(head_mask).__name__}{'' if not isinstance(head_mask, Tensor) else ' ' + str(head_mask.dtype)}")
+    if tuple(head_mask.shape) not in ((heads_q,), (batch, heads_q)):
+        raise ValueError(f"head_mask must have shape [{heads_q}] or [{batch}, {heads_q}], got {tuple(head_mask.shape)}")
+    if head_mask.device != q.device:
+        raise ValueError(f"head_mask is on {head_mask.device} but q is on {q.device}")
+    return head_mask.expand(batch, heads_q)
+
+
+def _check_pattern(pattern) -> Pattern:
+    if pattern is None:
+        return Full()
+    if not isinstance(pattern, Pattern) or isinstance(pattern, Packed):
+        raise TypeError(f"pattern must be a flashlite pattern (Full, SlidingWindow, BlockSparse, TopK) or None, "
+                        f"got {type(pattern).__name__}")
+    return pattern
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, head_mask: Optional[Tensor], stats: Optional[int],
+            **kw) -> tuple:
+    """(out, lse) or, with ``stats=sink_tokens``, (out, lse, row_stats): dispatch.run with the
+    empty shapes and the head mask handled here. A bool mask runs only the kept (batch, head)
+    pairs, gathered into one batch of heads (a masked head visits no tile); a float mask gates
+    each head's output."""
+    if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
+        out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()  # keeps autograd links
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
+        return (out, lse) if stats is None else (out, lse, q.new_zeros((5,) + lse.shape, dtype=torch.float32))
+    if head_mask is None:
+        return dispatch.run(q, k, v, pattern, stats=stats, **kw)
+    if head_mask.is_floating_point():
+        result = dispatch.run(q, k, v, pattern, stats=stats, **kw)
+        return (result[0] * head_mask[:, :, None, None].to(q.dtype),) + tuple(result[1:])
+    batch, heads_q = q.shape[:2]
+    group = heads_q // k.shape[1]
+    batch_index, head_index = head_mask.nonzero(as_tuple=True)
+    if batch_index.numel() == batch * heads_q:
+        return dispatch.run(q, k, v, pattern, stats=stats, **kw)
+    out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()
+    lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
+    row_stats = q.new_zeros((5,) + lse.shape, dtype=torch.float32)
+    if batch_index.numel():
+        kv_index = head_index // group
+        slopes = kw.pop("alibi_slopes")
+        if slopes is not None:
+            slopes = slopes[head_index] if slopes.dim() == 1 else slopes[batch_index, head_index]
+        kept = pattern.select_heads(batch_index, head_index, batch, heads_q, group)
+        result = dispatch.run(q[batch_index, head_index].unsqueeze(0), k[batch_index, kv_index].unsqueeze(0),
+                              v[batch_index, kv_index].unsqueeze(0), kept, stats=stats, alibi_slopes=slopes, **kw)
+        pairs = (batch_index, head_index)
+        out = out.index_put(pairs, result[0][0])
+        lse = lse.index_put(pairs, result[1][0])
+        if stats is not None:
+            per_head = row_stats.permute(1, 2, 0, 3)  # [B, Hq, 5, Nq], indexed by the pairs
+            row_stats = per_head.index_put(pairs, result[2][:, 0].transpose(0, 1)).permute(2, 0, 1, 3)
+    return (out, lse) if stats is None else (out, lse, row_stats)
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
     softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
     backend: Optional[str] = None, deterministic: bool = True, dropout_p: float = 0.0,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[torch.Generator] = None, head_mask: Optional[Tensor] = None,
 ):
     """Exact attention ``softmax(q·kᵀ·scale + bias)·v`` over ``pattern``.
 
@@ -109,30 +173,68 @@ def attention(
             (``flashlite.core.dropout``) seeded from ``generator`` (a CPU ``torch.Generator``;
             None: torch's default), regenerated in the backward, never stored. Served by the
             cpu, triton and reference backends (CUDA tensors: Triton).
+        head_mask: ``[Hq]`` or ``[B, Hq]``. Bool: a False head does no work at all (the kept heads
+            run as one batch of heads; with dropout their masks index that batch) and gets zeros,
+            lse −inf and zero gradients. Float: multiplies each head's output (differentiable:
+            its gradient is the head-importance score of Michel et al. 2019).
 
     Returns ``out`` shaped like q (and ``lse``, the undropped softmax's). A query that sees no key
     gets zeros and lse = −inf.
     """
     q, k, v = check_qkv(q, k, v)
     scale, softcap, alibi_slopes = check_scalars(q, scale, softcap, alibi_slopes)
-    if pattern is None:
-        pattern = Full()
-    elif not isinstance(pattern, Pattern):
-        raise TypeError(f"pattern must be a flashlite pattern (Full, SlidingWindow, BlockSparse, TopK) or None, "
-                        f"got {type(pattern).__name__}")
+    pattern = _check_pattern(pattern)
     if not isinstance(return_lse, bool):
         raise TypeError("return_lse must be a bool")
     if not isinstance(deterministic, bool):
         raise TypeError("deterministic must be a bool")
     pattern.validate(q, k)
     dropout = check_dropout(dropout_p, generator)
-    if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
-        out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()  # keeps autograd links
-        lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
-        return (out, lse) if return_lse else out
-    out, lse = dispatch.run(q, k, v, pattern, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                            backend=backend, deterministic=deterministic, dropout=dropout)
+    head_mask = check_head_mask(head_mask, q)
+    out, lse = _attend(q, k, v, pattern, head_mask, None, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                       backend=backend, deterministic=deterministic, dropout=dropout)
     return (out, lse) if return_lse else out
+
+
+class AttentionStats(NamedTuple):
+    """Per-query head statistics, each ``[B, Hq, Nq]`` float32, over the probabilities ``P_ij`` of
+    the keys query i sees (DESIGN.md, "Head statistics"). A query with no key: all 0, lse −inf."""
+
+    entropy: Tensor  # −Σ P log P (nats); differentiable to q and k
+    max_prob: Tensor  # max_j P_ij
+    mean_distance: Tensor  # Σ P_ij·|p(i) − j|, p(i) = i + Nk − Nq
+    sink_mass: Tensor  # Σ over the first sink_tokens keys of P_ij
+    keys: Tensor  # how many keys query i sees
+    lse: Tensor  # log Σ_j exp(s_ij)
+
+
+def attention_stats(
+    q: Tensor, k: Tensor, v: Tensor, pattern: Optional[Pattern] = None, *, sink_tokens: int = 4,
+    scale: Optional[float] = None, softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
+    head_mask: Optional[Tensor] = None, backend: Optional[str] = None, deterministic: bool = True,
+) -> Tuple[Tensor, AttentionStats]:
+    """``attention`` plus what each head does, per query, from the same kernel pass (running sums
+    beside the online softmax; never an Nq×Nk matrix).
+
+    Args: as :func:`attention`; ``sink_tokens`` (int >= 0): the leading keys whose mass is
+    ``sink_mass``. Returns ``(out, AttentionStats)``. ``out`` and ``stats.entropy`` carry gradients
+    (to q, k, and v for out): the entropy can be a loss term, its gradient joins the same backward
+    pass. The other statistics carry none.
+    """
+    q, k, v = check_qkv(q, k, v)
+    scale, softcap, alibi_slopes = check_scalars(q, scale, softcap, alibi_slopes)
+    pattern = _check_pattern(pattern)
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError("deterministic must be a bool")
+    pattern.validate(q, k)
+    head_mask = check_head_mask(head_mask, q)
+    out, lse, row_stats = _attend(q, k, v, pattern, head_mask, sink_tokens, scale=scale, softcap=softcap,
+                                  alibi_slopes=alibi_slopes, backend=backend, deterministic=deterministic,
+                                  dropout=None)
+    entropy, *others = row_stats.unbind(0)
+    return out, AttentionStats(entropy, *(plane.detach() for plane in others), lse)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, **kw):

@@ -57,6 +57,42 @@ def attention(
     return out, lse
 
 
+STAT_NAMES = ("entropy", "max_prob", "mean_distance", "sink_mass", "keys")
+
+
+def attention_stats(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Optional[Pattern] = None, *, sink_tokens: int = 4,
+    scale: Optional[float] = None, softcap: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = torch.float32, dropout_p: float = 0.0, dropout_seed: int = 0,
+    dropout_block: Optional[tuple] = None,
+):
+    """``(out, lse, row_stats)``: ``attention`` plus the head statistics of the materialized
+    probabilities ``P = softmax(s)`` (undropped). ``row_stats`` is float32 ``[5, B, Hq, Nq]``, planes
+    in ``STAT_NAMES`` order: entropy ``−Σ P·log P = lse − Σ P·s``, max ``P``, ``Σ P·|p(i) − j|``,
+    ``Σ_{j < sink_tokens} P``, the number of visible keys; all 0 for a query that sees no key.
+    The entropy plane is differentiable (to q and k); the others are detached."""
+    dtype = compute_dtype or q.dtype
+    scores, vc = _masked_scores(q, k, v, pattern, dtype, scale, softcap, alibi_slopes, None, None)
+    probs, row_max, row_sum = safe_softmax(scores)
+    kept = probs * dropout_scale(q, scores, dropout_p, dropout_seed, dropout_block) if dropout_p else probs
+    out = torch.matmul(kept, vc).to(q.dtype)
+    # log P = s − lse on visible keys; both made finite elsewhere (rows with no key: row_max = 0,
+    # sum 1) so that no NaN reaches autograd.
+    seen = row_sum > 0
+    lse = row_max + torch.log(torch.where(seen, row_sum, torch.ones_like(row_sum)))
+    visible = torch.isfinite(scores)
+    log_probs = torch.where(visible, scores, 0) - lse
+    entropy = -(probs * log_probs).sum(-1)
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    pos = torch.arange(seqlen_q, device=q.device)[:, None] + (seqlen_k - seqlen_q)
+    distance = (pos - torch.arange(seqlen_k, device=q.device)[None, :]).abs().to(dtype)
+    p = probs.detach()
+    others = (p.amax(-1), (p * distance).sum(-1), p[..., :sink_tokens].sum(-1), visible.sum(-1).to(dtype))
+    row_stats = torch.stack((entropy,) + others).to(torch.float32)
+    lse = torch.where(seen, lse.detach(), float("-inf")).squeeze(-1).to(torch.float32)
+    return out, lse, row_stats
+
+
 def _masked_scores(q, k, v, pattern, dtype, scale, softcap, alibi_slopes, attn_bias, mask):
     """``s = softcap·tanh(q·kᵀ·scale / softcap) − slope·|p(i) − j| + bias``, −inf where not visible,
     ``[B, Hq, Nq, Nk]`` in ``dtype``; and v in ``dtype`` with its heads repeated for GQA."""
@@ -89,12 +125,16 @@ def attention_backward(
     lse: torch.Tensor, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
     softcap: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None,
     compute_dtype: Optional[torch.dtype] = torch.float32, dropout_p: float = 0.0, dropout_seed: int = 0,
-    dropout_block: Optional[tuple] = None,
+    dropout_block: Optional[tuple] = None, entropy_terms: Optional[torch.Tensor] = None,
 ):
     """(dq, dk, dv) of attention whose softmax is normalized by the given ``lse`` and whose output
     was ``out`` - the kernels' backward contract, also when (out, lse) were merged from several
     partial calls (context parallelism): with ``P = exp(s − lse)``, ``δ_i = Σ_d dO_id·O_id``,
-    ``dV = Pᵀ·dO``, ``dS = P ⊙ (dO·Vᵀ − δ)``, and dS carried back through the scores."""
+    ``dV = Pᵀ·dO``, ``dS = P ⊙ (dO·Vᵀ − δ)``, and dS carried back through the scores.
+
+    ``entropy_terms`` (float32 ``[2, B, Hq, Nq]``: ``g_i`` = the gradient reaching entropy ``H_i``
+    and ``shift_i = g_i·(lse_i − H_i)``, 0 where lse is −inf) adds the entropy's own term
+    ``g_i·∂H_i/∂s_ij = −g_i·P_ij·(s_ij − E_i[s])``: ``dS = P ⊙ (dO·Vᵀ − (δ − shift) − g·s)``."""
     dtype = compute_dtype or q.dtype
     heads_q, heads_kv = q.shape[1], k.shape[1]
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k)]
@@ -110,6 +150,9 @@ def attention_backward(
         grad_probs = torch.matmul(grad, vc.transpose(-1, -2))
         if scaled is not None:
             grad_probs = grad_probs * scaled
+        if entropy_terms is not None:
+            gate, shift = (t.unsqueeze(-1).to(dtype) for t in entropy_terms)
+            grad_probs = grad_probs + shift - gate * torch.where(torch.isfinite(scores), scores, 0)
         grad_scores = probs * (grad_probs - delta)
         dq, dk = torch.autograd.grad(scores, leaves, grad_scores)
     kept = probs.detach() if scaled is None else probs.detach() * scaled

@@ -38,6 +38,7 @@ class Request:
     block_size: Optional[int] = None
     packed: bool = False  # a packed (varlen) batch on the tile engine: work items in the schedule
     dropout: bool = False  # attention dropout (flashlite.core.dropout's mask)
+    stats: bool = False  # head statistics (flashlite.attention_stats) from the forward, entropy in the backward
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class Backend:
     packed_tiles = False
     # True where forward/backward take ``dropout=(p, seed)`` and apply flashlite.core.dropout's mask.
     dropout = False
+    # True where forward takes ``stats=sink_tokens`` and returns ``(out, lse, row_stats)``, and
+    # backward takes ``entropy=entropy_terms`` (flashlite.reference.attention_stats /
+    # attention_backward give the contract).
+    stats = False
 
     def available(self) -> Optional[str]:
         """None if the backend can run on this machine, else the reason it cannot."""
@@ -89,6 +94,8 @@ class Backend:
             return f"no packed (varlen) work items in its tile kernels yet (pattern {req.pattern})"
         if req.dropout and not self.dropout:
             return "no attention dropout in its kernels yet"
+        if req.stats and not self.stats:
+            return "no head statistics in its kernels yet"
         return None
 
     def slower_here(self, req: Request) -> Optional[str]:
@@ -120,7 +127,10 @@ class Backend:
 
     # -- kernels ----------------------------------------------------------------------------------
     # A backend that declares ``dropout`` also takes the keyword ``dropout=(p, seed)`` (p > 0) in
-    # forward and backward; it is passed only when dropout is on.
+    # forward and backward; it is passed only when dropout is on. One that declares ``stats`` takes
+    # ``stats=sink_tokens`` in forward (then it returns ``(out, lse, row_stats)``, row_stats float32
+    # ``[5, B, Hq, Nq]`` in flashlite.reference.STAT_NAMES order) and ``entropy=entropy_terms``
+    # (float32 ``[2, B, Hq, Nq]``: the entropy's gradient g and g·(lse − H)) in backward.
     def forward(self, plan, q, k, v, scale: float, softcap: float, alibi_slopes):
         raise NotImplementedError(f"backend {self.name!r} has no forward")
 

@@ -27,26 +27,29 @@ class ReferenceBackend(Backend):
     differentiable = True
     packed_tiles = True
     dropout = True
+    stats = True
 
-    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None):
+    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None, stats=None):
         p, seed = dropout or (0.0, 0)
         if isinstance(plan.pattern, Packed):
-            return self._packed_forward(plan.pattern, q, k, v, scale, softcap, alibi_slopes, p, seed)
-        return reference.attention(q, k, v, plan.pattern, scale=scale, softcap=softcap or None,
-                                   alibi_slopes=alibi_slopes, return_lse=True, dropout_p=p, dropout_seed=seed)
+            return self._packed_forward(plan.pattern, q, k, v, scale, softcap, alibi_slopes, p, seed, stats)
+        kw = dict(scale=scale, softcap=softcap or None, alibi_slopes=alibi_slopes, dropout_p=p, dropout_seed=seed)
+        if stats is not None:
+            return reference.attention_stats(q, k, v, plan.pattern, sink_tokens=stats, **kw)
+        return reference.attention(q, k, v, plan.pattern, return_lse=True, **kw)
 
-    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None):
+    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None, entropy=None):
         p, seed = dropout or (0.0, 0)
         if isinstance(plan.pattern, Packed):
             return self._packed_backward(plan.pattern, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes,
-                                         p, seed)
+                                         p, seed, entropy)
         return reference.attention_backward(grad_out, q, k, v, out, lse, plan.pattern, scale=scale,
                                             softcap=softcap or None, alibi_slopes=alibi_slopes, dropout_p=p,
-                                            dropout_seed=seed)
+                                            dropout_seed=seed, entropy_terms=entropy)
 
     @staticmethod
-    def _packed_forward(pattern: Packed, q, k, v, scale, softcap, alibi_slopes, p=0.0, seed=0):
-        outs, lses = [], []
+    def _packed_forward(pattern: Packed, q, k, v, scale, softcap, alibi_slopes, p=0.0, seed=0, stats=None):
+        outs, lses, planes = [], [], []
         total = (1, q.shape[1], q.shape[2], k.shape[2])  # the packed [1, Hq, Tq, Tk] the mask indexes
         for s in pattern.sequences():
             rows, keys = slice(s.q_start, s.q_end), slice(s.k_start, s.k_end)
@@ -55,17 +58,26 @@ class ReferenceBackend(Backend):
             if s.k_end == s.k_start:  # no key: zeros, lse = -inf (and the autograd links kept)
                 outs.append(q[:, :, rows] * 0)
                 lses.append(torch.full((1, q.shape[1], s.q_end - s.q_start), float("-inf"), device=q.device))
+                planes.append(q.new_zeros((5, 1, q.shape[1], s.q_end - s.q_start), dtype=torch.float32))
                 continue
-            out, lse = reference.attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], s.pattern, scale=scale,
-                                           softcap=softcap or None, alibi_slopes=_slopes_of(alibi_slopes, s.index),
-                                           return_lse=True, dropout_p=p, dropout_seed=seed,
-                                           dropout_block=(total, (s.q_start, s.q_end), (s.k_start, s.k_end)))
+            kw = dict(scale=scale, softcap=softcap or None, alibi_slopes=_slopes_of(alibi_slopes, s.index),
+                      dropout_p=p, dropout_seed=seed,
+                      dropout_block=(total, (s.q_start, s.q_end), (s.k_start, s.k_end)))
+            args = (q[:, :, rows], k[:, :, keys], v[:, :, keys], s.pattern)
+            if stats is not None:
+                out, lse, plane = reference.attention_stats(*args, sink_tokens=stats, **kw)
+                planes.append(plane)
+            else:
+                out, lse = reference.attention(*args, return_lse=True, **kw)
             outs.append(out)
             lses.append(lse)
+        if stats is not None:
+            return torch.cat(outs, 2), torch.cat(lses, 2), torch.cat(planes, 3)
         return torch.cat(outs, 2), torch.cat(lses, 2)
 
     @staticmethod
-    def _packed_backward(pattern: Packed, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, p=0.0, seed=0):
+    def _packed_backward(pattern: Packed, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, p=0.0, seed=0,
+                         entropy=None):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         total = (1, q.shape[1], q.shape[2], k.shape[2])
         for s in pattern.sequences():
@@ -77,6 +89,7 @@ class ReferenceBackend(Backend):
                                                  softcap=softcap or None,
                                                  alibi_slopes=_slopes_of(alibi_slopes, s.index), dropout_p=p,
                                                  dropout_seed=seed,
-                                                 dropout_block=(total, (s.q_start, s.q_end), (s.k_start, s.k_end)))
+                                                 dropout_block=(total, (s.q_start, s.q_end), (s.k_start, s.k_end)),
+                                                 entropy_terms=None if entropy is None else entropy[:, :, :, rows])
             dq[:, :, rows], dk[:, :, keys], dv[:, :, keys] = grads
         return dq, dk, dv

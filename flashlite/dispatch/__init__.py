@@ -19,7 +19,7 @@ from .. import backend as backends
 from ..backend.base import Request
 from ..core.packed import Packed
 from ..core.patterns import Pattern
-from .ops import attention_op
+from .ops import attention_op, attention_stats_op
 from ..core.tracing import tracing
 from .plan import plan_for
 
@@ -37,28 +37,34 @@ def _needs_op(q: Tensor, k: Tensor, v: Tensor) -> bool:
             or torch._C._is_torch_function_mode_enabled())
 
 
-def _request(q: Tensor, pattern: Pattern, requires_grad: bool, deterministic: bool, dropout: bool) -> Request:
+def _request(q: Tensor, pattern: Pattern, requires_grad: bool, deterministic: bool, dropout: bool,
+             stats: bool = False) -> Request:
     return Request(device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], engine=pattern.engine,
                    pattern=pattern.name, requires_grad=requires_grad, deterministic=deterministic,
                    block_size=getattr(pattern, "block_size", None), packed=isinstance(pattern, Packed),
-                   dropout=dropout)
+                   dropout=dropout, stats=stats)
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float, softcap: float,
         alibi_slopes: Optional[Tensor], backend: Optional[str], deterministic: bool = True,
-        dropout: Optional[Tuple[float, int]] = None) -> Tuple[Tensor, Tensor]:
-    """Attention over ``pattern`` on the chosen backend. Returns (out, lse). ``dropout``: (p, seed)
-    with p > 0, served by backends that declare ``dropout`` (reference, cpu, triton)."""
+        dropout: Optional[Tuple[float, int]] = None, stats: Optional[int] = None):
+    """Attention over ``pattern`` on the chosen backend. Returns (out, lse), or (out, lse, row_stats)
+    with ``stats=sink_tokens`` (head statistics, backends that declare ``stats``). ``dropout``:
+    (p, seed) with p > 0, served by backends that declare ``dropout`` (reference, cpu, triton)."""
     requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    req = _request(q, pattern, requires_grad, deterministic, dropout is not None)
+    req = _request(q, pattern, requires_grad, deterministic, dropout is not None, stats is not None)
     chosen = backends.select(req, backend)
     _last.name = chosen.name
     plan = plan_for(pattern, q, k, chosen, req)
     extra = {"dropout": dropout} if dropout is not None else {}
+    if stats is not None:
+        extra["stats"] = stats
     if chosen.differentiable or not (requires_grad or _needs_op(q, k, v)):
         return chosen.forward(plan, q, k, v, scale, softcap, alibi_slopes, **extra)
     tensors, ints = plan.op_args()
     p, seed = dropout if dropout is not None else (0.0, 0)
+    if stats is not None:
+        return attention_stats_op(q, k, v, tensors, ints, alibi_slopes, [scale, softcap, p], seed, stats)
     return attention_op(q, k, v, tensors, ints, alibi_slopes, [scale, softcap, p], seed)
 
 

@@ -1,0 +1,237 @@
+"""Head statistics (issue 18): flashlite.attention_stats and head_mask.
+
+The oracle is independent of every flashlite path that computes statistics: the float64
+probability matrix materialized from the reference's masked scores, with entropy as
+``−Σ xlogy(P, P)``. Each backend that declares ``stats`` is held to the correctness rule
+(conftest) for out, lse, every statistic and the gradients of out and entropy together.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashlite
+from flashlite import BlockSparse, Full, SlidingWindow, TopK, reference
+from flashlite import backend as backends
+from flashlite.core.schedule import cdiv
+
+from conftest import DEVICE, assert_rule, kernel_backends, randn
+
+STATS_BACKENDS = ["reference"] + [name for name in kernel_backends() if backends.get(name).stats]
+NAMES = ("entropy", "max_prob", "mean_distance", "sink_mass", "keys")
+SINK = 3
+
+
+def oracle(q, k, v, pattern, dtype, *, sink_tokens=SINK, **kw):
+    """(out, lse, {name: statistic}) from the materialized probabilities, in ``dtype``."""
+    scores, vc = reference._masked_scores(q, k, v, pattern, dtype, kw.get("scale"), kw.get("softcap"),
+                                          kw.get("alibi_slopes"), None, None)
+    visible = torch.isfinite(scores)
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.where(visible, torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None]), 0)
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    pos = torch.arange(seqlen_q, device=q.device)[:, None] + (seqlen_k - seqlen_q)
+    distance = (pos - torch.arange(seqlen_k, device=q.device)).abs().to(dtype)
+    stats = {
+        "entropy": -torch.special.xlogy(probs, probs).sum(-1),
+        "max_prob": probs.amax(-1),
+        "mean_distance": (probs * distance).sum(-1),
+        "sink_mass": probs[..., :sink_tokens].sum(-1),
+        "keys": visible.sum(-1).to(dtype),
+    }
+    return torch.matmul(probs, vc).to(q.dtype), lse, stats
+
+
+def make(name, batch, heads_q, heads_kv, seqlen_q, seqlen_k):
+    if name == "full":
+        return Full()
+    if name == "causal":
+        return Full(causal=True)
+    if name == "window":
+        return SlidingWindow(5, 2)
+    if name == "block_sparse":
+        layout = torch.rand(batch, heads_q, cdiv(seqlen_q, 16), cdiv(seqlen_k, 16), device=DEVICE) > 0.5
+        return BlockSparse(layout, 16, causal=True)
+    if name == "topk":
+        ind = torch.randint(-1, seqlen_k, (batch, heads_kv, seqlen_q, 6), device=DEVICE)
+        ind[:, :, 0] = -1  # a query with no key
+        # distinct entries per row: replace repeats by -1
+        sorted_ind, _ = ind.sort(-1)
+        repeat = torch.zeros_like(sorted_ind, dtype=torch.bool)
+        repeat[..., 1:] = sorted_ind[..., 1:] == sorted_ind[..., :-1]
+        return TopK(sorted_ind.masked_fill(repeat, -1).int(), causal=True)
+    raise AssertionError(name)
+
+
+# (B, Hq, Hkv, Nq, Nk, D): odd lengths, Nq > Nk (causal rows with no key), GQA, odd head dim, decode.
+SHAPES = {
+    "gqa_odd": (2, 4, 2, 37, 45, 20),
+    "nq_gt_nk": (1, 2, 1, 40, 23, 16),
+    "decode": (3, 2, 2, 1, 50, 32),
+}
+
+
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+@pytest.mark.parametrize("pattern_name", ["full", "causal", "window", "block_sparse", "topk"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stats_and_gradients_match_the_oracle(backend, pattern_name, shape, dtype):
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = SHAPES[shape]
+    pattern = make(pattern_name, batch, heads_q, heads_kv, seqlen_q, seqlen_k)
+    q = randn(batch, heads_q, seqlen_q, head_dim, dtype=dtype)
+    k = randn(batch, heads_kv, seqlen_k, head_dim, dtype=dtype, scale=2.0)
+    v = randn(batch, heads_kv, seqlen_k, head_dim, dtype=dtype)
+    kw = {"softcap": 5.0} if pattern_name == "window" else {}
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, stats = flashlite.attention_stats(*leaves, pattern, sink_tokens=SINK, backend=backend, **kw)
+    assert flashlite.last_backend() == backend
+    runs = {}
+    for label, compute in (("exact", torch.float64), ("lowp", dtype), ("f32", torch.float32)):
+        ref_leaves = [t.detach().to(compute).requires_grad_() for t in (q, k, v)]
+        runs[label] = (ref_leaves,) + oracle(*ref_leaves, pattern, compute, **kw)
+    assert_rule("out", out, runs["lowp"][1], runs["exact"][1], fallback=runs["f32"][1])
+    assert_rule("lse", stats.lse, runs["lowp"][2], runs["exact"][2], fallback=runs["f32"][2])
+    for name in NAMES:
+        got = getattr(stats, name)
+        assert got.dtype == torch.float32 and got.shape == (batch, heads_q, seqlen_q), name
+        assert_rule(name, got, runs["lowp"][3][name], runs["exact"][3][name], fallback=runs["f32"][3][name])
+    assert torch.equal(stats.keys, runs["exact"][3]["keys"].float()), "keys is a count"
+    empty = torch.isneginf(stats.lse)
+    for name in NAMES:
+        assert (getattr(stats, name)[empty] == 0).all(), f"{name} of a query with no key"
+
+    grad_out, grad_entropy = torch.randn_like(out, dtype=torch.float64), torch.randn_like(stats.entropy,
+                                                                                          dtype=torch.float64)
+    ((out.double() * grad_out).sum() + (stats.entropy.double() * grad_entropy).sum()).backward()
+    for label, (ref_leaves, ref_out, _, ref_stats) in runs.items():
+        loss = (ref_out.double() * grad_out).sum() + (ref_stats["entropy"].double() * grad_entropy).sum()
+        loss.backward()
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_rule(name, leaves[i].grad, runs["lowp"][0][i].grad, runs["exact"][0][i].grad,
+                    fallback=runs["f32"][0][i].grad)
+
+
+@pytest.mark.parametrize("backend", STATS_BACKENDS)
+def test_entropy_alone_drives_the_backward(backend):
+    """A loss on the entropy only (no gradient reaches out): dv is zero, dq/dk match the oracle."""
+    q, k, v = (randn(1, 2, 19, 16, requires_grad=True) for _ in range(3))
+    _, stats = flashlite.attention_stats(q, k, v, Full(causal=True), backend=backend)
+    stats.entropy.sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    oracle(*ref, Full(causal=True), torch.float64)[2]["entropy"].sum().backward()
+    for got, want in zip((q, k), ref[:2]):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-4, rtol=1e-4)
+    assert v.grad is None or not v.grad.any()
+
+
+@pytest.mark.parametrize("pattern_name", ["causal", "topk"])
+def test_reference_backward_contract_with_entropy_terms(pattern_name):
+    """The kernels' backward contract (reference.attention_backward with ``entropy_terms`` built by
+    dispatch.ops.entropy_terms) equals float64 autograd of out and entropy together."""
+    from flashlite.dispatch.ops import entropy_terms
+
+    pattern = make(pattern_name, 1, 2, 1, 23, 23)
+    q, k, v = randn(1, 2, 23, 16), randn(1, 1, 23, 16, scale=2.0), randn(1, 1, 23, 16)
+    out, lse, row_stats = reference.attention_stats(q, k, v, pattern, compute_dtype=torch.float64)
+    grad_out, grad_entropy = torch.randn_like(out), torch.randn_like(lse)
+    got = reference.attention_backward(grad_out, q, k, v, out, lse, pattern, compute_dtype=torch.float64,
+                                       entropy_terms=entropy_terms(grad_entropy, lse, row_stats[0]))
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, _, ref_stats = oracle(*ref, pattern, torch.float64)
+    ((ref_out.double() * grad_out).sum() + (ref_stats["entropy"] * grad_entropy).sum()).backward()
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_stats_other_than_entropy_carry_no_gradient():
+    q, k, v = (randn(1, 1, 8, 8, requires_grad=True) for _ in range(3))
+    _, stats = flashlite.attention_stats(q, k, v, backend="reference")
+    assert stats.entropy.requires_grad
+    for name in ("max_prob", "mean_distance", "sink_mass", "keys", "lse"):
+        assert not getattr(stats, name).requires_grad, name
+
+
+def test_empty_inputs_give_zero_statistics():
+    q, k, v = randn(2, 2, 0, 8), randn(2, 2, 5, 8), randn(2, 2, 5, 8)
+    out, stats = flashlite.attention_stats(q, k, v)
+    assert out.shape == q.shape and stats.entropy.shape == (2, 2, 0)
+    q = randn(1, 2, 3, 8)
+    out, stats = flashlite.attention_stats(q, k[:1, :, :0], v[:1, :, :0])
+    assert not out.any() and torch.isneginf(stats.lse).all() and not stats.keys.any()
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(sink_tokens=-1), "sink_tokens"),
+    (dict(sink_tokens=1.5), "sink_tokens"),
+    (dict(head_mask=torch.ones(3, dtype=torch.bool)), "head_mask"),
+    (dict(head_mask=torch.ones(2, dtype=torch.int64)), "head_mask"),
+    (dict(head_mask=[True, False]), "head_mask"),
+])
+def test_bad_arguments_name_themselves(bad, error):
+    q, k, v = randn(1, 2, 4, 8), randn(1, 2, 4, 8), randn(1, 2, 4, 8)
+    with pytest.raises((TypeError, ValueError), match=error):
+        flashlite.attention_stats(q, k, v, **bad)
+
+
+# -- head_mask ------------------------------------------------------------------------------------
+
+MASK_BACKENDS = ["reference"] + kernel_backends()
+
+
+@pytest.mark.parametrize("backend", MASK_BACKENDS)
+@pytest.mark.parametrize("pattern_name", ["causal", "block_sparse", "topk"])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_bool_head_mask_skips_masked_heads(backend, pattern_name, per_batch, monkeypatch):
+    batch, heads_q, heads_kv, seqlen, head_dim = 2, 4, 2, 21, 16
+    pattern = make(pattern_name, batch, heads_q, heads_kv, seqlen, seqlen)
+    q = randn(batch, heads_q, seqlen, head_dim, requires_grad=True)
+    k = randn(batch, heads_kv, seqlen, head_dim, requires_grad=True)
+    v = randn(batch, heads_kv, seqlen, head_dim, requires_grad=True)
+    mask = torch.tensor([[True, False, False, True], [False, True, True, True]], device=DEVICE)
+    if not per_batch:
+        mask = mask[0]
+    kept = mask.expand(batch, heads_q)
+
+    heads_run = []
+    real_run = flashlite.dispatch.run
+
+    def spy(q_run, *args, **kw):
+        heads_run.append(q_run.shape[0] * q_run.shape[1])
+        return real_run(q_run, *args, **kw)
+
+    monkeypatch.setattr(flashlite.dispatch, "run", spy)
+    out, lse = flashlite.attention(q, k, v, pattern, head_mask=mask, backend=backend, return_lse=True)
+    assert heads_run == [int(kept.sum())], "masked heads reached a backend"
+    monkeypatch.setattr(flashlite.dispatch, "run", real_run)
+
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = flashlite.attention(*ref_leaves, pattern, backend=backend, return_lse=True)
+    (ref * grad * kept[:, :, None, None]).sum().backward()
+    assert not out[~kept].any() and torch.isneginf(lse[~kept]).all()
+    torch.testing.assert_close(out[kept], ref[kept], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[kept], ref_lse[kept], atol=1e-5, rtol=1e-5)
+    assert not q.grad[~kept].any(), "a masked head got a gradient"
+    for got, want in zip((q, k, v), ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_float_head_mask_is_a_differentiable_gate():
+    q, k, v = randn(2, 3, 9, 8), randn(2, 3, 9, 8), randn(2, 3, 9, 8)
+    gate = torch.tensor([1.0, 0.5, 0.0], device=DEVICE, requires_grad=True)
+    out = flashlite.attention(q, k, v, Full(causal=True), head_mask=gate)
+    plain = flashlite.attention(q, k, v, Full(causal=True))
+    torch.testing.assert_close(out, plain * gate.detach()[None, :, None, None])
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    # d loss / d gate_h = Σ out_h · grad_h: the head-importance score.
+    torch.testing.assert_close(gate.grad, (plain * grad).sum((0, 2, 3)))
+
+
+def test_head_mask_all_false_does_no_work(monkeypatch):
+    q, k, v = randn(1, 2, 5, 8), randn(1, 2, 5, 8), randn(1, 2, 5, 8)
+    monkeypatch.setattr(flashlite.dispatch, "run", lambda *a, **k: pytest.fail("a masked head ran"))
+    out, stats = flashlite.attention_stats(q, k, v, head_mask=torch.zeros(2, dtype=torch.bool))
+    assert not out.any() and torch.isneginf(stats.lse).all() and not stats.entropy.any()
