@@ -30,6 +30,7 @@ from .api import (
     topk_attention,
     varlen_attention,
 )
+from .attention_map import attention_map
 from .core.patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
 from .dispatch import last_backend
 
@@ -76,5 +77,5 @@ __all__ = [
     "varlen_attention", "paged_attention", "attention_stats", "AttentionStats", "Pattern", "Full", "SlidingWindow",
     "BlockSparse", "TopK", "reference",
     "backends", "last_backend", "nn", "swap", "selection", "SelectiveKVCache", "PagedKVCache", "integrations",
-    "distributed", "compat",
+    "distributed", "compat", "attention_map",
 ]

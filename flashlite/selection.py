@@ -8,7 +8,9 @@ Three ways to choose, and they combine:
   scores ``q·k``, computed in chunks (never an ``Nq × Nk`` score matrix at once);
 * **automatic, per key block** - ``topk_blocks_by_score(q, k, k_blocks, block_size)``: key blocks
   ranked by a summary (mean or elementwise max of the block's keys) against the query block's mean;
-  ``blocks_to_pattern`` turns the result into a ``flashlite.BlockSparse`` pattern.
+  ``blocks_to_pattern`` turns the result into a ``flashlite.BlockSparse`` pattern;
+  ``topk_blocks_by_attention`` ranks them instead by the exact attention mass the query block puts
+  on them (``flashlite.attention_map``: it runs the attention, so it loads the api layer on call).
 
 Combining: ``topk_by_score(..., keep=from_marks(...))`` - the kept (marked) keys are always in the
 result and the selector fills the remaining slots; ``merge(a, b)`` is the plain row-wise union.
@@ -25,7 +27,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .core.patterns import BLOCK_SIZES, BlockSparse
+from .core.patterns import BLOCK_SIZES, BlockSparse, Full
 
 Marks = Union[None, Tensor, Sequence[int], Sequence[Sequence[int]]]
 
@@ -369,21 +371,29 @@ def topk_blocks_by_score(q: Tensor, k: Tensor, k_blocks: int, block_size: int = 
         k_sum = blocked(k, kv_blocks, float("-inf")).amax(3)
     k_sum = k_sum.repeat_interleave(group, dim=1) if group > 1 else k_sum
     scores = torch.matmul(q_mean, k_sum.transpose(-1, -2)) * scale  # [B, Hq, Mb, Nb]
+    return _rank_blocks(scores, k_blocks, block_size, seqlen_q, seqlen_k, causal, local, keep_blocks)
 
+
+def _rank_blocks(scores: Tensor, k_blocks: int, block_size: int, seqlen_q: int, seqlen_k: int, causal: bool,
+                 local: bool, keep_blocks: Optional[Sequence[int]]) -> Tensor:
+    """Key-block scores ``[B, Hq, Mb, Nb]`` -> the ``topk_blocks_by_*`` result: the forced blocks
+    (local, ``keep_blocks``) plus the best-scored allowed ones, ascending, ``-1`` padded."""
+    batch, heads_q, q_blocks, kv_blocks = scores.shape
+    device = scores.device
     # Positions: the query block's rows span p(first) .. p(last).
-    first = torch.arange(q_blocks, device=q.device) * block_size + (seqlen_k - seqlen_q)
+    first = torch.arange(q_blocks, device=device) * block_size + (seqlen_k - seqlen_q)
     last = (first + block_size - 1).clamp(max=seqlen_k - 1)
-    kv_block = torch.arange(kv_blocks, device=q.device)
-    allowed = torch.ones(q_blocks, kv_blocks, dtype=torch.bool, device=q.device)
+    kv_block = torch.arange(kv_blocks, device=device)
+    allowed = torch.ones(q_blocks, kv_blocks, dtype=torch.bool, device=device)
     if causal:
         allowed = kv_block[None, :] * block_size <= last[:, None]
-    forced = torch.zeros(q_blocks, kv_blocks, dtype=torch.bool, device=q.device)
+    forced = torch.zeros(q_blocks, kv_blocks, dtype=torch.bool, device=device)
     if local:
         lo = first.clamp(min=0) // block_size
         hi = last.clamp(min=0) // block_size
         forced |= (kv_block[None, :] >= lo[:, None]) & (kv_block[None, :] <= hi[:, None]) & (last[:, None] >= 0)
     if keep_blocks:
-        keep = torch.as_tensor(list(keep_blocks), dtype=torch.int64, device=q.device)
+        keep = torch.as_tensor(list(keep_blocks), dtype=torch.int64, device=device)
         if int(keep.min()) < 0 or int(keep.max()) >= kv_blocks:
             raise ValueError(f"keep_blocks must lie in [0, {kv_blocks}), got {list(keep_blocks)}")
         forced[:, keep] = True
@@ -394,6 +404,35 @@ def topk_blocks_by_score(q: Tensor, k: Tensor, k_blocks: int, block_size: int = 
     ranked = torch.where(vals == float("-inf"), torch.full_like(ranked, -1), ranked)
     kept = torch.where(forced, kv_block, torch.full_like(kv_block, -1)).expand(batch, heads_q, -1, -1)
     return _fill(kept, ranked, k_blocks)
+
+
+def topk_blocks_by_attention(q: Tensor, k: Tensor, k_blocks: int, block_size: int = 64, *, causal: bool = False,
+                             local: bool = True, keep_blocks: Optional[Sequence[int]] = None,
+                             scale: Optional[float] = None, softcap: Optional[float] = None,
+                             alibi_slopes: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """Per query block, the ``k_blocks`` key blocks that receive the most attention probability.
+
+    The score of key block ``b`` for query block ``a`` is the exact pooled mass of
+    ``flashlite.attention_map(q, k, Full(causal), block=block_size)`` (the mean over the query
+    block's rows of the softmax mass on the block's keys; ``scale``, ``softcap``, ``alibi_slopes``
+    and ``backend`` as there), not a summary of the keys: slower than ``topk_blocks_by_score`` (the
+    attention runs once, then the scores are recomputed in chunks), but it picks the blocks the
+    full attention actually uses. ``causal``, ``local`` and ``keep_blocks`` as in
+    ``topk_blocks_by_score``. q, k: float16/bfloat16/float32 (as ``flashlite.attention`` takes them).
+
+    Returns int64 ``[B, Hq, ceil(Nq/bs), max(k_blocks, kept)]`` key-block indices, ascending, ``-1``
+    padded: pass to ``blocks_to_pattern`` (or ``BlockSparse.from_compressed``).
+    """
+    from .attention_map import attention_map  # the api layer, loaded only by this helper
+
+    k_blocks = _check_count(k_blocks, "k_blocks", 1)
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scores = attention_map(q, k, Full(causal=causal), block=block_size, scale=scale, softcap=softcap,
+                           alibi_slopes=alibi_slopes, backend=backend)
+    return _rank_blocks(scores, k_blocks, block_size, q.shape[2], k.shape[2], causal, local, keep_blocks)
 
 
 def blocks_to_pattern(block_indices: Tensor, block_size: int, seqlen_k: int, causal: bool = False) -> BlockSparse:
@@ -411,5 +450,5 @@ def blocks_to_pattern(block_indices: Tensor, block_size: int, seqlen_k: int, cau
     return BlockSparse.from_compressed(counts, ordered, block_size, kv_blocks, causal=causal)
 
 
-__all__ = ["from_marks", "marks_tensor", "merge", "topk_by_score", "topk_blocks_by_score", "blocks_to_pattern",
-           "CHUNK_ELEMENTS"]
+__all__ = ["from_marks", "marks_tensor", "merge", "topk_by_score", "topk_blocks_by_score",
+           "topk_blocks_by_attention", "blocks_to_pattern", "CHUNK_ELEMENTS"]

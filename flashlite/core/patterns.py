@@ -56,10 +56,11 @@ class Pattern:
 
     # -- reference ----------------------------------------------------------------------------
     def dense_mask(self, batch: int, heads_q: int, heads_kv: int, seqlen_q: int, seqlen_k: int,
-                   device) -> torch.Tensor:
-        """Bool mask ``[B|1, Hq|1, Nq, Nk]``: True where query i may attend key j."""
+                   device, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Bool mask ``[B|1, Hq|1, Nq, Nk]``: True where query i may attend key j. ``rows=(r0, r1)``:
+        only query rows ``r0 <= i < r1`` (``[B|1, Hq|1, r1 - r0, Nk]``, never the whole matrix)."""
         left, right = self.band()
-        return band_mask(seqlen_q, seqlen_k, left, right, device)[None, None]
+        return band_mask(seqlen_q, seqlen_k, left, right, device, rows)[None, None]
 
     def validate(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """Raise ValueError/TypeError if the pattern's shapes do not fit q ``[B,Hq,Nq,D]`` /
@@ -84,11 +85,26 @@ class Pattern:
         return f"{type(self).__name__}()"
 
 
-def band_mask(seqlen_q: int, seqlen_k: int, left: Optional[int], right: Optional[int], device) -> torch.Tensor:
-    """``[Nq, Nk]`` bool: ``p(i) - left <= j <= p(i) + right`` (None = unbounded)."""
-    pos = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)
+def row_range(rows: Optional[tuple[int, int]], seqlen_q: int) -> tuple[int, int]:
+    """``rows`` checked as ``(r0, r1)`` with ``0 <= r0 <= r1 <= Nq``; None is every row."""
+    if rows is None:
+        return 0, seqlen_q
+    ok = isinstance(rows, (tuple, list)) and len(rows) == 2 and all(
+        isinstance(r, int) and not isinstance(r, bool) for r in rows)
+    if not ok or not 0 <= rows[0] <= rows[1] <= seqlen_q:
+        raise ValueError(f"rows must be a (start, end) pair of ints with 0 <= start <= end <= Nq = {seqlen_q}, "
+                         f"got {rows!r}")
+    return rows[0], rows[1]
+
+
+def band_mask(seqlen_q: int, seqlen_k: int, left: Optional[int], right: Optional[int], device,
+              rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """``[Nq, Nk]`` bool: ``p(i) - left <= j <= p(i) + right`` (None = unbounded); with
+    ``rows=(r0, r1)`` only query rows ``r0 <= i < r1`` (``[r1 - r0, Nk]``)."""
+    r0, r1 = row_range(rows, seqlen_q)
+    pos = torch.arange(r0, r1, device=device)[:, None] + (seqlen_k - seqlen_q)
     key = torch.arange(seqlen_k, device=device)[None, :]
-    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    mask = torch.ones(r1 - r0, seqlen_k, dtype=torch.bool, device=device)
     if left is not None:
         mask &= key >= pos - left
     if right is not None:
@@ -212,12 +228,14 @@ class BlockSparse(Pattern):
         if self.layout.device != q.device:
             raise ValueError(f"layout is on {self.layout.device} but q is on {q.device}")
 
-    def dense_mask(self, batch, heads_q, heads_kv, seqlen_q, seqlen_k, device):
+    def dense_mask(self, batch, heads_q, heads_kv, seqlen_q, seqlen_k, device, rows=None):
+        r0, r1 = row_range(rows, seqlen_q)
         bs = self.block_size
-        mask = self.layout.to(device).repeat_interleave(bs, -2)[..., :seqlen_q, :]
-        mask = mask.repeat_interleave(bs, -1)[..., :seqlen_k]
+        first = r0 // bs  # the layout rows that hold query rows r0 .. r1 - 1
+        mask = self.layout[..., first:cdiv(r1, bs), :].to(device).repeat_interleave(bs, -2)
+        mask = mask[..., r0 - first * bs:r1 - first * bs, :].repeat_interleave(bs, -1)[..., :seqlen_k]
         left, right = self.band()
-        return mask & band_mask(seqlen_q, seqlen_k, left, right, device)
+        return mask & band_mask(seqlen_q, seqlen_k, left, right, device, (r0, r1))
 
     def keys_per_query(self, seqlen_q, seqlen_k):
         return self.dense_mask(1, 1, 1, seqlen_q, seqlen_k, self.layout.device).sum(-1)
@@ -295,14 +313,15 @@ class TopK(Pattern):
             return self.indices
         return self.indices.unsqueeze(2).expand(-1, -1, seqlen_q, -1)
 
-    def dense_mask(self, batch, heads_q, heads_kv, seqlen_q, seqlen_k, device):
-        ind = self.row_indices(seqlen_q).to(device).long()
+    def dense_mask(self, batch, heads_q, heads_kv, seqlen_q, seqlen_k, device, rows=None):
+        r0, r1 = row_range(rows, seqlen_q)
+        ind = self.row_indices(seqlen_q)[:, :, r0:r1].to(device).long()
         target = torch.where(ind < 0, torch.full_like(ind, seqlen_k), ind)
         mask = torch.zeros((*ind.shape[:-1], seqlen_k + 1), dtype=torch.bool, device=device)
         mask.scatter_(-1, target, True)
         mask = mask[..., :seqlen_k]
         if self.causal:
-            mask = mask & band_mask(seqlen_q, seqlen_k, None, 0, device)
+            mask = mask & band_mask(seqlen_q, seqlen_k, None, 0, device, (r0, r1))
         if mask.shape[1] not in (1, heads_q):  # per-KV-head -> per-query-head
             if heads_q % mask.shape[1]:
                 raise ValueError(f"indices have {mask.shape[1]} heads; q has {heads_q} (must be a multiple)")
@@ -317,4 +336,4 @@ class TopK(Pattern):
         return f"TopK(indices={tuple(self.indices.shape)}, causal={self.causal})"
 
 
-__all__ = ["Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "band_mask", "BLOCK_SIZES"]
+__all__ = ["Pattern", "Full", "SlidingWindow", "BlockSparse", "TopK", "band_mask", "row_range", "BLOCK_SIZES"]
