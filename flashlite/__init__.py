@@ -30,7 +30,7 @@ from .api import (
     topk_attention,
     varlen_attention,
 )
-from .attention_map import attention_map
+from .maps import attention_map
 from .core.patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
 from .dispatch import last_backend
 

@@ -423,7 +423,7 @@ def topk_blocks_by_attention(q: Tensor, k: Tensor, k_blocks: int, block_size: in
     Returns int64 ``[B, Hq, ceil(Nq/bs), max(k_blocks, kept)]`` key-block indices, ascending, ``-1``
     padded: pass to ``blocks_to_pattern`` (or ``BlockSparse.from_compressed``).
     """
-    from .attention_map import attention_map  # the api layer, loaded only by this helper
+    from .maps import attention_map  # the api layer, loaded only by this helper
 
     k_blocks = _check_count(k_blocks, "k_blocks", 1)
     if block_size not in BLOCK_SIZES:

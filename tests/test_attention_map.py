@@ -15,7 +15,7 @@ from flashlite import reference, selection
 
 from conftest import DEVICE, HAS_CUDA, kernel_backends, randn
 
-amap = importlib.import_module("flashlite.attention_map")  # the module (flashlite.attention_map is the function)
+amap = importlib.import_module("flashlite.maps")  # the module behind flashlite.attention_map
 
 if HAS_CUDA:
     BACKENDS = ["reference"] + [name for name in kernel_backends() if name != "cpu"]
