@@ -48,6 +48,7 @@ _LAZY = {
     "PagedKVCache": ("flashlite.paged_cache", "PagedKVCache"),
     "distributed": ("flashlite.distributed", None),
     "compat": ("flashlite.compat", None),
+    "heads": ("flashlite.heads", None),
 }
 
 
@@ -76,6 +77,6 @@ __all__ = [
     "attention", "flash_attention", "sliding_window_attention", "block_sparse_attention", "topk_attention",
     "varlen_attention", "paged_attention", "attention_stats", "AttentionStats", "Pattern", "Full", "SlidingWindow",
     "BlockSparse", "TopK", "reference",
-    "backends", "last_backend", "nn", "swap", "selection", "SelectiveKVCache", "PagedKVCache", "integrations",
+    "backends", "last_backend", "nn", "swap", "selection", "SelectiveKVCache", "PagedKVCache", "integrations", "heads",
     "distributed", "compat", "attention_map",
 ]

@@ -4,6 +4,9 @@
   pattern beside PyTorch SDPA / FlexAttention, print a table, write JSON and plots
   (``flashlite bench --help``; the same as ``python -m flashlite.bench``).
 * ``flashlite info`` — versions, the device, and which backends are available (and why not).
+* ``flashlite heads MODEL [options]`` — what each attention head of a transformers model does:
+  a table, layer × head heatmaps, pooled maps and a JSON (``flashlite heads --help``;
+  :mod:`flashlite.heads`).
 """
 from __future__ import annotations
 
@@ -66,15 +69,21 @@ def _print_info(as_json: bool) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="flashlite", description="flashlite: exact attention kernels for PyTorch")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,info,heads}")
     sub.add_parser("bench", add_help=False, help="validate, time beside the peers, table + JSON + plots "
                                                  "(flashlite bench --help)")
+    sub.add_parser("heads", add_help=False, help="per-head attention statistics of a transformers model: table, "
+                                                 "PNGs, JSON (flashlite heads --help)")
     info_parser = sub.add_parser("info", help="versions, device and available backends")
     info_parser.add_argument("--json", action="store_true", help="print as JSON")
     if args and args[0] == "bench":
         from flashlite.bench.runner import main as bench_main
 
         return bench_main(args[1:], prog="flashlite bench")
+    if args and args[0] == "heads":
+        from flashlite.heads.cli import main as heads_main
+
+        return heads_main(args[1:], prog="flashlite heads")
     opts = parser.parse_args(args)
     if opts.command == "info":
         return _print_info(opts.json)

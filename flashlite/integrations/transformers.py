@@ -76,6 +76,7 @@ from ..core.masks import Lowered, lower
 from ..core.tracing import values_readable
 from ..dispatch import plan as plans
 from ..core.patterns import Full, Pattern, SlidingWindow, TopK
+from ..heads import _hook as _heads
 from ..nn import functional as FL
 
 MAIN_NAME = "fl_attention"
@@ -372,11 +373,11 @@ def _finish(out: Tensor) -> Tuple[Tensor, None]:
     return out.transpose(1, 2).contiguous(), None
 
 
-def _run(query, key, value, pattern, key_keep, keep, bias, scaling, softcap, dropout, s_aux):
+def _run(module, query, key, value, pattern, key_keep, keep, bias, scaling, softcap, dropout, s_aux):
     lowered = _lower(query, key, value, pattern, key_keep, keep, bias, dropout)
     if s_aux is None:
         out, _ = FL.serve(query, key, value, lowered, scale=scaling, softcap=softcap, dropout_p=dropout,
-                          backend=_backend)
+                          backend=_backend, layer=module)
         return out
     if lowered.dense or dropout >= 1.0:
         raise ValueError(f"{MAIN_NAME}: learned sinks (s_aux) are supported with causal / sliding-window / "
@@ -384,7 +385,7 @@ def _run(query, key, value, pattern, key_keep, keep, bias, scaling, softcap, dro
     # Sink logit s per head joins the softmax denominator: out·e^lse / (e^lse + e^s) = out·sigmoid(lse − s)
     # (with dropout too: out is Σ P·Z·v over the undropped l, and lse is the undropped one).
     out, lse = FL.serve(query, key, value, lowered, scale=scaling, softcap=softcap, dropout_p=dropout,
-                        backend=_backend, return_lse=True)
+                        backend=_backend, return_lse=True, layer=module)
     gate = torch.sigmoid(lse - s_aux.float().view(1, -1, 1))
     return (out.float() * gate.unsqueeze(-1)).to(out.dtype)
 
@@ -399,11 +400,13 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     if position_bias is None:
         packing = _packing(module, query, key, attention_mask, is_causal, sliding_window, kwargs)
         if packing is not None:
-            return _run_packed(query, key, value, packing, scaling, softcap, float(dropout or 0.0), s_aux), None
+            out = _run_packed(query, key, value, packing, scaling, softcap, float(dropout or 0.0), s_aux)
+            return (_heads.after_packed(module, out) if _heads.engaged(module) else out), None
     pattern, key_keep, keep, bias = _resolve(module, query, key, attention_mask, is_causal, sliding_window)
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
-    out = _run(query, key, value, pattern, key_keep, keep, bias, scaling, softcap, float(dropout or 0.0), s_aux)
+    out = _run(module, query, key, value, pattern, key_keep, keep, bias, scaling, softcap, float(dropout or 0.0),
+               s_aux)
     return _finish(out)
 
 
@@ -429,7 +432,7 @@ def topk_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, at
     lowered = lower(query, key, pattern=pattern, attn_mask=keep, key_padding_mask=key_keep, attn_bias=bias,
                     dense=FL.needs_slow_path(query, key, value, dropout))
     out, _ = FL.serve(query, key, value, lowered, scale=scaling, softcap=softcap, dropout_p=dropout,
-                      backend=_backend)
+                      backend=_backend, layer=module)
     return _finish(out)
 
 

@@ -34,6 +34,7 @@ from ..api import varlen_attention as _varlen_attention
 from ..core.masks import (Lowered, causal_variant, is_top_left_causal, lower, padded_pattern,  # noqa: F401
                           top_left_causal)
 from ..core.patterns import Pattern
+from ..heads import _hook as _heads
 
 # PyTorch's own function, captured before anyone monkey-patches ours in its place; used only for
 # inputs flashlite does not take (e.g. float64, broadcast batch dims).
@@ -131,23 +132,36 @@ def dense_attention(
 # ---------------------------------------------------------------------------------------------
 def serve(q: Tensor, k: Tensor, v: Tensor, lowered: Lowered, *, scale: Optional[float] = None,
           softcap: Optional[float] = None, dropout_p: float = 0.0, need_weights: bool = False,
-          backend: Optional[str] = None, return_lse: bool = False):
+          backend: Optional[str] = None, return_lse: bool = False, layer=None, head_mask: Optional[Tensor] = None):
     """Run a lowered call (:func:`flashlite.core.masks.lower`): the kernels when nothing is left
     dense, else the slow path. Returns ``(out, weights)`` (``weights`` None unless
-    ``need_weights``), or ``(out, lse)`` with ``return_lse`` (kernel path only)."""
+    ``need_weights``), or ``(out, lse)`` with ``return_lse`` (kernel path only).
+
+    ``layer``: the module making the call, its identity for ``flashlite.heads`` (recording,
+    importance gates, its ``head_mask`` buffer); ``head_mask``: a per-call head mask (as
+    :func:`flashlite.attention`; on the slow path it multiplies the output)."""
     pattern, keep, bias, keys = lowered
     if keys < k.shape[2]:
         k, v = k[:, :, :keys], v[:, :, :keys]
+    heads = layer is not None and _heads.engaged(layer, head_mask)
     if (not lowered.dense and not needs_slow_path(q, k, v, dropout_p, need_weights)
             and _backend_drops(backend, dropout_p)):
+        if heads:
+            result = _heads.attend(layer, q, k, v, pattern, head_mask=head_mask, scale=scale, softcap=softcap,
+                                   backend=backend, return_lse=return_lse, dropout_p=dropout_p)
+            return result if return_lse else (result, None)
         result = _attention(q, k, v, pattern, scale=scale, softcap=softcap, backend=backend, return_lse=return_lse,
                             dropout_p=dropout_p)
         return result if return_lse else (result, None)
     if return_lse:
         raise ValueError("return_lse is not available with dense masks, need_weights, dropout_p >= 1 or dropout on "
                          "a backend without it")
-    return dense_attention(q, k, v, pattern, keep=keep, bias=bias, scale=scale, softcap=softcap,
-                           dropout_p=dropout_p, need_weights=need_weights)
+    out, weights = dense_attention(q, k, v, pattern, keep=keep, bias=bias, scale=scale, softcap=softcap,
+                                   dropout_p=dropout_p, need_weights=need_weights)
+    if heads:
+        out = _heads.after_dense(layer, q, k, out, pattern, keep=keep, bias=bias, scale=scale, softcap=softcap,
+                                 head_mask=head_mask)
+    return out, weights
 
 
 def attend(

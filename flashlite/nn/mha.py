@@ -125,6 +125,7 @@ class MultiheadAttention(nn.Module):
         self.pattern = pattern
         self.backend = backend
         self._warned_need_weights = False
+        self.register_buffer("head_mask", None, persistent=False)  # flashlite.heads.prune: bool/float [num_heads]
         self._reset_parameters()
         self.register_forward_pre_hook(_keep_off_fused_paths)
 
@@ -183,8 +184,10 @@ class MultiheadAttention(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        """As ``torch.nn.MultiheadAttention.forward``: returns ``(attn_output, attn_weights or None)``."""
+                is_causal: bool = False, head_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """As ``torch.nn.MultiheadAttention.forward``: returns ``(attn_output, attn_weights or None)``.
+        ``head_mask`` (flashlite's, bool or float ``[num_heads]`` / ``[B, num_heads]``) overrides the
+        module's ``head_mask`` buffer (``flashlite.heads.prune``): a False head does no work."""
         if query.is_nested or key.is_nested or value.is_nested:
             raise ValueError("flashlite.nn.MultiheadAttention does not take nested tensors; if this came from "
                              "nn.TransformerEncoder, set its use_nested_tensor=False (flashlite.swap does)")
@@ -201,7 +204,7 @@ class MultiheadAttention(nn.Module):
         if need_weights:
             self._warn_need_weights()
         out, weights = self._attention(query, key, value, key_padding_mask, need_weights, attn_mask,
-                                       average_attn_weights, is_causal)
+                                       average_attn_weights, is_causal, head_mask)
         if not is_batched:
             return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
         if not self.batch_first:
@@ -226,7 +229,7 @@ class MultiheadAttention(nn.Module):
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
     def _attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
-                   is_causal):
+                   is_causal, head_mask=None):
         batch, seqlen_q, embed = query.shape
         seqlen_k = key.shape[1]
         if embed != self.embed_dim:
@@ -290,7 +293,7 @@ class MultiheadAttention(nn.Module):
                         is_causal=causal, true_means="masked",
                         dense=FL.needs_slow_path(q, k, v, dropout_p, need_weights))
         out, weights = FL.serve(q, k, v, lowered, dropout_p=dropout_p, need_weights=need_weights,
-                                backend=self.backend)
+                                backend=self.backend, layer=self, head_mask=head_mask)
         out = out.transpose(1, 2).reshape(batch, seqlen_q, embed)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if weights is not None and average_attn_weights:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..api import attention, window_pattern
 from ..core.patterns import BlockSparse, Full, Pattern, TopK
+from ..heads import _hook as _heads
 
 
 class Attention(nn.Module):
@@ -35,9 +36,11 @@ class Attention(nn.Module):
             sequence (block-sparse layouts global, top-k indices as global key positions for this
             rank's queries) and the output is this rank's shard; every rank calls the module.
 
-    ``forward(q, k, v, *, pattern=None, alibi_slopes=None, return_lse=False)``: ``pattern`` (the
-    pattern input of this call, e.g. a ``TopK`` built from this step's indices) overrides the
-    module's.
+    ``forward(q, k, v, *, pattern=None, alibi_slopes=None, return_lse=False, head_mask=None)``:
+    ``pattern`` (the pattern input of this call, e.g. a ``TopK`` built from this step's indices)
+    overrides the module's. ``head_mask`` (bool or float ``[Hq]`` / ``[B, Hq]``, as
+    :func:`flashlite.attention`) overrides the module's ``head_mask`` buffer (None; set by
+    ``flashlite.heads.prune``): a False head does no work and outputs zeros.
     """
 
     def __init__(self, pattern: Optional[Pattern] = None, *, scale: Optional[float] = None,
@@ -51,21 +54,28 @@ class Attention(nn.Module):
         self.softcap = softcap
         self.backend = backend
         self.context_parallel = _context_parallel(context_parallel)
+        self.register_buffer("head_mask", None, persistent=False)
 
     def _run(self, q: Tensor, k: Tensor, v: Tensor, pattern: Optional[Pattern], alibi_slopes: Optional[Tensor],
-             return_lse: bool):
+             return_lse: bool, head_mask: Optional[Tensor] = None):
         if self.context_parallel is not None:
+            if head_mask is not None or getattr(self, "head_mask", None) is not None:
+                raise NotImplementedError("head_mask: not available with context_parallel")
             from ..distributed import context_parallel_attention  # loads torch.distributed only when used
 
             return context_parallel_attention(q, k, v, pattern, scale=self.scale, softcap=self.softcap,
                                               alibi_slopes=alibi_slopes, return_lse=return_lse, backend=self.backend,
                                               **self.context_parallel)
+        if _heads.engaged(self, head_mask):  # flashlite.heads: recording, importance gates, head masks
+            return _heads.attend(self, q, k, v, pattern, head_mask=head_mask, return_lse=return_lse, scale=self.scale,
+                                 softcap=self.softcap, alibi_slopes=alibi_slopes, backend=self.backend)
         return attention(q, k, v, pattern, scale=self.scale, softcap=self.softcap, alibi_slopes=alibi_slopes,
                          return_lse=return_lse, backend=self.backend)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, pattern: Optional[Pattern] = None,
-                alibi_slopes: Optional[Tensor] = None, return_lse: bool = False):
-        return self._run(q, k, v, pattern if pattern is not None else self.pattern, alibi_slopes, return_lse)
+                alibi_slopes: Optional[Tensor] = None, return_lse: bool = False, head_mask: Optional[Tensor] = None):
+        return self._run(q, k, v, pattern if pattern is not None else self.pattern, alibi_slopes, return_lse,
+                         head_mask)
 
     def extra_repr(self) -> str:
         parts = [repr(self.pattern) if self.pattern is not None else "Full(causal=False)"]
@@ -130,14 +140,14 @@ class BlockSparseAttention(Attention):
         self.causal = causal
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, layout: Optional[Tensor] = None,
-                alibi_slopes: Optional[Tensor] = None, return_lse: bool = False):
+                alibi_slopes: Optional[Tensor] = None, return_lse: bool = False, head_mask: Optional[Tensor] = None):
         if layout is not None:
             pattern: Optional[Pattern] = BlockSparse(layout, self.block_size, self.causal)
         elif self.pattern is not None:
             pattern = self.pattern
         else:
             raise ValueError("BlockSparseAttention needs a layout: give one at construction or as forward(layout=...)")
-        return self._run(q, k, v, pattern, alibi_slopes, return_lse)
+        return self._run(q, k, v, pattern, alibi_slopes, return_lse, head_mask)
 
 
 class TopKAttention(Attention):
@@ -184,13 +194,13 @@ class TopKAttention(Attention):
         return selection.topk_by_score(q, k, self.k, causal=self.causal, keep=kept, **kw)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, marks=None, indices: Optional[Tensor] = None,
-                alibi_slopes: Optional[Tensor] = None, return_lse: bool = False):
+                alibi_slopes: Optional[Tensor] = None, return_lse: bool = False, head_mask: Optional[Tensor] = None):
         if indices is None:
             if self.context_parallel is not None:
                 raise ValueError("indices: TopKAttention with context_parallel needs indices= (this rank's queries, "
                                  "global key positions); the selection from marks or scores sees only the shard")
             indices = self.select(q, k, marks)
-        return self._run(q, k, v, TopK(indices, causal=self.causal), alibi_slopes, return_lse)
+        return self._run(q, k, v, TopK(indices, causal=self.causal), alibi_slopes, return_lse, head_mask)
 
     def extra_repr(self) -> str:
         return f"window={self.window}, sinks={self.sinks}, k={self.k}, causal={self.causal}"
