@@ -1,23 +1,27 @@
 """Find an induction head with ``flashlite.heads``, flag the dead heads, prune them.
 
-A small attention-only transformer (2 layers of ``flashlite.nn.MultiheadAttention``, no MLPs) is
-trained on the CPU for about a minute on sequences made of a random block of tokens repeated a
-few times. The first block is unpredictable; every later token is predictable by *induction*:
-find the previous occurrence of the current token and copy the token that followed it. Two-layer
+A small attention-only transformer (2 layers of ``flashlite.nn.MultiheadAttention``, 8 heads
+each, no MLPs) is trained on the CPU for about a minute on blocks of 4 to 16 distinct random
+tokens tiled to 32 tokens. The first block is unpredictable; every later token is predictable by
+*induction*: find the previous occurrence of the current token and copy the token that followed
+it (the period varies, so attending a fixed distance back does not work). Two-layer
 attention-only models learn this with a previous-token head in layer 0 and an induction head in
 layer 1 (Olsson et al. 2022, "In-context learning and induction heads").
 
-``flashlite.heads`` then records every head over the repeated part of held-out sequences:
+``flashlite.heads`` then records every head over held-out sequences (a block of ``PERIOD = 10``
+tokens, twice), aggregating over the second block:
 
-* the induction head has low entropy and attends ``period - 1`` positions back (the token after
-  the previous occurrence of the current token): ``mean_distance ≈ period - 1``;
-* the previous-token head is flagged ``local`` (``mean_distance ≈ 1``);
-* heads the task did not need are flagged ``dead`` (near-uniform or constant output), and
-  pruning them (``flashlite.heads.prune``: they do no attention work any more) leaves the loss
-  where it was - while pruning the induction head sends it back to chance.
+* an induction head has low entropy and attends ``PERIOD - 1`` positions back (the token after
+  the previous occurrence of the current token): ``mean_distance ≈ 9``, and its pooled map shows
+  the stripe one block below the diagonal;
+* a previous-token head puts its map's mass on the first sub-diagonal;
+* heads the task did not need are flagged ``dead`` (near-uniform or constant output);
+  ``flashlite.heads.prune`` masks them (they do no attention work any more) and the loss is
+  compared before and after - and after pruning the induction heads too.
 
 Run: ``python examples/head_analysis.py [--steps 600] [--out head_analysis_out]``; it prints the
-table and the losses and writes the pictures and ``heads.json`` into ``--out``.
+table and the losses and writes the pictures and ``heads.json`` into ``--out``. ``train(steps)``
+and the helpers are importable (``tests/test_heads.py`` runs a short fixed-seed training).
 """
 from __future__ import annotations
 
@@ -122,8 +126,9 @@ def analyze(model: nn.Module, *, seed: int = 1, batches: int = 4, batch: int = 3
     importance by gates."""
     generator = torch.Generator().manual_seed(seed)
     data = [repeated_tokens(batch, generator, period, length=2 * period) for _ in range(batches)]
+    # The model reads tokens[:, :-1]: 2·period − 1 positions; a grid of that size keeps the maps exact.
     return flheads.analyze(model, data, importance=True, loss_fn=lambda m, batch: loss_on_repeats(m, *batch),
-                           queries=slice(period, None), grid=2 * period, sink_tokens=1, progress=progress)
+                           queries=slice(period, None), grid=2 * period - 1, sink_tokens=1, progress=progress)
 
 
 def find_induction_heads(report: flheads.HeadReport, period: int = PERIOD, *, tolerance: float = 1.0,
@@ -136,6 +141,18 @@ def find_induction_heads(report: flheads.HeadReport, period: int = PERIOD, *, to
         if abs(distance - (period - 1)) <= tolerance and spread <= max_norm_entropy:
             found.append(h)
     return found
+
+
+def previous_token_heads(report: flheads.HeadReport, *, min_mass: float = 0.5) -> List[flheads.Head]:
+    """Heads whose pooled map (exact here: one cell per position) puts at least ``min_mass`` of a
+    query's attention on the previous token, on average over the queries; the strongest first."""
+    scores = []
+    for h in report.all_heads():
+        cells = report.maps[h.layer, h.head]
+        mass = float(cells.diagonal(offset=-1).mean())
+        if mass >= min_mass:
+            scores.append((mass, h))
+    return [h for _, h in sorted(scores, key=lambda item: -item[0])]
 
 
 @torch.no_grad()
@@ -159,25 +176,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = analyze(model, progress=True)
     print(report.table())
     induction = find_induction_heads(report)
+    previous = previous_token_heads(report)
     flags = report.flags()
     print(f"\ninduction heads (mean_distance ≈ {PERIOD - 1}, low entropy): {[str(h) for h in induction]}")
-    print(f"previous-token / local heads: {[str(h) for h in flags['local']]}")
+    print(f"previous-token heads (pooled map's first sub-diagonal): {[str(h) for h in previous]}")
+    print(f"local heads (mean_distance <= {report.criteria.local}): {[str(h) for h in flags['local']]}")
     print(f"dead heads: {[str(h) for h in flags['dead']]}")
 
     os.makedirs(args.out, exist_ok=True)
     report.save_json(os.path.join(args.out, "heads.json"))
-    paths = report.plot(args.out, heads=induction + flags["local"] + flags["dead"] or None)
+    shown = (induction[:4] + previous[:2] + flags["dead"][:2]) or None
+    paths = report.plot(args.out, heads=shown)
     print(f"pictures: {', '.join(paths)}")
 
     before = held_out_loss(model)
     flheads.prune(model, flags["dead"])
     after = held_out_loss(model)
     print(f"\nloss on the repeats: {before:.3f} before pruning, {after:.3f} with the {len(flags['dead'])} dead heads "
-          f"pruned")
+          f"pruned (they do no attention work now)")
     if induction:
-        flheads.prune(model, induction[:1])
-        print(f"and {held_out_loss(model):.3f} with the induction head {induction[0]} pruned too "
-              f"(chance: {math.log(VOCAB):.2f})")
+        flheads.prune(model, induction)
+        print(f"and {held_out_loss(model):.3f} with the {len(induction)} induction heads pruned too "
+              f"(chance: ln {VOCAB} = {math.log(VOCAB):.2f})")
     flheads.unprune(model)
     return 0
 

@@ -3,7 +3,8 @@ block-sparse and top-k selected patterns, for PyTorch.
 
 The layers, each importing only the ones below it:
 
-    faces      flashlite.nn (and flashlite.swap), SelectiveKVCache, flashlite.integrations, the CLI
+    faces      flashlite.nn (and flashlite.swap), SelectiveKVCache, flashlite.integrations,
+               flashlite.heads (what each head does; prune), the CLI
     api        flashlite.api: the public functions (validate, build the pattern);
                flashlite.distributed: one sequence over several devices (context parallelism)
     dispatch   flashlite.dispatch: backend choice, the plan (cached), custom ops + autograd

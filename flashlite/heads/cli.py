@@ -50,6 +50,9 @@ def parser(prog: str = "flashlite heads") -> argparse.ArgumentParser:
     p.add_argument("--importance", action="store_true",
                    help="also head importance |dL/dgate| with the language-modelling loss (a backward per batch)")
     p.add_argument("--heads", metavar="L.H,...", help="heads whose pooled maps to draw (default: chosen by flags)")
+    p.add_argument("--stats", metavar="NAME,...", help="statistics to draw as heatmaps (default: all of "
+                   "entropy, norm_entropy, max_prob, mean_distance, sink_mass, keys, output_norm, output_variation, "
+                   "importance)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -186,6 +189,14 @@ def _run(args) -> int:
         raise UsageError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
     dtype = getattr(torch, args.dtype)
     chosen = _parse_heads(args.heads)
+    stats = None
+    if args.stats:
+        from . import STATS
+
+        stats = [name.strip() for name in args.stats.split(",") if name.strip()]
+        unknown = [name for name in stats if name not in STATS + ("importance",)]
+        if unknown:
+            raise UsageError(f"--stats: unknown {unknown}; choose from {', '.join(STATS + ('importance',))}")
     model, tokenizer, made = load_model(args.model, _parse_overrides(args.overrides), dtype, args.device, args.seed)
     vocab = int(model.get_input_embeddings().num_embeddings)
     batches = make_batches(args, vocab, tokenizer, args.device)
@@ -207,7 +218,7 @@ def _run(args) -> int:
             raise UsageError(f"--heads: no head {', '.join(bad)} (layers 0..{len(report.layers) - 1}, "
                              f"heads per layer {report.heads})")
     if not args.no_plots:
-        paths += report.plot(args.out, heads=chosen)
+        paths += report.plot(args.out, heads=chosen, stats=stats)
     print("wrote " + ", ".join(paths))
     return 0
 
