@@ -8,6 +8,7 @@
 // released. Every argument has a name (keyword calls work; the positional order is the one below).
 #include <torch/extension.h>
 
+#include <limits>
 #include <tuple>
 
 #include "common/torch_params.h"
@@ -49,6 +50,40 @@ void set_dropout(flashlite::AttentionParams& p, double dropout_p, int64_t dropou
   p.dropout_seed = static_cast<uint64_t>(dropout_seed);
 }
 
+// Head statistics (docs/native_abi.md): row_stats, when given, is the forward's output buffer of
+// the five statistics, float32 [5, B, Hq, Nq] contiguous on the CPU (a packed batch: [5, 1, Hq,
+// Tq]); sink_tokens >= 0 the leading keys of sink_mass. None: nothing is computed.
+void set_row_stats(flashlite::AttentionParams& p, const Tensor& q, const optional<Tensor>& row_stats,
+                   int64_t sink_tokens, const char* fn) {
+  if (!row_stats.has_value() || !row_stats->defined()) return;
+  const Tensor& t = *row_stats;
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4 &&
+                        t.size(0) == 5 && t.size(1) == q.size(0) && t.size(2) == q.size(1) && t.size(3) == q.size(2),
+                    "flashlite: ", fn, ": row_stats must be a float32 contiguous CPU tensor [5, B, Hq, Nq] = [5, ",
+                    q.size(0), ", ", q.size(1), ", ", q.size(2), "], got ", t.scalar_type(), " ", t.sizes(),
+                    t.is_contiguous() ? "" : " non-contiguous", " on ", t.device());
+  TORCH_CHECK_VALUE(sink_tokens >= 0 && sink_tokens <= std::numeric_limits<int32_t>::max(), "flashlite: ", fn,
+                    ": sink_tokens must be in [0, 2^31), got ", sink_tokens);
+  flashlite::poison({t});
+  p.row_stats = t.data_ptr<float>();
+  p.sink_tokens = static_cast<int32_t>(sink_tokens);
+}
+
+// The entropy's gradient terms of a backward (docs/native_abi.md): float32 [2, B, Hq, Nq] (g and
+// g·(lse − H)) on the CPU, converted to float32 contiguous (the result is kept alive in `keep`).
+void set_entropy(flashlite::BackwardParams& g, const Tensor& q, const optional<Tensor>& entropy, Tensor& keep,
+                 const char* fn) {
+  if (!entropy.has_value() || !entropy->defined()) return;
+  const Tensor& t = *entropy;
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_floating_point() && t.dim() == 4 && t.size(0) == 2 &&
+                        t.size(1) == q.size(0) && t.size(2) == q.size(1) && t.size(3) == q.size(2),
+                    "flashlite: ", fn, ": entropy must be a floating CPU tensor [2, B, Hq, Nq] = [2, ", q.size(0), ", ",
+                    q.size(1), ", ", q.size(2), "] (the entropy's gradient g and g*(lse - H)), got ", t.scalar_type(),
+                    " ", t.sizes(), " on ", t.device());
+  keep = t.to(at::kFloat).contiguous();
+  g.entropy = keep.data_ptr<float>();
+}
+
 // grad_out/out like q and lse [B, Hq, Nq] (sizes and grad_out's dtype).
 void check_saved(const Tensor& grad_out, const Tensor& out, const Tensor& lse, const Tensor& q) {
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
@@ -65,7 +100,8 @@ std::tuple<Tensor, Tensor> cpu_tile_forward(Tensor q, Tensor k, Tensor v, const 
                                             const optional<Tensor>& q_items, const optional<Tensor>& k_items,
                                             const optional<Tensor>& cu_seqlens_q,
                                             const optional<Tensor>& cu_seqlens_k, double dropout_p,
-                                            int64_t dropout_seed) {
+                                            int64_t dropout_seed, const optional<Tensor>& row_stats,
+                                            int64_t sink_tokens) {
   flashlite::make_last_dims_contiguous({&q, &k, &v});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap,
@@ -75,6 +111,7 @@ std::tuple<Tensor, Tensor> cpu_tile_forward(Tensor q, Tensor k, Tensor v, const 
   flashlite::set_tile_schedule(call.params, q, block_m, block_n, window_left, window_right, kv_tiles, kv_count,
                                is_list, "cpu_tile_config", packed ? call.params.packed.num_q_items : -1);
   set_dropout(call.params, dropout_p, dropout_seed, "cpu_tile_forward");
+  set_row_stats(call.params, q, row_stats, sink_tokens, "cpu_tile_forward");
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::tile_forward(call.params, threads());
@@ -88,7 +125,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
     bool is_list, int64_t block_m, int64_t block_n, int64_t window_left, int64_t window_right, double scale,
     double softcap, bool deterministic, const optional<Tensor>& q_items, const optional<Tensor>& k_items,
     const optional<Tensor>& cu_seqlens_q, const optional<Tensor>& cu_seqlens_k, double dropout_p,
-    int64_t dropout_seed) {
+    int64_t dropout_seed, const optional<Tensor>& entropy) {
   flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   check_saved(grad_out, out, lse, q);
@@ -103,6 +140,8 @@ std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
   flashlite::set_backward_schedule(call.params, q, k, q_tiles, q_count, is_list,
                                    packed ? call.params.packed.num_k_items : -1);
   set_dropout(call.params, dropout_p, dropout_seed, "cpu_tile_backward");
+  Tensor entropy_terms;
+  set_entropy(call.grads, q, entropy, entropy_terms, "cpu_tile_backward");
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::tile_backward(call.params, call.grads, threads());
@@ -112,12 +151,14 @@ std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
 
 std::tuple<Tensor, Tensor> cpu_gather_forward(Tensor q, Tensor k, Tensor v, const Tensor& indices,
                                               const optional<Tensor>& alibi_slopes, bool causal, double scale,
-                                              double softcap, double dropout_p, int64_t dropout_seed) {
+                                              double softcap, double dropout_p, int64_t dropout_seed,
+                                              const optional<Tensor>& row_stats, int64_t sink_tokens) {
   flashlite::make_last_dims_contiguous({&q, &k, &v});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap);
   flashlite::set_indices(call.params, indices, causal);
   set_dropout(call.params, dropout_p, dropout_seed, "cpu_gather_forward");
+  set_row_stats(call.params, q, row_stats, sink_tokens, "cpu_gather_forward");
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::gather_forward(call.params, threads());
@@ -131,7 +172,8 @@ std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q
                                                        const Tensor& key_offsets, const Tensor& key_slots,
                                                        const optional<Tensor>& alibi_slopes, bool causal,
                                                        double scale, double softcap, bool deterministic,
-                                                       double dropout_p, int64_t dropout_seed) {
+                                                       double dropout_p, int64_t dropout_seed,
+                                                       const optional<Tensor>& entropy) {
   flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   check_saved(grad_out, out, lse, q);
@@ -140,6 +182,8 @@ std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q
   flashlite::set_indices(call.params, indices, causal);
   flashlite::set_key_index(call.grads, call.params, key_offsets, key_slots, q);
   set_dropout(call.params, dropout_p, dropout_seed, "cpu_gather_backward");
+  Tensor entropy_terms;
+  set_entropy(call.grads, q, entropy, entropy_terms, "cpu_gather_backward");
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::gather_backward(call.params, call.grads, threads());
@@ -277,27 +321,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
         py::arg("q_items") = py::none(), py::arg("k_items") = py::none(), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
+        py::arg("row_stats") = py::none(), py::arg("sink_tokens") = 0,
         "tile engine forward -> (out, lse); q_items/k_items/cu_seqlens_q/cu_seqlens_k: a packed batch's work items; "
-        "dropout_p (0 = off) / dropout_seed: attention dropout (docs/native_abi.md)");
+        "dropout_p (0 = off) / dropout_seed: attention dropout; row_stats (float32 [5, B, Hq, Nq], None = off) / "
+        "sink_tokens: filled with the head statistics (docs/native_abi.md)");
   m.def("cpu_tile_backward", &cpu_tile_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("kv_tiles"), py::arg("kv_count"), py::arg("q_tiles"),
         py::arg("q_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),
         py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
         py::arg("deterministic"), py::arg("q_items") = py::none(), py::arg("k_items") = py::none(),
         py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(), py::arg("dropout_p") = 0.0,
-        py::arg("dropout_seed") = 0,
+        py::arg("dropout_seed") = 0, py::arg("entropy") = py::none(),
         "tile engine backward -> (dq, dk, dv); q_items/k_items/cu_seqlens_q/cu_seqlens_k: a packed batch's work "
-        "items; dropout_p / dropout_seed: the forward's (docs/native_abi.md)");
+        "items; dropout_p / dropout_seed: the forward's; entropy (float32 [2, B, Hq, Nq]: g, g*(lse - H); None = "
+        "off): the entropy's gradient (docs/native_abi.md)");
   m.def("cpu_gather_forward", &cpu_gather_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("indices"),
         py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("dropout_p") = 0.0,
-        py::arg("dropout_seed") = 0,
-        "gather (top-k) forward -> (out, lse); dropout_p (0 = off) / dropout_seed: attention dropout");
+        py::arg("dropout_seed") = 0, py::arg("row_stats") = py::none(), py::arg("sink_tokens") = 0,
+        "gather (top-k) forward -> (out, lse); dropout_p (0 = off) / dropout_seed: attention dropout; row_stats / "
+        "sink_tokens: the head statistics (docs/native_abi.md)");
   m.def("cpu_gather_backward", &cpu_gather_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("indices"), py::arg("key_offsets"), py::arg("key_slots"),
         py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("deterministic"),
-        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
+        py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0, py::arg("entropy") = py::none(),
         "gather (top-k) backward -> (dq, dk, dv); key_offsets/key_slots: the key -> slot index of indices; "
-        "dropout_p / dropout_seed: the forward's (docs/native_abi.md)");
+        "dropout_p / dropout_seed: the forward's; entropy: the entropy's gradient terms (docs/native_abi.md)");
   m.def("cpu_canonical_rows", &cpu_canonical_rows, py::arg("indices"), py::arg("seqlen_q"), py::arg("seqlen_k"),
         py::arg("causal"),
         "canonical top-k rows (int64, indices' shape): flashlite.core.gather_rows.canonical_rows, element for "

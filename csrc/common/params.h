@@ -110,6 +110,14 @@ struct AttentionParams {
   float dropout_scale = 1.f;
   uint64_t dropout_seed = 0;
 
+  // Head statistics (flashlite.attention_stats; the CPU kernels so far): with row_stats set, the
+  // forward also writes float32 [5, B, Hq, Nq] contiguous (a packed batch: [5, 1, Hq, Tq]), planes
+  // entropy, max_prob, mean_distance, sink_mass, keys of each query row (plane stride B·Hq·Nq, row
+  // (b·Hq + h)·Nq + i as lse); sink_mass sums the probabilities of keys j < sink_tokens (local key
+  // positions). Null = off: nothing is computed.
+  float* row_stats = nullptr;
+  int32_t sink_tokens = 0;
+
   FL_HOST_DEVICE uint64_t dropout_index(int32_t b, int32_t h, int64_t i, int64_t j) const {
     return static_cast<uint64_t>(((int64_t(b) * heads_q + h) * seqlen_q + i) * seqlen_k + j);
   }
@@ -138,6 +146,11 @@ struct BackwardParams {
   // by the binding (set_key_index in torch_params.h); the CPU gather backward requires it.
   const int64_t* key_offsets = nullptr;  // [B*Hi*Nk + 1]
   const int64_t* key_slots = nullptr;    // [>= key_offsets[B*Hi*Nk]]: slots i*K + t, ascending per key
+  // The entropy's gradient (attention_stats' backward; the CPU kernels so far): float32
+  // [2, B, Hq, Nq] contiguous, plane 0 g (the gradient reaching the entropy of row i), plane 1
+  // shift = g·(lse − H) (0 where lse = −inf). The score gradient becomes
+  // dS = P ⊙ (dP − (δ − shift) − g·s), s the final logit in natural units. Null = off.
+  const float* entropy = nullptr;
 };
 
 }  // namespace flashlite

@@ -184,14 +184,19 @@ FL_ALWAYS_INLINE void gather_prefetch_backward_streams(const AttentionParams& p,
 // Forward of rows [row_begin, row_end) of (b, h):
 //   s_t = score(q_i·k_{idx_t}),  m = max_t s_t,  P_t = 2^(s_t − m),  l = Σ_t P_t,
 //   out_i = Σ_t P_t·v_{idx_t} / l,  lse_i = ln2·(m + log2 l)   (no valid slot: 0 and −inf)
-void gather_forward(const AttentionParams& p, int b, int h, int row_begin, int row_end, Workspace& ws) {
+// Stats: the head statistics of the row (tile_engine.h's sums over the row's valid slots, one
+// tile): t = Σ_t P_t·(s_t − m), d = Σ_t P_t·|p(i) − idx_t|, z = Σ_{idx_t < sink_tokens} P_t, c = the
+// number of valid slots.
+template <bool Stats>
+void gather_forward_of(const AttentionParams& p, int b, int h, int row_begin, int row_end, Workspace& ws) {
   const int D = p.head_dim, Dp = round_up(D, L), K = p.top_k, Kp = round_up(K, L);
   const int kv_head = h / p.group();
   float* qv = ws.floats(size_t(2 * Dp) + gather_row_floats(p));
   float* acc = qv + Dp;
   GatherRow row = gather_row_alloc(p, ws, acc + Dp);
   const float slope = p.alibi(b, h), factor = query_factor(p);
-  float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q;
+  const int64_t row0 = (int64_t(b) * p.heads_q + h) * p.seqlen_q;
+  float* lse = p.lse + row0;
   for (int i = row_begin; i < row_end; ++i) {
     gather_prefetch_streams(p, b, h, kv_head, i + kStreamAhead);
     pack_query_row(p, p.q, p.q_strides, b, h, i, factor, qv);
@@ -200,15 +205,33 @@ void gather_forward(const AttentionParams& p, int b, int h, int row_begin, int r
     if (row_max == -kInf) {
       lse[i] = -kInf;
       store_scaled_row(p, p.out, p.out_strides, b, h, i, acc, 1.f);
+      if constexpr (Stats) write_row_stats(p, row0 + i, 0.f, 0.f, 0.f, 0.f, 0.f);
       continue;
     }
-    vf sum = {};
+    vf sum = {}, t_sum = {}, c_sum = {};
     for (int t = 0; t < Kp; t += L) {
-      const vf prob = exp2v(load(row.s + t) - row_max);
+      const vf x = load(row.s + t) - row_max;
+      const vf prob = exp2v(x);
       store(row.s + t, prob);
       sum += prob;
+      if constexpr (Stats) {
+        const vi seen = x != -kInf;
+        t_sum += select(seen, prob * x, splat(0.f));
+        c_sum += select(seen, splat(1.f), splat(0.f));
+      }
     }
     const float l = hsum(sum);
+    if constexpr (Stats) {  // invalid slots have P = 0, whatever their index
+      const int64_t* idx = gather_row_indices(p, b, kv_head, i);
+      const int64_t pos = int64_t(i) + p.seqlen_k - p.seqlen_q;
+      float d = 0.f, z = 0.f;
+      for (int t = 0; t < K; ++t) {
+        const float prob = row.s[t];
+        d += prob * static_cast<float>(pos > idx[t] ? pos - idx[t] : idx[t] - pos);
+        z += idx[t] < p.sink_tokens ? prob : 0.f;
+      }
+      write_row_stats(p, row0 + i, l, hsum(t_sum), d, z, hsum(c_sum));
+    }
     if (p.dropout) {  // P_t *= Z_t after the (undropped) sum
       const uint64_t row_base = p.dropout_index(b, h, i, 0);
       const int64_t* idx = gather_row_indices(p, b, kv_head, i);
@@ -219,12 +242,21 @@ void gather_forward(const AttentionParams& p, int b, int h, int row_begin, int r
     lse[i] = (row_max + log2f(l)) * kLn2;
   }
 }
+void gather_forward(const AttentionParams& p, int b, int h, int row_begin, int row_end, Workspace& ws) {
+  if (p.row_stats)
+    gather_forward_of<true>(p, b, h, row_begin, row_end, ws);
+  else
+    gather_forward_of<false>(p, b, h, row_begin, row_end, ws);
+}
 
 // Backward, per row:  P_t = 2^(s_t − lse_i),  dS_t = P_t (dO_i·v_t − δ_i)·chain·scale,
 // dq_i = Σ_t dS_t·k_t; P and dS are kept for the key pass. With dropout (Z_t = M/(1 − p)):
-// dS_t = P_t (Z_t·dO_i·v_t − δ_i)·chain·scale, and P_t·Z_t is kept (dv_j = Σ P·Z·dO).
-void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, const GatherGrads& gg, int b, int h,
-                          int row_begin, int row_end, Workspace& ws) {
+// dS_t = P_t (Z_t·dO_i·v_t − δ_i)·chain·scale, and P_t·Z_t is kept (dv_j = Σ P·Z·dO). With the
+// entropy's gradient (Entropy: g.entropy's g_i and shift_i): dS_t = P_t (dP_t − (δ_i − shift_i) −
+// g_i·s_t)·chain·scale, s_t the natural-units logit.
+template <bool Entropy>
+void gather_backward_rows_of(const AttentionParams& p, const BackwardParams& g, const GatherGrads& gg, int b, int h,
+                             int row_begin, int row_end, Workspace& ws) {
   const int D = p.head_dim, Dp = round_up(D, L), K = p.top_k, Kp = round_up(K, L);
   const int kv_head = h / p.group();
   float* qv = ws.floats(size_t(3 * Dp + Kp) + gather_row_floats(p));
@@ -249,7 +281,13 @@ void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, con
     pack_query_row(p, p.q, p.q_strides, b, h, i, factor, qv);
     pack_query_row(p, g.grad_out, g.grad_out_strides, b, h, i, 1.f, dov);
     gather_row_scores(p, b, kv_head, i, qv, slope, row);
-    const float lse2 = lse * kLog2e, delta = g.delta[row_base + i];
+    const float lse2 = lse * kLog2e;
+    float delta = g.delta[row_base + i], gl = 0.f;
+    if constexpr (Entropy) {
+      const int64_t plane = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+      delta -= g.entropy[plane + row_base + i];
+      gl = g.entropy[row_base + i] * kLn2;  // times the log2-units score
+    }
     const uint64_t drop_base = p.dropout_index(b, h, i, 0);
     const int64_t* idx = p.dropout ? gather_row_indices(p, b, kv_head, i) : nullptr;
     for (int t0 = 0; t0 < Kp; t0 += L) {
@@ -258,7 +296,9 @@ void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, con
       if (p.dropout) dp *= z;
       for (int t = t0; t < t0 + L; ++t) {
         const float prob = row.s[t] == -kInf ? 0.f : exp2f(row.s[t] - lse2);
-        ds[t] = prob == 0.f ? 0.f : prob * (dp[t - t0] - delta) * (p.softcap != 0.f ? row.chain[t] : 1.f) * p.scale;
+        float inner = dp[t - t0] - delta;
+        if constexpr (Entropy) inner -= prob == 0.f ? 0.f : gl * row.s[t];
+        ds[t] = prob == 0.f ? 0.f : prob * inner * (p.softcap != 0.f ? row.chain[t] : 1.f) * p.scale;
         if (t < K) {
           probs[t] = prob * z[t - t0];  // z = 1 without dropout
           grads[t] = ds[t];
@@ -268,6 +308,13 @@ void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, con
     weighted_rows(ds, row.keys, K, Dp, dq);
     store_row(p.dtype, g.dq, offset(g.dq_strides, b, h, i), D, dq);
   }
+}
+void gather_backward_rows(const AttentionParams& p, const BackwardParams& g, const GatherGrads& gg, int b, int h,
+                          int row_begin, int row_end, Workspace& ws) {
+  if (g.entropy)
+    gather_backward_rows_of<true>(p, g, gg, b, h, row_begin, row_end, ws);
+  else
+    gather_backward_rows_of<false>(p, g, gg, b, h, row_begin, row_end, ws);
 }
 
 // Backward, per key j of (b, kv head), over the slots that selected it (the key -> slot index,

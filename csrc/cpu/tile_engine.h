@@ -8,6 +8,18 @@
 //   Oᵀ [Dp][BM]  the output accumulator.
 // One register-blocked micro-kernel (gemm.h) computes every product (forward and backward).
 // Scores are carried in base 2 (s·log2e) so the softmax uses 2^x; lse is returned in natural units.
+//
+// Head statistics (AttentionParams::row_stats, a compile-time flag of each forward: the plain
+// kernels do not change) are running sums beside the online softmax, per query row, in log2 units
+// (s₂ = s·log2e, m the running max, l = Σ 2^(s₂ − m)):
+//   t = Σ 2^(s₂ − m)·(s₂ − m),  d = Σ 2^(s₂ − m)·|p(i) − j|,  z = Σ_{j < sink_tokens} 2^(s₂ − m),
+//   c = the number of visible keys.
+// When m becomes m' (α = 2^(m − m')):  t ← α·(t + (m − m')·l),  d ← α·d,  z ← α·z  (nothing to carry
+// while m = −inf: l = 0 and the (m − m')·l term would be NaN). A masked key (s₂ = −inf) adds
+// nothing to t (its P = 0 would multiply −inf). At the end, l > 0: entropy = ln l − ln2·t/l,
+// max_prob = 1/l, mean_distance = d/l, sink_mass = z/l, keys = c; no visible key: all 0.
+// The backward with the entropy's gradient (BackwardParams::entropy; g, shift = g·(lse − H)):
+// dS = P ⊙ (dP − (δ − shift) − g·s), the packed tiles carry δ − shift and g·ln2 (s = ln2·s₂).
 #pragma once
 
 #ifndef FL_ISA
@@ -39,6 +51,21 @@ inline vf score_lanes(vf x, vi dist, float cap, float slope_units, float* chain)
   return cap != 0.f ? s * kLog2e : s;
 }
 inline vi in_band(const AttentionParams& p, vi dist) { return (dist <= p.window_left) & (dist >= -p.window_right); }
+inline vf vabs(vf x) { return select(x < 0.f, -x, x); }
+
+// The five statistics of row `row` (the lse index (b·Hq + h)·Nq + i) from the running sums above
+// (t in log2 units).
+inline void write_row_stats(const AttentionParams& p, int64_t row, float l, float t, float d, float z, float c) {
+  const int64_t plane = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  float* out = p.row_stats + row;
+  const bool seen = l > 0.f;
+  const float inv = seen ? 1.f / l : 0.f;
+  out[0] = seen ? logf(l) - kLn2 * t * inv : 0.f;
+  out[plane] = inv;
+  out[2 * plane] = d * inv;
+  out[3 * plane] = z * inv;
+  out[4 * plane] = seen ? c : 0.f;
+}
 
 // Scores of one tile, in place on Sᵀ[c][r] (keys j0 + c, c < nk; queries i0 + r, r < Y; positions
 // local to the segment, p(i) = i + shift), from x = q̃·k:
@@ -79,11 +106,13 @@ inline void dropout_tile(const AttentionParams& p, uint64_t base, int nk, int Y,
 
 // ---------------------------------------------------------------------------------------------
 // Tile engine, forward: query tile m of (segment, h) over the key tiles of its schedule row.
-void tile_forward(const AttentionParams& p, const Segment& sg, int h, int m, Workspace& ws) {
+// Stats: also the head statistics (row_stats) from running sums beside the softmax (see the top).
+template <bool Stats>
+void tile_forward_of(const AttentionParams& p, const Segment& sg, int h, int m, Workspace& ws) {
   const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), b = sg.b;
   const int i0 = m * BM, rows = imin(BM, sg.nq - i0), Y = round_up(rows, L);
   const int kv_head = h / p.group();
-  float* qt = ws.floats(size_t(2 * Dp * BM + BN * BM + 2 * BN * Dp + 3 * BM + L * Dp));
+  float* qt = ws.floats(size_t(2 * Dp * BM + BN * BM + 2 * BN * Dp + (Stats ? 7 : 3) * BM + L * Dp));
   float* ot = qt + Dp * BM;
   float* st = ot + Dp * BM;
   float* kbuf = st + BN * BM;
@@ -92,11 +121,17 @@ void tile_forward(const AttentionParams& p, const Segment& sg, int h, int m, Wor
   float* row_sum = row_max + BM;
   float* alpha = row_sum + BM;
   float* tmp = alpha + BM;
+  float* stat_t = tmp + L * Dp;  // Stats: t, d, z, c per row (BM each)
+  float* stat_d = stat_t + BM;
+  float* stat_z = stat_d + BM;
+  float* stat_c = stat_z + BM;
 
   pack_rows(p.dtype, p.q, p.q_strides, b, h, sg.q0 + i0, rows, Y, D, Dp, query_factor(p), qt, BM, nullptr, tmp);
   fill(ot, D * BM, 0.f);
   fill(row_max, BM, -kInf);
   fill(row_sum, BM, 0.f);
+  if constexpr (Stats) fill(stat_t, 4 * BM, 0.f);
+  const int pos0 = i0 + sg.shift();
   const float slope = p.alibi(sg.seq, h);
   const ScheduleView& schedule = p.forward_schedule;
   const int row = sg.q_row0 + m, count = schedule.num_tiles(b, h, row);
@@ -116,10 +151,33 @@ void tile_forward(const AttentionParams& p, const Segment& sg, int h, int m, Wor
       for (int c = 0; c < nk; ++c) m_new = vmax(m_new, load(st + c * BM + y));
       const vf m_use = select(m_new == -kInf, splat(0.f), m_new);
       vf sum = {};
-      for (int c = 0; c < nk; ++c) {
-        const vf prob = exp2v(load(st + c * BM + y) - m_use);
-        store(st + c * BM + y, prob);
-        sum += prob;
+      if constexpr (Stats) {
+        vf t_sum = {}, d_sum = {}, z_sum = {}, c_sum = {};
+        vf dist = __builtin_convertvector(iota() + (pos0 + y - j0), vf);  // p(i) − j of key j0 + c, c = 0
+        for (int c = 0; c < nk; ++c) {
+          const vf x = load(st + c * BM + y) - m_use;
+          const vf prob = exp2v(x);
+          store(st + c * BM + y, prob);
+          sum += prob;
+          const vi seen = x != -kInf;
+          t_sum += select(seen, prob * x, splat(0.f));
+          c_sum += select(seen, splat(1.f), splat(0.f));
+          d_sum += prob * vabs(dist);
+          dist -= 1.f;
+        }
+        for (int c = 0; c < imin(nk, p.sink_tokens - j0); ++c) z_sum += load(st + c * BM + y);
+        const vf l_old = load(row_sum + y), a = exp2v(m_old - m_use);
+        const vf carried = select(m_old == -kInf, splat(0.f), load(stat_t + y) + (m_old - m_use) * l_old);
+        store(stat_t + y, a * carried + t_sum);
+        store(stat_d + y, a * load(stat_d + y) + d_sum);
+        store(stat_z + y, a * load(stat_z + y) + z_sum);
+        store(stat_c + y, load(stat_c + y) + c_sum);
+      } else {
+        for (int c = 0; c < nk; ++c) {
+          const vf prob = exp2v(load(st + c * BM + y) - m_use);
+          store(st + c * BM + y, prob);
+          sum += prob;
+        }
       }
       const vf a = exp2v(m_old - m_use);
       store(alpha + y, a);
@@ -134,13 +192,21 @@ void tile_forward(const AttentionParams& p, const Segment& sg, int h, int m, Wor
     gemm(D, Y, nk, v.data, 1, v.ld, st, BM, ot, BM, true);
   }
   // out = Oᵀ / l,  lse = ln2·(m + log2 l); a row that saw no key (l = 0) gives 0 and −inf.
-  float* lse = p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q + sg.q0 + i0;
+  const int64_t row0 = (int64_t(b) * p.heads_q + h) * p.seqlen_q + sg.q0 + i0;
+  float* lse = p.lse + row0;
   for (int r = 0; r < rows; ++r) {
     const float l = row_sum[r];
     lse[r] = l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : -kInf;
     alpha[r] = l > 0.f ? 1.f / l : 0.f;
+    if constexpr (Stats) write_row_stats(p, row0 + r, l, stat_t[r], stat_d[r], stat_z[r], stat_c[r]);
   }
   store_transposed(p.dtype, p.out, p.out_strides, b, h, sg.q0 + i0, rows, D, ot, BM, alpha, tmp);
+}
+void tile_forward(const AttentionParams& p, const Segment& sg, int h, int m, Workspace& ws) {
+  if (p.row_stats)
+    tile_forward_of<true>(p, sg, h, m, ws);
+  else
+    tile_forward_of<false>(p, sg, h, m, ws);
 }
 
 // Tile engine, forward, for a few query rows (decode): query tile m of heads h_first ..
@@ -150,19 +216,26 @@ void tile_forward(const AttentionParams& p, const Segment& sg, int h, int m, Wor
 // loaded once for all rows. Per row r and key tile (keys j0 + c, c < nk), in log2 units:
 //   s_c = score(q̃_r·k_c) (−inf outside the band),  m' = max(m, max_c s_c),  α = 2^(m − m'),
 //   P_c = 2^(s_c − m'),  l' = α·l + Σ_c P_c,  acc' = α·acc + Σ_c P_c·v_c
-// The state of row r is a record of row_record_floats floats, [acc (Dp) | m | l | pad]. With
+// The state of row r is a record of row_record_floats floats, [acc (Dp) | m | l | t | d | z | c |
+// pad] (t, d, z, c: the head statistics' running sums, kept with Stats only). With
 // `partials`, the records are left there (a split of the keys, merged by
 // tile_forward_rows_merge); without, out_r = acc / l and lse_r = ln2·(m + log2 l) are written (a
 // row that saw no key: 0 and −inf).
 inline int row_record_floats(const AttentionParams& p) { return decode_record_floats(p.head_dim, L); }
 
-inline void finish_row(const AttentionParams& p, int b, int h, int i, float* record, float row_max, float row_sum) {
-  p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i] = row_sum > 0.f ? (row_max + log2f(row_sum)) * kLn2 : -kInf;
+// stats: the row's t, d, z, c (Stats only).
+template <bool Stats>
+inline void finish_row(const AttentionParams& p, int b, int h, int i, float* record, float row_max, float row_sum,
+                       const float* stats) {
+  const int64_t row = (int64_t(b) * p.heads_q + h) * p.seqlen_q + i;
+  p.lse[row] = row_sum > 0.f ? (row_max + log2f(row_sum)) * kLn2 : -kInf;
   store_scaled_row(p, p.out, p.out_strides, b, h, i, record, row_sum > 0.f ? 1.f / row_sum : 0.f);
+  if constexpr (Stats) write_row_stats(p, row, row_sum, stats[0], stats[1], stats[2], stats[3]);
 }
 
-void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, int m, int tile_begin, int tile_end,
-                       float* partials, Workspace& ws) {
+template <bool Stats>
+void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int heads, int m, int tile_begin,
+                          int tile_end, float* partials, Workspace& ws) {
   const int BM = p.block_m, BN = p.block_n, BNp = round_up(BN, L), D = p.head_dim, Dp = round_up(D, L);
   const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), R = heads * rows, W = row_record_floats(p);
   const int kv_head = h_first / p.group();
@@ -181,6 +254,7 @@ void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, 
     fill(record, Dp, 0.f);
     record[Dp] = -kInf;    // m
     record[Dp + 1] = 0.f;  // l
+    if constexpr (Stats) fill(record + Dp + 2, 4, 0.f);  // t, d, z, c
   }
   const float cap = p.softcap;
   const ScheduleView& schedule = p.forward_schedule;
@@ -195,23 +269,44 @@ void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, 
     for (int r = 0; r < R; ++r) {
       const int h = h_first + r / rows, pos = i0 + r % rows + p.seqlen_k - p.seqlen_q;
       const float slope = p.alibi(b, h), slope_units = cap != 0.f ? slope : slope * kLog2e;
-      vf tile_max = splat(-kInf);
+      vf tile_max = splat(-kInf), c_sum = {};
       for (int c0 = 0; c0 < nkp; c0 += L) {
         const vi dist = splat_int(pos - j0 - c0) - iota();  // p(i) − j for keys j0 + c0 + lane
         const vf x = dots(q_rows + r * Dp, keys + c0, Dp);
-        const vf sc = select(in_band(p, dist) & (iota() < nk - c0), score_lanes(x, dist, cap, slope_units, nullptr),
-                             splat(-kInf));
+        const vi visible = in_band(p, dist) & (iota() < nk - c0);
+        const vf sc = select(visible, score_lanes(x, dist, cap, slope_units, nullptr), splat(-kInf));
         store(s + c0, sc);
         tile_max = vmax(tile_max, sc);
+        if constexpr (Stats) c_sum += select(sc != -kInf, splat(1.f), splat(0.f));
       }
       float* record = records + r * W;
       const float m_old = record[Dp], m_new = fmaxf(m_old, hmax(tile_max));
       if (m_new == -kInf) continue;  // nothing visible yet
       vf sum = {};
-      for (int c0 = 0; c0 < nkp; c0 += L) {
-        const vf prob = exp2v(load(s + c0) - m_new);
-        store(s + c0, prob);
-        sum += prob;
+      if constexpr (Stats) {
+        vf t_sum = {}, d_sum = {};
+        for (int c0 = 0; c0 < nkp; c0 += L) {
+          const vf x = load(s + c0) - m_new;
+          const vf prob = exp2v(x);
+          store(s + c0, prob);
+          sum += prob;
+          t_sum += select(x != -kInf, prob * x, splat(0.f));
+          d_sum += prob * vabs(__builtin_convertvector(splat_int(pos - j0 - c0) - iota(), vf));
+        }
+        float z = 0.f;
+        for (int c = 0; c < imin(nk, p.sink_tokens - j0); ++c) z += s[c];
+        const float l_old = record[Dp + 1], a = m_old == -kInf ? 0.f : exp2f(m_old - m_new);
+        float* st = record + Dp + 2;
+        st[0] = (m_old == -kInf ? 0.f : a * (st[0] + (m_old - m_new) * l_old)) + hsum(t_sum);
+        st[1] = a * st[1] + hsum(d_sum);
+        st[2] = a * st[2] + z;
+        st[3] += hsum(c_sum);
+      } else {
+        for (int c0 = 0; c0 < nkp; c0 += L) {
+          const vf prob = exp2v(load(s + c0) - m_new);
+          store(s + c0, prob);
+          sum += prob;
+        }
       }
       if (p.dropout) {  // P_c *= Z_c after the (undropped) sum; keys along the lanes: consecutive counters
         const uint64_t base = p.dropout_index(b, h, i0 + r % rows, j0);
@@ -229,15 +324,24 @@ void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, 
   if (partials) return;
   for (int r = 0; r < R; ++r) {
     float* record = records + r * W;
-    finish_row(p, b, h_first + r / rows, i0 + r % rows, record, record[Dp], record[Dp + 1]);
+    finish_row<Stats>(p, b, h_first + r / rows, i0 + r % rows, record, record[Dp], record[Dp + 1], record + Dp + 2);
   }
+}
+void tile_forward_rows(const AttentionParams& p, int b, int h_first, int heads, int m, int tile_begin, int tile_end,
+                       float* partials, Workspace& ws) {
+  if (p.row_stats)
+    tile_forward_rows_of<true>(p, b, h_first, heads, m, tile_begin, tile_end, partials, ws);
+  else
+    tile_forward_rows_of<false>(p, b, h_first, heads, m, tile_begin, tile_end, partials, ws);
 }
 
 // Merge of a decode split: row r's records of the `splits` key ranges (records of split s at
 // partials + (s·R + r)·W), in split order:
 //   M = max_s m_s,  w_s = 2^(m_s − M),  l = Σ_s w_s·l_s,  out = Σ_s w_s·acc_s / l,  lse = ln2·(M + log2 l)
-void tile_forward_rows_merge(const AttentionParams& p, int b, int h_first, int heads, int m, int splits,
-                             const float* partials, Workspace& ws) {
+// and with Stats  t = Σ_s w_s·(t_s + (m_s − M)·l_s),  d = Σ_s w_s·d_s,  z = Σ_s w_s·z_s,  c = Σ_s c_s.
+template <bool Stats>
+void tile_forward_rows_merge_of(const AttentionParams& p, int b, int h_first, int heads, int m, int splits,
+                                const float* partials, Workspace& ws) {
   const int Dp = round_up(p.head_dim, L), i0 = m * p.block_m, rows = imin(p.block_m, p.seqlen_q - i0);
   const int R = heads * rows, W = row_record_floats(p);
   float* merged = ws.floats(size_t(Dp));
@@ -245,7 +349,7 @@ void tile_forward_rows_merge(const AttentionParams& p, int b, int h_first, int h
     float top = -kInf;
     for (int sp = 0; sp < splits; ++sp) top = fmaxf(top, partials[(sp * R + r) * W + Dp]);
     fill(merged, Dp, 0.f);
-    float sum = 0.f;
+    float sum = 0.f, stats[4] = {0.f, 0.f, 0.f, 0.f};
     if (top != -kInf) {
       for (int sp = 0; sp < splits; ++sp) {
         const float* record = partials + (sp * R + r) * W;
@@ -253,31 +357,54 @@ void tile_forward_rows_merge(const AttentionParams& p, int b, int h_first, int h
         const float weight = exp2f(record[Dp] - top);
         sum += weight * record[Dp + 1];
         axpy(weight, record, merged, Dp);
+        if constexpr (Stats) {
+          const float* st = record + Dp + 2;
+          stats[0] += weight * (st[0] + (record[Dp] - top) * record[Dp + 1]);
+          stats[1] += weight * st[1];
+          stats[2] += weight * st[2];
+          stats[3] += st[3];
+        }
       }
     }
-    finish_row(p, b, h_first + r / rows, i0 + r % rows, merged, top, sum);
+    finish_row<Stats>(p, b, h_first + r / rows, i0 + r % rows, merged, top, sum, stats);
   }
+}
+void tile_forward_rows_merge(const AttentionParams& p, int b, int h_first, int heads, int m, int splits,
+                             const float* partials, Workspace& ws) {
+  if (p.row_stats)
+    tile_forward_rows_merge_of<true>(p, b, h_first, heads, m, splits, partials, ws);
+  else
+    tile_forward_rows_merge_of<false>(p, b, h_first, heads, m, splits, partials, ws);
 }
 
 // Backward helpers: a query tile's lse in log2 units (+inf for a row with no key, so that every
-// P = 2^(s − lse) is 0) and its δ = Σ_d dO·O; padded rows get +inf and 0. i0: the tensors' row.
+// P = 2^(s − lse) is 0) and its δ = Σ_d dO·O; padded rows get +inf and 0. With the entropy's
+// gradient (g.entropy: g, shift), δ − shift in place of δ and g·ln2 in `gl` (else 0). i0: the
+// tensors' row.
 inline void pack_row_stats(const AttentionParams& p, const BackwardParams& g, int b, int h, int i0, int rows, int Y,
-                           float* lse2, float* delta) {
+                           float* lse2, float* delta, float* gl) {
   const int64_t base = (int64_t(b) * p.heads_q + h) * p.seqlen_q + i0;
+  const int64_t plane = int64_t(p.batch) * p.heads_q * p.seqlen_q;
   for (int r = 0; r < Y; ++r) {
     const float lse = r < rows ? p.lse[base + r] : -kInf;
     lse2[r] = lse == -kInf ? kInf : lse * kLog2e;
     delta[r] = r < rows ? g.delta[base + r] : 0.f;
+    gl[r] = 0.f;
+    if (g.entropy && r < rows) {
+      delta[r] -= g.entropy[plane + base + r];
+      gl[r] = g.entropy[base + r] * kLn2;
+    }
   }
 }
 
 // A query tile of the backward packed once for every key tile that visits it (the driver's first
 // pass, tile_backward_pack): q̃ᵀ [Dp][BM], q rows [BM][Dp], dOᵀ [Dp][BM], dO rows [BM][Dp], lse in
-// log2 units [BM], δ [BM]; rows past the tile's end are zero (+inf lse). Without a packed buffer
+// log2 units [BM], δ [BM] (δ − shift with the entropy's gradient), g·ln2 [BM] (0 without); rows
+// past the tile's end are zero (+inf lse). Without a packed buffer
 // (too large, see driver.cpp) each work item packs the tiles it visits itself, into the same layout.
 inline int64_t packed_tile_floats(const AttentionParams& p) { return backward_tile_floats(p.head_dim, p.block_m, L); }
 struct PackedTile {
-  float *qt, *q_rows, *do_t, *do_rows, *lse2, *delta;
+  float *qt, *q_rows, *do_t, *do_rows, *lse2, *delta, *gl;
 };
 inline PackedTile packed_tile(const AttentionParams& p, float* base) {
   const int BM = p.block_m, Dp = round_up(p.head_dim, L);
@@ -288,6 +415,7 @@ inline PackedTile packed_tile(const AttentionParams& p, float* base) {
   t.do_rows = t.do_t + Dp * BM;
   t.lse2 = t.do_rows + BM * Dp;
   t.delta = t.lse2 + BM;
+  t.gl = t.delta + BM;
   return t;
 }
 inline void pack_query_tile(const AttentionParams& p, const BackwardParams& g, const Segment& sg, int h, int m,
@@ -296,7 +424,7 @@ inline void pack_query_tile(const AttentionParams& p, const BackwardParams& g, c
   const int i0 = sg.q0 + m * BM, rows = imin(BM, sg.nq - m * BM), Y = round_up(rows, L);
   pack_rows(p.dtype, p.q, p.q_strides, b, h, i0, rows, Y, D, Dp, query_factor(p), t.qt, BM, t.q_rows, tmp);
   pack_rows(p.dtype, g.grad_out, g.grad_out_strides, b, h, i0, rows, Y, D, Dp, 1.f, t.do_t, BM, t.do_rows, tmp);
-  pack_row_stats(p, g, b, h, i0, rows, Y, t.lse2, t.delta);
+  pack_row_stats(p, g, b, h, i0, rows, Y, t.lse2, t.delta, t.gl);
 }
 
 // Query tile m of (segment, h) in the driver's buffer of packed tiles (work.h forward_rows).
@@ -315,17 +443,21 @@ void tile_backward_pack(const AttentionParams& p, const BackwardParams& g, const
 // P, then dS in place of dPᵀ:  P[c][r] = 2^(s[c][r] − lse_r),  dS = P ⊙ (dP − δ_r) ⊙ chain · scale
 // (chain = 1 − tanh² with softcap, else 1). With dropout (Z = M/(1 − p), element (c, r) at counter
 // drop_base + r·Nk + c, as dropout_tile): st gets P ⊙ Z (for dV = (P ⊙ Z)ᵀ·dO) and
-// dS = P ⊙ (dP ⊙ Z − δ_r) ⊙ chain · scale.
-template <bool Dropout>
+// dS = P ⊙ (dP ⊙ Z − δ_r) ⊙ chain · scale. With the entropy's gradient (Entropy; δ_r holds
+// δ − shift, gl_r = g·ln2): dS = P ⊙ (dP − δ_r − gl_r·s[c][r]) ⊙ chain · scale, a masked s (−inf,
+// P = 0) counting as 0.
+template <bool Dropout, bool Entropy>
 inline void probs_and_score_grads_of(const AttentionParams& p, int nk, int Y, float* st, float* dpt, const float* chain,
-                                     const float* lse2, const float* delta, int ld, bool grads, uint64_t drop_base) {
+                                     const float* lse2, const float* delta, const float* gl, int ld, bool grads,
+                                     uint64_t drop_base) {
   const vf scale = splat(p.scale);
   const uint64_t Nk = uint64_t(p.seqlen_k);
   vu64w lanes{};  // lane r: r·Nk
   if constexpr (Dropout) lanes = counters(0, Nk);
   for (int c = 0; c < nk; ++c) {
     for (int y = 0; y < Y; y += L) {
-      const vf prob = exp2v(load(st + c * ld + y) - load(lse2 + y));
+      const vf score = load(st + c * ld + y);
+      const vf prob = exp2v(score - load(lse2 + y));
       vf dp = load(dpt + c * ld + y);
       if constexpr (Dropout) {
         const vf z = dropout_factors(p, lanes + (drop_base + uint64_t(y) * Nk + uint64_t(c)));
@@ -335,19 +467,30 @@ inline void probs_and_score_grads_of(const AttentionParams& p, int nk, int Y, fl
         store(st + c * ld + y, prob);
       }
       if (grads) {
-        vf ds = prob * (dp - load(delta + y)) * scale;
+        vf inner = dp - load(delta + y);
+        if constexpr (Entropy) inner -= load(gl + y) * select(score == -kInf, splat(0.f), score);
+        vf ds = prob * inner * scale;
         if (chain) ds *= load(chain + c * ld + y);
         store(dpt + c * ld + y, ds);
       }
     }
   }
 }
+// entropy: BackwardParams::entropy is set (the tile's gl holds g·ln2).
 inline void probs_and_score_grads(const AttentionParams& p, int nk, int Y, float* st, float* dpt, const float* chain,
-                                  const float* lse2, const float* delta, int ld, bool grads, uint64_t drop_base) {
-  if (p.dropout)
-    probs_and_score_grads_of<true>(p, nk, Y, st, dpt, chain, lse2, delta, ld, grads, drop_base);
-  else
-    probs_and_score_grads_of<false>(p, nk, Y, st, dpt, chain, lse2, delta, ld, grads, drop_base);
+                                  const PackedTile& tile, bool entropy, int ld, bool grads, uint64_t drop_base) {
+  const float *lse2 = tile.lse2, *delta = tile.delta, *gl = tile.gl;
+  if (entropy) {
+    if (p.dropout)
+      probs_and_score_grads_of<true, true>(p, nk, Y, st, dpt, chain, lse2, delta, gl, ld, grads, drop_base);
+    else
+      probs_and_score_grads_of<false, true>(p, nk, Y, st, dpt, chain, lse2, delta, gl, ld, grads, drop_base);
+  } else {
+    if (p.dropout)
+      probs_and_score_grads_of<true, false>(p, nk, Y, st, dpt, chain, lse2, delta, gl, ld, grads, drop_base);
+    else
+      probs_and_score_grads_of<false, false>(p, nk, Y, st, dpt, chain, lse2, delta, gl, ld, grads, drop_base);
+  }
 }
 
 // Tile engine, backward for key tile n of (segment, kv head): over every query head of the GQA
@@ -391,8 +534,8 @@ void tile_backward_kv(const AttentionParams& p, const BackwardParams& g, const S
       gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
       score_tile(p, slope, sg.shift(), i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
       gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
-      probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true,
-                            p.dropout_index(b, h, sg.q0 + i0, sg.k0 + j0));
+      probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile, g.entropy != nullptr, BM,
+                            true, p.dropout_index(b, h, sg.q0 + i0, sg.k0 + j0));
       gemm(nk, Dp, rows, st, BM, 1, tile.do_rows, Dp, dv, Dp, true);   // dV += Pᵀ·dO
       gemm(nk, Dp, rows, dpt, BM, 1, tile.q_rows, Dp, dk, Dp, true);   // dK += dSᵀ·Q
     }
@@ -449,8 +592,8 @@ void tile_backward_head(const AttentionParams& p, const BackwardParams& g, const
         gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
         score_tile(p, slope, sg.shift(), i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
         gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
-        probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true,
-                              p.dropout_index(b, h, sg.q0 + i0, sg.k0 + j0));
+        probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile, g.entropy != nullptr, BM,
+                              true, p.dropout_index(b, h, sg.q0 + i0, sg.k0 + j0));
         gemm(nk, Dp, rows, st, BM, 1, tile.do_rows, Dp, dv, Dp, true);   // dV += Pᵀ·dO
         gemm(nk, Dp, rows, dpt, BM, 1, tile.q_rows, Dp, dk, Dp, true);   // dK += dSᵀ·Q
         gemm(rows, Dp, nk, dpt, 1, BM, k.data, k.ld, dq_all + (int64_t(gi) * num_m + m) * BM * Dp, Dp,
@@ -503,7 +646,7 @@ void tile_backward_q(const AttentionParams& p, const BackwardParams& g, const Se
     gemm(nk, Y, D, k.data, k.ld, 1, tile.qt, BM, st, BM, false);  // Sᵀ = K·q̃ᵀ
     score_tile(p, slope, sg.shift(), i0, rows, Y, j0, nk, st, p.softcap != 0.f ? chain : nullptr, BM);
     gemm(nk, Y, D, v.data, v.ld, 1, tile.do_t, BM, dpt, BM, false);  // dPᵀ = V·dOᵀ
-    probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile.lse2, tile.delta, BM, true,
+    probs_and_score_grads(p, nk, Y, st, dpt, p.softcap != 0.f ? chain : nullptr, tile, g.entropy != nullptr, BM, true,
                           p.dropout_index(b, h, sg.q0 + i0, sg.k0 + j0));
     gemm(rows, Dp, nk, dpt, 1, BM, k.data, k.ld, dq, Dp, true);  // dQ += dS·K
   }

@@ -38,14 +38,19 @@ struct GatherGrads {
 };
 
 // Floats per query row of decode state (tile_forward_rows): [acc (head_dim rounded up to the
-// vector width) | running max | running sum | pad to the next vector]. The driver sizes the
-// split buffers with it, the kernels lay their records out with it.
-inline int decode_record_floats(int head_dim, int lanes) { return ((head_dim + lanes - 1) / lanes + 1) * lanes; }
+// vector width) | running max | running sum | the head statistics' four running sums (t, d, z, c;
+// tile_engine.h) | pad to a whole vector]. The driver sizes the split buffers with it, the kernels
+// lay their records out with it.
+constexpr int kDecodeStateFloats = 6;
+inline int decode_record_floats(int head_dim, int lanes) {
+  return ((head_dim + lanes - 1) / lanes + (kDecodeStateFloats + lanes - 1) / lanes) * lanes;
+}
 
 // Floats of one packed backward query tile (KernelTable::tile_backward_pack): q̃ᵀ, q rows, dOᵀ,
-// dO rows ([Dp][BM] or [BM][Dp] each, Dp = head_dim rounded up to the vector width) and lse, δ.
+// dO rows ([Dp][BM] or [BM][Dp] each, Dp = head_dim rounded up to the vector width) and lse, δ
+// and the entropy's gradient g·ln2 (zeros without one) per row.
 inline int64_t backward_tile_floats(int head_dim, int block_m, int lanes) {
-  return 4 * int64_t((head_dim + lanes - 1) / lanes * lanes) * block_m + 2 * int64_t(block_m);
+  return 4 * int64_t((head_dim + lanes - 1) / lanes * lanes) * block_m + 3 * int64_t(block_m);
 }
 
 // Where a tile-engine work item's rows are and how long its sequence is: batch row b of a plain

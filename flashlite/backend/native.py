@@ -71,28 +71,40 @@ class NativeBackend(Backend):
         p, seed = dropout
         return dict(dropout_p=float(p), dropout_seed=int(seed))
 
-    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None):
+    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None, stats=None):
+        # stats=sink_tokens (backends that declare ``stats``): the kernels fill a row_stats buffer.
+        extra = self._dropout(dropout)
+        row_stats = None
+        if stats is not None:
+            row_stats = torch.empty((5,) + tuple(q.shape[:3]), dtype=torch.float32, device=q.device)
+            extra.update(row_stats=row_stats, sink_tokens=int(stats))
         if plan.engine == "tile":
             s = plan.schedule
-            return self._fns["tile_forward"](
+            out, lse = self._fns["tile_forward"](
                 q, k, v, kv_tiles=s.kv_tiles, kv_count=s.kv_count, alibi_slopes=alibi_slopes, is_list=s.is_list,
                 block_m=s.block_m, block_n=s.block_n, window_left=s.window_left, window_right=s.window_right,
-                scale=scale, softcap=softcap, **self._packed(s), **self._dropout(dropout))
-        return self._fns["gather_forward"](q, k, v, indices=plan.rows, alibi_slopes=alibi_slopes, causal=plan.causal,
-                                           scale=scale, softcap=softcap, **self._dropout(dropout))
+                scale=scale, softcap=softcap, **self._packed(s), **extra)
+        else:
+            out, lse = self._fns["gather_forward"](q, k, v, indices=plan.rows, alibi_slopes=alibi_slopes,
+                                                   causal=plan.causal, scale=scale, softcap=softcap, **extra)
+        return (out, lse) if row_stats is None else (out, lse, row_stats)
 
-    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None):
+    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None, entropy=None):
+        # entropy: float32 [2, B, Hq, Nq] (g, g·(lse − H)), the entropy's gradient terms.
+        extra = self._dropout(dropout)
+        if entropy is not None:
+            extra["entropy"] = entropy
         if plan.engine == "tile":
             s = plan.schedule
             return self._fns["tile_backward"](
                 grad_out, q, k, v, out, lse, kv_tiles=s.kv_tiles, kv_count=s.kv_count, q_tiles=s.q_tiles,
                 q_count=s.q_count, alibi_slopes=alibi_slopes, is_list=s.is_list, block_m=s.block_m,
                 block_n=s.block_n, window_left=s.window_left, window_right=s.window_right, scale=scale,
-                softcap=softcap, deterministic=plan.deterministic, **self._packed(s), **self._dropout(dropout))
+                softcap=softcap, deterministic=plan.deterministic, **self._packed(s), **extra)
         return self._fns["gather_backward"](
             grad_out, q, k, v, out, lse, indices=plan.rows, key_offsets=plan.key_offsets, key_slots=plan.key_slots,
             alibi_slopes=alibi_slopes, causal=plan.causal, scale=scale, softcap=softcap,
-            deterministic=plan.deterministic, **self._dropout(dropout))
+            deterministic=plan.deterministic, **extra)
 
 
 class CpuBackend(NativeBackend):
@@ -103,6 +115,7 @@ class CpuBackend(NativeBackend):
     devices = ("cpu",)
     packed_tiles = True  # cpu_tile_forward/backward take q_items, k_items, cu_seqlens_q/k
     dropout = True  # the four kernel functions take dropout_p / dropout_seed (docs/native_abi.md)
+    stats = True  # forwards take row_stats / sink_tokens, backwards entropy (docs/native_abi.md; checked per build)
 
     def __init__(self, extension) -> None:
         super().__init__(extension)
@@ -113,6 +126,17 @@ class CpuBackend(NativeBackend):
         # The plan's top-k tensors in C++ (same elements as core.gather_rows); None in an older build.
         self._canonical_rows = getattr(extension, "cpu_canonical_rows", None)
         self._key_index = getattr(extension, "cpu_key_index", None)
+        # Head statistics where this build's kernels take them (an older build: the reference serves them).
+        self.stats = all(name in (getattr(extension, fn).__doc__ or "") for fn, name in (
+            ("cpu_tile_forward", "row_stats"), ("cpu_gather_forward", "row_stats"),
+            ("cpu_tile_backward", "entropy"), ("cpu_gather_backward", "entropy")))
+
+    def why_not(self, req: Request) -> Optional[str]:
+        # A packed top-k batch runs the gather kernels over packed key positions: mean_distance and
+        # sink_mass need each sequence's local ones (the reference serves it).
+        if req.stats and req.packed and req.engine == "gather":
+            return "no head statistics for a packed top-k batch yet (the gather kernels see packed positions)"
+        return super().why_not(req)
 
     def tile_config(self, req: Request, device: torch.device) -> TileConfig:
         return TileConfig(*self._tiles[req.block_size or 0])
