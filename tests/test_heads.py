@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -179,6 +180,30 @@ def test_importance_matches_manual_gate():
     want /= sum(x.shape[0] for x in batches)
     assert torch.allclose(result.scores, want, rtol=1e-4, atol=1e-9), (result.scores, want)
     assert all(p.grad is None for p in model.parameters())  # parameters untouched
+
+
+def test_slow_path_records_the_same_statistics():
+    torch.manual_seed(0)
+    mha = flashlite.nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(2, 9, 16)
+    reports = []
+    for need_weights in (False, True):  # kernels (attention_stats) / slow path (materialized probabilities)
+        with torch.no_grad(), heads.record(mha, grid=9) as rec, warnings.catch_warnings():
+            warnings.simplefilter("ignore", flashlite.nn.SlowPathWarning)
+            mha(x, x, x, need_weights=need_weights, is_causal=True)
+        reports.append(rec.report())
+    fast, slow = reports
+    for name in heads.STATS:
+        assert torch.allclose(fast[name], slow[name], atol=1e-5, rtol=1e-4), name
+    assert torch.allclose(fast.maps, slow.maps, atol=1e-5)
+    heads.prune(mha, [(0, 2)])  # the slow path applies the mask too
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", flashlite.nn.SlowPathWarning)
+        out_fast = mha(x, x, x, need_weights=False, is_causal=True)[0]
+        out_slow = mha(x, x, x, need_weights=True, is_causal=True)[0]
+    assert torch.allclose(out_fast, out_slow, atol=1e-5)
+    heads.unprune(mha)
+    assert not torch.allclose(mha(x, x, x, need_weights=False, is_causal=True)[0], out_fast, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

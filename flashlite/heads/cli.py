@@ -97,7 +97,7 @@ def _config_class(name: str):
 def load_model(model: str, overrides: Dict[str, Any], dtype: torch.dtype, device: str, seed: int):
     """(model on "fl_attention", tokenizer or None, how it was made)."""
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError as exc:
         raise UsageError("MODEL: flashlite heads needs transformers: pip install 'flashlite[transformers]'") from exc
     from transformers import AutoModelForCausalLM
@@ -105,13 +105,15 @@ def load_model(model: str, overrides: Dict[str, Any], dtype: torch.dtype, device
     from ..integrations.transformers import MAIN_NAME, register
 
     register()
+    # transformers 5 names it dtype; 4.x torch_dtype
+    typed = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
     if os.path.exists(model):
         if overrides:
             raise UsageError("--set: only for a config name (a local model keeps its own config)")
         if not os.path.isdir(model):
             raise UsageError(f"MODEL: {model!r} is a file; give the model's directory")
-        net = AutoModelForCausalLM.from_pretrained(model, attn_implementation=MAIN_NAME, dtype=dtype,
-                                                   local_files_only=True)
+        net = AutoModelForCausalLM.from_pretrained(model, attn_implementation=MAIN_NAME, local_files_only=True,
+                                                   **typed)
         tokenizer = None
         try:
             from transformers import AutoTokenizer
@@ -129,7 +131,7 @@ def load_model(model: str, overrides: Dict[str, Any], dtype: torch.dtype, device
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--set: {cls.__name__} rejected {kwargs}: {exc}") from exc
     torch.manual_seed(seed)
-    net = AutoModelForCausalLM.from_config(config, attn_implementation=MAIN_NAME, dtype=dtype)
+    net = AutoModelForCausalLM.from_config(config, attn_implementation=MAIN_NAME, **typed)
     return net.to(device).eval(), None, f"{cls.__name__}({', '.join(f'{k}={v}' for k, v in kwargs.items())}), random"
 
 
@@ -189,6 +191,8 @@ def _run(args) -> int:
         raise UsageError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
     dtype = getattr(torch, args.dtype)
     chosen = _parse_heads(args.heads)
+    if args.text is not None and not os.path.isfile(args.text):
+        raise UsageError(f"--text: no such file: {args.text!r}")
     stats = None
     if args.stats:
         from . import STATS
