@@ -55,6 +55,10 @@ a position bias) is lowered by the one mask front, :func:`flashlite.core.masks.l
 :func:`flashlite.nn.functional.serve`. Nothing on the way reads a tensor value while compiling, so
 a padded batch compiles into one graph (``torch.compile(model, fullgraph=True)``).
 
+Every call hands the layer (the attention module) to the router as its identity for
+:mod:`flashlite.heads`: while ``heads.record(model)`` runs, the layer's statistics are recorded,
+and a ``head_mask`` buffer on the module (``heads.prune``) masks its heads.
+
 On transformers 4.5x without ``AttentionMaskInterface`` the model builds its own 4-D mask, which
 takes the slow path: correct, not fast.
 
