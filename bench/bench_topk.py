@@ -34,26 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.timing import cpu_peak_bytes  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def cpu_peak_bytes(call: Callable[[], object]) -> int:
-    """Peak bytes allocated during ``call`` on CPU, from the PyTorch profiler's allocation trace."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = call()
-    del result
-    deltas = []
-    for event in prof.events():
-        amount = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        if amount:
-            deltas.append((event.time_range.start, amount))
-    current = peak = 0
-    for _, amount in sorted(deltas):
-        current += amount
-        peak = max(peak, current)
-    return int(peak)
 
 
 def marks_indices(batch: int, n: int, k: int, device) -> torch.Tensor:

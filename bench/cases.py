@@ -21,6 +21,15 @@ sequence count and its length the longest sequence. Its inputs are packed ``[T, 
 peer pads them (outside the timing) to ``[S, H, max, D]`` with a causal + padding mask, and the
 ``per-sequence`` peer calls ``flashlite.attention`` once per sequence. Useful work: each
 sequence's own causal keys.
+
+``stats`` (not in the default pattern list; ``--patterns stats``): head statistics (issue 18) over
+causal attention at the sweep's shapes, forward (and forward+backward with the entropy as a loss
+term): ``flashlite.attention_stats`` per backend, beside ``plain:<backend>`` (``flashlite.attention``
+on the same inputs: the ratio stats / plain is the cost of the statistics) and the ``eager`` peer
+(the materialized ``P = softmax(QK^T * scale + causal mask)``, ``out = P V`` and the statistics
+computed from ``P``: what users of transformers' ``output_attentions=True`` do). Useful work: the
+causal keys, as ``causal``; ``stats_memory`` gives eager's ``[B, H, Nq, Nk]`` matrix against the
+O(B H Nq) statistics.
 """
 from __future__ import annotations
 
@@ -31,9 +40,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 PATTERNS = ("full", "causal", "window", "block_sparse", "topk", "decode")  # the default sweep
-ALL_PATTERNS = PATTERNS + ("varlen",)  # varlen on request (--patterns varlen)
+ALL_PATTERNS = PATTERNS + ("varlen", "stats")  # on request only (--patterns varlen / stats)
 DEFAULT_PATTERNS = PATTERNS
 VARLEN_SHORT, VARLEN_SHORT_COUNT = 128, 31
+STATS_SINK_TOKENS = 4  # attention_stats' default sink_tokens
+STATS_PLANES = 6  # AttentionStats: entropy, max_prob, mean_distance, sink_mass, keys, lse ([B, Hq, Nq] float32)
 PATTERN_ALIASES = {"block-sparse": "block_sparse", "blocksparse": "block_sparse", "sparse": "block_sparse",
                    "top-k": "topk", "top_k": "topk", "sliding_window": "window", "sliding-window": "window"}
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -135,7 +146,10 @@ class Case:
 
     @property
     def modes(self) -> Tuple[str, ...]:
-        # A decode step is inference: no backward is timed.
+        # A decode step is inference: no backward is timed. Head statistics are an analysis path:
+        # forward, and forward+backward with the entropy as a loss term (no separate backward).
+        if self.pattern == "stats":
+            return ("fwd", "fwd+bwd")
         return ("fwd",) if self.pattern == "decode" else MODES
 
     # -- useful work ---------------------------------------------------------------------------
@@ -144,7 +158,7 @@ class Case:
         s = self.shape
         if self.pattern in ("full", "decode"):
             per_head = s.seqlen_q * s.seqlen_k
-        elif self.pattern == "causal":
+        elif self.pattern in ("causal", "stats"):
             per_head = band_keys(s.seqlen_q, s.seqlen_k, None, 0)
         elif self.pattern == "window":
             per_head = band_keys(s.seqlen_q, s.seqlen_k, int(self.p["window"]), 0)
@@ -291,7 +305,7 @@ def make_pattern_data(case: Case, device) -> PatternData:
     gen = torch.Generator().manual_seed(1000 + case.seed)
     if case.pattern in ("full", "decode"):
         return PatternData(flashlite.Full(causal=False))
-    if case.pattern == "causal":
+    if case.pattern in ("causal", "stats"):
         return PatternData(flashlite.Full(causal=True))
     if case.pattern == "varlen":
         cu = torch.tensor([0] + torch.tensor(case.lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
@@ -326,6 +340,17 @@ def make_qkv(case: Case, device, sets: int = 1, seed: int = 0) -> List[Tuple[tor
             for heads, seqlen in ((s.heads_q, s.seqlen_q), (s.heads_kv, s.seqlen_k), (s.heads_kv, s.seqlen_k)))
         out.append(triple)
     return out
+
+
+def stats_memory(case: Case) -> Dict[str, int]:
+    """stats cases: the attention matrix eager materializes (``[B, Hq, Nq, Nk]`` in the inputs' dtype,
+    what ``output_attentions=True`` returns; its float32 softmax and the scores exist beside it while
+    it is made) against attention_stats' output beyond ``out`` (``STATS_PLANES`` float32 planes
+    ``[B, Hq, Nq]``)."""
+    s = case.shape
+    matrix = s.batch * s.heads_q * s.seqlen_q * s.seqlen_k * element_size(case.torch_dtype)
+    stats = STATS_PLANES * s.batch * s.heads_q * s.seqlen_q * 4
+    return {"eager_matrix_bytes": matrix, "stats_output_bytes": stats}
 
 
 def qkv_bytes(case: Case) -> int:
@@ -406,6 +431,8 @@ def _pattern_cases(pattern: str, sweep: Sweep, seqlen: int, head_dim: int, dtype
             yield Case("block_sparse", shape, dtype, (("density", float(density)), ("block_size", sweep.block_size)))
     elif pattern == "topk":
         yield Case("topk", shape, dtype, (("k", sweep.topk),))
+    elif pattern == "stats":  # causal, with head statistics
+        yield Case("stats", shape, dtype, (("sink_tokens", STATS_SINK_TOKENS),))
     elif pattern == "varlen":  # 1 x seqlen + 31 x 128; the batch is the sequence count
         if seqlen >= VARLEN_SHORT:
             yield Case("varlen", replace(shape, batch=1 + VARLEN_SHORT_COUNT), dtype,

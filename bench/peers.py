@@ -18,6 +18,13 @@ Packed batches (the ``varlen`` case, inputs packed ``[T, H, D]``): flashlite run
 ``varlen_attention``; SDPA runs the padded batch ``[S, H, max, D]`` with a dense causal + padding
 mask (padding done by ``adapt``, outside the timing); ``PerSequenceImpl`` runs
 ``flashlite.attention`` once per sequence (its inputs split by ``adapt``, outside the timing).
+
+Head statistics (the ``stats`` case, causal): flashlite runs ``attention_stats``; ``PlainImpl``
+(``plain:<backend>``) runs ``flashlite.attention`` on the same inputs and backend, the baseline of
+the stats / plain ratio; ``EagerImpl`` (``eager``) is what a user of transformers'
+``output_attentions=True`` does today: the probability matrix ``P`` materialized as transformers'
+eager attention makes it (scores, additive causal mask, float32 softmax cast back), ``out = P V``,
+then the same statistics computed from ``P``. SDPA and Flex return no probabilities: they skip it.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import torch.nn.functional as F
 from .cases import Case, PatternData, Skip
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+NO_STATS = "returns no attention probabilities or statistics (the stats case's peer is eager)"
 
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 _SDPA_ENUM = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -97,7 +105,7 @@ def backend_why_not(name: str, case: Case, data: PatternData, device: torch.devi
         return state or f"unknown backend {name!r}"
     pattern = data.pattern
     try:
-        extra = {"packed": True} if case.pattern == "varlen" else {}
+        extra = {"packed": True} if case.pattern == "varlen" else {"stats": True} if case.pattern == "stats" else {}
         request = backend.Request(
             device_type=device.type, dtype=case.torch_dtype, head_dim=case.shape.head_dim, engine=pattern.engine,
             pattern=pattern.name, requires_grad=grad, block_size=getattr(pattern, "block_size", None), **extra)
@@ -109,18 +117,32 @@ def backend_why_not(name: str, case: Case, data: PatternData, device: torch.devi
 class FlashliteImpl(Impl):
     kind = "flashlite"
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, stats_only: Optional[str] = None) -> None:
         super().__init__()
         self.backend = backend
         self.name = f"flashlite:{backend}"
+        # set: this backend is timed on stats cases only, and this says why (its note)
+        self.stats_only = stats_only
 
     def prepare(self, case, data, device, grad):
+        if self.stats_only and case.pattern != "stats":
+            raise Skip(f"timed on the stats case only ({self.stats_only})")
         reason = backend_why_not(self.backend, case, data, device, grad)
         if reason:
             raise Skip(reason)
         import flashlite
 
         pattern, backend = data.pattern, self.backend
+        if case.pattern == "stats":
+            sink = int(case.p["sink_tokens"])
+            self.note = self.stats_only
+
+            def forward(q, k, v):
+                out, stats = flashlite.attention_stats(q, k, v, pattern, sink_tokens=sink, backend=backend)
+                # with gradients: the entropy is a loss term beside out (one backward for both)
+                return [out, stats.entropy] if torch.is_grad_enabled() else (out, stats)
+
+            return forward
         if case.pattern == "varlen":
             cu = data.cu_seqlens
 
@@ -170,6 +192,78 @@ class PerSequenceImpl(Impl):
         return tuple(out)
 
 
+class PlainImpl(Impl):
+    """stats cases only: ``flashlite.attention`` on the same inputs and backend, no statistics: the
+    baseline of the stats / plain ratio (``vs_plain`` in the report)."""
+
+    kind = "flashlite"
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.backend = backend
+        self.name = f"plain:{backend}"
+
+    def prepare(self, case, data, device, grad):
+        if case.pattern != "stats":
+            raise Skip("times the stats case only")
+        reason = backend_why_not(self.backend, Case("causal", case.shape, case.dtype), data, device, grad)
+        if reason:
+            raise Skip(reason)
+        import flashlite
+
+        pattern, backend = data.pattern, self.backend
+
+        def forward(q, k, v):
+            return flashlite.attention(q, k, v, pattern, backend=backend)
+
+        return forward
+
+
+class EagerImpl(Impl):
+    """stats cases only: the attention matrix materialized as transformers' eager attention does
+    with ``output_attentions=True`` (scores, additive causal mask of the dtype's minimum, float32
+    softmax cast to the inputs' dtype, ``out = P V``), then from ``P`` the statistics
+    attention_stats returns: entropy, max probability, mean distance, sink mass, visible keys (not
+    lse, which eager users do not get). The mask, the distance matrix and the visible-key counts'
+    mask are built once outside the timing, as a model builds its mask once per batch. The entropy
+    uses ``log(max(P, tiny))`` so its gradient is finite where ``P = 0`` (masked keys)."""
+
+    kind = "peer"
+    name = "eager"
+
+    def prepare(self, case, data, device, grad):
+        if case.pattern != "stats":
+            raise Skip("times the stats case only")
+        s = case.shape
+        sink = int(case.p["sink_tokens"])
+        dtype = case.torch_dtype
+        visible = data.dense_mask(case, device).reshape(s.seqlen_q, s.seqlen_k)  # causal, bottom-right
+        bias = torch.zeros(s.seqlen_q, s.seqlen_k, device=device, dtype=dtype).masked_fill(
+            ~visible, torch.finfo(dtype).min)
+        pos = torch.arange(s.seqlen_q, device=device)[:, None] + (s.seqlen_k - s.seqlen_q)
+        distance = (pos - torch.arange(s.seqlen_k, device=device)[None, :]).abs().to(torch.float32)
+        scale = s.head_dim ** -0.5
+        group = s.heads_q // s.heads_kv
+        tiny = torch.finfo(torch.float32).tiny
+        self.note = "P [B, H, Nq, Nk] materialized; statistics from P"
+
+        def forward(q, k, v):
+            if group > 1:
+                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            scores = torch.matmul(q, k.transpose(2, 3)) * scale + bias
+            probs32 = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            probs = probs32.to(dtype)  # what output_attentions returns
+            out = torch.matmul(probs, v)
+            entropy = -(probs32 * probs32.clamp_min(tiny).log()).sum(-1)
+            if torch.is_grad_enabled():
+                return [out, entropy]
+            stats = (entropy, probs32.amax(-1), (probs32 * distance).sum(-1), probs32[..., :sink].sum(-1),
+                     visible.sum(-1).to(torch.float32).expand(s.batch, s.heads_q, s.seqlen_q))
+            return out, stats, probs
+
+        return forward
+
+
 # ---------------------------------------------------------------------------------------------
 # PyTorch SDPA
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +297,8 @@ class SdpaImpl(Impl):
     def prepare(self, case, data, device, grad):
         from torch.nn.attention import sdpa_kernel
 
+        if case.pattern == "stats":
+            raise Skip(NO_STATS)
         enum = _sdpa_enum(self.backend)
         s = case.shape
         kwargs: Dict[str, object] = {}
@@ -323,6 +419,8 @@ class FlexImpl(Impl):
         return create_block_mask(mask_mod, batch, heads, s.seqlen_q, s.seqlen_k, **kwargs)
 
     def prepare(self, case, data, device, grad):
+        if case.pattern == "stats":
+            raise Skip(NO_STATS)
         if case.pattern == "varlen":
             raise Skip("packed (varlen) batches are not expressed for FlexAttention here")
         compiled, create_block_mask = _flex()
@@ -401,7 +499,7 @@ class FlexImpl(Impl):
 # ---------------------------------------------------------------------------------------------
 # Choosing what to time
 # ---------------------------------------------------------------------------------------------
-PEER_NAMES = ("sdpa", *(f"sdpa:{b}" for b in SDPA_BACKENDS), "flex", "none")
+PEER_NAMES = ("sdpa", *(f"sdpa:{b}" for b in SDPA_BACKENDS), "flex", "eager", "none")
 
 
 def parse_peers(names: List[str]) -> List[str]:
@@ -434,4 +532,6 @@ def make_peers(names: List[str], device: torch.device, dtype: torch.dtype,
                 impls.append(SdpaImpl(backend, max_mask_bytes))
         elif name == "flex":
             impls.append(FlexImpl(max_mask_bytes))
+        elif name == "eager":
+            impls.append(EagerImpl())
     return impls, left_out

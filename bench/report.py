@@ -162,6 +162,35 @@ def derive(rows: List[Dict[str, object]], peak: Optional[Dict[str, object]]) -> 
         else:
             row.setdefault("best_peer", None)
             row.setdefault("speedup_vs_best_peer", None)
+    derive_vs_plain(rows)
+
+
+def _backend_of(impl: str) -> Optional[str]:
+    return impl.split(":", 1)[1] if impl.startswith(("flashlite:", "plain:")) else None
+
+
+def derive_vs_plain(rows: List[Dict[str, object]]) -> None:
+    """stats cases: each row's time over the plain forward's (``flashlite.attention``, same case and
+    mode): the ``plain:<backend>`` row of its own backend, else (a peer, or a backend whose plain
+    forward was not timed) the fastest plain row. Fills ``plain_impl``, ``plain_ms``, ``vs_plain``."""
+    plain: Dict[tuple, Dict[str, float]] = {}
+    for row in rows:
+        if row["status"] == "ok" and str(row["impl"]).startswith("plain:"):
+            plain.setdefault((row["case"], row["mode"]), {})[str(row["impl"])] = float(row["time_ms"])
+    for row in rows:
+        if row.get("pattern") != "stats":
+            continue
+        options = plain.get((row["case"], row["mode"]))
+        if row["status"] != "ok" or not options:
+            row.setdefault("vs_plain", None)
+            continue
+        own = f"plain:{_backend_of(str(row['impl']))}"
+        name = own if own in options else min(options, key=options.__getitem__)
+        row.update(plain_impl=name, plain_ms=options[name], vs_plain=float(row["time_ms"]) / options[name])
+        fastest = {r["impl"]: (r.get("stats") or {}).get("min_ms") for r in rows  # type: ignore[union-attr]
+                   if r["case"] == row["case"] and r["mode"] == row["mode"] and r["impl"] in (name, row["impl"])}
+        if all(isinstance(v, float) and v > 0 for v in fastest.values()):
+            row["vs_plain_min"] = fastest[row["impl"]] / fastest[name]  # the fastest calls' ratio (busy machines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,21 +217,29 @@ def _ci_cell(row: Dict[str, object]) -> str:
     return f"{text + ('!' if row.get('noisy') else ' '):>6}"
 
 
-def format_row(row: Dict[str, object]) -> str:
+VS_PLAIN = f" {'vs plain':>9}"  # the column a run with the stats case adds
+
+
+def format_row(row: Dict[str, object], vs_plain: bool = False) -> str:
     head = f"{row['case']:<44.44} {row['mode']:<7} {row['impl']:<20.20}"
     if row["status"] != "ok":
         return f"{head} {row['status']}: {row.get('reason') or ''}"[:200]
     speed = row.get("speedup_vs_best_peer")
     speed_text = f"{speed:11.2f}x" if isinstance(speed, float) else f"{'-':>12}"
     mem = row.get("peak_mem_bytes")
+    ratio = row.get("vs_plain")
+    ratio_text = (f" {ratio:8.2f}x" if isinstance(ratio, float) else f" {'-':>9}") if vs_plain else ""
     return (f"{head} {_num(row['time_ms'], '#.4g', 9)} {_ci_cell(row)} {_num(row.get('tflops'), '#.3g', 8)} "
             f"{_num(row.get('gbps'), '#.4g', 7)} {_num(row.get('pct_peak'), '.3g', 6)} {speed_text} "
-            f"{_num(mem / 2**20 if isinstance(mem, int) else None, '.1f', 8)}")
+            f"{_num(mem / 2**20 if isinstance(mem, int) else None, '.1f', 8)}{ratio_text}")
 
 
 def table(rows: Sequence[Dict[str, object]], show_skipped: bool = True) -> str:
-    """The rows grouped by case, one line per (mode, impl); skipped rows show their reason."""
-    lines = [HEADER, "-" * len(HEADER)]
+    """The rows grouped by case, one line per (mode, impl); skipped rows show their reason. With a
+    stats case, a last column: each row's time over the plain forward's (``vs_plain``)."""
+    vs_plain = any(r.get("pattern") == "stats" for r in rows)
+    header = HEADER + (VS_PLAIN if vs_plain else "")
+    lines = [header, "-" * len(header)]
     previous = None
     for row in rows:
         if row["status"] == "skip" and not show_skipped:
@@ -210,7 +247,7 @@ def table(rows: Sequence[Dict[str, object]], show_skipped: bool = True) -> str:
         if previous is not None and row["case"] != previous:
             lines.append("")
         previous = row["case"]
-        lines.append(format_row(row))
+        lines.append(format_row(row, vs_plain))
     return "\n".join(lines)
 
 
@@ -278,6 +315,60 @@ def summary(rows: Sequence[Dict[str, object]]) -> List[str]:
         if parts:
             out.append(f"{impl}: geometric-mean speed-up vs the best peer: " + "; ".join(parts))
     return out
+
+
+STATS_GOAL = 1.15  # issue 18: attention_stats at most 1.15x the plain forward (N = 2048)
+
+
+def stats_summary(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """stats cases, one entry per (case, mode): each attention_stats row's ratio to the plain
+    forward, eager's ratio, and the memory: eager's [B, H, Nq, Nk] matrix against the statistics
+    (computed), with each row's measured peak (the report's ``stats`` list)."""
+    out: List[Dict[str, object]] = []
+    groups: Dict[tuple, List[Dict[str, object]]] = {}
+    for row in rows:
+        if row.get("pattern") == "stats":
+            groups.setdefault((row["case"], row["mode"]), []).append(row)
+    for (case, mode), members in groups.items():
+        memory = members[0].get("stats_memory") or {}
+        entry: Dict[str, object] = {"case": case, "mode": mode, "shape": members[0]["shape"],
+                                    "dtype": members[0]["dtype"], **memory, "goal_vs_plain": STATS_GOAL,
+                                    "rows": []}
+        for row in members:
+            if row["status"] != "ok":
+                continue
+            entry["rows"].append({"impl": row["impl"], "time_ms": row["time_ms"], "noisy": row.get("noisy"),  # type: ignore[union-attr]
+                                  "vs_plain": row.get("vs_plain"), "vs_plain_min": row.get("vs_plain_min"),
+                                  "plain_impl": row.get("plain_impl"),
+                                  "peak_mem_bytes": row.get("peak_mem_bytes")})
+        out.append(entry)
+    return out
+
+
+def _mib(value) -> str:
+    return f"{value / 2**20:.3g} MiB" if isinstance(value, (int, float)) else "-"
+
+
+def stats_lines(entries: Sequence[Dict[str, object]]) -> List[str]:
+    """The lines under the table for the stats cases: the ratios to the plain forward, then eager's
+    matrix against the statistics."""
+    lines = []
+    for entry in entries:
+        timed = entry["rows"]
+        if not timed:
+            lines.append(f"{entry['case']} {entry['mode']}: nothing timed")
+            continue
+        ratios = [f"{r['impl']} {r['vs_plain']:.2f}x ({r['plain_impl']})" for r in timed  # type: ignore[union-attr]
+                  if isinstance(r.get("vs_plain"), float) and not str(r["impl"]).startswith("plain:")]
+        lines.append(f"{entry['case']} {entry['mode']}: time over the plain forward: "
+                     + ("; ".join(ratios) or "-") + f" (goal for attention_stats: <= {STATS_GOAL}x)")
+        peaks = "; ".join(f"{r['impl']} {_mib(r.get('peak_mem_bytes'))}" for r in timed)  # type: ignore[union-attr]
+        shape = entry["shape"]
+        lines.append(f"  memory: eager's P [{shape['batch']}, {shape['heads_q']}, {shape['seqlen_q']}, "  # type: ignore[index]
+                     f"{shape['seqlen_k']}] {entry['dtype']} = {_mib(entry.get('eager_matrix_bytes'))} per call vs "  # type: ignore[index]
+                     f"attention_stats' statistics {_mib(entry.get('stats_output_bytes'))}; measured peak per call "
+                     f"(outputs included): {peaks}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

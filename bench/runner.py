@@ -18,10 +18,10 @@ import torch
 
 from . import cases as C
 from .cases import Case, Skip
-from .peers import FlashliteImpl, Impl, PerSequenceImpl, make_peers, parse_peers
+from .peers import FlashliteImpl, Impl, PerSequenceImpl, PlainImpl, make_peers, parse_peers
 from .report import (REPO_ROOT, SCHEMA, busy_warning, command_line, derive, environment, noisy_lines, noisy_rows,
-                     peak_lines, slug, stamp, summary, table, write_json)
-from .timing import Timer, measure_peak, rotation_sets
+                     peak_lines, slug, stamp, stats_lines, stats_summary, summary, table, write_json)
+from .timing import Timer, cpu_peak_bytes, measure_peak, rotation_sets
 
 BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
 
@@ -77,7 +77,7 @@ def build_parser(prog: str = "flashlite bench") -> argparse.ArgumentParser:
         help="size profile (default: gpu/gpu-quick on a GPU, cpu/cpu-quick on a CPU)")
     add("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     add("--patterns", type=_list(C.parse_pattern), default=None,
-        help=f"comma list of {', '.join(C.ALL_PATTERNS)} (default: all but varlen)")
+        help=f"comma list of {', '.join(C.ALL_PATTERNS)} (default: all but varlen and stats)")
     add("--seqlens", type=_list(_positive_int), default=None,
         help="comma list of sequence lengths (default: the profile's)")
     add("--head-dims", type=_list(_positive_int), default=None,
@@ -97,8 +97,9 @@ def build_parser(prog: str = "flashlite bench") -> argparse.ArgumentParser:
     add("--backends", type=_list(str), default=None,
         help=f"flashlite backends among {', '.join(BACKEND_NAMES)} (default: all available; the reference only on CPU)")
     add("--peers", type=_list(str), default=None,
-        help="peers: sdpa (every SDPA backend), sdpa:flash, sdpa:cudnn, sdpa:efficient, sdpa:math, flex, none "
-             "(default: sdpa,flex on GPU; sdpa on CPU)")
+        help="peers: sdpa (every SDPA backend), sdpa:flash, sdpa:cudnn, sdpa:efficient, sdpa:math, flex, eager "
+             "(the stats case's materialized attention matrix), none "
+             "(default: sdpa,flex on GPU; sdpa on CPU; and eager when stats is among the patterns)")
     add("--modes", type=_list(str), default=None, help="fwd, bwd, fwd+bwd (default: all)")
     add("--peak", action="store_true", help="measure matmul TFLOP/s and copy bandwidth first (the %%peak column)")
     add("--no-validate", dest="validate", action="store_false",
@@ -319,6 +320,16 @@ def measured(timer: Timer, calls: list, stats) -> dict:
     return {"time_ms": stats.median_ms, "stats": stats.to_json(), "noisy": stats.noisy, "peak_mem_bytes": peak}
 
 
+def cpu_peak(call: Callable[[], object]) -> dict:
+    """A CPU row's peak memory (one more call under the PyTorch profiler's allocation trace)."""
+    try:
+        return {"peak_mem_bytes": cpu_peak_bytes(call), "peak_mem_method": "torch.profiler (CPU allocations)"}
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the time stands without it
+        return {"peak_mem_bytes": None, "peak_mem_method": f"failed: {_first_line(exc)}"}
+
+
 def time_group(timer: Timer, calls_of: Dict[str, list], warmup: int) -> Dict[str, object]:
     """Each implementation's stats (or the exception that stopped it), timed interleaved with
     the others; if the group fails as a whole, each member is timed alone to find which fails."""
@@ -369,6 +380,9 @@ def setup(opts: argparse.Namespace) -> Plan:
     validated, timed, left_out = choose_backends(opts, device)
     quick = profile.endswith("-quick")
     default_peers = ["sdpa", "flex"] if device.type == "cuda" and not quick else ["sdpa"]
+    stats = "stats" in sweep.patterns
+    if stats:
+        default_peers.append("eager")  # the output_attentions path the stats case is compared with
     try:
         peer_names = parse_peers(opts.peers or default_peers)
     except ValueError as exc:
@@ -382,10 +396,34 @@ def setup(opts: argparse.Namespace) -> Plan:
         peers_left_out["flex"] = ("not run on CPU by default: FlexAttention has no backward on CPU and its forward "
                                   "compiles with inductor (~20 s at first, ~1 s per further shape); "
                                   "pass --peers sdpa,flex to include it")
-    impls: List[Impl] = [FlashliteImpl(b) for b in timed] + peers
+    impls: List[Impl] = [FlashliteImpl(b) for b in timed]
+    if stats:  # head statistics: whichever backend serves them, then the plain forward of each backend
+        fallback = stats_fallback(timed, left_out)
+        if fallback:
+            impls.append(fallback)
+        impls += [PlainImpl(b) for b in timed]
+    impls += peers
     if "varlen" in sweep.patterns and "none" not in [p.strip().lower() for p in (opts.peers or [])]:
         impls += [PerSequenceImpl(b) for b in timed]  # varlen: the sum of per-sequence calls
     return Plan(device, profile, sweep, modes, validated, impls, C.make_cases(sweep), {**left_out, **peers_left_out})
+
+
+def stats_fallback(timed: List[str], left_out: Dict[str, str]) -> Optional[Impl]:
+    """The stats case on a device whose timed kernel backends have no head statistics: automatic
+    selection falls back to the reference backend, so that is what is timed (stats cases only),
+    unless it is timed anyway. Updates ``left_out``'s word on the reference."""
+    import flashlite
+    from flashlite import backend
+
+    if "reference" in timed or flashlite.backends().get("reference") != "available":
+        return None
+    if any(getattr(backend.get(name), "stats", False) for name in timed):
+        return None
+    why = (f"automatic selection's fallback: {', '.join(timed) or 'no timed kernel backend'} "
+           f"{'has' if len(timed) == 1 else 'have'} no head statistics in {'its' if len(timed) == 1 else 'their'} "
+           f"kernels")
+    left_out["reference"] = f"timed on the stats case only ({why})"
+    return FlashliteImpl("reference", stats_only=why)
 
 
 def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None) -> Dict[str, object]:
@@ -500,6 +538,8 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
                           "shape": base["shape"], "dtype": case.dtype, "memory_bound": case.memory_bound,
                           "base_point": C.is_base_point(case, sweep) and case not in extras,
                           "extra": case in extras}
+                if case.pattern == "stats":
+                    common["stats_memory"] = C.stats_memory(case)
 
                 def skip_all(impls_: Sequence[Impl], status: str, reason: str) -> None:
                     nonlocal done
@@ -590,6 +630,8 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
                                 row.update(status="error", reason=_first_line(result))
                             else:
                                 row.update(measured(timer, calls_of[name], result))
+                                if case.pattern == "stats":  # eager's matrix against the statistics
+                                    row.update(cpu_peak(calls_of[name][0]))
                     del calls_of
                 del data, inputs
                 report["elapsed_s"] = time.monotonic() - started
@@ -615,6 +657,10 @@ def run(opts: argparse.Namespace, progress: Optional[Progress] = None, out=None)
         print(line, file=out)
     for line in summary(rows):
         print(line, file=out)
+    if "stats" in sweep.patterns:
+        report["stats"] = stats_summary(rows)
+        for line in stats_lines(report["stats"]):  # type: ignore[arg-type]
+            print(line, file=out)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skip", "error")}
     print(f"rows: {counts['ok']} timed ({len(report['noisy'])} noisy), {counts['skip']} skipped, "  # type: ignore[arg-type]
           f"{counts['error']} errors"

@@ -260,6 +260,27 @@ class Timer:
         return int(peak)
 
 
+def cpu_peak_bytes(call: Callable[[], object]) -> int:
+    """Peak bytes allocated during one ``call`` on CPU beyond what was allocated before it (its
+    outputs included), from the PyTorch profiler's allocation trace: allocations made through
+    PyTorch's allocator only (scratch a C++ kernel takes from ``malloc`` is not seen)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = call()
+    del result
+    deltas = []
+    for event in prof.events():
+        amount = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        if amount:
+            deltas.append((event.time_range.start, amount))
+    current = peak = 0
+    for _, amount in sorted(deltas):
+        current += amount
+        peak = max(peak, current)
+    return int(peak)
+
+
 def measure_peak(device: torch.device, dtypes: Sequence[str], seconds: float = 0.5) -> Dict[str, object]:
     """The device's peaks for the %peak column (a peak is the best the device reaches, not a median).
 

@@ -6,6 +6,12 @@ dtype, plus 1e-5 — for the output, the log-sum-exp and each gradient (dq, dk, 
 fresh random draws (the seed is recorded), and kernels' outputs are poisoned with NaN before
 they are written (``FLASHLITE_POISON=1`` during validation).
 
+Head statistics (the ``stats`` case): ``flashlite.attention_stats`` over causal attention against
+``flashlite.reference.attention_stats`` (float64 and the inputs' dtype) by the same rule, for out,
+lse, each statistic (entropy, max_prob, mean_distance, sink_mass, keys; their baseline error at
+least one float32 ulp of the largest exact value, see ``rule``) and dq, dk, dv of a loss on out and
+the entropy together.
+
 This module is the benchmark's own copy of the rule (tests/conftest.py keeps the test suite's),
 so ``flashlite bench`` works from an installed package without the tests.
 """
@@ -43,11 +49,18 @@ def max_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def rule(got: torch.Tensor, lowp: torch.Tensor, exact: torch.Tensor) -> Dict[str, float]:
-    """Error of ``got`` and the bound ``2 * error(lowp) + SLACK``; ``ok`` if within it."""
+def rule(got: torch.Tensor, lowp: torch.Tensor, exact: torch.Tensor, ulp_floor: bool = False) -> Dict[str, float]:
+    """Error of ``got`` and the bound ``2 * error(lowp) + SLACK``; ``ok`` if within it. ``ulp_floor``:
+    the baseline's error is at least one unit of ``got``'s precision at the exact result's largest
+    magnitude (a value rounded once; for head statistics, float32 whatever the inputs' dtype, whose
+    mean distance reaches ~Nk/2, where a baseline that happens to round exactly would leave an
+    absolute 1e-5, under one ulp)."""
     if got.shape != exact.shape:
         return {"error": float("inf"), "bound": 0.0, "ok": False}
     err, base = max_error(got, exact), max_error(lowp, exact)
+    if ulp_floor:
+        finite = exact.detach()[torch.isfinite(exact.detach())].double()
+        base = max(base, torch.finfo(got.dtype).eps * (float(finite.abs().max()) if finite.numel() else 0.0))
     bound = 2 * base + SLACK
     return {"error": err, "bound": bound, "ok": err <= bound}
 
@@ -176,6 +189,73 @@ def check_one(backend: str, pattern_name: str, shape: Tuple[int, ...], dtype: st
     return check
 
 
+STATS_SINK = 3  # a sink width that is not a tile or vector size
+
+
+def check_stats_one(backend: str, shape: Tuple[int, ...], dtype: str, device: torch.device, gen: torch.Generator,
+                    grads: bool = True) -> Check:
+    """``attention_stats`` on ``backend`` over causal attention against the reference's statistics."""
+    import flashlite
+    from flashlite import reference
+
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = shape
+    check = Check(backend, "stats", tuple(shape), dtype)
+    torch_dtype = DTYPE_NAMES[dtype]
+    pattern = flashlite.Full(causal=True)
+
+    def draw(heads, seqlen):
+        return torch.randn(batch, heads, seqlen, head_dim, generator=gen).to(device=device, dtype=torch_dtype)
+
+    q, k, v = draw(heads_q, seqlen_q), draw(heads_kv, seqlen_k), draw(heads_kv, seqlen_k)
+    leaves = [t.clone().requires_grad_(grads) for t in (q, k, v)]
+    try:
+        with _poisoned():
+            out, stats = flashlite.attention_stats(*leaves, pattern, sink_tokens=STATS_SINK, backend=backend)
+    except (ValueError, NotImplementedError) as exc:
+        check.status, check.reason = "skip", str(exc).strip().splitlines()[-1]
+        return check
+    except Exception as exc:  # noqa: BLE001 - a crash of an available backend is a failure
+        check.status, check.reason = "fail", f"{type(exc).__name__}: {exc}"
+        return check
+    served = flashlite.last_backend()
+    if served != backend:
+        check.status, check.reason = "fail", f"asked for {backend}, ran {served}"
+        return check
+    runs = {}
+    for label, compute in (("exact", torch.float64), ("lowp", None)):  # float64, and torch in the dtype
+        ref_leaves = [t.detach().to(compute or torch_dtype).clone().requires_grad_(grads) for t in (q, k, v)]
+        runs[label] = (ref_leaves, *reference.attention_stats(*ref_leaves, pattern, sink_tokens=STATS_SINK,
+                                                              compute_dtype=compute))
+    check.tensors["out"] = rule(out, runs["lowp"][1], runs["exact"][1])
+    check.tensors["lse"] = rule(stats.lse, runs["lowp"][2], runs["exact"][2])
+    for index, name in enumerate(reference.STAT_NAMES):
+        check.tensors[name] = rule(getattr(stats, name), runs["lowp"][3][index], runs["exact"][3][index],
+                                   ulp_floor=True)
+    if grads:
+        grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
+        grad_entropy = torch.randn(stats.entropy.shape, generator=gen, dtype=torch.float64).to(device)
+        try:
+            with _poisoned():
+                torch.autograd.backward([out, stats.entropy], [grad_out.to(out.dtype), grad_entropy.float()])
+        except NotImplementedError as exc:
+            check.reason = f"forward only: {exc}"
+            grads = False
+        except Exception as exc:  # noqa: BLE001
+            check.status, check.reason = "fail", f"backward: {type(exc).__name__}: {exc}"
+            return check
+    if grads:
+        for ref_leaves, ref_out, _, ref_stats in runs.values():
+            torch.autograd.backward([ref_out, ref_stats[0]], [grad_out.to(ref_out.dtype), grad_entropy.float()])
+        for name, got, low, ex in zip(("dq", "dk", "dv"), leaves, runs["lowp"][0], runs["exact"][0]):
+            if got.grad is None:
+                check.tensors[name] = {"error": float("inf"), "bound": 0.0, "ok": False}
+            else:
+                check.tensors[name] = rule(got.grad, low.grad, ex.grad)
+    if not all(t["ok"] for t in check.tensors.values()):
+        check.status = "fail"
+    return check
+
+
 @dataclass
 class Plan:
     """What to validate: per backend, the shapes/dtypes/head dims it gets (small ones)."""
@@ -211,17 +291,23 @@ def validate(plans: Sequence[Plan], device: torch.device, patterns: Iterable[str
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     checks: List[Check] = []
-    patterns = [p for p in patterns if p in VALIDATION_PATTERNS]
+    patterns = list(patterns)
+    patterns = [p for p in patterns if p in VALIDATION_PATTERNS] + (["stats"] if "stats" in patterns else [])
     jobs = [(plan, pattern, shape, dtype, head_dim) for plan in plans for pattern in patterns
             for dtype in plan.dtypes for head_dim in plan.head_dims for shape in plan.shapes]
     for index, (plan, pattern, shape, dtype, head_dim) in enumerate(jobs):
         if progress:
             progress(f"validate [{index + 1}/{len(jobs)}] {plan.backend} {pattern} {dtype} d{head_dim}")
-        checks.append(check_one(plan.backend, pattern, (*shape, head_dim), dtype, device, gen))
+        if pattern == "stats":
+            checks.append(check_stats_one(plan.backend, (*shape, head_dim), dtype, device, gen))
+        else:
+            checks.append(check_one(plan.backend, pattern, (*shape, head_dim), dtype, device, gen))
     failed = [c for c in checks if c.status == "fail"]
     return {
         "ran": True, "passed": not failed, "seed": seed,
-        "rule": "max|kernel - ref64| <= 2 * max|torch-in-dtype - ref64| + 1e-5 for out, lse, dq, dk, dv",
+        "rule": ("max|kernel - ref64| <= 2 * max|torch-in-dtype - ref64| + 1e-5 for out, lse, dq, dk, dv"
+                 + (" (stats: also entropy, max_prob, mean_distance, sink_mass, keys, the baseline's error "
+                    "at least one float32 ulp of the largest exact value; dq, dk, dv of a loss on out and entropy)" if "stats" in patterns else "")),
         "counts": {s: sum(c.status == s for c in checks) for s in ("pass", "fail", "skip")},
         "plans": [{"backend": p.backend, "dtypes": list(p.dtypes), "head_dims": list(p.head_dims),
                    "shapes": [list(s) for s in p.shapes], "note": p.note} for p in plans],

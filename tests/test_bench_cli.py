@@ -403,3 +403,83 @@ def test_interrupt_during_cpu_timing_reports_untimed_rows(tmp_path, monkeypatch)
     assert report["interrupted"] is True
     rows = report["results"]
     assert rows and all(r["status"] == "skip" and r["reason"] == "interrupted before it was timed" for r in rows)
+
+
+def test_stats_case_end_to_end(tmp_path, monkeypatch):
+    """--patterns stats (issue 18): attention_stats on whichever backend serves head statistics,
+    validated against the reference first, beside the plain forward on the same inputs and the
+    eager peer; each row's ratio to the plain forward, and eager's matrix against the statistics."""
+    from flashlite import backend as backends
+    from flashlite.bench import validate as V
+
+    monkeypatch.setattr(V, "SHAPES", ((1, 4, 2, 33, 33),))  # one small GQA shape keeps the test fast
+    serving = IMPL if backends.get(BACKEND).stats else "flashlite:reference"  # else the automatic fallback
+    argv = ["--quick", "--device", "cpu", "--patterns", "stats", "--seqlens", "48", "--backends", BACKEND,
+            "--peers", "eager", "--target-ms", "1", "--max-ms", "4", "--seed", "0", "--no-plot",
+            "--out", str(tmp_path), "--json", str(tmp_path / "run.json"), "--quiet"]
+    stdout = io.StringIO()
+    runner.run(runner.parse_args(argv), out=stdout)
+    data = json.loads((tmp_path / "run.json").read_text())
+
+    checks = [c for c in data["validation"]["checks"] if c["pattern"] == "stats"]
+    assert data["validation"]["passed"] and checks
+    for check in checks:
+        if check["status"] == "pass":
+            assert set(check["tensors"]) == {"out", "lse", "entropy", "max_prob", "mean_distance", "sink_mass", "keys",
+                                             "dq", "dk", "dv"}
+        else:
+            assert serving != IMPL and "head statistics" in check["reason"]
+
+    rows = data["results"]
+    assert {r["pattern"] for r in rows} == {"stats"} and all(r["status"] != "error" for r in rows)
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}  # no separate backward
+    memory = {"eager_matrix_bytes": 4 * 48 * 48 * 4, "stats_output_bytes": 6 * 4 * 48 * 4}
+    for mode in ("fwd", "fwd+bwd"):
+        by_impl = {r["impl"]: r for r in rows if r["mode"] == mode and r["status"] == "ok"}
+        assert {serving, f"plain:{BACKEND}", "eager"} <= set(by_impl), (mode, set(by_impl))
+        plain = by_impl[f"plain:{BACKEND}"]
+        assert plain["vs_plain"] == 1.0
+        for impl in (serving, "eager"):
+            row = by_impl[impl]
+            assert row["plain_impl"] == f"plain:{BACKEND}"
+            assert row["vs_plain"] == pytest.approx(row["time_ms"] / plain["time_ms"])
+            assert row["vs_plain_min"] == pytest.approx(row["stats"]["min_ms"] / plain["stats"]["min_ms"])
+        for row in by_impl.values():
+            assert row["stats_memory"] == memory and row["peak_mem_bytes"] > 0
+        # eager holds P [B, H, N, N] (and its float32 softmax) during the call
+        assert by_impl["eager"]["peak_mem_bytes"] >= memory["eager_matrix_bytes"]
+    summary = {(e["case"], e["mode"]): e for e in data["stats"]}
+    assert set(summary) == {("stats 1x4 48x48 d64 fp32", m) for m in ("fwd", "fwd+bwd")}
+    for entry in summary.values():
+        assert entry["eager_matrix_bytes"] == memory["eager_matrix_bytes"] and entry["goal_vs_plain"] == 1.15
+        assert {r["impl"] for r in entry["rows"]} >= {serving, "eager"}
+    text = stdout.getvalue()
+    assert "vs plain" in text and "time over the plain forward" in text and "eager's P [1, 4, 48, 48]" in text
+
+
+def test_stats_case_falls_back_to_the_reference_where_no_kernel_has_statistics(monkeypatch):
+    """A CPU kernel backend without head statistics: the stats case times the reference (automatic
+    selection's fallback) on stats cases only, says why, and the kernel's own stats row is skipped."""
+    from flashlite import backend as backends
+    from flashlite.bench.peers import EagerImpl, PlainImpl, SdpaImpl
+
+    if BACKEND != "cpu":
+        pytest.skip("flashlite._C is not built")
+    monkeypatch.setattr(backends.get("cpu"), "stats", False)
+    plan = runner.setup(runner.parse_args(["--device", "cpu", "--patterns", "stats,causal", "--backends", "cpu"]))
+    names = [i.name for i in plan.impls]
+    assert names[:3] == ["flashlite:cpu", "flashlite:reference", "plain:cpu"] and "eager" in names
+    assert "stats case only" in plan.left_out["reference"]
+    fallback = plan.impls[1]
+    device = torch.device("cpu")
+    stats_case = next(c for c in plan.cases if c.pattern == "stats")
+    causal_case = next(c for c in plan.cases if c.pattern == "causal")
+    data = C.make_pattern_data(stats_case, device)
+    with pytest.raises(C.Skip, match="head statistics"):
+        plan.impls[0].prepare(stats_case, data, device, grad=False)
+    assert callable(fallback.prepare(stats_case, data, device, grad=False))
+    for impl in (fallback, PlainImpl("cpu"), EagerImpl()):
+        with pytest.raises(C.Skip, match="stats case only"):
+            impl.prepare(causal_case, data, device, grad=False)
+    with pytest.raises(C.Skip, match="eager"):
+        SdpaImpl("math", 2**30).prepare(stats_case, data, device, grad=False)
