@@ -180,7 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     flags = report.flags()
     print(f"\ninduction heads (mean_distance ≈ {PERIOD - 1}, low entropy): {[str(h) for h in induction]}")
     print(f"previous-token heads (pooled map's first sub-diagonal): {[str(h) for h in previous]}")
-    print(f"local heads (mean_distance <= {report.criteria.local}): {[str(h) for h in flags['local']]}")
+    print(f"local heads (most queries look within {report.meta['local_radius']:g} positions): "
+          f"{[str(h) for h in flags['local']]}")
     print(f"dead heads: {[str(h) for h in flags['dead']]}")
 
     os.makedirs(args.out, exist_ok=True)

@@ -57,6 +57,7 @@ def _expected(probs, sink_tokens):
         "sink_mass": probs[..., :sink_tokens].sum(-1)[:, :, sink_tokens:].mean(dim=(0, 2)),  # queries with > sink keys
         "norm_entropy": (entropy[:, :, 1:] / torch.log(keys[1:])).mean(dim=(0, 2)),
         "keys": keys.mean().expand(probs.shape[1]),
+        "local_share": ((probs * (i - j).abs()).sum(-1) <= 2.5).double().mean(dim=(0, 2)),
     }
 
 
@@ -214,7 +215,8 @@ def test_flags_follow_criteria(tmp_path):
     values = {  # heads: uniform, sink-only, previous-token, induction-like, no data
         "entropy": [2.9, 0.3, 0.1, 0.2, nan], "norm_entropy": [0.97, 0.1, 0.05, 0.08, nan],
         "max_prob": [0.06, 0.9, 0.97, 0.93, nan], "mean_distance": [9.0, 12.0, 1.0, 7.0, nan],
-        "sink_mass": [0.1, 0.95, 0.0, 0.02, nan], "keys": [20.0] * 4 + [nan],
+        "sink_mass": [0.1, 0.95, 0.0, 0.02, nan], "local_share": [0.2, 0.0, 0.9, 0.1, nan],
+        "keys": [20.0] * 4 + [nan],
         "output_norm": [1.0, 1.0, 1.0, 1.0, 0.0], "output_variation": [0.5, 0.005, 0.9, 0.9, nan],
     }
     stats = {name: torch.tensor([row], dtype=torch.float64) for name, row in values.items()}

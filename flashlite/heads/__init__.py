@@ -29,6 +29,8 @@ adds, per layer and head, sums over the batch and the queries (memory O(layers·
   head on a sequence repeated with that period;
 * ``sink_mass``: mean mass on the first ``sink_tokens`` keys, over queries that see more than
   ``sink_tokens`` keys;
+* ``local_share``: the share of queries (that see a key) whose ``Σ_j P_ij·|p(i) − j|`` is at most
+  ``local_radius`` positions (``record(local_radius=2.5)``);
 * ``keys``: mean number of keys a query sees;
 * ``output_norm``: mean ``‖o_i‖`` of the head's output (before the output projection);
 * ``output_variation``: ``Σ Var_tokens(o) / Σ E_tokens‖o‖²`` within each call (0 = the head
@@ -43,7 +45,8 @@ Flags (:class:`Criteria`, all thresholds adjustable):
   the same vector everywhere, so its information is at most a bias;
 * ``sink``: sink-only, ``sink_mass >= sink`` (default 0.8): the head parks its mass on the first
   tokens (often a no-op, see Xiao et al. 2023, "attention sinks");
-* ``local``: positional / local, ``mean_distance <= local`` (default 2.0 positions) and not dead;
+* ``local``: positional / local, ``local_share >= local`` (default 0.5: at least half of the
+  queries look within ``local_radius`` positions on average) and not dead;
 * redundant pairs (:meth:`HeadReport.redundant_pairs`): two heads (neither dead) whose pooled
   maps (the query × key plane, ``grid × grid`` cells, mean over the batch) have cosine similarity
   ``>= redundant`` (default 0.95). Similar maps read the same tokens; whether they write the same
@@ -69,13 +72,13 @@ from torch import Tensor, nn
 
 from . import _hook
 
-STATS = ("entropy", "norm_entropy", "max_prob", "mean_distance", "sink_mass", "keys", "output_norm",
+STATS = ("entropy", "norm_entropy", "max_prob", "mean_distance", "sink_mass", "local_share", "keys", "output_norm",
          "output_variation")
 FLAGS = ("dead", "sink", "local")
 
 # Rows of a layer's running sums (float64 [len(_ROWS), heads]).
 _ROWS = ("entropy", "max_prob", "mean_distance", "keys", "norm_entropy", "sink_mass", "n_seen", "n_multi",
-         "n_sink", "out_norm", "out_sq", "out_var", "n_tokens")
+         "n_sink", "out_norm", "out_sq", "out_var", "n_tokens", "n_local")
 _R = {name: i for i, name in enumerate(_ROWS)}
 
 
@@ -98,13 +101,13 @@ def _display(name: str) -> str:
 class Criteria:
     """The thresholds of the flags (module docstring): ``dead`` if ``norm_entropy >= uniform`` or
     ``output_variation <= constant``; ``sink`` if ``sink_mass >= sink``; ``local`` if
-    ``mean_distance <= local`` (and not dead); a redundant pair if the cosine similarity of the
+    ``local_share >= local`` (and not dead); a redundant pair if the cosine similarity of the
     pooled maps ``>= redundant`` (neither head dead)."""
 
     uniform: float = 0.9
     constant: float = 0.01
     sink: float = 0.8
-    local: float = 2.0
+    local: float = 0.5
     redundant: float = 0.95
 
 
@@ -148,7 +151,7 @@ class Recorder:
     into a :class:`HeadReport`. Made by :func:`record`."""
 
     def __init__(self, model: nn.Module, *, sink_tokens: int = 4, maps: bool = True, grid: int = 32,
-                 queries: Optional[slice] = None) -> None:
+                 queries: Optional[slice] = None, local_radius: float = 2.5) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
@@ -157,7 +160,10 @@ class Recorder:
             raise ValueError(f"grid must be an int >= 1, got {grid!r}")
         if queries is not None and not isinstance(queries, slice):
             raise TypeError(f"queries must be a slice of query positions or None, got {type(queries).__name__}")
+        if isinstance(local_radius, bool) or not isinstance(local_radius, (int, float)) or local_radius < 0:
+            raise ValueError(f"local_radius must be a number >= 0, got {local_radius!r}")
         self.model = model
+        self.local_radius = float(local_radius)
         self.sink_tokens = sink_tokens
         self.grid = grid if maps else None
         self.queries = queries if queries is not None else slice(None)
@@ -205,6 +211,7 @@ class Recorder:
                 total(entropy, seen), total(max_prob, seen), total(distance, seen), total(keys, seen),
                 total(norm, multi), total(sink, sinkq), seen.sum(dim=(0, 2)).to(f64), multi.sum(dim=(0, 2)).to(f64),
                 sinkq.sum(dim=(0, 2)).to(f64), *out_rows, keys.new_full((heads,), float(tokens)),
+                (seen & (distance <= self.local_radius)).sum(dim=(0, 2)).to(f64),
             ])
             acc.calls += 1
             if acc.maps is not None:
@@ -249,6 +256,7 @@ class Recorder:
             stats["keys"][row, :h] = mean("keys", "n_seen")
             stats["norm_entropy"][row, :h] = mean("norm_entropy", "n_multi")
             stats["sink_mass"][row, :h] = mean("sink_mass", "n_sink")
+            stats["local_share"][row, :h] = mean("n_local", "n_seen")
             stats["output_norm"][row, :h] = mean("out_norm", "n_tokens")
             sq = s[_R["out_sq"]]
             stats["output_variation"][row, :h] = torch.where(sq > 0, s[_R["out_var"]] / sq.clamp_min(1e-300),
@@ -256,7 +264,8 @@ class Recorder:
             if maps is not None and acc.map_count:
                 maps[row, :h] = (acc.maps / acc.map_count).cpu()
         calls = {name: self._layers[i].calls for name, i in zip(names, ids)}
-        meta = {"sink_tokens": self.sink_tokens, "grid": self.grid, "calls": calls, "skipped": dict(self.skipped),
+        meta = {"sink_tokens": self.sink_tokens, "local_radius": self.local_radius, "grid": self.grid,
+                "calls": calls, "skipped": dict(self.skipped),
                 "queries": [self.queries.start, self.queries.stop, self.queries.step]}
         report = HeadReport(names, heads, stats, maps, criteria or Criteria(), meta)
         if importance is not None:
@@ -280,7 +289,7 @@ def _check_implementation(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def record(model: nn.Module, *, sink_tokens: int = 4, maps: bool = True, grid: int = 32,
-           queries: Optional[slice] = None) -> Iterator[Recorder]:
+           queries: Optional[slice] = None, local_radius: float = 2.5) -> Iterator[Recorder]:
     """Record per-layer, per-head statistics of ``model``'s attention while the block runs.
 
     Args:
@@ -294,11 +303,15 @@ def record(model: nn.Module, *, sink_tokens: int = 4, maps: bool = True, grid: i
             the grid); each row is normalized to sum 1, then averaged over the batch and calls.
         queries: a slice of query positions to aggregate over (e.g. ``slice(period, None)``: only
             the repeated part of a sequence); the maps always cover every query.
+        local_radius: ``local_share`` counts the queries whose mean distance is at most this
+            (2.5: within two positions; the half keeps sharp heads, whose mean distances sit
+            near whole numbers, off the boundary).
 
     Yields the :class:`Recorder`; call ``.report()`` on it (inside or after the block).
     """
     _check_implementation(model)
-    recorder = Recorder(model, sink_tokens=sink_tokens, maps=maps, grid=grid, queries=queries)
+    recorder = Recorder(model, sink_tokens=sink_tokens, maps=maps, grid=grid, queries=queries,
+                        local_radius=local_radius)
     if _hook._recorder is not None:
         raise RuntimeError("record(): another flashlite.heads recorder is active (one at a time)")
     _hook._recorder = recorder
@@ -491,7 +504,7 @@ class HeadReport:
             found.append("dead")
         if value["sink_mass"] >= c.sink:
             found.append("sink")
-        if not dead and value["mean_distance"] <= c.local:
+        if not dead and value["local_share"] >= c.local:
             found.append("local")
         return found
 
@@ -536,11 +549,11 @@ class HeadReport:
     def table(self, columns: Optional[Sequence[str]] = None, heads: Optional[Iterable[Head]] = None) -> str:
         """A plain-text table, one row per head, with its flags."""
         columns = list(columns) if columns is not None else [
-            s for s in ("entropy", "norm_entropy", "max_prob", "mean_distance", "sink_mass", "output_variation",
-                        "importance") if s in self.stats]
+            s for s in ("entropy", "norm_entropy", "max_prob", "mean_distance", "sink_mass", "local_share",
+                        "output_variation", "importance") if s in self.stats]
         short = {"entropy": "entropy", "norm_entropy": "uniform", "max_prob": "max_p", "mean_distance": "distance",
-                 "sink_mass": "sink", "keys": "keys", "output_norm": "out_norm", "output_variation": "out_var",
-                 "importance": "importance"}
+                 "sink_mass": "sink", "local_share": "local", "keys": "keys", "output_norm": "out_norm",
+                 "output_variation": "out_var", "importance": "importance"}
         width = max([len("layer")] + [len(_display(n)) for n in self.layers])
         header = f"{'#':>3} {'layer':<{width}} {'head':>4} " + " ".join(f"{short.get(c, c):>10}" for c in columns) \
             + "  flags"

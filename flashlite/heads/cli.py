@@ -51,7 +51,8 @@ def parser(prog: str = "flashlite heads") -> argparse.ArgumentParser:
                    help="also head importance |dL/dgate| with the language-modelling loss (a backward per batch)")
     p.add_argument("--heads", metavar="L.H,...", help="heads whose pooled maps to draw (default: chosen by flags)")
     p.add_argument("--stats", metavar="NAME,...", help="statistics to draw as heatmaps (default: all of "
-                   "entropy, norm_entropy, max_prob, mean_distance, sink_mass, keys, output_norm, output_variation, "
+                   "entropy, norm_entropy, max_prob, mean_distance, sink_mass, local_share, keys, output_norm, "
+                   "output_variation, "
                    "importance)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")

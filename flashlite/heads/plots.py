@@ -12,6 +12,7 @@ LABELS = {
     "max_prob": "mean max probability",
     "mean_distance": "mean distance |p(i) - j|",
     "sink_mass": "mass on the sink tokens",
+    "local_share": "share of queries looking within the local radius",
     "keys": "keys seen",
     "output_norm": "mean |output|",
     "output_variation": "output variation (0 = constant)",
