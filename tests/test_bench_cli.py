@@ -483,3 +483,22 @@ def test_stats_case_falls_back_to_the_reference_where_no_kernel_has_statistics(m
             impl.prepare(causal_case, data, device, grad=False)
     with pytest.raises(C.Skip, match="eager"):
         SdpaImpl("math", 2**30).prepare(stats_case, data, device, grad=False)
+
+
+def test_stats_validation_catches_a_wrong_statistic(monkeypatch):
+    """The stats check holds each statistic to the rule: one off by 1e-2 fails, naming it."""
+    from flashlite.bench import validate as V
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 2, 1, 40, 40, 32)
+    assert V.check_stats_one(BACKEND, shape, "float32", torch.device("cpu"), gen).status == "pass"
+    real = flashlite.attention_stats
+
+    def wrong(*args, **kwargs):
+        out, stats = real(*args, **kwargs)
+        return out, stats._replace(mean_distance=stats.mean_distance + 1e-2)
+
+    monkeypatch.setattr(flashlite, "attention_stats", wrong)
+    check = V.check_stats_one(BACKEND, shape, "float32", torch.device("cpu"), gen)
+    assert check.status == "fail" and not check.tensors["mean_distance"]["ok"]
+    assert all(t["ok"] for name, t in check.tensors.items() if name != "mean_distance")
