@@ -140,6 +140,76 @@ def online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT: tl.constexpr, DROPOU
 
 
 @triton.jit
+def online_softmax_stats_step(m_i, l_i, acc, st_t, st_d, st_z, st_c, s, v_tile, distance, sink, visible_keys,
+                              IEEE_DOT: tl.constexpr, DROPOUT: tl.constexpr = False, z=0.0):
+    """``online_softmax_step`` plus the running sums of the head statistics (STATS kernels), rescaled
+    with it (log2 units; p_ij = 2^(s_ij − m'), masked entries s = −inf, p = 0):
+
+        t' = α·(t + (m − m')·l) + Σ_j p_ij·(s_ij − m')   (t = Σ 2^(s − m)·(s − m); 0 while l = 0)
+        d' = α·d + Σ_j p_ij·distance_ij                  (distance = |p(i) − j|)
+        z' = α·z + Σ_j p_ij·[sink_ij]                    (sink: j < sink_tokens)
+        c' = c + visible_keys                            (#{j : s_ij > −inf}, counted by the caller)
+
+    P is undropped (DROPOUT multiplies only what reaches acc). Returns (m', l', acc', t', d', z', c')."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    shifted = s - m_use[:, None]
+    p = tl.exp2(shifted)
+    # First tile (m = −inf, l = 0): (m − m')·l would be NaN; masked entries: p = 0 but s − m' = −inf.
+    st_t = alpha * (st_t + tl.where(l_i > 0.0, m_i - m_use, 0.0) * l_i) + tl.sum(p * tl.where(p > 0.0, shifted, 0.0),
+                                                                                  1)
+    st_d = alpha * st_d + tl.sum(p * distance, 1)
+    st_z = alpha * st_z + tl.sum(tl.where(sink, p, 0.0), 1)
+    st_c += visible_keys
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = p * z
+    if IEEE_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=FP32_PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
+    return m_new, l_i, acc, st_t, st_d, st_z, st_c
+
+
+@triton.jit
+def store_stats(ROW_STATS, index, plane, mask, l_i, st_t, st_d, st_z, st_c):
+    """The head statistics of rows ``index`` (int64 offsets into one plane of ``[5, ...]``, ``plane``
+    elements apart) from the final running sums (l = Σ 2^(s − m) at the final max m):
+
+        entropy = ln l − ln 2·t / l,  max_prob = 1 / l,  mean_distance = d / l,  sink_mass = z / l,  keys = c
+
+    and 0 in every plane for a row that saw no key (l = 0)."""
+    has_keys = l_i > 0.0
+    safe = tl.where(has_keys, l_i, 1.0)
+    inv = 1.0 / safe
+    ptrs = ROW_STATS + index
+    tl.store(ptrs, tl.where(has_keys, (tl.log2(safe) - st_t * inv) * LN2, 0.0), mask=mask)
+    ptrs += plane
+    tl.store(ptrs, tl.where(has_keys, inv, 0.0), mask=mask)
+    ptrs += plane
+    tl.store(ptrs, tl.where(has_keys, st_d * inv, 0.0), mask=mask)
+    ptrs += plane
+    tl.store(ptrs, tl.where(has_keys, st_z * inv, 0.0), mask=mask)
+    ptrs += plane
+    tl.store(ptrs, tl.where(has_keys, st_c, 0.0), mask=mask)
+
+
+@triton.jit
+def entropy_rows(ENTROPY_TERMS, index, plane, mask, delta):
+    """(g·ln 2, δ − shift) of rows ``index`` from attention_stats' backward terms ``[2, ...]`` (g, the
+    gradient reaching the entropy; shift = g·(lse − H)): the entropy's own term of dS,
+
+        dS = P ⊙ (dP − (δ − shift) − g·s) = P ⊙ (dP − g·ln 2·s₂ − (δ − shift)),  s₂ = s·log2(e),
+
+    enters as dP − g2·s₂ (s₂ before the element mask: finite where P = 0) and δ − shift."""
+    ptrs = ENTROPY_TERMS + index
+    g2 = tl.load(ptrs, mask=mask, other=0.0) * LN2
+    shift = tl.load(ptrs + plane, mask=mask, other=0.0)
+    return g2, delta - shift
+
+
+@triton.jit
 def dropout_rows(head_row, rows, seqlen_q, seqlen_k, key0):
     """e − j of row i = ``rows`` of flattened head ``head_row`` = b·Hq + h (int64): the element
     index of flashlite.core.dropout, e = ((b·Hq + h)·Nq + i)·Nk + j, less the key (key0 + local j

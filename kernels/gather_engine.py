@@ -32,15 +32,20 @@ names, so (query i, key j) has the dense matrix's index e = ((b·Hq + h)·Nq + i
 batch's rows arrive in packed coordinates: its [1, Hq, Tq, Tk] view) and Z = M / (1 − p) as in the
 tile engine: the forward uses P ⊙ Z for P·V only; dQ and the dK/dV pieces take dP ⊙ Z and P ⊙ Z.
 Without DROPOUT the seed, bias and scale are None (constexpr) and that code is not compiled.
+
+Head statistics (constexpr STATS on the forward, ENTROPY on dQ and the dK/dV pieces) as in the
+tile engine: running sums beside the online softmax over the gathered keys (distance |p(i) − j|
+and sinks j < sink_tokens at the key positions the slots name), and the entropy's term
+dS = P ⊙ (dP − (δ − shift) − g·s) in the backward.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .attention_steps import (LOG2E, aligned, capped_scores, dot, dropout_keep, dropout_rows, log2_lse,
-                              online_softmax_step, program_tile, score_grad, score_scales, scores, softcap_scores,
-                              softmax_finish)
+from .attention_steps import (LOG2E, aligned, capped_scores, dot, dropout_keep, dropout_rows, entropy_rows,
+                              log2_lse, online_softmax_stats_step, online_softmax_step, program_tile, score_grad,
+                              score_scales, scores, softcap_scores, softmax_finish, store_stats)
 
 
 @triton.jit
@@ -97,7 +102,9 @@ def gather_forward_kernel(
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ALIGN: tl.constexpr, DROPOUT: tl.constexpr = False, dropout_seed=None, dropout_bias=None, dropout_scale=None,
+    STATS: tl.constexpr = False, ROW_STATS=None, stats_plane=None, sink_tokens=None,
 ):
+    """out, lse (STATS: and the head statistics into ``ROW_STATS`` ``[5, B, Hq, Nq]``) of one program's rows."""
     tile, batch_kv = program_tile(num_tiles, num_rows)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
     stride_kb, stride_kh, stride_kn = aligned(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -135,6 +142,11 @@ def gather_forward_kernel(
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    if STATS:  # running sums of the head statistics (attention_steps.online_softmax_stats_step)
+        st_t = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+        st_d = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+        st_z = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+        st_c = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     for start in range(0, count, BLOCK_K):
         # Gather: j = list[slot] for the chunk's slots, k_j, v_j rows, and which (i, j) are visible.
         key, k_tile, v_tile, visible = _gather_keys(list_base, stride_list_s, start, count, k_base, v_base, stride_kn,
@@ -148,13 +160,22 @@ def gather_forward_kernel(
         z = 0.0
         if DROPOUT:
             z = dropout_keep(dropout_seed, dropout_bias, dropout_scale, drop_rows[:, None] + key[None, :])
-        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT, DROPOUT, z)
+        if STATS:
+            distance = tl.abs(query_pos[:, None] - key[None, :]).to(tl.float32)
+            m_i, l_i, acc, st_t, st_d, st_z, st_c = online_softmax_stats_step(
+                m_i, l_i, acc, st_t, st_d, st_z, st_c, s, v_tile, distance, (key < sink_tokens)[None, :],
+                tl.sum(visible.to(tl.float32), 1), IEEE_DOT, DROPOUT, z)
+        else:
+            m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v_tile, IEEE_DOT, DROPOUT, z)
 
     # out = acc / l, lse = (m + log2 l)·ln 2; a row that saw no key gets 0 and −inf.
     out, lse = softmax_finish(m_i, l_i, acc)
     row_o = batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + query.to(tl.int64) * stride_on
     tl.store(OUT + row_o[:, None] + cols_d[None, :], out.to(OUT.dtype.element_ty), mask=qd_mask)
     tl.store(LSE + (batch.to(tl.int64) * heads_q + head) * seqlen_q + query, lse, mask=row_ok)
+    if STATS:
+        store_stats(ROW_STATS, (batch.to(tl.int64) * heads_q + head) * seqlen_q + query, stats_plane, row_ok, l_i,
+                    st_t, st_d, st_z, st_c)
 
 
 @triton.jit
@@ -171,8 +192,10 @@ def gather_backward_q_kernel(
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ALIGN: tl.constexpr, DROPOUT: tl.constexpr = False, dropout_seed=None, dropout_bias=None, dropout_scale=None,
+    ENTROPY: tl.constexpr = False, ENTROPY_TERMS=None, entropy_plane=None,
 ):
-    """dQ_i = Σ_j ds_ij · k_j over the forward's key lists (each row has one owner: no atomics)."""
+    """dQ_i = Σ_j ds_ij · k_j over the forward's key lists (each row has one owner: no atomics).
+    ENTROPY: ds = p ⊙ (dP − (δ − shift) − g·s) with (g, shift) from ``ENTROPY_TERMS`` ``[2, B, Hq, Nq]``."""
     tile, batch_kv = program_tile(num_tiles, num_rows)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
     stride_kb, stride_kh, stride_kn = aligned(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -198,6 +221,8 @@ def gather_backward_q_kernel(
     # lse·log2(e); a row with no key gets +inf: p = 2^(s − inf) = 0
     lse2 = log2_lse(tl.load(LSE + stat_rows, mask=row_ok, other=float("-inf")))
     delta = tl.load(DELTA + stat_rows, mask=row_ok, other=0.0)
+    if ENTROPY:
+        g2, delta = entropy_rows(ENTROPY_TERMS, stat_rows, entropy_plane, row_ok, delta)
     qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
     slope2 = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     if HAS_ALIBI:
@@ -229,6 +254,8 @@ def gather_backward_q_kernel(
         dp = dot(do, tl.trans(v_tile), IEEE_DOT)
         if DROPOUT:
             dp = dp * dropout_keep(dropout_seed, dropout_bias, dropout_scale, drop_rows[:, None] + key[None, :])
+        if ENTROPY:
+            dp = dp - g2[:, None] * s  # s before the visibility mask: finite where p = 0
         ds = score_grad(p, dp, delta, sc, scale, cap2, HAS_SOFTCAP)
         dq += dot(ds.to(k_tile.dtype), k_tile, IEEE_DOT)
 
@@ -246,8 +273,10 @@ def gather_backward_kv_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PIECE_PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_DC: tl.constexpr, ALIGN: tl.constexpr,
     DROPOUT: tl.constexpr = False, dropout_seed=None, dropout_bias=None, dropout_scale=None,
+    ENTROPY: tl.constexpr = False, ENTROPY_TERMS=None, entropy_plane=None,
 ):
-    """Partial dK/dV of the pieces of one chunk of ``BLOCK_E`` entries, for one KV-head replica:
+    """Partial dK/dV of the pieces of one chunk of ``BLOCK_E`` entries, for one KV-head replica
+    (ENTROPY: ds takes the entropy's term, dp − g·s and δ − shift):
 
         dV_j += Σ_(i,g) p_gij · dO_gi        dK_j += Σ_(i,g) ds_gij · q_gi
         (DROPOUT: p_gij · Z_gij in dV and dp ⊙ Z in ds)
@@ -310,6 +339,9 @@ def gather_backward_kv_kernel(
         z = dropout_keep(dropout_seed, dropout_bias, dropout_scale,
                          dropout_rows(batch * heads_q + head, query, seqlen_q, seqlen_k, 0) + key)
         dp = dp * z
+    if ENTROPY:
+        g2, delta = entropy_rows(ENTROPY_TERMS, stat_rows, entropy_plane, row_ok, delta)
+        dp = dp - g2 * s
     ds = p * (dp - delta)
     if HAS_SOFTCAP:
         tanh = sc * (1.0 / cap2)

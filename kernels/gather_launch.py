@@ -25,7 +25,8 @@ import torch
 import triton
 
 from . import gather_engine
-from .launch import _alibi_args, _poison, dropout_args, program_grid, row_align, row_dot, softcap_mode
+from .launch import (_alibi_args, _poison, dropout_args, entropy_args, program_grid, row_align, row_dot, softcap_mode,
+                     stats_args)
 
 MODES = ("row", "shared", "union")
 # dK/dV kernel: head-dim columns per step (on a GPU: no spills, tests/test_triton_budget.py; the
@@ -299,15 +300,17 @@ def _plan_args(plan: ForwardPlan, index_heads: int):
 
 def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ForwardPlan, index_heads: int,
                    causal: bool, scale: float, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                   dropout: Optional[Tuple[float, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   dropout: Optional[Tuple[float, int]] = None, stats: Optional[int] = None):
     """Top-k attention forward over ``plan`` (``forward_plan``). Returns (out like q, lse float32 ``[B, Hq, Nq]``).
-    ``dropout``: (p, seed) of attention dropout at the key positions the rows name, or None."""
+    ``dropout``: (p, seed) of attention dropout at the key positions the rows name, or None. ``stats`` =
+    sink_tokens: also the head statistics, (out, lse, row_stats float32 ``[5, B, Hq, Nq]``)."""
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads_q, seqlen_q), device=q.device, dtype=torch.float32)
     _poison(out, lse)
+    row_stats, stat_flags = stats_args(stats, lse)
     tensors, plan_strides = _plan_args(plan, index_heads)
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
     flags = _flags(q, causal, softcap, alibi_slopes, plan, group)
@@ -316,9 +319,9 @@ def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Forw
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *plan_strides, alibi_stride,
         heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, float(scale), float(softcap or 0.0),
         plan.num_tiles, batch * heads_kv,
-        ALIGN=row_align(head_dim, q, k, v, out), **flags, **dropout_args(dropout), **_launch(q, flags),
+        ALIGN=row_align(head_dim, q, k, v, out), **flags, **dropout_args(dropout), **stat_flags, **_launch(q, flags),
     )
-    return out, lse
+    return (out, lse) if row_stats is None else (out, lse, row_stats)
 
 
 def gather_grid(num_tiles: int, batch: int, heads_kv: int) -> Tuple[int, int, int]:
@@ -348,8 +351,10 @@ def _launch(q: torch.Tensor, flags: dict) -> dict:
 def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, plan: ForwardPlan, inverse: InversePlan, index_heads: int, causal: bool,
                     scale: float, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                    dropout: Optional[Tuple[float, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k attention backward: (dq, dk, dv). Bitwise deterministic (no atomics).
+                    dropout: Optional[Tuple[float, int]] = None,
+                    entropy: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k attention backward: (dq, dk, dv). Bitwise deterministic (no atomics). ``entropy``:
+    attention_stats' terms float32 ``[2, B, Hq, Nq]``, the entropy's gradient joins dS.
 
     dQ walks the forward's key lists; dK/dV walk the inverse key index (``inverse_plan``) in chunks
     of ``inverse.block_e`` entries, then add each key's pieces in order."""
@@ -361,6 +366,7 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     lse = lse.contiguous()
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
     common = (float(scale), float(softcap or 0.0))
+    entropy_flags = entropy_args(entropy, lse)
 
     dq = torch.empty_like(q)
     _poison(dq)
@@ -371,7 +377,8 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3],
         *plan_strides, alibi_stride,
         heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, *common, plan.num_tiles, batch * heads_kv,
-        ALIGN=row_align(head_dim, q, k, v, grad_out, dq), **flags, **dropout_args(dropout), **_launch(q, flags),
+        ALIGN=row_align(head_dim, q, k, v, grad_out, dq), **flags, **dropout_args(dropout), **entropy_flags,
+        **_launch(q, flags),
     )
 
     group_pad = triton.next_power_of_2(group)
@@ -396,7 +403,8 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         HAS_SOFTCAP=softcap_mode(q, softcap), HAS_ALIBI=alibi_slopes is not None, PIECE_PRECISION=precision,
         BLOCK_E=block_e, GROUP_PAD=group_pad,
         BLOCK_DC=min(block_d, KV_COLUMNS_INTERPRETED if interpreted else KV_COLUMNS),
-        ALIGN=row_align(head_dim, q, k, v, grad_out), **dropout_args(dropout), **({} if interpreted else KV_LAUNCH),
+        ALIGN=row_align(head_dim, q, k, v, grad_out), **dropout_args(dropout), **entropy_flags,
+        **({} if interpreted else KV_LAUNCH),
     )
     num_keys = inverse.key_id.numel()
     block_r = 64 if interpreted else 16

@@ -38,6 +38,29 @@ GPU_TILES = {
 }
 
 
+# The STATS forward and ENTROPY backward keep more values live (the statistics' running sums, the
+# entropy's terms): where the launch above spilled with them on sm_90a (tests/triton_budget.py),
+# (warps, stages) of the forward, dK/dV and dQ kernels with them; None keeps the launch above.
+STATS_LAUNCH = {
+    (False, 64): ((8, 2), None, None),
+    (False, 128): (None, None, None),
+    (False, 256): ((8, 2), (8, 1), None),
+    (True, 64): (None, None, None),
+    (True, 128): ((8, 1), None, (8, 1)),
+    (True, 256): (None, None, None),
+}
+
+
+def stats_launch(kernel: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """num_warps/num_stages of a STATS (kernel 0, the forward) or ENTROPY (1: dK/dV, 2: dQ) launch on a
+    GPU where ``STATS_LAUNCH`` changes them; {} otherwise."""
+    if device.type != "cuda":
+        return {}
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    change = STATS_LAUNCH[(dtype == torch.float32, bucket)][kernel]
+    return {} if change is None else dict(num_warps=change[0], num_stages=change[1])
+
+
 def _gpu_tiles(head_dim: int, dtype: torch.dtype):
     bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
     return GPU_TILES[(dtype == torch.float32, bucket)]
@@ -176,6 +199,33 @@ def dropout_args(dropout: Optional[Tuple[float, int]]) -> dict:
                 dropout_scale=1.0 / (1.0 - float(p)))
 
 
+MAX_SINK = 2 ** 31 - 1  # sink_tokens past every key (an int32 in the kernels)
+
+
+def stats_args(stats: Optional[int], lse: torch.Tensor) -> Tuple[Optional[torch.Tensor], dict]:
+    """(row_stats, the forward kernels' arguments) for ``stats`` = sink_tokens (head statistics,
+    flashlite.attention_stats): row_stats float32 ``[5, *lse.shape]`` (planes in
+    flashlite.reference.STAT_NAMES order) and STATS=True with its pointer, plane stride and
+    sink_tokens. None: (None, {}) - the kernels compile without statistics."""
+    if stats is None:
+        return None, {}
+    row_stats = torch.empty((5,) + tuple(lse.shape), device=lse.device, dtype=torch.float32)
+    _poison(row_stats)
+    return row_stats, dict(STATS=True, ROW_STATS=row_stats, stats_plane=lse.numel(),
+                           sink_tokens=min(int(stats), MAX_SINK))
+
+
+def entropy_args(entropy: Optional[torch.Tensor], lse: torch.Tensor) -> dict:
+    """The backward kernels' arguments for attention_stats' ``entropy`` terms (float32 ``[2, *lse.shape]``:
+    g and g·(lse − H)): ENTROPY=True, the terms (contiguous) and their plane stride; None: {}."""
+    if entropy is None:
+        return {}
+    terms = entropy.to(device=lse.device, dtype=torch.float32).contiguous()
+    if tuple(terms.shape) != (2,) + tuple(lse.shape):
+        raise ValueError(f"entropy terms must have shape {(2,) + tuple(lse.shape)}, got {tuple(terms.shape)}")
+    return dict(ENTROPY=True, ENTROPY_TERMS=terms, entropy_plane=lse.numel())
+
+
 def _alibi_args(alibi_slopes, fallback: torch.Tensor):
     if alibi_slopes is None:
         return fallback, 0
@@ -184,9 +234,10 @@ def _alibi_args(alibi_slopes, fallback: torch.Tensor):
 
 def tile_forward(q, k, v, schedule, scale: float, softcap: float = 0.0, alibi_slopes=None,
                  tile_counter: Optional[torch.Tensor] = None, config: Optional[TileConfig] = None,
-                 dropout: Optional[Tuple[float, int]] = None):
+                 dropout: Optional[Tuple[float, int]] = None, stats: Optional[int] = None):
     """Forward over ``schedule``. Returns (out like q, lse float32 [B, Hq, Nq]). ``dropout``: (p, seed)
-    of attention dropout (``flashlite.core.dropout``), or None.
+    of attention dropout (``flashlite.core.dropout``), or None. ``stats`` = sink_tokens: also the
+    head statistics, (out, lse, row_stats float32 [5, B, Hq, Nq]) (``stats_args``).
 
     ``tile_counter`` (int32, ``B·Hq·num_q_tiles``), if given, receives how many key tiles each
     program visited: the evidence that tiles outside the pattern are skipped.
@@ -198,12 +249,15 @@ def tile_forward(q, k, v, schedule, scale: float, softcap: float = 0.0, alibi_sl
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads_q, seqlen_q), device=q.device, dtype=torch.float32)
     _poison(out, lse)
+    row_stats, stat_flags = stats_args(stats, lse)
     tiles, count, sched_strides = _schedule_args(schedule.kv_tiles, schedule.kv_count, batch, heads_q)
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
     items, packed = _packed_args(schedule, schedule.q_items)
     grid = tile_grid(schedule.num_q_tiles, batch, heads_q)
     launch = {} if config is None or q.device.type != "cuda" else dict(num_warps=config.num_warps,
                                                                         num_stages=config.num_stages)
+    if stats is not None and launch:
+        launch.update(stats_launch(0, head_dim, q.dtype, q.device))
     tile_engine.tile_forward_kernel[grid](
         q, k, v, out, lse, tiles, count, alibi, tile_counter if tile_counter is not None else count, *items,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -212,9 +266,9 @@ def tile_forward(q, k, v, schedule, scale: float, softcap: float = 0.0, alibi_sl
         schedule.window_left, schedule.window_right, float(scale), float(softcap or 0.0),
         schedule.num_q_tiles, batch * heads_q, COUNT_TILES=tile_counter is not None,
         ALIGN=row_align(head_dim, q, k, v, out), **_flags(q, schedule, softcap, alibi_slopes), **packed,
-        **dropout_args(dropout), **launch,
+        **dropout_args(dropout), **stat_flags, **launch,
     )
-    return out, lse
+    return (out, lse) if row_stats is None else (out, lse, row_stats)
 
 
 def backward_launches(block_m: int, block_n: int, head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -231,10 +285,12 @@ def backward_launches(block_m: int, block_n: int, head_dim: int, dtype: torch.dt
 
 
 def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: float = 0.0,
-                  alibi_slopes=None, config: Optional[TileConfig] = None, dropout: Optional[Tuple[float, int]] = None):
+                  alibi_slopes=None, config: Optional[TileConfig] = None, dropout: Optional[Tuple[float, int]] = None,
+                  entropy: Optional[torch.Tensor] = None):
     """Backward over ``schedule``: dK/dV per key tile (transposed schedule), dQ per query tile (per
     backward / forward work item when packed). δ = row_dot(dO, O) needs nothing packed: a row is a row
-    (with dropout too: δ = rowsum(dO ⊙ out) of the dropped output)."""
+    (with dropout too: δ = rowsum(dO ⊙ out) of the dropped output). ``entropy``: attention_stats'
+    terms float32 [2, B, Hq, Nq] (``entropy_args``), the entropy's gradient joins dS."""
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -243,9 +299,12 @@ def tile_backward(grad_out, q, k, v, out, lse, schedule, scale: float, softcap: 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _poison(dq, dk, dv)
     flags = dict(_flags(q, schedule, softcap, alibi_slopes), ALIGN=row_align(head_dim, q, k, v, grad_out, dq, dk, dv),
-                 **dropout_args(dropout))
+                 **dropout_args(dropout), **entropy_args(entropy, lse))
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
     kv_launch, q_launch = backward_launches(schedule.block_m, schedule.block_n, head_dim, q.dtype, q.device, config)
+    if entropy is not None and config is not None:
+        kv_launch.update(stats_launch(1, head_dim, q.dtype, q.device))
+        q_launch.update(stats_launch(2, head_dim, q.dtype, q.device))
     common = (float(scale), float(softcap or 0.0))
 
     q_tiles, q_count, q_strides = _schedule_args(schedule.q_tiles, schedule.q_count, batch, heads_q)

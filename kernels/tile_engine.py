@@ -39,14 +39,23 @@ row, c0 + local key) and is kept iff ``tl.randint(seed, e)`` ≥ ⌊p·2^32⌋; 
 forward multiplies P by Z before P·V only (l and lse stay undropped); the backward regenerates Z:
 dV = (P ⊙ Z)ᵀ·dO, dS = P ⊙ ((dO·Vᵀ) ⊙ Z − δ). Without DROPOUT the seed, bias and scale are None
 (constexpr) and that code is not compiled.
+
+Head statistics (constexpr STATS on the forward; flashlite.attention_stats): beside m and l the
+forward carries, per row, t = Σ 2^(s − m)·(s − m), d = Σ 2^(s − m)·|p(i) − j|, z = Σ_{j < sink}
+2^(s − m) (each rescaled by α with the softmax) and c, the visible keys; the finish writes entropy
+= ln l − ln 2·t / l, max_prob = 1 / l, d / l, z / l and c (``attention_steps.online_softmax_stats_step``,
+``store_stats``; local positions in a packed batch). The entropy's gradient (constexpr ENTROPY on
+both backward kernels) adds −g·P ⊙ (s − E[s]) to dS: dS = P ⊙ (dP − (δ − shift) − g·s) with
+shift = g·(lse − H) per row. Without them the kernels compile as before.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .attention_steps import (LOG2E, aligned, capped_scores, dot, dropout_keep, dropout_rows, log2_lse,
-                              online_softmax_step, program_tile, score_grad, score_scales, scores, softmax_finish)
+from .attention_steps import (LOG2E, aligned, capped_scores, dot, dropout_keep, dropout_rows, entropy_rows, log2_lse,
+                              online_softmax_stats_step, online_softmax_step, program_tile, score_grad, score_scales,
+                              scores, softmax_finish, store_stats)
 
 SPAN_CHUNK = tl.constexpr(64)  # list-schedule slots read at once when locating the interior run
 NO_TILE = tl.constexpr(2147483647)  # past every tile index
@@ -154,6 +163,38 @@ def _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride
 
 
 @triton.jit
+def _forward_tile_stats(m_i, l_i, acc, st_t, st_d, st_z, st_c, q, k_base, v_base, first_key, query_pos, stride_kn,
+                        stride_vn, cols_d, d_ok, seqlen_k, window_left, window_right, slope2, qk_scale, cap2,
+                        sink_tokens, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_BAND: tl.constexpr,
+                        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+                        IEEE_DOT: tl.constexpr, DROPOUT: tl.constexpr, seed, bias, dscale, drop_rows):
+    """``_forward_tile`` with the head statistics' running sums (STATS; ``online_softmax_stats_step``):
+    distance |p(i) − j| and the sink keys j < sink_tokens at local positions; the tile's keys are
+    first_key .. first_key + BLOCK_N − 1."""
+    key_index = first_key + tl.arange(0, BLOCK_N)
+    k_tile = _load_rows(k_base, key_index, stride_kn, cols_d, seqlen_k, d_ok, EDGE, UPCAST)
+    v_tile = _load_rows(v_base, key_index, stride_vn, cols_d, seqlen_k, d_ok, EDGE, UPCAST)
+    s = scores(q, k_tile, query_pos, key_index, slope2, qk_scale, cap2, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
+    if EDGE:
+        s = tl.where(_visible(query_pos, key_index, seqlen_k, window_left, window_right, MASK_BAND), s, float("-inf"))
+    z = 0.0
+    if DROPOUT:
+        z = dropout_keep(seed, bias, dscale, drop_rows[:, None] + key_index[None, :])
+    distance = tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
+    # Visible keys of each row in this tile, counted from the band (no Nq×BLOCK_N reduction: that
+    # one more spilled on sm_90 at 128×64): [c0, c0 + BLOCK_N) ∩ [p(i) − left, p(i) + right] ∩ [0, Nk).
+    last_key = tl.minimum(first_key + BLOCK_N, seqlen_k)  # exclusive
+    lo = tl.zeros_like(query_pos) + first_key
+    hi = tl.zeros_like(query_pos) + last_key
+    if MASK_BAND:
+        lo = tl.maximum(lo, query_pos - window_left)
+        hi = tl.minimum(hi, query_pos + window_right + 1)
+    visible_keys = tl.maximum(hi - lo, 0).to(tl.float32)
+    return online_softmax_stats_step(m_i, l_i, acc, st_t, st_d, st_z, st_c, s, v_tile, distance,
+                                     (key_index < sink_tokens)[None, :], visible_keys, IEEE_DOT, DROPOUT, z)
+
+
+@triton.jit
 def tile_forward_kernel(
     Q, K, V, OUT, LSE, KV_TILES, KV_COUNT, ALIBI, TILE_COUNTER, ITEMS, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -164,12 +205,15 @@ def tile_forward_kernel(
     COUNT_TILES: tl.constexpr, UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
     PACKED: tl.constexpr = False, DROPOUT: tl.constexpr = False, dropout_seed=None, dropout_bias=None,
-    dropout_scale=None,
+    dropout_scale=None, STATS: tl.constexpr = False, ROW_STATS=None, stats_plane=None, sink_tokens=None,
 ):
     """out, lse for one query tile (PACKED: one forward work item) over its scheduled key tiles.
 
     COUNT_TILES (debug): 1 stores the key tiles each program visited in ``TILE_COUNTER[program]``;
-    2 also stores its edge (element-masked) tiles in ``TILE_COUNTER[programs + program]``."""
+    2 also stores its edge (element-masked) tiles in ``TILE_COUNTER[programs + program]``.
+    STATS: also the head statistics into ``ROW_STATS`` (float32 ``[5, B, Hq, Nq]``, planes
+    ``stats_plane`` elements apart; ``attention_steps.store_stats``), from running sums beside the
+    online softmax; without STATS the pointer and ints are None (constexpr) and that code is not compiled."""
     q_tile, batch_head = program_tile(num_tiles, num_rows)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
     stride_kb, stride_kh, stride_kn = aligned(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -194,6 +238,8 @@ def tile_forward_kernel(
         V += key0.to(tl.int64) * stride_vn
         LSE += row0
         ALIBI += seq * stride_alibi_b
+        if STATS:
+            ROW_STATS += row0
 
     rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
@@ -226,25 +272,46 @@ def tile_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if STATS:  # running sums of the head statistics (log2 units): t, d, z, c of online_softmax_stats_step
+        st_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+        st_d = tl.zeros([BLOCK_M], dtype=tl.float32)
+        st_z = tl.zeros([BLOCK_M], dtype=tl.float32)
+        st_c = tl.zeros([BLOCK_M], dtype=tl.float32)
     interior = 0
     edges = 0
     # Interior tiles: scores, online softmax (base 2), no element mask.
     for t in range(ta, tb):
         key_index = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N + tile_cols
-        m_i, l_i, acc = _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride_kn, stride_vn,
-                                      cols_d, d_ok, seqlen_k, window_left, window_right, slope2, qk_scale, cap2,
-                                      False, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT, DROPOUT,
-                                      dropout_seed, dropout_bias, dropout_scale, drop_rows)
+        if STATS:
+            m_i, l_i, acc, st_t, st_d, st_z, st_c = _forward_tile_stats(
+                m_i, l_i, acc, st_t, st_d, st_z, st_c, q, k_base, v_base,
+                _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N, query_pos, stride_kn, stride_vn,
+                cols_d, d_ok, seqlen_k, window_left, window_right, slope2, qk_scale, cap2, sink_tokens, BLOCK_N,
+                False, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT, DROPOUT, dropout_seed, dropout_bias,
+                dropout_scale, drop_rows)
+        else:
+            m_i, l_i, acc = _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride_kn,
+                                          stride_vn, cols_d, d_ok, seqlen_k, window_left, window_right, slope2,
+                                          qk_scale, cap2, False, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT,
+                                          DROPOUT, dropout_seed, dropout_bias, dropout_scale, drop_rows)
         interior += 1
     # Edge tiles (slots 0..ta−1 and tb..count−1: band edges, the last partial key tile): the same,
     # s_ij = −inf where j ≥ Nk or j is outside p(i) − left ≤ j ≤ p(i) + right.
     for e in range(0, tile_count - (tb - ta)):
         t = tl.where(e < ta, e, e + (tb - ta))
         key_index = _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N + tile_cols
-        m_i, l_i, acc = _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride_kn, stride_vn,
-                                      cols_d, d_ok, seqlen_k, window_left, window_right, slope2, qk_scale, cap2,
-                                      True, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT, DROPOUT,
-                                      dropout_seed, dropout_bias, dropout_scale, drop_rows)
+        if STATS:
+            m_i, l_i, acc, st_t, st_d, st_z, st_c = _forward_tile_stats(
+                m_i, l_i, acc, st_t, st_d, st_z, st_c, q, k_base, v_base,
+                _scheduled_tile(schedule_row, first_tile, t, IS_LIST) * BLOCK_N, query_pos, stride_kn, stride_vn,
+                cols_d, d_ok, seqlen_k, window_left, window_right, slope2, qk_scale, cap2, sink_tokens, BLOCK_N,
+                True, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT, DROPOUT, dropout_seed, dropout_bias,
+                dropout_scale, drop_rows)
+        else:
+            m_i, l_i, acc = _forward_tile(m_i, l_i, acc, q, k_base, v_base, key_index, query_pos, stride_kn,
+                                          stride_vn, cols_d, d_ok, seqlen_k, window_left, window_right, slope2,
+                                          qk_scale, cap2, True, MASK_BAND, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE_DOT,
+                                          DROPOUT, dropout_seed, dropout_bias, dropout_scale, drop_rows)
         edges += 1
 
     # Finish: out = acc / l, lse = (m + log2 l)·ln 2; rows that saw no key give 0 and −inf.
@@ -253,6 +320,9 @@ def tile_forward_kernel(
               + rows.to(tl.int64)[:, None] * stride_on + cols_d[None, :])
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + batch_head.to(tl.int64) * lse_stride + rows, lse, mask=row_ok)
+    if STATS:
+        store_stats(ROW_STATS, batch_head.to(tl.int64) * lse_stride + rows, stats_plane, row_ok, l_i, st_t, st_d, st_z,
+                    st_c)
     if COUNT_TILES:
         program = batch_head * num_tiles + item
         tl.store(TILE_COUNTER + program, interior + edges)
@@ -287,7 +357,7 @@ def tile_backward_kv_kernel(
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
     SUB_M: tl.constexpr, PACKED: tl.constexpr = False, DROPOUT: tl.constexpr = False, dropout_seed=None,
-    dropout_bias=None, dropout_scale=None,
+    dropout_bias=None, dropout_scale=None, ENTROPY: tl.constexpr = False, ENTROPY_TERMS=None, entropy_plane=None,
 ):
     """dK, dV for one key tile of one KV head, over the query tiles of the transposed schedule
     and every query head of the GQA group (so no atomics: each program owns its dK/dV rows).
@@ -295,6 +365,10 @@ def tile_backward_kv_kernel(
     tile: fewer registers for p and dS, the same schedule).
 
         dV_j = Σ_i p_ij · dO_i          dK_j = Σ_i ds_ij · q_i
+
+    ENTROPY (attention_stats' backward): ``ENTROPY_TERMS`` float32 ``[2, B, Hq, Nq]`` (g, shift; planes
+    ``entropy_plane`` apart) add the entropy's term, ds = p ⊙ (dP − (δ − shift) − g·s)
+    (``attention_steps.entropy_rows``); without it they are None and that code is not compiled.
     """
     kv_tile, batch_head = program_tile(num_tiles, num_rows)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
@@ -324,6 +398,8 @@ def tile_backward_kv_kernel(
         LSE += row0
         DELTA += row0
         ALIBI += seq * stride_alibi_b
+        if ENTROPY:
+            ENTROPY_TERMS += row0
 
     key_index = kv_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_d = tl.arange(0, BLOCK_D)
@@ -359,6 +435,8 @@ def tile_backward_kv_kernel(
             do = _load_rows(do_base, rows, stride_don, cols_d, seqlen_q, d_ok, True, UPCAST)
             lse2 = log2_lse(tl.load(LSE + row_base + rows, mask=row_ok, other=float("-inf")))
             delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
+            if ENTROPY:
+                g2, delta = entropy_rows(ENTROPY_TERMS, row_base + rows, entropy_plane, row_ok, delta)
             p, sc = _recompute_probs(q, k_tile, lse2, rows + (seqlen_k - seqlen_q), key_index, seqlen_k,
                                      window_left, window_right, slope2, qk_scale, cap2, MASK_BAND, HAS_SOFTCAP,
                                      HAS_ALIBI, IEEE_DOT)
@@ -374,6 +452,12 @@ def tile_backward_kv_kernel(
             dp = dot(do, tl.trans(v_tile), IEEE_DOT)
             if DROPOUT:
                 dp = dp * z
+            if ENTROPY:  # dP − g·s (s·log2 e with ALiBi, before the element mask: finite where p = 0)
+                s2 = sc
+                if HAS_ALIBI:
+                    s2 = sc - slope2 * tl.abs((rows + (seqlen_k - seqlen_q))[:, None] - key_index[None, :]).to(
+                        tl.float32)
+                dp = dp - g2[:, None] * s2
             ds = score_grad(p, dp, delta, sc, scale, cap2, HAS_SOFTCAP)
             dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
 
@@ -397,12 +481,14 @@ def tile_backward_q_kernel(
     UPCAST: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
     SUB_N: tl.constexpr, PACKED: tl.constexpr = False, DROPOUT: tl.constexpr = False, dropout_seed=None,
-    dropout_bias=None, dropout_scale=None,
+    dropout_bias=None, dropout_scale=None, ENTROPY: tl.constexpr = False, ENTROPY_TERMS=None, entropy_plane=None,
 ):
     """dQ for one query tile over the forward schedule (a separate pass: deterministic), each
     scheduled key tile taken ``SUB_N`` keys at a time (the backward's own, smaller key tile).
 
         dQ_i = Σ_j ds_ij · k_j
+
+    ENTROPY: the entropy's term in ds, as in ``tile_backward_kv_kernel``.
     """
     q_tile, batch_head = program_tile(num_tiles, num_rows)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
@@ -430,6 +516,8 @@ def tile_backward_q_kernel(
         LSE += row0
         DELTA += row0
         ALIBI += seq * stride_alibi_b
+        if ENTROPY:
+            ENTROPY_TERMS += row0
 
     rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
@@ -445,6 +533,9 @@ def tile_backward_q_kernel(
                     cols_d, seqlen_q, d_ok, True, UPCAST)
     lse2 = log2_lse(tl.load(LSE + batch_head.to(tl.int64) * lse_stride + rows, mask=row_ok, other=float("-inf")))
     delta = tl.load(DELTA + batch_head.to(tl.int64) * lse_stride + rows, mask=row_ok, other=0.0)
+    if ENTROPY:
+        g2, delta = entropy_rows(ENTROPY_TERMS, batch_head.to(tl.int64) * lse_stride + rows, entropy_plane, row_ok,
+                                 delta)
     qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
     slope2 = 0.0
     if HAS_ALIBI:
@@ -473,6 +564,11 @@ def tile_backward_q_kernel(
         dp = dot(do, tl.trans(v_tile), IEEE_DOT)
         if DROPOUT:
             dp = dp * dropout_keep(dropout_seed, dropout_bias, dropout_scale, drop_rows[:, None] + key_index[None, :])
+        if ENTROPY:  # dP − g·s (s·log2 e with ALiBi, before the element mask)
+            s2 = sc
+            if HAS_ALIBI:
+                s2 = sc - slope2 * tl.abs(query_pos[:, None] - key_index[None, :]).to(tl.float32)
+            dp = dp - g2[:, None] * s2
         ds = score_grad(p, dp, delta, sc, scale, cap2, HAS_SOFTCAP)
         dq += dot(ds.to(k_tile.dtype), k_tile, IEEE_DOT)
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import flashlite
-from flashlite import BlockSparse, Full, SlidingWindow, TopK, reference
+from flashlite import BlockSparse, Full, SlidingWindow, TopK, dispatch, reference
 from flashlite import backend as backends
+from flashlite.core.packed import Packed
 from flashlite.core.schedule import cdiv
 
-from conftest import DEVICE, assert_rule, kernel_backends, randn
+from conftest import DEVICE, HAS_CUDA, assert_rule, kernel_backends, randn
 
 STATS_BACKENDS = ["reference"] + [name for name in kernel_backends() if backends.get(name).stats]
 NAMES = ("entropy", "max_prob", "mean_distance", "sink_mass", "keys")
@@ -71,17 +72,28 @@ SHAPES = {
 }
 
 
+# Triton's interpreter (CPU tensors) takes seconds per call: there one shape and dtype per pattern,
+# every shape and dtype once (all of them on a GPU).
+INTERPRETED_CASES = {("full", "decode", torch.float16), ("causal", "gqa_odd", torch.float32),
+                     ("window", "nq_gt_nk", torch.float16), ("block_sparse", "nq_gt_nk", torch.float16),
+                     ("topk", "nq_gt_nk", torch.float32)}
+
+
 @pytest.mark.parametrize("backend", STATS_BACKENDS)
 @pytest.mark.parametrize("pattern_name", ["full", "causal", "window", "block_sparse", "topk"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_stats_and_gradients_match_the_oracle(backend, pattern_name, shape, dtype):
+    if backend == "triton" and not HAS_CUDA and (pattern_name, shape, dtype) not in INTERPRETED_CASES:
+        pytest.skip("Triton's interpreter: one shape and dtype per pattern (INTERPRETED_CASES)")
     batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = SHAPES[shape]
     pattern = make(pattern_name, batch, heads_q, heads_kv, seqlen_q, seqlen_k)
     q = randn(batch, heads_q, seqlen_q, head_dim, dtype=dtype)
     k = randn(batch, heads_kv, seqlen_k, head_dim, dtype=dtype, scale=2.0)
     v = randn(batch, heads_kv, seqlen_k, head_dim, dtype=dtype)
     kw = {"softcap": 5.0} if pattern_name == "window" else {}
+    if pattern_name == "topk":  # ALiBi at the key positions the slots name
+        kw = {"alibi_slopes": torch.rand(heads_q, device=DEVICE)}
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, stats = flashlite.attention_stats(*leaves, pattern, sink_tokens=SINK, backend=backend, **kw)
@@ -123,6 +135,84 @@ def test_entropy_alone_drives_the_backward(backend):
     for got, want in zip((q, k), ref[:2]):
         torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-4, rtol=1e-4)
     assert v.grad is None or not v.grad.any()
+
+
+def _packed_oracle(q, k, v, packed, dtype, alibi_slopes, **kw):
+    """Per-sequence ``oracle`` of a packed batch (local positions), concatenated: (out, lse, stats);
+    a sequence with no key gives zeros and lse = −inf (the autograd links kept)."""
+    outs, lses, planes = [], [], {name: [] for name in NAMES}
+    for s in packed.sequences():
+        rows, keys = slice(s.q_start, s.q_end), slice(s.k_start, s.k_end)
+        if s.k_end == s.k_start:
+            outs.append(q[:, :, rows].to(dtype) * 0)
+            lses.append(torch.full((1, q.shape[1], s.q_end - s.q_start), float("-inf"), dtype=dtype, device=q.device))
+            for name in NAMES:
+                planes[name].append(q.new_zeros((1, q.shape[1], s.q_end - s.q_start), dtype=dtype))
+            continue
+        out, lse, stats = oracle(q[:, :, rows], k[:, :, keys], v[:, :, keys], s.pattern, dtype,
+                                 alibi_slopes=alibi_slopes[s.index].to(dtype), **kw)
+        outs.append(out)
+        lses.append(lse)
+        for name in NAMES:
+            planes[name].append(stats[name])
+    return torch.cat(outs, 2), torch.cat(lses, 2), {name: torch.cat(p, 2) for name, p in planes.items()}
+
+
+@pytest.mark.parametrize("backend", [name for name in STATS_BACKENDS if name != "reference"])
+def test_packed_stats_and_gradients(backend):
+    """A packed (varlen) batch through ``dispatch.run(..., stats=)``: local positions per sequence
+    (mean_distance, sink_mass), empty, one-token and Nq > Nk sequences, ALiBi per sequence and
+    softcap; against the per-sequence float64 oracle and the reference backend."""
+    lengths_q, lengths_k = [37, 0, 1, 9, 3], [37, 4, 1, 5, 3]
+    cu = [torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+          for n in (lengths_q, lengths_k)]
+    packed = Packed(Full(causal=True), *cu)
+    q = randn(1, 4, sum(lengths_q), 16)
+    k, v = randn(1, 2, sum(lengths_k), 16, scale=2.0), randn(1, 2, sum(lengths_k), 16)
+    slopes = torch.rand(len(lengths_q), 4, device=DEVICE)
+    scale, softcap = 0.25, 4.0
+    grad_out, grad_entropy = torch.randn_like(q), torch.randn(1, 4, sum(lengths_q), device=DEVICE)
+    packed.validate(q, k)
+
+    def run(name):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse, row_stats = dispatch.run(*leaves, packed, scale=scale, softcap=softcap, alibi_slopes=slopes,
+                                           backend=name, stats=SINK)
+        assert dispatch.last_backend() == name
+        ((out * grad_out).sum() + (row_stats[0] * grad_entropy).sum()).backward()
+        return (out.detach(), lse.detach(), row_stats.detach()) + tuple(t.grad for t in leaves)
+
+    got, ref = run(backend), run("reference")
+    runs = {}
+    for label, compute in (("exact", torch.float64), ("f32", torch.float32)):
+        leaves = [t.detach().to(compute).requires_grad_() for t in (q, k, v)]
+        out, lse, stats = _packed_oracle(*leaves, packed, compute, slopes, scale=scale, softcap=softcap)
+        ((out.double() * grad_out).sum() + (stats["entropy"].double() * grad_entropy).sum()).backward()
+        runs[label] = (out, lse, stats) + tuple(t.grad for t in leaves)
+    assert_rule("out", got[0], runs["f32"][0], runs["exact"][0])
+    assert_rule("lse", got[1], runs["f32"][1], runs["exact"][1])
+    for i, name in enumerate(NAMES):
+        assert_rule(name, got[2][i], runs["f32"][2][name], runs["exact"][2][name])
+    assert torch.equal(got[2][4], runs["exact"][2]["keys"].float()), "keys is a count"
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_rule(name, got[3 + i], runs["f32"][3 + i], runs["exact"][3 + i])
+    for name, a, b in zip(("out", "lse", "row_stats", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"{name} vs the reference backend")
+
+
+@pytest.mark.parametrize("backend", [name for name in STATS_BACKENDS if name != "reference"])
+def test_packed_top_k_stats_are_declined(backend):
+    """The gather kernels see a packed batch's keys at packed positions (no sequence starts for the
+    local distances and sinks): the kernel backends decline statistics there; the reference serves them."""
+    ind = torch.randint(-1, 5, (12, 1, 3), device=DEVICE).int()
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in ([0, 7, 12], [0, 5, 10]))
+    packed = Packed(TopK(ind), cu_q, cu_k)
+    q, k, v = randn(1, 2, 12, 8), randn(1, 1, 10, 8), randn(1, 1, 10, 8)
+    packed.validate(q, k)
+    kw = dict(scale=0.3, softcap=0.0, alibi_slopes=None, stats=SINK)
+    with pytest.raises(Exception, match="packed top-k"):
+        dispatch.run(q, k, v, packed, backend=backend, **kw)
+    assert dispatch.run(q, k, v, packed, backend="reference", **kw)[2].shape == (5, 1, 2, 12)
 
 
 @pytest.mark.parametrize("pattern_name", ["causal", "topk"])
@@ -183,6 +273,8 @@ MASK_BACKENDS = ["reference"] + kernel_backends()
 @pytest.mark.parametrize("pattern_name", ["causal", "block_sparse", "topk"])
 @pytest.mark.parametrize("per_batch", [False, True])
 def test_bool_head_mask_skips_masked_heads(backend, pattern_name, per_batch, monkeypatch):
+    if backend == "triton" and not HAS_CUDA and not per_batch:
+        pytest.skip("Triton's interpreter: the per-batch mask only (it covers the shared one's path)")
     batch, heads_q, heads_kv, seqlen, head_dim = 2, 4, 2, 21, 16
     pattern = make(pattern_name, batch, heads_q, heads_kv, seqlen, seqlen)
     q = randn(batch, heads_q, seqlen, head_dim, requires_grad=True)

@@ -7,8 +7,9 @@ time for sm_90a and held against ``tests/budgets/triton.json``:
 * no spills in forward kernels at head dim <= 128;
 * shared memory <= 90 % of the sm_90 limit (227 KB per block);
 * a packed (varlen) tile kernel spills no more than the same kernel over a plain batch ("causal");
-* a kernel with attention dropout (DROPOUT) spills no more than the same kernel without it
-  ("causal" for the tile engine, "row" or "-" for the gather engine);
+* a kernel with attention dropout (DROPOUT), or with the head statistics (STATS forward, ENTROPY
+  backward: "stats"), spills no more than the same kernel without them ("causal" for the tile
+  engine, "row" or "-" for the gather engine);
 * every kernel at most the spill bytes recorded for it (a ceiling that may only come down; a
   launch without an entry fails, with the line to add; ``python tests/triton_budget.py --write``
   records a whole new table).
@@ -30,15 +31,17 @@ from triton_budget import (BUDGET_FILE, FORWARD_KERNELS, SMEM_LIMIT, SMEM_SHARE,
                            format_table)
 
 # Each engine's kernels at bfloat16 d128 (and with softcap + ALiBi; the tile kernels also over a
-# packed batch, PACKED work items; both engines with attention dropout, DROPOUT), and the
-# block-sparse forward at d64 (a 36-byte spill before 2 pipeline stages).
+# packed batch, PACKED work items; both engines with attention dropout, DROPOUT; both forwards and
+# the tile dK/dV with the head statistics, STATS / ENTROPY), and the block-sparse forward at d64 (a
+# 36-byte spill before 2 pipeline stages).
 CORE = {f"tile_{k}_kernel {v} bf16 d128" for k in ("forward", "backward_kv", "backward_q")
         for v in ("causal", "packed", "dropout")} \
     | {"tile_forward_kernel flags bf16 d128", "tile_backward_kv_kernel flags bf16 d128",
        "tile_forward_kernel sparse bf16 d64"} \
     | {f"gather_{k} bf16 d128" for k in ("forward_kernel row", "backward_q_kernel row", "backward_kv_kernel -",
                                          "reduce_kv_kernel -", "forward_kernel flags", "backward_kv_kernel flags")} \
-    | {f"gather_{k} dropout bf16 d128" for k in ("forward_kernel", "backward_q_kernel", "backward_kv_kernel")}
+    | {f"gather_{k} dropout bf16 d128" for k in ("forward_kernel", "backward_q_kernel", "backward_kv_kernel")} \
+    | {f"{k} stats bf16 d128" for k in ("tile_forward_kernel", "tile_backward_kv_kernel", "gather_forward_kernel")}
 
 
 def load_budget() -> dict:
@@ -64,10 +67,11 @@ def check_budget(launches, results):
         plain = results.get(x.label.replace(" packed ", " causal "), {})
         if " packed " in x.label and "spill_stores" in plain and r["spill_stores"] > plain["spill_stores"]:
             failures.append(f"{x.label}: {r['spill_stores']} B spilled > {plain['spill_stores']} B without PACKED")
-        undropped = [results.get(x.label.replace(" dropout ", f" {v} "), {}) for v in ("causal", "row", "-")]
-        undropped = [u["spill_stores"] for u in undropped if "spill_stores" in u]
-        if " dropout " in x.label and undropped and r["spill_stores"] > undropped[0]:
-            failures.append(f"{x.label}: {r['spill_stores']} B spilled > {undropped[0]} B without DROPOUT")
+        for variant, flag in ((" dropout ", "DROPOUT"), (" stats ", "STATS/ENTROPY")):
+            without = [results.get(x.label.replace(variant, f" {v} "), {}) for v in ("causal", "row", "-")]
+            without = [u["spill_stores"] for u in without if "spill_stores" in u]
+            if variant in x.label and without and r["spill_stores"] > without[0]:
+                failures.append(f"{x.label}: {r['spill_stores']} B spilled > {without[0]} B without {flag}")
         entry = budget.get(x.label)
         if entry is None:
             failures.append(f'{x.label}: no budget entry; measured "{x.label}": {budget_entry(r)}')

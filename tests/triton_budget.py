@@ -33,6 +33,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BATCH, HEADS_Q, HEADS_KV, SEQLEN, TOP_K = 2, 8, 2, 1024, 64
 PACKED_LENGTHS = [1024, 777, 250]  # a packed (varlen) batch: 2051 tokens, an odd total as most are
 DROPOUT = (0.1, 2 ** 40 + 7)  # (p, seed) of the "dropout" variants: a 64-bit seed, as draw_seed gives
+SINK_TOKENS = 4  # the "stats" variants: head statistics (STATS forward, ENTROPY backward)
 SMEM_LIMIT = 227 * 1024  # sm_90: largest shared memory per block
 SMEM_SHARE = 0.9
 
@@ -55,8 +56,9 @@ def _tensors(dtype, head_dim, packed=False):
 def tile_launches(name, dtype, head_dim):
     """The tile engine's three kernels for pattern ``name`` ("causal": a range schedule with the
     band mask; "flags": the same with softcap and ALiBi; "sparse": a block-sparse list schedule;
-    "packed": causal over a packed batch, PACKED work items; "dropout": causal with attention dropout),
-    as ``tile_config`` configures them."""
+    "packed": causal over a packed batch, PACKED work items; "dropout": causal with attention dropout;
+    "stats": causal with the head statistics, STATS forward and ENTROPY backward), as ``tile_config``
+    configures them."""
     block_size = 128 if name == "sparse" else None
     config = launch.tile_config(head_dim, dtype, GPU, block_size)
     if name == "sparse":
@@ -73,22 +75,25 @@ def tile_launches(name, dtype, head_dim):
 
     softcap = 30.0 if name == "flags" else 0.0
     dropout = DROPOUT if name == "dropout" else None
+    stats = SINK_TOKENS if name == "stats" else None
 
     def run():
         q, k, v = _tensors(dtype, head_dim, packed=name == "packed")
         slopes = torch.empty(HEADS_Q, device=GPU) if name == "flags" else None
-        out, lse = launch.tile_forward(q, k, v, schedule, head_dim ** -0.5, softcap, slopes, config=config,
-                                       dropout=dropout)
+        out, lse, *_ = launch.tile_forward(q, k, v, schedule, head_dim ** -0.5, softcap, slopes, config=config,
+                                           dropout=dropout, stats=stats)
+        entropy = torch.empty((2,) + tuple(lse.shape), device=GPU) if stats is not None else None
         launch.tile_backward(torch.empty_like(out), q, k, v, out, lse, schedule, head_dim ** -0.5, softcap, slopes,
-                             config=config, dropout=dropout)
+                             config=config, dropout=dropout, entropy=entropy)
 
     return record_launches(run)
 
 
 def gather_launches(mode, dtype, head_dim):
     """The gather engine's forward and dQ kernels in ``mode`` ("row", "union", "shared"; "flags":
-    union with softcap and ALiBi; "dropout": row with attention dropout) and, with "row", "flags" and
-    "dropout", its dK/dV and reduce kernels, at the block sizes the launchers pick on a GPU."""
+    union with softcap and ALiBi; "dropout": row with attention dropout; "stats": row with the head
+    statistics) and, with "row", "flags", "dropout" and "stats", its dK/dV and reduce kernels, at the
+    block sizes the launchers pick on a GPU."""
     group = HEADS_Q // HEADS_KV
     block_q = gather_launch.forward_block_q(head_dim, group, GPU, dtype)
 
@@ -98,7 +103,7 @@ def gather_launches(mode, dtype, head_dim):
         if mode == "shared":
             rows = torch.empty(BATCH, HEADS_KV, TOP_K, **i64)
             plan = gather_launch.forward_plan(rows, SEQLEN, SEQLEN, True, group, head_dim, dtype=dtype)
-        elif mode in ("row", "dropout"):
+        elif mode in ("row", "dropout", "stats"):
             rows = torch.empty(BATCH, HEADS_KV, SEQLEN, TOP_K, **i64)
             plan = gather_launch.forward_plan(rows, SEQLEN, SEQLEN, True, group, head_dim, mode="row", dtype=dtype)
         else:  # union (and flags): built from data on a real run; here its tensors at their shapes
@@ -110,8 +115,10 @@ def gather_launches(mode, dtype, head_dim):
         softcap = 30.0 if mode == "flags" else 0.0
         slopes = torch.empty(HEADS_Q, device=GPU) if mode == "flags" else None
         dropout = DROPOUT if mode == "dropout" else None
-        out, lse = gather_launch.gather_forward(q, k, v, plan, HEADS_KV, True, head_dim ** -0.5, softcap, slopes,
-                                                dropout=dropout)
+        stats = SINK_TOKENS if mode == "stats" else None
+        out, lse, *_ = gather_launch.gather_forward(q, k, v, plan, HEADS_KV, True, head_dim ** -0.5, softcap, slopes,
+                                                    dropout=dropout, stats=stats)
+        entropy = torch.empty((2,) + tuple(lse.shape), device=GPU) if stats is not None else None
         entries = BATCH * HEADS_KV * SEQLEN * TOP_K
         block_e = gather_launch.backward_block_e(group)
         pieces, keys = entries // 8, BATCH * HEADS_KV * SEQLEN
@@ -120,7 +127,7 @@ def gather_launches(mode, dtype, head_dim):
             torch.empty(-(-entries // block_e) + 1, **i64), torch.empty(keys, **i64), torch.empty(keys, **i64),
             torch.empty(keys, **i32))
         gather_launch.gather_backward(torch.empty_like(out), q, k, v, out, lse, plan, inverse, HEADS_KV, True,
-                                      head_dim ** -0.5, softcap, slopes, dropout=dropout)
+                                      head_dim ** -0.5, softcap, slopes, dropout=dropout, entropy=entropy)
 
     launches = record_launches(run)
     if mode in ("union", "shared"):  # the dK/dV side does not depend on the forward mode
@@ -134,7 +141,8 @@ def gather_launches(mode, dtype, head_dim):
 MATRIX = {
     **{(dt, d): (("causal", "sparse") if d <= 128 else ("causal",), ("row", "union"))
        for dt in ("bf16", "fp32") for d in (64, 128, 256)},
-    ("bf16", 128): (("causal", "sparse", "flags", "packed", "dropout"), ("row", "union", "shared", "flags", "dropout")),
+    ("bf16", 128): (("causal", "sparse", "flags", "packed", "dropout", "stats"),
+                    ("row", "union", "shared", "flags", "dropout", "stats")),
     ("bf16", 72): (("causal",), ("row",)),
     ("fp32", 72): (("causal",), ()),
     ("fp16", 64): (("causal", "sparse"), ("row",)),
@@ -143,7 +151,7 @@ MATRIX = {
 
 def label_of(launch, variant, dt, d):
     engine_variant = variant if launch.kernel.startswith("tile") or "forward" in launch.kernel or "_q_" in \
-        launch.kernel else (variant if variant in ("flags", "dropout") else "-")
+        launch.kernel else (variant if variant in ("flags", "dropout", "stats") else "-")
     return f"{launch.kernel} {engine_variant} {dt} d{d}"
 
 

@@ -28,6 +28,7 @@ class TritonBackend(Backend):
     devices = ("cuda", "cpu")
     packed_tiles = True  # the tile kernels' PACKED launches read the schedule's work items
     dropout = True  # the kernels' DROPOUT: flashlite.core.dropout's mask, regenerated in the backward
+    stats = True  # the forward kernels' STATS (head statistics), the backward kernels' ENTROPY
 
     def available(self) -> Optional[str]:
         try:
@@ -40,6 +41,10 @@ class TritonBackend(Backend):
         reason = super().why_not(req)
         if reason:
             return reason
+        if req.stats and req.packed and req.engine == "gather":
+            # The gather plan holds packed rows in packed coordinates: no sequence starts for the
+            # local distances and sinks.
+            return "no head statistics for packed top-k in its kernels yet"
         if req.device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             return ("these tensors are on the CPU, where Triton runs only in its interpreter: set "
                     "TRITON_INTERPRET=1 in the environment before flashlite.kernels is imported")
@@ -63,33 +68,35 @@ class TritonBackend(Backend):
         return ints, tensors
 
     # -- kernels ----------------------------------------------------------------------------------
-    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None):
+    # ``stats`` = sink_tokens: (out, lse, row_stats) from the STATS forward kernels; ``entropy``:
+    # attention_stats' backward terms [2, B, Hq, Nq] for the ENTROPY backward kernels.
+    def forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None, stats=None):
         with _on_device(q.device):
-            return self._forward(plan, q, k, v, scale, softcap, alibi_slopes, dropout)
+            return self._forward(plan, q, k, v, scale, softcap, alibi_slopes, dropout, stats)
 
-    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None):
+    def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None, entropy=None):
         with _on_device(q.device):
-            return self._backward(plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout)
+            return self._backward(plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout, entropy)
 
-    def _forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None):
+    def _forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None, stats=None):
         kernels = _kernels()
         if plan.engine == "tile":
             return kernels.tile_forward(q, k, v, plan.schedule, scale, softcap, alibi_slopes, config=plan.config,
-                                        dropout=dropout)
+                                        dropout=dropout, stats=stats)
         from flashlite.kernels import gather_launch as gl
 
         forward = gl.ForwardPlan.from_parts(plan.extra_ints[:FORWARD_PARTS], plan.extra[:FORWARD_PARTS])
         return gl.gather_forward(q, k, v, forward, plan.rows.shape[1], plan.causal, scale, softcap, alibi_slopes,
-                                 dropout=dropout)
+                                 dropout=dropout, stats=stats)
 
-    def _backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None):
+    def _backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None, entropy=None):
         kernels = _kernels()
         if plan.engine == "tile":
             return kernels.tile_backward(grad_out, q, k, v, out, lse, plan.schedule, scale, softcap, alibi_slopes,
-                                         config=plan.config, dropout=dropout)
+                                         config=plan.config, dropout=dropout, entropy=entropy)
         from flashlite.kernels import gather_launch as gl
 
         forward = gl.ForwardPlan.from_parts(plan.extra_ints[:FORWARD_PARTS], plan.extra[:FORWARD_PARTS])
         inverse = gl.InversePlan.from_parts(plan.extra_ints[FORWARD_PARTS:], plan.extra[FORWARD_PARTS:])
         return gl.gather_backward(grad_out, q, k, v, out, lse, forward, inverse, plan.rows.shape[1], plan.causal,
-                                  scale, softcap, alibi_slopes, dropout=dropout)
+                                  scale, softcap, alibi_slopes, dropout=dropout, entropy=entropy)
