@@ -142,24 +142,12 @@ def check_one(backend: str, pattern_name: str, shape: Tuple[int, ...], dtype: st
     torch_dtype = DTYPE_NAMES[dtype]
     pattern = make_pattern(pattern_name, batch, heads_q, heads_kv, seqlen_q, seqlen_k, device, gen)
 
-    def draw(heads, seqlen):
-        return torch.randn(batch, heads, seqlen, head_dim, generator=gen).to(device=device, dtype=torch_dtype)
-
-    q, k, v = draw(heads_q, seqlen_q), draw(heads_kv, seqlen_k), draw(heads_kv, seqlen_k)
+    q, k, v = _draw_qkv(shape, torch_dtype, device, gen)
     leaves = [t.clone().requires_grad_(grads) for t in (q, k, v)]
-    try:
-        with _poisoned():
-            out, lse = flashlite.attention(*leaves, pattern, backend=backend, return_lse=True)
-    except (ValueError, NotImplementedError) as exc:
-        check.status, check.reason = "skip", str(exc).strip().splitlines()[-1]
+    result = _served(check, backend, lambda: flashlite.attention(*leaves, pattern, backend=backend, return_lse=True))
+    if result is None:
         return check
-    except Exception as exc:  # noqa: BLE001 - a crash of an available backend is a failure
-        check.status, check.reason = "fail", f"{type(exc).__name__}: {exc}"
-        return check
-    served = flashlite.last_backend()
-    if served != backend:
-        check.status, check.reason = "fail", f"asked for {backend}, ran {served}"
-        return check
+    out, lse = result
 
     exact_leaves = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
     exact, exact_lse = reference.attention(*exact_leaves, pattern, return_lse=True, compute_dtype=torch.float64)
@@ -191,6 +179,37 @@ def check_one(backend: str, pattern_name: str, shape: Tuple[int, ...], dtype: st
     return check
 
 
+def _draw_qkv(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    """Fresh q ``[B, Hq, Nq, D]``, k, v ``[B, Hkv, Nk, D]`` from ``gen``."""
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = shape
+
+    def draw(heads, seqlen):
+        return torch.randn(batch, heads, seqlen, head_dim, generator=gen).to(device=device, dtype=dtype)
+
+    return draw(heads_q, seqlen_q), draw(heads_kv, seqlen_k), draw(heads_kv, seqlen_k)
+
+
+def _served(check: Check, backend: str, call):
+    """``call()`` with poisoned outputs; None (and ``check`` marked skip or fail) when the backend
+    declined, crashed, or another backend served it."""
+    import flashlite
+
+    try:
+        with _poisoned():
+            result = call()
+    except (ValueError, NotImplementedError) as exc:
+        check.status, check.reason = "skip", str(exc).strip().splitlines()[-1]
+        return None
+    except Exception as exc:  # noqa: BLE001 - a crash of an available backend is a failure
+        check.status, check.reason = "fail", f"{type(exc).__name__}: {exc}"
+        return None
+    served = flashlite.last_backend()
+    if served != backend:
+        check.status, check.reason = "fail", f"asked for {backend}, ran {served}"
+        return None
+    return result
+
+
 STATS_SINK = 3  # a sink width that is not a tile or vector size
 
 
@@ -200,29 +219,17 @@ def check_stats_one(backend: str, shape: Tuple[int, ...], dtype: str, device: to
     import flashlite
     from flashlite import reference
 
-    batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = shape
     check = Check(backend, "stats", tuple(shape), dtype)
     torch_dtype = DTYPE_NAMES[dtype]
     pattern = flashlite.Full(causal=True)
 
-    def draw(heads, seqlen):
-        return torch.randn(batch, heads, seqlen, head_dim, generator=gen).to(device=device, dtype=torch_dtype)
-
-    q, k, v = draw(heads_q, seqlen_q), draw(heads_kv, seqlen_k), draw(heads_kv, seqlen_k)
+    q, k, v = _draw_qkv(shape, torch_dtype, device, gen)
     leaves = [t.clone().requires_grad_(grads) for t in (q, k, v)]
-    try:
-        with _poisoned():
-            out, stats = flashlite.attention_stats(*leaves, pattern, sink_tokens=STATS_SINK, backend=backend)
-    except (ValueError, NotImplementedError) as exc:
-        check.status, check.reason = "skip", str(exc).strip().splitlines()[-1]
+    result = _served(check, backend, lambda: flashlite.attention_stats(*leaves, pattern, sink_tokens=STATS_SINK,
+                                                                       backend=backend))
+    if result is None:
         return check
-    except Exception as exc:  # noqa: BLE001 - a crash of an available backend is a failure
-        check.status, check.reason = "fail", f"{type(exc).__name__}: {exc}"
-        return check
-    served = flashlite.last_backend()
-    if served != backend:
-        check.status, check.reason = "fail", f"asked for {backend}, ran {served}"
-        return check
+    out, stats = result
     runs = {}
     for label, compute in (("exact", torch.float64), ("lowp", None)):  # float64, and torch in the dtype
         ref_leaves = [t.detach().to(compute or torch_dtype).clone().requires_grad_(grads) for t in (q, k, v)]
