@@ -55,9 +55,10 @@ HOST_SOURCES = sorted(p.name for p in CUDA_DIR.glob("*.cpp") if p.name != "bindi
 FULL = os.environ.get("FLASHLITE_CUDA_TESTS") == "full"
 ARCHS = ["sm_80", "sm_90a"] if FULL else ["sm_90a"]
 # ... and one source per kernel family (each family's templates at one dtype and head-dim bucket; the
-# generated instantiation files differ only in those arguments); FULL compiles every source.
-CORE_CU_SOURCES = ("mma_forward_f16_d128.cu", "mma_backward_bf16_d32_64.cu", "simt_tile_f32.cu",
-                   "simt_gather_bf16.cu", "utility_kernels.cu")
+# generated instantiation files differ only in those arguments; with FLASHLITE_CUDA_FEW_INSTANTIATIONS
+# the tensor-core files hold kernels at D = 64 and 256 only); FULL compiles every source.
+CORE_CU_SOURCES = ("mma_forward_f16_d32_64.cu", "mma_forward_bf16_d256.cu", "mma_backward_bf16_d32_64.cu",
+                   "simt_tile_f32.cu", "simt_gather_bf16.cu", "utility_kernels.cu")
 CU_SOURCES = [s for s in ALL_CU_SOURCES if FULL or s in CORE_CU_SOURCES]
 # Host code at -O0: the device code is optimized all the same (cicc, ptxas -O3; the ptxas numbers are
 # identical to -O2), and each run takes ~20% less CPU.
