@@ -108,14 +108,37 @@ def _check_pattern(pattern) -> Pattern:
     return pattern
 
 
+def _linked_zeros(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Zeros like q that keep autograd links to q, k and v (zero gradients) without reading them:
+    a sum over an empty slice is exactly 0, whatever q, k, v hold (inf or NaN included)."""
+    link = sum(t.narrow(-1, 0, 0).sum() for t in (q, k, v))
+    return q.new_zeros(q.shape) + link.to(q.dtype)
+
+
+def _kept_runs(kept_groups: Tensor) -> list:
+    """Maximal runs ``(first, last + 1)`` of True in a bool vector (one host read)."""
+    runs, start = [], None
+    for index, keep in enumerate(kept_groups.tolist() + [False]):
+        if keep and start is None:
+            start = index
+        elif not keep and start is not None:
+            runs.append((start, index))
+            start = None
+    return runs
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, head_mask: Optional[Tensor], stats: Optional[int],
             **kw) -> tuple:
     """(out, lse) or, with ``stats=sink_tokens``, (out, lse, row_stats): dispatch.run with the
-    empty shapes and the head mask handled here. A bool mask runs only the kept (batch, head)
-    pairs, gathered into one batch of heads (a masked head visits no tile); a float mask gates
-    each head's output."""
+    empty shapes and the head mask handled here.
+
+    A bool mask runs, per batch row (one run for all rows when they agree), each maximal run of
+    KV groups that keep at least one query head as one call on views of q, k, v (no copies; the
+    pattern's per-head data sliced alike): a group whose heads are all masked does no work at all.
+    A masked query head that shares its KV group with a kept one (GQA) runs with its group and is
+    zeroed. A float mask gates each head's output."""
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
-        out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()  # keeps autograd links
+        out = _linked_zeros(q, k, v)
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
         return (out, lse) if stats is None else (out, lse, q.new_zeros((5,) + lse.shape, dtype=torch.float32))
     if head_mask is None:
@@ -124,27 +147,44 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, head_mask: Option
         result = dispatch.run(q, k, v, pattern, stats=stats, **kw)
         return (result[0] * head_mask[:, :, None, None].to(q.dtype),) + tuple(result[1:])
     batch, heads_q = q.shape[:2]
-    group = heads_q // k.shape[1]
-    batch_index, head_index = head_mask.nonzero(as_tuple=True)
-    if batch_index.numel() == batch * heads_q:
-        return dispatch.run(q, k, v, pattern, stats=stats, **kw)
-    out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()
-    lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
-    row_stats = q.new_zeros((5,) + lse.shape, dtype=torch.float32)
-    if batch_index.numel():
-        kv_index = head_index // group
-        slopes = kw.pop("alibi_slopes")
-        if slopes is not None:
-            slopes = slopes[head_index] if slopes.dim() == 1 else slopes[batch_index, head_index]
-        kept = pattern.select_heads(batch_index, head_index, batch, heads_q, group)
-        result = dispatch.run(q[batch_index, head_index].unsqueeze(0), k[batch_index, kv_index].unsqueeze(0),
-                              v[batch_index, kv_index].unsqueeze(0), kept, stats=stats, alibi_slopes=slopes, **kw)
-        pairs = (batch_index, head_index)
-        out = out.index_put(pairs, result[0][0])
-        lse = lse.index_put(pairs, result[1][0])
-        if stats is not None:
-            per_head = row_stats.permute(1, 2, 0, 3)  # [B, Hq, 5, Nq], indexed by the pairs
-            row_stats = per_head.index_put(pairs, result[2][:, 0].transpose(0, 1)).permute(2, 0, 1, 3)
+    heads_kv = k.shape[1]
+    group = heads_q // heads_kv
+    rows = [slice(0, batch)] if bool((head_mask == head_mask[:1]).all()) else [slice(b, b + 1) for b in range(batch)]
+    slopes = kw.pop("alibi_slopes")
+    blocks = []  # per batch row: [(out, lse, row_stats)] of each head range in order, zeros for a skipped range
+    for row in rows:
+        rows_n = row.stop - row.start
+        parts, done = [], 0
+        kept_groups = head_mask[row.start].view(heads_kv, group).any(1)
+        for first, last in _kept_runs(kept_groups) + [(heads_kv, heads_kv)]:
+            if first > done:  # a run of masked groups: no call, zeros
+                skipped = (rows_n, (first - done) * group, q.shape[2])
+                parts.append((q.new_zeros(skipped + (q.shape[3],)),
+                              q.new_full(skipped, float("-inf"), dtype=torch.float32),
+                              None if stats is None else q.new_zeros((5,) + skipped, dtype=torch.float32)))
+            if last > first:
+                heads, groups = slice(first * group, last * group), slice(first, last)
+                part = slopes
+                if part is not None:
+                    part = part[heads] if part.dim() == 1 else part[row, heads]
+                result = dispatch.run(q[row, heads], k[row, groups], v[row, groups],
+                                      pattern.slice_heads(row, heads, groups), stats=stats, alibi_slopes=part, **kw)
+                parts.append(result if stats is not None else tuple(result) + (None,))
+            done = last
+        blocks.append([torch.cat(pieces, dim) if pieces[0] is not None else None
+                       for pieces, dim in zip(zip(*parts), (1, 1, 2))])
+    out, lse, row_stats = (torch.cat(pieces, dim) if pieces[0] is not None else None
+                           for pieces, dim in zip(zip(*blocks), (0, 0, 1)))
+    if not any(bool(b[0].requires_grad) for b in blocks) and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out = out + _linked_zeros(q, k, v)  # nothing ran: keep the (zero) gradient links
+    # Masked heads that ran with a kept head of their group (GQA): zeros, lse -inf, no statistics.
+    ran_masked = head_mask.view(batch, heads_kv, group).any(-1, keepdim=True).expand(-1, -1, group).reshape(
+        batch, heads_q) & ~head_mask
+    if bool(ran_masked.any()):
+        out = torch.where(head_mask[:, :, None, None], out, out.new_zeros(()))  # where, not *: NaN stays out
+        lse = lse.masked_fill(~head_mask[:, :, None], float("-inf"))
+        if row_stats is not None:
+            row_stats = torch.where(head_mask[None, :, :, None], row_stats, row_stats.new_zeros(()))
     return (out, lse) if stats is None else (out, lse, row_stats)
 
 
@@ -337,7 +377,7 @@ def varlen_attention(
     if q4.shape[2] == 0 or k4.shape[2] == 0 or q4.shape[1] == 0:
         if q4.shape[2] and k4.shape[2] == 0:
             packed.check_values(0)
-        out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()
+        out = _linked_zeros(q, k, v)
         lse = torch.full(q.shape[:2], float("-inf"), device=q.device, dtype=torch.float32)
         return (out, lse) if return_lse else out
     out, lse = dispatch.run(q4, k4, v4, packed, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,

@@ -272,29 +272,37 @@ MASK_BACKENDS = ["reference"] + kernel_backends()
 @pytest.mark.parametrize("backend", MASK_BACKENDS)
 @pytest.mark.parametrize("pattern_name", ["causal", "block_sparse", "topk"])
 @pytest.mark.parametrize("per_batch", [False, True])
-def test_bool_head_mask_skips_masked_heads(backend, pattern_name, per_batch, monkeypatch):
-    if backend == "triton" and not HAS_CUDA and not per_batch:
-        pytest.skip("Triton's interpreter: the per-batch mask only (it covers the shared one's path)")
-    batch, heads_q, heads_kv, seqlen, head_dim = 2, 4, 2, 21, 16
+@pytest.mark.parametrize("heads_kv", [2, 4])
+def test_bool_head_mask_skips_masked_heads(backend, pattern_name, per_batch, heads_kv, monkeypatch):
+    """Only the KV groups with a kept head reach a backend, as views of q, k, v (no copies); the
+    masked heads get zeros, lse -inf and zero gradients; the kept ones equal the unmasked call."""
+    if backend == "triton" and not HAS_CUDA and (not per_batch or heads_kv == 4):
+        pytest.skip("Triton's interpreter: the per-batch GQA mask only (it covers the other paths)")
+    batch, heads_q, seqlen, head_dim = 2, 4, 21, 16
+    group = heads_q // heads_kv
     pattern = make(pattern_name, batch, heads_q, heads_kv, seqlen, seqlen)
     q = randn(batch, heads_q, seqlen, head_dim, requires_grad=True)
     k = randn(batch, heads_kv, seqlen, head_dim, requires_grad=True)
     v = randn(batch, heads_kv, seqlen, head_dim, requires_grad=True)
-    mask = torch.tensor([[True, False, False, True], [False, True, True, True]], device=DEVICE)
+    mask = torch.tensor([[True, False, False, False], [False, True, True, True]], device=DEVICE)
     if not per_batch:
         mask = mask[0]
     kept = mask.expand(batch, heads_q)
+    groups_kept = kept.view(batch, heads_kv, group).any(-1)
+    expected_heads = int(groups_kept.sum()) * group
 
     heads_run = []
     real_run = flashlite.dispatch.run
 
-    def spy(q_run, *args, **kw):
+    def spy(q_run, k_run, *args, **kw):
         heads_run.append(q_run.shape[0] * q_run.shape[1])
-        return real_run(q_run, *args, **kw)
+        assert q_run.untyped_storage().data_ptr() == q.untyped_storage().data_ptr(), "q was copied"
+        assert k_run.untyped_storage().data_ptr() == k.untyped_storage().data_ptr(), "k was copied"
+        return real_run(q_run, k_run, *args, **kw)
 
     monkeypatch.setattr(flashlite.dispatch, "run", spy)
     out, lse = flashlite.attention(q, k, v, pattern, head_mask=mask, backend=backend, return_lse=True)
-    assert heads_run == [int(kept.sum())], "masked heads reached a backend"
+    assert sum(heads_run) == expected_heads, "a group with no kept head reached a backend"
     monkeypatch.setattr(flashlite.dispatch, "run", real_run)
 
     grad = torch.randn_like(out)
@@ -308,6 +316,17 @@ def test_bool_head_mask_skips_masked_heads(backend, pattern_name, per_batch, mon
     assert not q.grad[~kept].any(), "a masked head got a gradient"
     for got, want in zip((q, k, v), ref_leaves):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads_kv", [1, 4])
+def test_masked_heads_are_zero_even_with_non_finite_inputs(heads_kv):
+    """A masked head's output is zeros whatever its inputs hold (GQA: also when it runs with its group)."""
+    q, k, v = randn(1, 4, 6, 8), randn(1, heads_kv, 6, 8), randn(1, heads_kv, 6, 8)
+    q[:, 1] = float("nan")
+    mask = torch.tensor([True, False, True, True], device=DEVICE)
+    out, stats = flashlite.attention_stats(q, k, v, Full(causal=True), head_mask=mask)
+    assert not out[:, 1].any() and not stats.entropy[:, 1].any() and torch.isneginf(stats.lse[:, 1]).all()
+    assert torch.isfinite(out[:, [0, 2, 3]]).all()
 
 
 def test_float_head_mask_is_a_differentiable_gate():

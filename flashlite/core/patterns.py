@@ -74,11 +74,10 @@ class Pattern:
         """How many keys each query attends (``[B|1, H|1, Nq]``), for FLOP counts and tests."""
         return self.dense_mask(1, 1, 1, seqlen_q, seqlen_k, "cpu").sum(-1)
 
-    def select_heads(self, batch_index: torch.Tensor, head_index: torch.Tensor, batch: int, heads_q: int,
-                     group: int) -> "Pattern":
-        """The pattern of the (batch, query head) pairs listed, laid out as one batch of
-        ``len(head_index)`` heads (MHA: each has its own key head) - how a head mask skips the
-        masked heads' work. Head-independent patterns return themselves."""
+    def slice_heads(self, batch: slice, heads_q: slice, heads_kv: slice) -> "Pattern":
+        """The pattern of the batch rows ``batch``, query heads ``heads_q`` and their key heads
+        ``heads_kv`` (how a head mask runs only the kept heads, on views). Head-independent patterns
+        return themselves."""
         return self
 
     def __repr__(self) -> str:
@@ -240,9 +239,10 @@ class BlockSparse(Pattern):
     def keys_per_query(self, seqlen_q, seqlen_k):
         return self.dense_mask(1, 1, 1, seqlen_q, seqlen_k, self.layout.device).sum(-1)
 
-    def select_heads(self, batch_index, head_index, batch, heads_q, group):
-        layout = self.layout.expand(batch, heads_q, -1, -1)[batch_index, head_index]
-        return BlockSparse(layout.unsqueeze(0), self.block_size, self.causal)
+    def slice_heads(self, batch, heads_q, heads_kv):
+        layout = self.layout[batch if self.layout.shape[0] > 1 else slice(None),
+                             heads_q if self.layout.shape[1] > 1 else slice(None)]
+        return BlockSparse(layout, self.block_size, self.causal)
 
     def __repr__(self) -> str:
         return (f"BlockSparse(layout={tuple(self.layout.shape)}, block_size={self.block_size}, "
@@ -302,10 +302,8 @@ class TopK(Pattern):
         """The indices the gather plan is built from (a packed pattern moves them first)."""
         return self.indices
 
-    def select_heads(self, batch_index, head_index, batch, heads_q, group):
-        heads_kv = heads_q // group
-        indices = self.indices.expand(batch, heads_kv, *self.indices.shape[2:])
-        return TopK(indices[batch_index, head_index // group].unsqueeze(0), causal=self.causal)
+    def slice_heads(self, batch, heads_q, heads_kv):
+        return TopK(self.indices[batch, heads_kv if self.indices.shape[1] > 1 else slice(None)], causal=self.causal)
 
     def row_indices(self, seqlen_q: int) -> torch.Tensor:
         """Indices as ``[B, Hkv|1, Nq, K]`` (a shared list is broadcast to every query)."""
