@@ -137,6 +137,60 @@ def test_prune_nn_module_outputs_zeros():
     assert torch.allclose(attn(q, k, v), full, atol=1e-6)
 
 
+def test_prune_is_atomic():
+    model = nn.Sequential(_Block(), _Block())
+    with pytest.raises(ValueError, match=r"no head \[99\]"):
+        heads.prune(model, [(0, 1), (1, 99)], num_heads=4)
+    assert all(block.attn.head_mask is None for block in model)  # layer 0 was not pruned either
+    with pytest.raises(ValueError, match="out of range"):
+        heads.prune(model, [(0, 1), (5, 0)], num_heads=4)
+    assert all(block.attn.head_mask is None for block in model)
+    masks = heads.prune(model, {0: [1], 1: 2}, num_heads=4)
+    assert [m.tolist() for m in masks.values()] == [[True, False, True, True], [True, True, False, True]]
+
+
+def test_pruned_head_map_is_zeros_and_not_computed(monkeypatch):
+    from flashlite.heads import _hook
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8)  # GQA: groups (0, 1), (2, 3)
+    pattern = flashlite.Full(causal=True)
+    full = flashlite.attention_map(q, k, pattern, block=3)
+    computed = []
+    real = flashlite.attention_map
+    monkeypatch.setattr(flashlite, "attention_map",
+                        lambda q, *a, **kw: computed.append(tuple(q.shape[:2])) or real(q, *a, **kw))
+    for mask, calls in ((torch.tensor([True, False, True, True]), [(2, 1), (2, 2)]),
+                        (torch.tensor([[False, False, True, True], [True, True, True, False]]),
+                         [(1, 2), (1, 2), (1, 1)])):  # row 0: group 1; row 1: group 0, then head 2
+        computed.clear()
+        got = _hook._masked_map(q, k, pattern, mask, (3, 3), {})
+        want = full * mask.expand(2, 4)[:, :, None, None]
+        assert torch.allclose(got, want, atol=1e-6)
+        assert computed == calls  # only the kept heads were computed
+
+
+def test_pruned_head_in_a_recording():
+    torch.manual_seed(0)
+    mha = flashlite.nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(2, 9, 16)
+    heads.prune(mha, [(0, 2)])
+    reports = []
+    for need_weights in (False, True):  # kernels / slow path
+        with torch.no_grad(), heads.record(mha, grid=9) as rec, warnings.catch_warnings():
+            warnings.simplefilter("ignore", flashlite.nn.SlowPathWarning)
+            _, weights = mha(x, x, x, need_weights=need_weights, is_causal=True, average_attn_weights=False)
+        reports.append(rec.report())
+    assert torch.equal(weights[:, 2], torch.zeros_like(weights[:, 2]))  # need_weights: the masked head's are zeros
+    assert weights[:, 1].abs().sum() > 0
+    for report in reports:
+        assert torch.equal(report.maps[0, 2], torch.zeros_like(report.maps[0, 2]))
+        assert math.isnan(report["entropy"][0, 2]) and report["output_norm"][0, 2] == 0
+        assert all(h.head != 2 for h in report.choose_heads())
+    assert torch.allclose(reports[0].maps, reports[1].maps, atol=1e-5)
+    heads.unprune(mha)
+
+
 class _Block(nn.Module):
     """Projections around flashlite.nn.FlashAttention; ``gate`` (if set) multiplies each head's
     output explicitly - the manual gate."""
@@ -245,9 +299,11 @@ def test_cli_writes_png_and_json(tmp_path, capsys):
     out = tmp_path / "out"
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat; the cat sat on the mat. " * 4)
-    rc = main(["heads", "llama", "--set", "initializer_range=0.5", "--set", "num_attention_heads=2",
+    # default (small) random weights: every head is near-uniform, flagged dead; the maps picture
+    # still shows the most focused ones (choose_heads' fallback)
+    rc = main(["heads", "llama", "--set", "num_attention_heads=2",
                "--text", str(text), "--seq-len", "24", "--batch-size", "2", "--batches", "2", "--grid", "8",
-               "--out", str(out), "--heads", "L1.H0", "--stats", "entropy,mean_distance"])
+               "--out", str(out), "--stats", "entropy,mean_distance"])
     assert rc == 0
     captured = capsys.readouterr()
     assert "heads [" in captured.err and "2/2" in captured.err  # the progress bar
@@ -267,6 +323,34 @@ def test_cli_writes_png_and_json(tmp_path, capsys):
     assert "MODEL" in capsys.readouterr().err
     assert main(["heads", "llama", "--stats", "entropy,colour"]) == 2
     assert "--stats" in capsys.readouterr().err
+    # checked before the model is made or run: nothing written
+    early = tmp_path / "early"
+    assert main(["heads", "llama", "--heads", "5.0", "--out", str(early)]) == 2
+    assert "--heads: no head 5.0" in capsys.readouterr().err and not early.exists()
+    assert main(["heads", "llama", "--heads", "1.7", "--out", str(early)]) == 2  # 4 heads per layer
+    assert "--heads" in capsys.readouterr().err and not early.exists()
+    assert main(["heads", "llama", "--stats", "importance", "--out", str(early)]) == 2
+    assert "--importance" in capsys.readouterr().err and not early.exists()
+    assert main(["heads", "llama", "--set", "bogus_key=3", "--out", str(early)]) == 2
+    err = capsys.readouterr().err
+    assert "--set" in err and "bogus_key" in err and not early.exists()
+
+
+def test_choose_heads_falls_back_when_every_head_is_dead():
+    nan = float("nan")
+    values = {name: [0.5, 0.5, 0.5, nan] for name in heads.STATS}
+    values["norm_entropy"] = [0.97, 0.92, 0.99, nan]  # all near-uniform: dead; head 3 has no data (pruned)
+    values["entropy"] = [2.0, 1.9, 2.1, nan]
+    values["output_norm"] = [1.0, 1.0, 1.0, 0.0]
+    stats = {name: torch.tensor([row], dtype=torch.float64) for name, row in values.items()}
+    report = heads.HeadReport(["blk"], [4], stats, torch.rand(1, 4, 4, 4), heads.Criteria(), {})
+    assert [h.head for h in report.flags()["dead"]] == [0, 1, 2]
+    assert [h.head for h in report.choose_heads()] == [1, 0, 2]  # the most focused first, never the pruned one
+    assert [h.head for h in report.choose_heads(count=1)] == [1]
+    values["norm_entropy"] = [0.97, 0.2, 0.99, nan]  # one live head: only it (no dead filler)
+    stats = {name: torch.tensor([row], dtype=torch.float64) for name, row in values.items()}
+    report = heads.HeadReport(["blk"], [4], stats, None, heads.Criteria(), {})
+    assert [h.head for h in report.choose_heads()] == [1]
 
 
 # ---------------------------------------------------------------------------------------------

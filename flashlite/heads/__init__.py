@@ -602,16 +602,18 @@ class HeadReport:
         return path
 
     def choose_heads(self, count: int = 8) -> List[Head]:
-        """Heads worth a picture: the flagged-but-alive and the most focused (lowest ``norm_entropy``)."""
-        chosen: List[Head] = []
+        """Heads worth a picture: the most focused (lowest ``norm_entropy``) of those not flagged
+        dead, then the sink and local heads. Only heads with data (a pruned head, which saw no key,
+        has none). When no head qualifies (random weights: every head near-uniform, so dead), the
+        lowest-``norm_entropy`` heads with data, dead or not; empty only when no head has data."""
         flags = self.flags()
-        for h, _ in self.rank("norm_entropy", descending=False):
-            if len(chosen) < count and h not in flags["dead"]:
-                chosen.append(h)
+        has_data = [h for h in self.all_heads() if not math.isnan(self.value("entropy", h))]
+        order = [h for h, _ in self.rank("norm_entropy", descending=False) if h in has_data]
+        chosen = [h for h in order if h not in flags["dead"]][:count]
         for h in flags["sink"] + flags["local"]:
-            if h not in chosen and len(chosen) < count:
+            if h in has_data and h not in chosen and len(chosen) < count:
                 chosen.append(h)
-        return chosen
+        return chosen or order[:count]
 
     def plot(self, directory: Union[str, os.PathLike], heads: Optional[Sequence] = None, prefix: str = "heads",
              stats: Optional[Sequence[str]] = None) -> List[str]:
@@ -738,7 +740,8 @@ def prune(model: nn.Module, heads, *, num_heads: Union[None, int, Mapping[str, i
         if isinstance(head, bool) or not isinstance(head, int):
             raise TypeError(f"heads: a head must be an int, got {head!r}")
         chosen.setdefault(name, []).append(head)
-    changed = {}
+    # Validate every entry (and build every mask) first, then apply: an error leaves the model as it was.
+    masks: Dict[str, Tensor] = {}
     for name, hs in chosen.items():
         module = named[name]
         count = _num_heads(module, name, num_heads)
@@ -749,11 +752,14 @@ def prune(model: nn.Module, heads, *, num_heads: Union[None, int, Mapping[str, i
         if isinstance(old, Tensor) and old.dtype == torch.bool and tuple(old.shape) == (count,):
             mask = old.clone()
         else:
+            if "head_mask" not in module._buffers and old is not None:
+                raise ValueError(f"heads: layer {name!r} has its own head_mask attribute; not replacing it")
             mask = torch.ones(count, dtype=torch.bool, device=_module_device(module))
         mask[hs] = False
-        _set_mask(module, name, mask)
-        changed[name] = mask
-    return changed
+        masks[name] = mask
+    for name, mask in masks.items():
+        _set_mask(named[name], name, mask)
+    return masks
 
 
 def unprune(model: nn.Module) -> None:

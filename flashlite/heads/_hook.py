@@ -68,10 +68,73 @@ def attend(layer, q: Tensor, k: Tensor, v: Tensor, pattern, *, head_mask: Option
         out, lse = fl.attention(q, k, v, pattern, head_mask=mask, return_lse=True, dropout_p=dropout_p, **kw)
 
     def pooled(block):
-        return fl.attention_map(q, k, pattern, block=block, **kw)
+        return _masked_map(q, k, pattern, mask, block, kw)
 
     recorder.add(layer, stats, out, pooled, k.shape[2])
     return (out, lse) if return_lse else out
+
+
+def _kept_segments(kept, group: int):
+    """``(query heads, key heads)`` slices covering exactly the kept query heads (``kept``: bool
+    list [Hq]): runs of whole kept KV groups as one slice, and inside a partly kept group each run
+    of kept heads with that group's key head - no masked head is in any slice."""
+    segments, run = [], None  # run: first group of the current run of wholly kept groups
+    heads_kv = len(kept) // group
+    for g in range(heads_kv + 1):
+        whole = g < heads_kv and all(kept[g * group:(g + 1) * group])
+        if whole:
+            run = g if run is None else run
+            continue
+        if run is not None:
+            segments.append((slice(run * group, g * group), slice(run, g)))
+            run = None
+        if g == heads_kv:
+            break
+        start = None
+        for h in range(g * group, (g + 1) * group + 1):
+            if h < (g + 1) * group and kept[h]:
+                start = h if start is None else start
+            elif start is not None:
+                segments.append((slice(start, h), slice(g, g + 1)))
+                start = None
+    return segments
+
+
+def _masked_map(q: Tensor, k: Tensor, pattern, mask: Optional[Tensor], block, kw) -> Tensor:
+    """``flashlite.attention_map`` of this call; with a bool head mask only the kept heads are
+    computed (on views, the pattern's per-head data sliced alike) and a masked head's map is zeros.
+    A float mask (a gate on the output) does not change the maps."""
+    import flashlite as fl
+
+    if mask is None or mask.dtype != torch.bool:
+        return fl.attention_map(q, k, pattern, block=block, **kw)
+    batch, heads_q = q.shape[:2]
+    group = heads_q // k.shape[1]
+    mask = mask.expand(batch, heads_q) if mask.dim() == 1 else mask
+    rows = [slice(0, batch)] if bool((mask == mask[:1]).all()) else [slice(b, b + 1) for b in range(batch)]
+    block_q, block_k = (block, block) if isinstance(block, int) else block
+    out = torch.zeros(batch, heads_q, -(-q.shape[2] // block_q), -(-k.shape[2] // block_k), dtype=torch.float32,
+                      device=q.device)
+    slopes = kw.get("alibi_slopes")
+    for row in rows:
+        for heads, groups in _kept_segments(mask[row.start].tolist(), group):
+            part = dict(kw)
+            if slopes is not None:
+                part["alibi_slopes"] = slopes[heads] if slopes.dim() == 1 else slopes[row, heads]
+            out[row, heads] = fl.attention_map(q[row, heads], k[row, groups], pattern.slice_heads(row, heads, groups),
+                                               block=block, **part)
+    return out
+
+
+def mask_weights(layer, q: Tensor, weights: Optional[Tensor], head_mask: Optional[Tensor] = None) -> Optional[Tensor]:
+    """The slow path's attention weights ``[B, Hq, Nq, Nk]`` with a bool head mask applied: a
+    masked head's weights are zeros (as its output is). A float mask (a gate) leaves them."""
+    if weights is None:
+        return None
+    mask = layer_mask(layer, q, head_mask)
+    if mask is None or mask.dtype != torch.bool:
+        return weights
+    return torch.where(_broadcast(mask, weights), weights, weights.new_zeros(()))
 
 
 def after_dense(layer, q: Tensor, k: Tensor, out: Tensor, pattern, *, keep=None, bias=None, scale=None,
@@ -90,8 +153,8 @@ def after_dense(layer, q: Tensor, k: Tensor, out: Tensor, pattern, *, keep=None,
         with torch.no_grad():
             probs = _probabilities(q.detach(), k.detach(), pattern, torch.float32, mask=keep, attn_bias=bias,
                                    scale=scale, softcap=softcap)
-            if mask is not None and mask.dtype == torch.bool:
-                probs = probs * _broadcast(mask, probs)
+            if mask is not None and mask.dtype == torch.bool:  # a masked head: zeros (no data), as on the kernels
+                probs = torch.where(_broadcast(mask, probs), probs, probs.new_zeros(()))
             stats = stats_from_probabilities(probs, sink_tokens=recorder.sink_tokens)
 
         def pooled(block):

@@ -95,24 +95,55 @@ def _config_class(name: str):
                          f"(a model type such as 'llama', or a class such as 'LlamaConfig')") from exc
 
 
-def load_model(model: str, overrides: Dict[str, Any], dtype: torch.dtype, device: str, seed: int):
-    """(model on "fl_attention", tokenizer or None, how it was made)."""
+def _transformers():
     try:
         import transformers
     except ImportError as exc:
         raise UsageError("MODEL: flashlite heads needs transformers: pip install 'flashlite[transformers]'") from exc
-    from transformers import AutoModelForCausalLM
+    return transformers
 
-    from ..integrations.transformers import MAIN_NAME, register
 
-    register()
-    # transformers 5 names it dtype; 4.x torch_dtype
-    typed = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+def load_config(model: str, overrides: Dict[str, Any]):
+    """(config, how it was made) - checked before any weight is made: a local model directory's
+    own config, or a config name's tiny config with ``overrides`` (unknown keys rejected)."""
+    _transformers()
     if os.path.exists(model):
         if overrides:
             raise UsageError("--set: only for a config name (a local model keeps its own config)")
         if not os.path.isdir(model):
             raise UsageError(f"MODEL: {model!r} is a file; give the model's directory")
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model, local_files_only=True), f"{model} (pretrained)"
+    cls = _config_class(model)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    default = cls()
+    unknown = [key for key in overrides
+               if key not in accepted and (not hasattr(default, key) or callable(getattr(default, key)))]
+    if unknown:
+        raise UsageError(f"--set: {cls.__name__} has no {', '.join(map(repr, unknown))}")
+    kwargs = {key: value for key, value in TINY.items() if key in accepted}
+    kwargs.update(overrides)
+    try:
+        config = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--set: {cls.__name__} rejected {kwargs}: {exc}") from exc
+    return config, f"{cls.__name__}({', '.join(f'{k}={v}' for k, v in kwargs.items())}), random"
+
+
+def load_model(model: str, overrides: Dict[str, Any], dtype: torch.dtype, device: str, seed: int, config=None):
+    """(model on "fl_attention", tokenizer or None, how it was made); ``config``: a
+    :func:`load_config` result to use (else made here)."""
+    transformers = _transformers()
+    from transformers import AutoModelForCausalLM
+
+    from ..integrations.transformers import MAIN_NAME, register
+
+    config, made = load_config(model, overrides) if config is None else config
+    register()
+    # transformers 5 names it dtype; 4.x torch_dtype
+    typed = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+    if os.path.exists(model):
         net = AutoModelForCausalLM.from_pretrained(model, attn_implementation=MAIN_NAME, local_files_only=True,
                                                    **typed)
         tokenizer = None
@@ -122,18 +153,30 @@ def load_model(model: str, overrides: Dict[str, Any], dtype: torch.dtype, device
             tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
         except Exception:  # no tokenizer files: bytes modulo the vocabulary
             tokenizer = None
-        return net.to(device).eval(), tokenizer, f"{model} (pretrained)"
-    cls = _config_class(model)
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    kwargs = {key: value for key, value in TINY.items() if key in accepted}
-    kwargs.update(overrides)
-    try:
-        config = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"--set: {cls.__name__} rejected {kwargs}: {exc}") from exc
+        return net.to(device).eval(), tokenizer, made
     torch.manual_seed(seed)
     net = AutoModelForCausalLM.from_config(config, attn_implementation=MAIN_NAME, **typed)
-    return net.to(device).eval(), None, f"{cls.__name__}({', '.join(f'{k}={v}' for k, v in kwargs.items())}), random"
+    return net.to(device).eval(), None, made
+
+
+def _check_heads(chosen: Optional[list], layers: Optional[int], heads: Optional[Sequence[int]]) -> None:
+    """``--heads`` against the layer count and the heads per layer (unknown ones: not checked)."""
+    if chosen is None or layers is None:
+        return
+    bad = [f"{l}.{h}" for l, h in chosen
+           if not (0 <= l < layers and (heads is None or 0 <= h < heads[l]))]
+    if bad:
+        raise UsageError(f"--heads: no head {', '.join(bad)} (layers 0..{layers - 1}"
+                         + (f", heads per layer {list(heads)})" if heads is not None else ")"))
+
+
+def _config_heads(config):
+    """(attention layers, [heads per layer]) from a transformers config, or (None, None)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    count = getattr(config, "num_attention_heads", None)
+    if not isinstance(layers, int) or not isinstance(count, int):
+        return None, None
+    return layers, [count] * layers
 
 
 def make_batches(args, vocab: int, tokenizer, device: str) -> List[torch.Tensor]:
@@ -161,7 +204,7 @@ def make_batches(args, vocab: int, tokenizer, device: str) -> List[torch.Tensor]
 
 
 def _parse_heads(spec: Optional[str]) -> Optional[list]:
-    """``--heads`` as ``[(layer, head), ...]`` (checked against the model after the run)."""
+    """``--heads`` as ``[(layer, head), ...]`` (checked against the config before the run)."""
     if not spec:
         return None
     chosen = []
@@ -202,7 +245,12 @@ def _run(args) -> int:
         unknown = [name for name in stats if name not in STATS + ("importance",)]
         if unknown:
             raise UsageError(f"--stats: unknown {unknown}; choose from {', '.join(STATS + ('importance',))}")
-    model, tokenizer, made = load_model(args.model, _parse_overrides(args.overrides), dtype, args.device, args.seed)
+        if "importance" in stats and not args.importance:
+            raise UsageError("--stats importance: needs --importance (importance is only measured with it)")
+    overrides = _parse_overrides(args.overrides)
+    config = load_config(args.model, overrides)  # every argument is checked before the model is made and run
+    _check_heads(chosen, *_config_heads(config[0]))
+    model, tokenizer, made = load_model(args.model, overrides, dtype, args.device, args.seed, config=config)
     vocab = int(model.get_input_embeddings().num_embeddings)
     batches = make_batches(args, vocab, tokenizer, args.device)
     print(f"model: {made}", file=sys.stderr)
@@ -215,13 +263,9 @@ def _run(args) -> int:
     flags = report.flags()
     for name, found in flags.items():
         print(f"{name}: {len(found)} head(s) {' '.join(str(h) for h in found)}".rstrip())
+    _check_heads(chosen, len(report.layers), report.heads)  # the recorded layers (checked before writing)
     os.makedirs(args.out, exist_ok=True)
     paths = [report.save_json(os.path.join(args.out, "heads.json"))]
-    if chosen is not None:
-        bad = [f"{l}.{h}" for l, h in chosen if not (0 <= l < len(report.layers) and 0 <= h < report.heads[l])]
-        if bad:
-            raise UsageError(f"--heads: no head {', '.join(bad)} (layers 0..{len(report.layers) - 1}, "
-                             f"heads per layer {report.heads})")
     if not args.no_plots:
         paths += report.plot(args.out, heads=chosen, stats=stats)
     print("wrote " + ", ".join(paths))

@@ -161,6 +161,7 @@ def serve(q: Tensor, k: Tensor, v: Tensor, lowered: Lowered, *, scale: Optional[
     if heads:
         out = _heads.after_dense(layer, q, k, out, pattern, keep=keep, bias=bias, scale=scale, softcap=softcap,
                                  head_mask=head_mask)
+        weights = _heads.mask_weights(layer, q, weights, head_mask)
     return out, weights
 
 
