@@ -570,9 +570,11 @@ def _emulate(emulator: Path, workdir: Path, case: dict, arrays: dict, env: dict 
 
 
 def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, alibi=None, pad=0,
-                        deterministic=True, block_size=0, seed=0, env=None):
-    """Forward and backward of `pattern` through the emulated CUDA launchers.
-    Returns (out, lse, dq, dk, dv, grad_out, forward stdout)."""
+                        deterministic=True, block_size=0, seed=0, env=None, stats=None, entropy=False):
+    """Forward and backward of `pattern` through the emulated CUDA launchers. stats=sink_tokens: the
+    forward also fills row_stats; entropy: the backward also gets the entropy's gradient terms (of a
+    random gradient of the emulated entropy, as flashlite.dispatch.ops.entropy_terms builds them).
+    Returns (out, lse, dq, dk, dv, grad_out, forward stdout, {"row_stats", "grad_entropy"} or {})."""
     import torch
 
     from flashlite import TopK
@@ -601,9 +603,14 @@ def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, ali
         case.update(mode="tile_forward", block_m=block_m, block_n=block_n, is_list=int(sched.is_list),
                     window_left=sched.window_left, window_right=sched.window_right)
         arrays.update(kv_tiles=sched.kv_tiles, kv_count=sched.kv_count, q_tiles=sched.q_tiles, q_count=sched.q_count)
+    extras = {}
+    if stats is not None:
+        case.update(stats=1, sink_tokens=int(stats))
     stdout = _emulate(emulator, workdir, case, arrays)
     out = _from_file(workdir / "out.bin", q.dtype, q.shape)
     lse = _from_file(workdir / "lse.bin", torch.float32, q.shape[:3])
+    if stats is not None:
+        extras["row_stats"] = _from_file(workdir / "row_stats.bin", torch.float32, (5,) + tuple(q.shape[:3]))
 
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(q.dtype)
     delta = (grad_out.float() * out.float()).sum(-1)
@@ -611,34 +618,63 @@ def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, ali
     arrays.update(grad_out=grad_out, out=out, lse=lse, delta=delta)
     if gather and deterministic:
         arrays["key_offsets"], arrays["key_slots"] = key_index(rows, Nq, Nk, pattern.causal)
+    if entropy:
+        from flashlite.dispatch.ops import entropy_terms
+
+        extras["grad_entropy"] = torch.randn(q.shape[:3], generator=torch.Generator().manual_seed(seed + 2))
+        arrays["entropy"] = entropy_terms(extras["grad_entropy"], lse, extras["row_stats"][0])
+        case["entropy"] = 1
     _emulate(emulator, workdir, case, arrays, env)
     dq = _from_file(workdir / "dq.bin", q.dtype, q.shape)
     dk = _from_file(workdir / "dk.bin", q.dtype, k.shape)
     dv = _from_file(workdir / "dv.bin", q.dtype, v.shape)
-    return out, lse, dq, dk, dv, grad_out, stdout
+    return out, lse, dq, dk, dv, grad_out, stdout, extras
 
 
 def _check_emulated(q, k, v, pattern, emulated, **kw):
     """DESIGN.md's rule (conftest.assert_rule) for out, lse, dq, dk, dv of the emulated kernels
-    (emulated: what _emulated_attention returned)."""
+    (emulated: what _emulated_attention returned); with stats=sink_tokens also the five head
+    statistics (flashlite.reference.attention_stats; keys exactly), with entropy the gradients of
+    out and the entropy together."""
     import torch
 
     from flashlite import reference
+    from flashlite.reference import STAT_NAMES
 
     from conftest import assert_rule
 
     softcap, alibi = kw.get("softcap") or None, kw.get("alibi")
-    out, lse, dq, dk, dv, grad_out, stdout = emulated
-    ref = {}
-    for name, dtype in (("exact", torch.float64), ("lowp", None)):
+    out, lse, dq, dk, dv, grad_out, stdout, extras = emulated
+    sink = kw.get("stats")
+    ref, ref_stats = {}, {}
+    for name, dtype in (("exact", torch.float64), ("lowp", None), ("f32", torch.float32)):
+        if name == "f32" and sink is None:
+            continue
         leaves = [t.detach().to(dtype or t.dtype).requires_grad_(True) for t in (q, k, v)]
-        o, l = reference.attention(*leaves, pattern, softcap=softcap, alibi_slopes=alibi, return_lse=True,
-                                   compute_dtype=dtype)
-        o.backward(grad_out.to(o.dtype))
+        if sink is None:
+            o, l = reference.attention(*leaves, pattern, softcap=softcap, alibi_slopes=alibi, return_lse=True,
+                                       compute_dtype=dtype)
+            loss = (o * grad_out.to(o.dtype)).sum()
+        else:
+            o, l, st = reference.attention_stats(*leaves, pattern, sink_tokens=sink, softcap=softcap,
+                                                 alibi_slopes=alibi, compute_dtype=dtype)
+            ref_stats[name] = st.detach()
+            loss = (o.double() * grad_out.double()).sum()
+            if "grad_entropy" in extras:
+                loss = loss + (st[0].double() * extras["grad_entropy"].double()).sum()
+        loss.backward()
         ref[name] = (o, l, *[t.grad for t in leaves])
     assert not torch.isnan(out).any(), "NaN in the emulated output"
     for index, name, got in zip(range(5), ("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv)):
-        assert_rule(name, got, ref["lowp"][index], ref["exact"][index])
+        assert_rule(name, got, ref["lowp"][index], ref["exact"][index], fallback=ref.get("f32", [None] * 5)[index])
+    if sink is not None:
+        row_stats = extras["row_stats"]
+        assert not torch.isnan(row_stats).any(), "row_stats has unwritten (NaN) elements"
+        for plane, name in enumerate(STAT_NAMES):
+            assert_rule(name, row_stats[plane], ref_stats["lowp"][plane], ref_stats["exact"][plane],
+                        fallback=ref_stats["f32"][plane])
+        assert torch.equal(row_stats[4], ref_stats["exact"][4].float()), "keys is a count"
+        assert (row_stats[:, torch.isneginf(lse)] == 0).all(), "a row with no key: all statistics 0"
     return stdout
 
 
@@ -724,6 +760,14 @@ def _emulation_cases():
          dict(env={"FLASHLITE_CUDA_WIDE_SLOTS": "1"})),
         ("topk_repeated_shared_atomic", f16, (1, 4, 2, 12, 40, 64),
          lambda: topk(1, 2, 12, 40, 9, False, shared=True, repeats=True), dict(deterministic=False)),
+        # head statistics (row_stats, sink_tokens) and the entropy's gradient in the backward: the
+        # tensor-core statistics kernels (GQA, Nq < Nk, masked tiles), the SIMT gather's (causal
+        # per-query lists, -1 slots; per-key dK/dV) and the SIMT tile engine's (float32, window)
+        ("mma_stats_causal", f16, (1, 4, 2, 70, 90, 64), lambda: Full(True), dict(stats=3, entropy=True)),
+        ("topk_stats", f16, (1, 4, 2, 30, 50, 64), lambda: topk(1, 2, 30, 50, 12, True),
+         dict(stats=5, entropy=True)),
+        ("simt_stats_f32_window", f32, (1, 2, 1, 45, 61, 40), lambda: SlidingWindow(7, 3),
+         dict(stats=2, entropy=True)),
     ]
 
 
@@ -733,7 +777,7 @@ def _emulation_cases():
 CORE_EMULATION = {"mma_causal", "mma_long_pipeline", "mma_window_bf16", "mma_block_sparse", "mma_softcap_alibi",
                   "mma_d256", "mma_decode_split", "mma_atomic_dq", "mma_d128_causal", "simt_f32_window",
                   "simt_bs16_f16", "topk_per_query", "topk_shared_bf16", "topk_atomic", "topk_decode_split",
-                  "topk_repeated_keys"}
+                  "topk_repeated_keys", "mma_stats_causal"}
 EMULATION_CASES = [c for c in (_emulation_cases() if NVCC else []) if FULL or c[0] in CORE_EMULATION]
 
 

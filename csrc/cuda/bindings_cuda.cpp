@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <limits>
 #include <tuple>
 
 #include "common/torch_params.h"
@@ -54,6 +55,40 @@ void check_indices_device(const Tensor& indices, const Tensor& q) {
                     " but q is on ", q.device());
 }
 
+// Head statistics (docs/native_abi.md): row_stats, when given, is the forward's output buffer of the
+// five statistics, float32 [5, B, Hq, Nq] contiguous on q's device; sink_tokens >= 0 the leading
+// keys of sink_mass. None: nothing is computed (the plain kernels run).
+void set_row_stats(flashlite::AttentionParams& p, const Tensor& q, const optional<Tensor>& row_stats,
+                   int64_t sink_tokens, const char* fn) {
+  if (!row_stats.has_value() || !row_stats->defined()) return;
+  const Tensor& t = *row_stats;
+  TORCH_CHECK_VALUE(t.device() == q.device() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4 &&
+                        t.size(0) == 5 && t.size(1) == q.size(0) && t.size(2) == q.size(1) && t.size(3) == q.size(2),
+                    "flashlite: ", fn, ": row_stats must be a float32 contiguous tensor [5, B, Hq, Nq] = [5, ",
+                    q.size(0), ", ", q.size(1), ", ", q.size(2), "] on q's device ", q.device(), ", got ",
+                    t.scalar_type(), " ", t.sizes(), t.is_contiguous() ? "" : " non-contiguous", " on ", t.device());
+  TORCH_CHECK_VALUE(sink_tokens >= 0 && sink_tokens <= std::numeric_limits<int32_t>::max(), "flashlite: ", fn,
+                    ": sink_tokens must be in [0, 2^31), got ", sink_tokens);
+  flashlite::poison({t});
+  p.row_stats = t.data_ptr<float>();
+  p.sink_tokens = static_cast<int32_t>(sink_tokens);
+}
+
+// The entropy's gradient terms of a backward (docs/native_abi.md): [2, B, Hq, Nq] (g and
+// g·(lse − H)) on q's device, converted to float32 contiguous (kept alive in `keep`).
+void set_entropy(flashlite::BackwardParams& g, const Tensor& q, const optional<Tensor>& entropy, Tensor& keep,
+                 const char* fn) {
+  if (!entropy.has_value() || !entropy->defined()) return;
+  const Tensor& t = *entropy;
+  TORCH_CHECK_VALUE(t.device() == q.device() && t.is_floating_point() && t.dim() == 4 && t.size(0) == 2 &&
+                        t.size(1) == q.size(0) && t.size(2) == q.size(1) && t.size(3) == q.size(2),
+                    "flashlite: ", fn, ": entropy must be a floating tensor [2, B, Hq, Nq] = [2, ", q.size(0), ", ",
+                    q.size(1), ", ", q.size(2), "] (the entropy's gradient g and g*(lse - H)) on q's device ",
+                    q.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  keep = t.to(at::kFloat).contiguous();
+  g.entropy = keep.data_ptr<float>();
+}
+
 Tensor workspace(size_t bytes, const Tensor& like) {
   if (bytes == 0) return Tensor();
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
@@ -77,13 +112,15 @@ py::tuple cuda_tile_config(int64_t head_dim, py::object dtype, int64_t block_siz
 std::tuple<Tensor, Tensor> cuda_tile_forward(Tensor q, Tensor k, Tensor v, const Tensor& kv_tiles,
                                              const Tensor& kv_count, const optional<Tensor>& alibi_slopes,
                                              bool is_list, int64_t block_m, int64_t block_n, int64_t window_left,
-                                             int64_t window_right, double scale, double softcap) {
+                                             int64_t window_right, double scale, double softcap,
+                                             const optional<Tensor>& row_stats, int64_t sink_tokens) {
   flashlite::make_last_dims_contiguous({&q, &k, &v});
   check_cuda_inputs(q, k, v);
   const c10::cuda::CUDAGuard guard(q.device());
   flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap);
   flashlite::set_tile_schedule(call.params, q, block_m, block_n, window_left, window_right, kv_tiles, kv_count,
                                is_list, "cuda_tile_config");
+  set_row_stats(call.params, q, row_stats, sink_tokens, "cuda_tile_forward");
   const Tensor ws = workspace(fc::tile_forward_workspace_bytes(call.params), q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(fc::tile_forward(call.params, data_or_null(ws), stream), "cuda_tile_forward");
@@ -94,7 +131,7 @@ std::tuple<Tensor, Tensor, Tensor> cuda_tile_backward(
     Tensor grad_out, Tensor q, Tensor k, Tensor v, const Tensor& out, const Tensor& lse, const Tensor& kv_tiles,
     const Tensor& kv_count, const Tensor& q_tiles, const Tensor& q_count, const optional<Tensor>& alibi_slopes,
     bool is_list, int64_t block_m, int64_t block_n, int64_t window_left, int64_t window_right, double scale,
-    double softcap, bool deterministic) {
+    double softcap, bool deterministic, const optional<Tensor>& entropy) {
   flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   check_cuda_inputs(q, k, v);
   check_saved(grad_out, out, lse, q);
@@ -104,6 +141,8 @@ std::tuple<Tensor, Tensor, Tensor> cuda_tile_backward(
   flashlite::set_tile_schedule(call.params, q, block_m, block_n, window_left, window_right, kv_tiles, kv_count,
                                is_list, "cuda_tile_config");
   flashlite::set_backward_schedule(call.params, q, k, q_tiles, q_count, is_list);
+  Tensor entropy_terms;
+  set_entropy(call.grads, q, entropy, entropy_terms, "cuda_tile_backward");
   const Tensor ws = deterministic ? Tensor() : workspace(fc::tile_backward_workspace_bytes(call.params), q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(fc::tile_backward(call.params, call.grads, data_or_null(ws), stream), "cuda_tile_backward");
@@ -112,13 +151,15 @@ std::tuple<Tensor, Tensor, Tensor> cuda_tile_backward(
 
 std::tuple<Tensor, Tensor> cuda_gather_forward(Tensor q, Tensor k, Tensor v, const Tensor& indices,
                                                const optional<Tensor>& alibi_slopes, bool causal, double scale,
-                                               double softcap) {
+                                               double softcap, const optional<Tensor>& row_stats,
+                                               int64_t sink_tokens) {
   flashlite::make_last_dims_contiguous({&q, &k, &v});
   check_cuda_inputs(q, k, v);
   check_indices_device(indices, q);
   const c10::cuda::CUDAGuard guard(q.device());
   flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap);
   flashlite::set_indices(call.params, indices, causal);
+  set_row_stats(call.params, q, row_stats, sink_tokens, "cuda_gather_forward");
   const Tensor ws = workspace(fc::gather_forward_workspace_bytes(call.params), q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(fc::gather_forward(call.params, data_or_null(ws), stream), "cuda_gather_forward");
@@ -131,7 +172,8 @@ std::tuple<Tensor, Tensor, Tensor> cuda_gather_backward(Tensor grad_out, Tensor 
                                                         const Tensor& out, const Tensor& lse, const Tensor& indices,
                                                         const Tensor& key_offsets, const Tensor& key_slots,
                                                         const optional<Tensor>& alibi_slopes, bool causal,
-                                                        double scale, double softcap, bool deterministic) {
+                                                        double scale, double softcap, bool deterministic,
+                                                        const optional<Tensor>& entropy) {
   flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   check_cuda_inputs(q, k, v);
   check_saved(grad_out, out, lse, q);
@@ -141,6 +183,8 @@ std::tuple<Tensor, Tensor, Tensor> cuda_gather_backward(Tensor grad_out, Tensor 
       flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap, deterministic);
   flashlite::set_indices(call.params, indices, causal);
   flashlite::set_key_index(call.grads, call.params, key_offsets, key_slots, q);
+  Tensor entropy_terms;
+  set_entropy(call.grads, q, entropy, entropy_terms, "cuda_gather_backward");
   const Tensor ws = deterministic ? Tensor() : workspace(fc::gather_backward_workspace_bytes(call.params), q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(fc::gather_backward(call.params, call.grads, data_or_null(ws), stream), "cuda_gather_backward");
@@ -157,18 +201,25 @@ void flashlite_register_cuda(pybind11::module_& m) {
   m.def("cuda_tile_forward", &cuda_tile_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_tiles"),
         py::arg("kv_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),
         py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
-        "CUDA tile engine forward -> (out, lse)");
+        py::arg("row_stats") = py::none(), py::arg("sink_tokens") = 0,
+        "CUDA tile engine forward -> (out, lse); row_stats (float32 [5, B, Hq, Nq], None = off) / sink_tokens: "
+        "filled with the head statistics (docs/native_abi.md)");
   m.def("cuda_tile_backward", &cuda_tile_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("kv_tiles"), py::arg("kv_count"), py::arg("q_tiles"),
         py::arg("q_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),
         py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
-        py::arg("deterministic"), "CUDA tile engine backward -> (dq, dk, dv)");
+        py::arg("deterministic"), py::arg("entropy") = py::none(),
+        "CUDA tile engine backward -> (dq, dk, dv); entropy (float32 [2, B, Hq, Nq]: g, g*(lse - H); None = "
+        "off): the entropy's gradient (docs/native_abi.md)");
   m.def("cuda_gather_forward", &cuda_gather_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("indices"),
         py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"),
-        "CUDA gather (top-k) forward -> (out, lse)");
+        py::arg("row_stats") = py::none(), py::arg("sink_tokens") = 0,
+        "CUDA gather (top-k) forward -> (out, lse); row_stats / sink_tokens: the head statistics "
+        "(docs/native_abi.md)");
   m.def("cuda_gather_backward", &cuda_gather_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("indices"), py::arg("key_offsets"), py::arg("key_slots"),
         py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("deterministic"),
-        "CUDA gather (top-k) backward -> (dq, dk, dv); key_offsets/key_slots: the key -> slot index of indices "
-        "(docs/native_abi.md)");
+        py::arg("entropy") = py::none(),
+        "CUDA gather (top-k) backward -> (dq, dk, dv); key_offsets/key_slots: the key -> slot index of indices; "
+        "entropy: the entropy's gradient terms (docs/native_abi.md)");
 }

@@ -82,8 +82,8 @@ cudaError_t tile_forward_impl(const AttentionParams& p, void* workspace, cudaStr
       if (plan.mma) {
         e = mma_forward_dispatch<T>(args, plan.D, plan.kernel_bm, p.block_n, plan.blocks, stream);
         if (e == cudaErrorInvalidValue)
-          return fail(e, "%s: no tensor-core kernel for head_dim template %d, tile (%d, %d)", who, plan.D,
-                      plan.kernel_bm, p.block_n);
+          return fail(e, "%s: no tensor-core %skernel for head_dim template %d, tile (%d, %d)", who,
+                      p.row_stats ? "head-statistics " : "", plan.D, plan.kernel_bm, p.block_n);
       } else {
         e = simt_tile_forward<T>(args, smem_limit, stream);
       }

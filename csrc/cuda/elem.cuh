@@ -2,12 +2,26 @@
 // in one 32-bit register (MMA fragments, paired loads).
 #pragma once
 
+#include <type_traits>
+
 #include "cuda/platform.cuh"
 
 namespace flashlite::cuda::detail {
 
 template <typename T>
 struct Elem;
+
+// Whether the head-statistics kernels (row_stats / entropy variants) of dtype T are instantiated:
+// always, except in the compile tests (FLASHLITE_CUDA_FEW_INSTANTIATIONS: float16 only, for ptxas;
+// the other dtypes' launches then fail with cudaErrorInvalidValue; see also simt_stats_kernels).
+template <typename T>
+constexpr bool stats_kernels() {
+#if defined(FLASHLITE_CUDA_FEW_INSTANTIATIONS)
+  return std::is_same<T, __half>::value;
+#else
+  return true;
+#endif
+}
 
 template <>
 struct Elem<float> {

@@ -12,6 +12,13 @@
 // operands of dV += Pᵀ·dO and dK += dSᵀ·Q.
 // dQ: either a second kernel over the forward schedule (deterministic), or, when
 // dq_accum != nullptr, fp32 atomics from the dK/dV kernel (dS staged in shared memory).
+//
+// The entropy's gradient (BackwardParams::entropy: g and shift = g·(lse − H) per row; the
+// backward of flashlite.attention_stats): dS_ij = p_ij·(dP_ij − (δ_i − shift_i) − g_i·s_ij)·chain,
+// s_ij = ln2·x2 the natural-units score, in the kernels of BwdStatsTile (Cfg::kStats: their own
+// instantiations, FLASHLITE_MMA_STATS_TILES; the plain kernels do not change): the dK/dV kernel
+// stages g and shift per chunk in shared memory past the plain layout (entropy_smem), the dQ
+// kernel keeps δ − shift and g·ln2 per row in registers.
 #pragma once
 
 #include "cuda/elem.cuh"
@@ -66,13 +73,16 @@ __global__ void __launch_bounds__(Cfg::kKvThreads) mma_dkdv_kernel(const __grid_
   const BackwardParams& g = args.g;
   const ScoreMath& math = args.math;
   const int stages = args.kv_stages;
+  constexpr bool Entropy = Cfg::kStats;
 
-  // Shared memory: K, V [BN][P]; per stage Q, dO [CM][P]; dS [CM][DSP]; per stage lse, δ [CM].
+  // Shared memory: K, V [BN][P]; per stage Q, dO [CM][P]; dS [CM][DSP]; per stage lse, δ [CM];
+  // with the entropy's gradient (past the plain launch's bytes) per stage g, shift [CM].
   T* const k_s = reinterpret_cast<T*>(smem_raw);
   T* const v_s = k_s + BN * P;
   T* const qdo_base = v_s + BN * P;  // stage s: Q at qdo_base + s·2·CM·P, dO right after
   T* const ds_s = qdo_base + stages * 2 * CM * P;
   float* const stat_base = reinterpret_cast<float*>(ds_s + CM * DSP);  // stage s: lse, δ at + s·2·CM
+  // (Entropy: stage s's g, shift at stat_base + (stages + s)·2·CM)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int group = lane >> 2, quad = lane & 3;
@@ -135,6 +145,12 @@ __global__ void __launch_bounds__(Cfg::kKvThreads) mma_dkdv_kernel(const __grid_
       const int64_t rid = ok ? row_id(p, b, h, i0 + r) : 0;
       cp_async_4(lse_s + r, p.lse + rid, ok);
       cp_async_4(delta_s + r, g.delta + rid, ok);
+      if constexpr (Entropy) {
+        const int64_t plane = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+        float* ent_s = stat_base + (stages + stage) * 2 * CM;
+        cp_async_4(ent_s + r, g.entropy + rid, ok);
+        cp_async_4(ent_s + CM + r, g.entropy + plane + rid, ok);
+      }
     }
   };
 
@@ -190,7 +206,13 @@ __global__ void __launch_bounds__(Cfg::kKvThreads) mma_dkdv_kernel(const __grid_
         const float x2 = math.log2_units(raw, slope, pos, j);
         const float pr = visible ? exp2f(x2 - lse_log2(lse_s[col])) : 0.f;
         st[nb][e] = pr;
-        dpt[nb][e] = pr * (dpt[nb][e] - delta_s[col]) * math.cap_grad(raw);
+        if constexpr (Entropy) {
+          const float* ent_s = stat_base + (stages + stage) * 2 * CM;  // g, shift of the chunk's rows
+          dpt[nb][e] = pr * (dpt[nb][e] - delta_s[col] + ent_s[CM + col] - ent_s[col] * kLn2 * x2) *
+                       math.cap_grad(raw);
+        } else {
+          dpt[nb][e] = pr * (dpt[nb][e] - delta_s[col]) * math.cap_grad(raw);
+        }
       }
     }
 
@@ -327,8 +349,10 @@ __global__ void __launch_bounds__(Cfg::kQThreads) mma_dq_kernel(const __grid_con
   if (count > 0) load_kv(0, 0);
   cp_async_commit();
 
-  // Per-thread rows (g, g+8): lse (log2 units), δ, position, band.
-  float lse2[2], delta[2];
+  // Per-thread rows (g, g+8): lse (log2 units), δ, position, band; with the entropy's gradient
+  // δ − shift and g·ln2 (gl).
+  constexpr bool Entropy = Cfg::kStats;
+  float lse2[2], delta[2], gl[Entropy ? 2 : 1];
   int64_t pos[2];
   KeyRange range[2];
 #pragma unroll
@@ -338,6 +362,11 @@ __global__ void __launch_bounds__(Cfg::kQThreads) mma_dq_kernel(const __grid_con
     const int64_t rid = ok ? row_id(p, b, h, m * BM + r) : 0;
     lse2[rr] = ok ? lse_log2(p.lse[rid]) : INFINITY;  // invalid rows: p = 0
     delta[rr] = ok ? g.delta[rid] : 0.f;
+    if constexpr (Entropy) {
+      const int64_t plane = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+      gl[rr] = ok ? g.entropy[rid] * kLn2 : 0.f;
+      if (ok) delta[rr] -= g.entropy[plane + rid];
+    }
     pos[rr] = m * BM + r + shift;
     range[rr] = band_range(p, pos[rr]);
   }
@@ -368,6 +397,7 @@ __global__ void __launch_bounds__(Cfg::kQThreads) mma_dq_kernel(const __grid_con
     mma_score_pair<T, D, BN, P>(s, dp, q_s, do_s, warp * 16, k_s, v_s);
 
     // -- p = 2^(s − lse), dS = p·(dP − δ)·(1 − tanh²) -------------------------------------------
+    //    (with the entropy's gradient: dS = p·(dP − (δ − shift) − g·ln2·x2)·(1 − tanh²))
     const bool need_mask = key0 < lo_max || key0 + BN - 1 > hi_min;
 #pragma unroll
     for (int nb = 0; nb < BN / 8; ++nb) {
@@ -377,8 +407,14 @@ __global__ void __launch_bounds__(Cfg::kQThreads) mma_dq_kernel(const __grid_con
         const int64_t j = key0 + nb * 8 + 2 * quad + (e & 1);
         const float raw = s[nb][e];
         const bool visible = !need_mask || (j >= range[rr].lo && j <= range[rr].hi);
-        const float pr = visible ? exp2f(math.log2_units(raw, slope, pos[rr], j) - lse2[rr]) : 0.f;
-        dp[nb][e] = pr * (dp[nb][e] - delta[rr]) * math.cap_grad(raw);
+        if constexpr (Entropy) {
+          const float x2 = math.log2_units(raw, slope, pos[rr], j);
+          const float pr = visible ? exp2f(x2 - lse2[rr]) : 0.f;
+          dp[nb][e] = pr * (dp[nb][e] - delta[rr] - gl[rr] * x2) * math.cap_grad(raw);
+        } else {
+          const float pr = visible ? exp2f(math.log2_units(raw, slope, pos[rr], j) - lse2[rr]) : 0.f;
+          dp[nb][e] = pr * (dp[nb][e] - delta[rr]) * math.cap_grad(raw);
+        }
       }
     }
 
@@ -416,16 +452,21 @@ __global__ void __launch_bounds__(Cfg::kQThreads) mma_dq_kernel(const __grid_con
 }
 
 // Host side: dK/dV (+ atomic dQ when args.dq_accum) and, unless atomic, the dQ pass.
-// kv_stages: 2 if both kernels' double-buffered budgets fit `smem_limit`, else 1.
-template <typename T, int D, int BM, int BN>
+// kv_stages: 2 if both kernels' double-buffered budgets fit `smem_limit`, else 1. With the
+// entropy's gradient the dK/dV kernel gets entropy_smem more bytes (g, shift per stage).
+template <typename T, class Cfg>
 cudaError_t launch_mma_backward(BackwardArgs args, size_t smem_limit, cudaStream_t stream) {
-  using Cfg = BwdTile<D, BM, BN>;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN;
   const AttentionParams& p = args.p;
   const int64_t kv_blocks = static_cast<int64_t>((p.seqlen_k + BN - 1) / BN) * p.batch * p.heads_kv;
-  args.kv_stages = Cfg::kv_smem(2) <= smem_limit ? 2 : 1;
+  auto entropy_smem = [&](int stages) -> size_t {
+    return Cfg::kStats ? static_cast<size_t>(stages) * 2 * Cfg::kChunk * sizeof(float) : 0;
+  };
+  args.kv_stages = Cfg::kv_smem(2) + entropy_smem(2) <= smem_limit ? 2 : 1;
   if (kv_blocks > 0) {  // Nk = 0: no keys, nothing to write for dK/dV
-    const cudaError_t err = launch_with_smem(mma_dkdv_kernel<T, Cfg>, dim3(static_cast<unsigned>(kv_blocks)),
-                                             Cfg::kKvThreads, Cfg::kv_smem(args.kv_stages), stream, args);
+    const cudaError_t err =
+        launch_with_smem(mma_dkdv_kernel<T, Cfg>, dim3(static_cast<unsigned>(kv_blocks)), Cfg::kKvThreads,
+                         Cfg::kv_smem(args.kv_stages) + entropy_smem(args.kv_stages), stream, args);
     if (err != cudaSuccess) return err;
   }
   if (args.dq_accum != nullptr) return cudaSuccess;
@@ -435,12 +476,23 @@ cudaError_t launch_mma_backward(BackwardArgs args, size_t smem_limit, cudaStream
                           Cfg::q_smem(args.kv_stages), stream, args);
 }
 
+// With the entropy's gradient the BwdStatsTile kernels (FLASHLITE_MMA_STATS_TILES).
 template <typename T, int D>
 cudaError_t mma_backward_hd(const BackwardArgs& args, int block_m, int block_n, size_t smem_limit,
                             cudaStream_t stream) {
-#define FL_BWD_CASE(d, bm, bn)                                                                              \
-  if constexpr (d == D) {                                                                                   \
-    if (block_m == bm && block_n == bn) return launch_mma_backward<T, d, bm, bn>(args, smem_limit, stream); \
+  if (args.g.entropy) {
+#define FL_BWD_STATS_CASE(d, bm, bn)                                                       \
+  if constexpr (d == D && stats_kernels<T>()) {                                            \
+    if (block_m == bm && block_n == bn)                                                    \
+      return launch_mma_backward<T, BwdStatsTile<d, bm, bn>>(args, smem_limit, stream);    \
+  }
+    FLASHLITE_MMA_STATS_TILES(FL_BWD_STATS_CASE)
+#undef FL_BWD_STATS_CASE
+    return cudaErrorInvalidValue;
+  }
+#define FL_BWD_CASE(d, bm, bn)                                                                                   \
+  if constexpr (d == D) {                                                                                        \
+    if (block_m == bm && block_n == bn) return launch_mma_backward<T, BwdTile<d, bm, bn>>(args, smem_limit, stream); \
   }
   FLASHLITE_MMA_TILES(FL_BWD_CASE)
 #undef FL_BWD_CASE

@@ -8,6 +8,17 @@
 //
 // Notation per query row i and key j: s_ij = transformed score in log2 units (x·log2 e),
 // m_i running max, l_i running sum of 2^(s_ij − m_i), O_i running (unnormalized) output.
+//
+// Head statistics (Cfg::kStats, FwdStatsTile: a separate kernel, launched when
+// AttentionParams::row_stats is set; the plain kernel's code is unchanged): running sums beside
+// the online softmax, per thread over its columns (quad-reduced at the end, like l), log2 units:
+//   t = Σ 2^(s − m)·(s − m),  d = Σ 2^(s − m)·|p(i) − j|,  z = Σ_{j < sink_tokens} 2^(s − m),
+// rescaled when m becomes m' (α = 2^(m − m')): t ← α·(t + (m − m')·l), d ← α·d, z ← α·z (no carry
+// while m = −inf); masked keys (s = −inf) add nothing. The visible-key count c is the band's
+// overlap with each visited key tile (per row, no per-element work). At the end (l > 0):
+// entropy = ln l − ln2·t/l, max_prob = 1/l, mean_distance = d/l, sink_mass = z/l, keys = c; a
+// row without keys: all 0. Statistics need the whole key range in one block: the planner does not
+// split keys when row_stats is set.
 #pragma once
 
 #include "cuda/elem.cuh"
@@ -28,6 +39,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
   constexpr int D = Cfg::D, BM = Cfg::BM, BN = Cfg::BN, P = Cfg::kPitch;
   constexpr int MW = Cfg::MW, RW = Cfg::kRowsPerWarp, NR = 2 * MW;  // NR: rows per thread
   constexpr int kThreads = Cfg::kThreads;
+  constexpr bool Stats = Cfg::kStats;
   FL_DYNAMIC_SMEM(smem_raw);
   T* const smem = reinterpret_cast<T*>(smem_raw);
   // Q is staged in K/V stage 1 when it moves to registers, else it has its own region.
@@ -126,6 +138,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
   float m_run[NR], l_run[NR];  // l_run: per-thread partial sums (quad-reduced at the end)
 #pragma unroll
   for (int ri = 0; ri < NR; ++ri) m_run[ri] = -INFINITY, l_run[ri] = 0.f;
+  // Stats: t, d, z per row, per-thread partial sums like l_run (unused otherwise).
+  float t_run[Stats ? NR : 1], d_run[Stats ? NR : 1], z_run[Stats ? NR : 1];
+  if constexpr (Stats) {
+#pragma unroll
+    for (int ri = 0; ri < NR; ++ri) t_run[ri] = d_run[ri] = z_run[ri] = 0.f;
+  }
 
   for (int t = t_begin; t < t_end; ++t) {
     const int stage = (t - t_begin) & 1;
@@ -214,8 +232,23 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
       const float m_new = fmaxf(m_run[ri], quad_max(tile_max[ri]));
       m_use[ri] = m_new == -INFINITY ? 0.f : m_new;
       alpha[ri] = exp2f(m_run[ri] - m_use[ri]);
+      if constexpr (Stats) {  // t <- α·(t + (m − m')·l), d <- α·d, z <- α·z (l: this thread's part)
+        const float carry = m_run[ri] == -INFINITY ? 0.f : (m_run[ri] - m_use[ri]) * l_run[ri];
+        t_run[ri] = alpha[ri] * (t_run[ri] + carry);
+        d_run[ri] *= alpha[ri];
+        z_run[ri] *= alpha[ri];
+      }
       m_run[ri] = m_new;
       row_sum[ri] = 0.f;
+    }
+    // Stats: this thread's keys are key0 + 2·quad + c, c = nb·8 + (e & 1) (a constant per element):
+    // |p(i) − j| = |rel − c| with rel = p(i) − key0 − 2·quad, and j < sink_tokens iff c < sink_rel.
+    float rel[Stats ? NR : 1];
+    int sink_rel = 0;
+    if constexpr (Stats) {
+#pragma unroll
+      for (int ri = 0; ri < NR; ++ri) rel[ri] = static_cast<float>(pos[ri] - key0 - 2 * quad);
+      sink_rel = p.sink_tokens - key0 - 2 * quad;
     }
 #pragma unroll
     for (int mw = 0; mw < MW; ++mw) {
@@ -224,9 +257,16 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int ri = 2 * mw + (e >> 1);
-          const float pr = exp2f(s[mw][nb][e] - m_use[ri]);
+          const float x = s[mw][nb][e] - m_use[ri];
+          const float pr = exp2f(x);
           s[mw][nb][e] = pr;
           row_sum[ri] += pr;
+          if constexpr (Stats) {
+            const int c = nb * 8 + (e & 1);
+            t_run[ri] += x == -INFINITY ? 0.f : pr * x;
+            d_run[ri] += pr * fabsf(rel[ri] - static_cast<float>(c));
+            z_run[ri] += c < sink_rel ? pr : 0.f;
+          }
         }
       }
 #pragma unroll
@@ -264,10 +304,26 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
   for (int ri = 0; ri < NR; ++ri) {
     const int mw = ri >> 1, rr = ri & 1;
     const float l = quad_sum(l_run[ri]);
+    float stat_t = 0.f, stat_d = 0.f, stat_z = 0.f;
+    if constexpr (Stats) {
+      stat_t = quad_sum(t_run[ri]);
+      stat_d = quad_sum(d_run[ri]);
+      stat_z = quad_sum(z_run[ri]);
+    }
     if (!row_valid[ri]) continue;
     const float inv = l > 0.f ? 1.f / l : 0.f;
     const float lse = l > 0.f ? (m_run[ri] + log2f(l)) * kLn2 : -INFINITY;
     const int64_t rid = row_id(p, b, row_h[ri], row_i[ri]);
+    if constexpr (Stats) {
+      if (quad == 0) {  // keys: the band's overlap with each key tile of the schedule
+        int keys = 0;
+        for (int t = 0; t < count; ++t) {
+          const int key0 = fs.tile(b, h0, m, t) * BN;
+          keys += max(0, min(range[ri].hi, key0 + BN - 1) - max(range[ri].lo, key0) + 1);
+        }
+        write_row_stats(p, rid, l, stat_t, stat_d, stat_z, static_cast<float>(keys));
+      }
+    }
     if (splits == 1) {
       T* out_row = row_ptr_mut<T>(p.out, p.out_strides, b, row_h[ri], row_i[ri]);
 #pragma unroll
@@ -289,21 +345,33 @@ __global__ void __launch_bounds__(Cfg::kThreads) mma_forward_kernel(const __grid
   }
 }
 
-// Host side: launch the instantiation for (D, block_m, block_n). grid = (blocks, splits).
-template <typename T, int D, int BM, int BN>
+// Host side: launch the instantiation for (D, block_m, block_n) (Cfg: FwdTile, or FwdStatsTile
+// with row_stats). grid = (blocks, splits).
+template <typename T, class Cfg>
 cudaError_t launch_mma_forward(const ForwardArgs& args, int64_t blocks, cudaStream_t stream) {
-  using Cfg = FwdTile<D, BM, BN>;
   return launch_with_smem(mma_forward_kernel<T, Cfg>, dim3(static_cast<unsigned>(blocks), args.split.num_splits),
                           Cfg::kThreads, Cfg::kSmemBytes, stream, args);
 }
 
 // The instantiations of one head-dim template D, by tile shape (the packed decode layout runs
-// block_m = 64). cudaErrorInvalidValue: shape not instantiated.
+// block_m = 64); with row_stats the statistics kernels (FLASHLITE_MMA_STATS_TILES).
+// cudaErrorInvalidValue: shape not instantiated.
 template <typename T, int D>
 cudaError_t mma_forward_hd(const ForwardArgs& args, int block_m, int block_n, int64_t blocks, cudaStream_t stream) {
-#define FL_FWD_CASE(d, bm, bn)                                                                         \
-  if constexpr (d == D) {                                                                              \
-    if (block_m == bm && block_n == bn) return launch_mma_forward<T, d, bm, bn>(args, blocks, stream); \
+  if (args.p.row_stats) {
+    if constexpr (!stats_kernels<T>()) return cudaErrorInvalidValue;
+#define FL_FWD_STATS_CASE(d, bm, bn)                                                       \
+  if constexpr (d == D && stats_kernels<T>()) {                                            \
+    if (block_m == bm && block_n == bn)                                                    \
+      return launch_mma_forward<T, FwdStatsTile<d, bm, bn>>(args, blocks, stream);         \
+  }
+    FLASHLITE_MMA_STATS_TILES(FL_FWD_STATS_CASE)
+#undef FL_FWD_STATS_CASE
+    return cudaErrorInvalidValue;
+  }
+#define FL_FWD_CASE(d, bm, bn)                                                                               \
+  if constexpr (d == D) {                                                                                    \
+    if (block_m == bm && block_n == bn) return launch_mma_forward<T, FwdTile<d, bm, bn>>(args, blocks, stream); \
   }
   FLASHLITE_MMA_TILES(FL_FWD_CASE)
 #undef FL_FWD_CASE

@@ -102,7 +102,8 @@ ForwardPlan plan_tile_forward(const AttentionParams& p, const DeviceInfo& device
     plan.blocks = simt_tile_blocks(p);
     plan.max_steps = simt_tile_steps(p);
   }
-  plan.splits = choose_splits(plan.blocks, plan.max_steps, device.sms);
+  // Head statistics are finished in the block that saw every key of a row: no split keys.
+  plan.splits = p.row_stats ? 1 : choose_splits(plan.blocks, plan.max_steps, device.sms);
   return plan;
 }
 
@@ -118,7 +119,7 @@ ForwardPlan plan_gather_forward(const AttentionParams& p, const DeviceInfo& devi
   ForwardPlan plan;
   plan.blocks = simt_gather_blocks(p);
   plan.max_steps = simt_gather_steps(p);
-  plan.splits = choose_splits(plan.blocks, plan.max_steps, device.sms);
+  plan.splits = p.row_stats ? 1 : choose_splits(plan.blocks, plan.max_steps, device.sms);  // as above
   return plan;
 }
 

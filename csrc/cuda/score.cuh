@@ -82,4 +82,21 @@ __device__ __forceinline__ float lse_log2(float lse) {
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
+// Head statistics (AttentionParams::row_stats) of row `rid` (the lse index) from the running sums
+// of the forward kernels (l, t in log2 units, d, z relative to the final max; c the visible keys):
+// entropy = ln l − ln2·t/l, max_prob = 1/l, mean_distance = d/l, sink_mass = z/l, keys = c; a row
+// with no visible key (l = 0) gets 0 in all five. Planes B·Hq·Nq apart.
+__device__ __forceinline__ void write_row_stats(const AttentionParams& p, int64_t rid, float l, float t, float d,
+                                                float z, float c) {
+  const int64_t plane = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+  float* out = p.row_stats + rid;
+  const bool seen = l > 0.f;
+  const float inv = seen ? 1.f / l : 0.f;
+  out[0] = seen ? logf(l) - kLn2 * t * inv : 0.f;
+  out[plane] = inv;
+  out[2 * plane] = d * inv;
+  out[3 * plane] = z * inv;
+  out[4 * plane] = seen ? c : 0.f;
+}
+
 }  // namespace flashlite::cuda::detail

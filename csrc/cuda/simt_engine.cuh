@@ -13,6 +13,13 @@
 //                order (indices shared by every query). The KV rows gathered for a step serve
 //                every row of the block.
 // The visible keys of a row are [lo, hi] of the band (gather: lo = 0, hi = p(i) if causal).
+//
+// Head statistics (AttentionParams::row_stats): the forward kernel of a WithStats<Rows> policy (a
+// separate instantiation, columns-per-lane template 8 only, which serves every head_dim) keeps,
+// per row and lane (the lane's keys), the running sums beside the online softmax in log2 units
+// (mma_forward.cuh's notation; l_lane: the lane's part of l for the carry of t):
+//   t ← α·(t + (m − m')·l_lane) + p·(s − m'),  d ← α·d + p·|p(i) − j|,  z ← α·z + [j < sink]·p,
+//   c ← c + [visible],  warp-reduced at the end (score.cuh write_row_stats).
 #pragma once
 
 #include "cuda/elem.cuh"
@@ -164,8 +171,28 @@ __device__ __forceinline__ void simt_load_step(const AttentionParams& p, const R
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
+// Whether the statistics kernels of (T, Rows) are instantiated: stats_kernels<T>() (elem.cuh), and
+// in the compile tests (FLASHLITE_CUDA_FEW_INSTANTIATIONS) the gather engine's only (Rows::kGather),
+// which keeps their added compile time small.
+template <typename T, class Rows>
+constexpr bool simt_stats_kernels() {
+#if defined(FLASHLITE_CUDA_FEW_INSTANTIATIONS)
+  return stats_kernels<T>() && Rows::kGather;
+#else
+  return stats_kernels<T>();
+#endif
+}
+
+// A Rows policy whose forward also computes the head statistics.
+template <class Rows>
+struct WithStats : Rows {
+  static constexpr bool kStats = true;
+  __device__ WithStats(const AttentionParams& p, int64_t block) : Rows(p, block) {}
+};
+
 template <typename T, int DC, class Rows>
 __global__ void __launch_bounds__(kSimtThreads) simt_forward_kernel(const __grid_constant__ ForwardArgs args) {
+  constexpr bool Stats = Rows::kStats;
   const AttentionParams& p = args.p;
   const ScoreMath& math = args.math;
   const int hd = p.head_dim, pitch = simt_pitch(sizeof(T), hd), stages = args.kv_stages;
@@ -208,6 +235,13 @@ __global__ void __launch_bounds__(kSimtThreads) simt_forward_kernel(const __grid
 #pragma unroll
     for (int c = 0; c < DC; ++c) acc[rr][c] = 0.f;
   }
+  // Stats: this lane's parts of l, t, d, z, c per row (unused otherwise).
+  constexpr int NS = Stats ? 4 : 1;
+  float l_lane[NS], t_lane[NS], d_lane[NS], z_lane[NS], c_lane[NS];
+  if constexpr (Stats) {
+#pragma unroll
+    for (int rr = 0; rr < 4; ++rr) l_lane[rr] = t_lane[rr] = d_lane[rr] = z_lane[rr] = c_lane[rr] = 0.f;
+  }
 
   int stage = 0;
   for (int step = s_begin; step < s_end; ++step) {
@@ -239,6 +273,14 @@ __global__ void __launch_bounds__(kSimtThreads) simt_forward_kernel(const __grid
       const float alpha = exp2f(m_run[rr] - m_use);
       prob[rr] = exp2f(x - m_use);
       l_run[rr] = l_run[rr] * alpha + warp_sum(prob[rr]);
+      if constexpr (Stats) {
+        const float carry = m_run[rr] == -INFINITY ? 0.f : (m_run[rr] - m_use) * l_lane[rr];
+        t_lane[rr] = alpha * (t_lane[rr] + carry) + (x == -INFINITY ? 0.f : prob[rr] * (x - m_use));
+        l_lane[rr] = alpha * l_lane[rr] + prob[rr];
+        d_lane[rr] = alpha * d_lane[rr] + prob[rr] * fabsf(static_cast<float>(pos[rr] - j));
+        z_lane[rr] = alpha * z_lane[rr] + (j < p.sink_tokens ? prob[rr] : 0.f);  // no key: j = −1, p = 0
+        c_lane[rr] += visible ? 1.f : 0.f;
+      }
       m_run[rr] = m_new;
 #pragma unroll
       for (int c = 0; c < DC; ++c) acc[rr][c] *= alpha;
@@ -257,11 +299,21 @@ __global__ void __launch_bounds__(kSimtThreads) simt_forward_kernel(const __grid
   // out = O / l, lse = (m + log2 l)·ln 2; a row without keys: 0 and −inf
 #pragma unroll
   for (int rr = 0; rr < 4; ++rr) {
+    float stat_t = 0.f, stat_d = 0.f, stat_z = 0.f, stat_c = 0.f;
+    if constexpr (Stats) {  // every lane (the slot is the warp's)
+      stat_t = warp_sum(t_lane[rr]);
+      stat_d = warp_sum(d_lane[rr]);
+      stat_z = warp_sum(z_lane[rr]);
+      stat_c = warp_sum(c_lane[rr]);
+    }
     if (!slot[rr].valid) continue;
     const float l = l_run[rr];
     const float inv = l > 0.f ? 1.f / l : 0.f;
     const float lse = l > 0.f ? (m_run[rr] + log2f(l)) * kLn2 : -INFINITY;
     const int64_t rid = row_id(p, rows.b, slot[rr].h, slot[rr].i);
+    if constexpr (Stats) {
+      if (lane == 0) write_row_stats(p, rid, l, stat_t, stat_d, stat_z, stat_c);
+    }
     if (splits == 1) {
       T* out_row = row_ptr_mut<T>(p.out, p.out_strides, rows.b, slot[rr].h, slot[rr].i);
       simt_store_row<T>(out_row, acc[rr], inv, lane, hd);
@@ -279,10 +331,14 @@ __global__ void __launch_bounds__(kSimtThreads) simt_forward_kernel(const __grid
 // scatter of dK/dV contributions to the step's keys with fp32 atomics (non-deterministic top-k).
 //   p = 2^(s − lse·log2 e);  dS = p·(dP − δ)·(1 − tanh²);  dQ_r = scale·Σ_j dS_rj·k_j
 //   dK_j += scale·Σ_r dS_rj·q_r;  dV_j += Σ_r p_rj·dO_r   (r over the block's 16 rows)
+// With the entropy's gradient (g.entropy: g, shift per row), in the kernel of a WithStats<Rows>
+// policy (its own instantiation; the plain kernel does not change):
+//   dS = p·(dP − (δ − shift) − g·ln2·x2)·(1 − tanh²),  x2 the log2-units score.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int DC, class Rows>
 __global__ void __launch_bounds__(kSimtThreads)
     simt_backward_rows_kernel(const __grid_constant__ BackwardArgs args) {
+  constexpr bool Entropy = Rows::kStats;
   const AttentionParams& p = args.p;
   const BackwardParams& g = args.g;
   const ScoreMath& math = args.math;
@@ -316,7 +372,7 @@ __global__ void __launch_bounds__(kSimtThreads)
   RowSlot slot[4];
   int64_t pos[4];
   KeyRange range[4];
-  float slope[4], lse2[4], delta[4], dq[4][DC];
+  float slope[4], lse2[4], delta[4], gl[Entropy ? 4 : 1], dq[4][DC];
 #pragma unroll
   for (int rr = 0; rr < 4; ++rr) {
     slot[rr] = rows.row(p, r0 + rr);
@@ -326,6 +382,11 @@ __global__ void __launch_bounds__(kSimtThreads)
     const int64_t rid = row_id(p, rows.b, slot[rr].h, slot[rr].i);
     lse2[rr] = slot[rr].valid ? lse_log2(p.lse[rid]) : INFINITY;  // invalid rows: p = 0
     delta[rr] = slot[rr].valid ? g.delta[rid] : 0.f;
+    if constexpr (Entropy) {  // δ − shift and g·ln2
+      const int64_t plane = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+      gl[rr] = slot[rr].valid ? g.entropy[rid] * kLn2 : 0.f;
+      if (slot[rr].valid) delta[rr] -= g.entropy[plane + rid];
+    }
 #pragma unroll
     for (int c = 0; c < DC; ++c) dq[rr][c] = 0.f;
   }
@@ -352,8 +413,14 @@ __global__ void __launch_bounds__(kSimtThreads)
 #pragma unroll
     for (int rr = 0; rr < 4; ++rr) {
       const bool visible = j >= range[rr].lo && j <= range[rr].hi;
-      pr[rr] = visible ? exp2f(math.log2_units(sc[rr], slope[rr], pos[rr], j) - lse2[rr]) : 0.f;
-      ds[rr] = pr[rr] * (dp[rr] - delta[rr]) * math.cap_grad(sc[rr]);
+      if constexpr (Entropy) {
+        const float x2 = math.log2_units(sc[rr], slope[rr], pos[rr], j);
+        pr[rr] = visible ? exp2f(x2 - lse2[rr]) : 0.f;
+        ds[rr] = pr[rr] * (dp[rr] - delta[rr] - gl[rr] * x2) * math.cap_grad(sc[rr]);
+      } else {
+        pr[rr] = visible ? exp2f(math.log2_units(sc[rr], slope[rr], pos[rr], j) - lse2[rr]) : 0.f;
+        ds[rr] = pr[rr] * (dp[rr] - delta[rr]) * math.cap_grad(sc[rr]);
+      }
     }
     // dQ_r += Σ_j dS_rj·k_j
     simt_accumulate<T>(dq, ds, k_s, pitch, lane, hd);
@@ -427,6 +494,11 @@ cudaError_t simt_forward_launch(const ForwardArgs& args, int64_t blocks, cudaStr
   if (blocks == 0) return cudaSuccess;
   const size_t smem = simt_forward_smem(sizeof(T), args.p.head_dim, args.kv_stages);
   const dim3 grid(static_cast<unsigned>(blocks), args.split.num_splits);
+  if (args.p.row_stats) {  // head statistics: one instantiation (DC = 8 serves every head_dim)
+    if constexpr (simt_stats_kernels<T, Rows>())
+      return launch_with_smem(simt_forward_kernel<T, 8, WithStats<Rows>>, grid, kSimtThreads, smem, stream, args);
+    return cudaErrorInvalidValue;
+  }
   FL_SIMT_DC_SWITCH(args.p.head_dim,
                     return launch_with_smem(simt_forward_kernel<T, DC, Rows>, grid, kSimtThreads, smem, stream, args))
   return cudaErrorInvalidValue;
@@ -438,6 +510,12 @@ cudaError_t simt_rows_backward_launch(BackwardArgs args, int64_t blocks, size_t 
   args.kv_stages = simt_rows_backward_smem(sizeof(T), args.p.head_dim, 2) <= smem_limit ? 2 : 1;
   const size_t smem = simt_rows_backward_smem(sizeof(T), args.p.head_dim, args.kv_stages);
   const dim3 grid(static_cast<unsigned>(blocks));
+  if (args.g.entropy) {  // the entropy's gradient: the statistics variant (DC = 8 serves every head_dim)
+    if constexpr (simt_stats_kernels<T, Rows>())
+      return launch_with_smem(simt_backward_rows_kernel<T, 8, WithStats<Rows>>, grid, kSimtThreads, smem, stream,
+                              args);
+    return cudaErrorInvalidValue;
+  }
   FL_SIMT_DC_SWITCH(args.p.head_dim, return launch_with_smem(simt_backward_rows_kernel<T, DC, Rows>, grid,
                                                              kSimtThreads, smem, stream, args))
   return cudaErrorInvalidValue;

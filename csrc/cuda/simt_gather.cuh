@@ -14,6 +14,8 @@
 namespace flashlite::cuda::detail {
 
 struct GatherRows {
+  static constexpr bool kStats = false;  // WithStats<GatherRows>: with head statistics
+  static constexpr bool kGather = true;
   int b, kvh, g0, i_fixed;
   int64_t rb;
   bool per_query;
@@ -68,9 +70,10 @@ __device__ __forceinline__ int slot_row(int64_t slot, int top_k) {
   return static_cast<int>(static_cast<uint32_t>(slot) / static_cast<uint32_t>(top_k));
 }
 
-template <typename T, int DC, bool kWide>
-__global__ void __launch_bounds__(kSimtThreads)
-    gather_key_grads_kernel(const __grid_constant__ BackwardArgs args) {
+// kEntropy: with the entropy's gradient (g.entropy), dS = p·(dP − (δ − shift) − g·ln2·x2)·chain;
+// its own kernel (gather_key_grads_entropy_kernel), so the plain one does not change.
+template <typename T, int DC, bool kWide, bool kEntropy>
+__device__ __forceinline__ void gather_key_grads(const BackwardArgs& args) {
   const AttentionParams& p = args.p;
   const BackwardParams& g = args.g;
   const ScoreMath& math = args.math;
@@ -118,8 +121,16 @@ __global__ void __launch_bounds__(kSimtThreads)
       s = warp_sum(s);
       dp = warp_sum(dp);
       const float slope = math.has_alibi ? p.alibi(b, h) : 0.f;
-      const float pr = exp2f(math.log2_units(s, slope, pos, j) - lse_log2(p.lse[rid]));
-      const float ds = pr * (dp - g.delta[rid]) * math.cap_grad(s);
+      float pr, ds;
+      if constexpr (kEntropy) {
+        const int64_t plane = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+        const float x2 = math.log2_units(s, slope, pos, j);
+        pr = exp2f(x2 - lse_log2(p.lse[rid]));
+        ds = pr * (dp - g.delta[rid] + g.entropy[plane + rid] - g.entropy[rid] * kLn2 * x2) * math.cap_grad(s);
+      } else {
+        pr = exp2f(math.log2_units(s, slope, pos, j) - lse_log2(p.lse[rid]));
+        ds = pr * (dp - g.delta[rid]) * math.cap_grad(s);
+      }
 #pragma unroll
       for (int c = 0; c < DC; ++c) {
         acc_dv[c] += pr * dof[c];
@@ -137,6 +148,18 @@ __global__ void __launch_bounds__(kSimtThreads)
       dv_out[col] = Elem<T>::from_float(acc_dv[c]);
     }
   }
+}
+
+template <typename T, int DC, bool kWide>
+__global__ void __launch_bounds__(kSimtThreads)
+    gather_key_grads_kernel(const __grid_constant__ BackwardArgs args) {
+  gather_key_grads<T, DC, kWide, false>(args);
+}
+
+template <typename T, int DC, bool kWide>
+__global__ void __launch_bounds__(kSimtThreads)
+    gather_key_grads_entropy_kernel(const __grid_constant__ BackwardArgs args) {
+  gather_key_grads<T, DC, kWide, true>(args);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -159,6 +182,13 @@ cudaError_t simt_gather_backward(BackwardArgs args, size_t smem_limit, cudaStrea
   if (blocks == 0) return cudaSuccess;
   const bool wide = static_cast<int64_t>(p.seqlen_q) * p.top_k > static_cast<int64_t>(UINT32_MAX) || wide_slots();
   const dim3 grid(static_cast<unsigned>(blocks));
+  if (args.g.entropy) {  // the entropy's gradient: DC = 8 serves every head_dim
+    if constexpr (simt_stats_kernels<T, GatherRows>())
+      return wide ? launch_with_smem(gather_key_grads_entropy_kernel<T, 8, true>, grid, kSimtThreads, 0, stream, args)
+                  : launch_with_smem(gather_key_grads_entropy_kernel<T, 8, false>, grid, kSimtThreads, 0, stream,
+                                     args);
+    return cudaErrorInvalidValue;
+  }
   FL_SIMT_DC_SWITCH(p.head_dim, return wide ? launch_with_smem(gather_key_grads_kernel<T, DC, true>, grid,
                                                                kSimtThreads, 0, stream, args)
                                             : launch_with_smem(gather_key_grads_kernel<T, DC, false>, grid,

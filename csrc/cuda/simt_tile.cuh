@@ -11,6 +11,8 @@
 namespace flashlite::cuda::detail {
 
 struct TileRows {
+  static constexpr bool kStats = false;  // WithStats<TileRows>: with head statistics
+  static constexpr bool kGather = false;
   int b, h, kvh, m;
 
   __device__ TileRows(const AttentionParams& p, int64_t block) {
@@ -38,8 +40,11 @@ struct TileRows {
 // over the transposed schedule of every query head of the group (16-row query tiles). Warp w
 // accumulates key slots 8w..8w+7 in registers (lanes: columns).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int DC>
-__global__ void __launch_bounds__(kSimtThreads) simt_dkdv_kernel(const __grid_constant__ BackwardArgs args) {
+// kEntropy: with the entropy's gradient (g.entropy; g and shift of each query tile staged past the
+// plain layout), dS = p·(dP − (δ − shift) − g·ln2·x2)·chain: simt_dkdv_entropy_kernel, so the plain
+// kernel does not change.
+template <typename T, int DC, bool kEntropy>
+__device__ __forceinline__ void simt_dkdv(const BackwardArgs& args) {
   const AttentionParams& p = args.p;
   const BackwardParams& g = args.g;
   const ScoreMath& math = args.math;
@@ -93,6 +98,11 @@ __global__ void __launch_bounds__(kSimtThreads) simt_dkdv_kernel(const __grid_co
         const int64_t rid = ok ? row_id(p, b, h, i0 + r) : 0;
         cp_async_4(lse_s + r, p.lse + rid, ok);
         cp_async_4(delta_s + r, g.delta + rid, ok);
+        if constexpr (kEntropy) {  // g, shift [16] past δ
+          const int64_t plane = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+          cp_async_4(delta_s + kSimtRows + r, g.entropy + rid, ok);
+          cp_async_4(delta_s + 2 * kSimtRows + r, g.entropy + plane + rid, ok);
+        }
       }
       cp_async_commit();
       cp_async_wait<0>();
@@ -102,16 +112,32 @@ __global__ void __launch_bounds__(kSimtThreads) simt_dkdv_kernel(const __grid_co
       float sc[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
       simt_dot4<T>(sc, q_s + r0 * pitch, pitch, k_s + lane * pitch, hd);
       simt_dot4<T>(dp, do_s + r0 * pitch, pitch, v_s + lane * pitch, hd);
+      if constexpr (kEntropy) {  // dS = p·(dP − (δ − shift) − g·ln2·x2)·chain
+        const float* ent_s = delta_s + kSimtRows;
 #pragma unroll
-      for (int rr = 0; rr < 4; ++rr) {
-        const int r = r0 + rr;
-        const int64_t pos = i0 + r + shift;
-        const KeyRange range = band_range(p, pos);
-        const bool visible = i0 + r < p.seqlen_q && lane_key_ok && j_lane >= range.lo && j_lane <= range.hi;
-        const float pr =
-            visible ? exp2f(math.log2_units(sc[rr], slope, pos, j_lane) - lse_log2(lse_s[r])) : 0.f;
-        p_s[r * kSimtPPitch + lane] = pr;
-        ds_s[r * kSimtPPitch + lane] = pr * (dp[rr] - delta_s[r]) * math.cap_grad(sc[rr]);
+        for (int rr = 0; rr < 4; ++rr) {
+          const int r = r0 + rr;
+          const int64_t pos = i0 + r + shift;
+          const KeyRange range = band_range(p, pos);
+          const bool visible = i0 + r < p.seqlen_q && lane_key_ok && j_lane >= range.lo && j_lane <= range.hi;
+          const float x2 = math.log2_units(sc[rr], slope, pos, j_lane);
+          const float pr = visible ? exp2f(x2 - lse_log2(lse_s[r])) : 0.f;
+          p_s[r * kSimtPPitch + lane] = pr;
+          ds_s[r * kSimtPPitch + lane] =
+              pr * (dp[rr] - delta_s[r] + ent_s[kSimtRows + r] - ent_s[r] * kLn2 * x2) * math.cap_grad(sc[rr]);
+        }
+      } else {
+#pragma unroll
+        for (int rr = 0; rr < 4; ++rr) {
+          const int r = r0 + rr;
+          const int64_t pos = i0 + r + shift;
+          const KeyRange range = band_range(p, pos);
+          const bool visible = i0 + r < p.seqlen_q && lane_key_ok && j_lane >= range.lo && j_lane <= range.hi;
+          const float pr =
+              visible ? exp2f(math.log2_units(sc[rr], slope, pos, j_lane) - lse_log2(lse_s[r])) : 0.f;
+          p_s[r * kSimtPPitch + lane] = pr;
+          ds_s[r * kSimtPPitch + lane] = pr * (dp[rr] - delta_s[r]) * math.cap_grad(sc[rr]);
+        }
       }
       __syncthreads();
 
@@ -158,6 +184,16 @@ __global__ void __launch_bounds__(kSimtThreads) simt_dkdv_kernel(const __grid_co
   }
 }
 
+template <typename T, int DC>
+__global__ void __launch_bounds__(kSimtThreads) simt_dkdv_kernel(const __grid_constant__ BackwardArgs args) {
+  simt_dkdv<T, DC, false>(args);
+}
+
+template <typename T, int DC>
+__global__ void __launch_bounds__(kSimtThreads) simt_dkdv_entropy_kernel(const __grid_constant__ BackwardArgs args) {
+  simt_dkdv<T, DC, true>(args);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
@@ -173,11 +209,21 @@ cudaError_t simt_tile_backward(BackwardArgs args, size_t smem_limit, cudaStream_
   const AttentionParams& p = args.p;
   const int64_t kv_blocks = static_cast<int64_t>((p.seqlen_k + p.block_n - 1) / p.block_n) * p.batch * p.heads_kv;
   if (kv_blocks > 0) {
-    const size_t smem = simt_dkdv_smem(sizeof(T), p.head_dim);
+    // + g, shift of a query tile with the entropy's gradient
+    const size_t smem =
+        simt_dkdv_smem(sizeof(T), p.head_dim) + (args.g.entropy ? 2 * kSimtRows * sizeof(float) : 0);
     cudaError_t err = cudaSuccess;
-    FL_SIMT_DC_SWITCH(p.head_dim, err = launch_with_smem(simt_dkdv_kernel<T, DC>, dim3(static_cast<unsigned>(kv_blocks)),
-                                                         kSimtThreads, smem, stream, args);
-                      break)
+    const dim3 grid(static_cast<unsigned>(kv_blocks));
+    if (args.g.entropy) {  // the entropy's gradient: DC = 8 serves every head_dim
+      if constexpr (simt_stats_kernels<T, TileRows>())
+        err = launch_with_smem(simt_dkdv_entropy_kernel<T, 8>, grid, kSimtThreads, smem, stream, args);
+      else
+        err = cudaErrorInvalidValue;
+    } else {
+      FL_SIMT_DC_SWITCH(p.head_dim, err = launch_with_smem(simt_dkdv_kernel<T, DC>, grid, kSimtThreads, smem, stream,
+                                                           args);
+                        break)
+    }
     if (err != cudaSuccess) return err;
   }
   args.dk_accum = args.dv_accum = nullptr;

@@ -29,32 +29,44 @@ namespace detail {
 // rows for most 128-row tiles: every K/V fragment read from shared memory then serves two MMAs,
 // halving the shared-memory traffic per MMA). Row pitch D + 8 elements (16 bytes of padding: the 8
 // rows an ldmatrix reads fall in distinct banks).
-template <int D_, int BM_, int BN_>
-struct FwdTile {
+// MW_ = 0: the default warp layout above. kStats: the head-statistics variant (FwdStatsTile).
+template <int D_, int BM_, int BN_, int MW_ = 0, bool kStats_ = false>
+struct FwdTileOf {
   static constexpr int D = D_, BM = BM_, BN = BN_;
   // (32 rows per warp fit in 255 registers without spills for D <= 64, and for D <= 128 with
   // 32-key tiles; the (128, 64) tiles of D = 96/128 run 16 rows per warp.)
-  static constexpr int MW = (BM >= 128 && D <= 128 && (D <= 64 || BN <= 32)) ? 2 : 1;
+  static constexpr int MW = MW_ > 0 ? MW_ : (BM >= 128 && D <= 128 && (D <= 64 || BN <= 32)) ? 2 : 1;
+  static constexpr bool kStats = kStats_;
   static constexpr int kRowsPerWarp = 16 * MW;
   static constexpr int kWarps = BM / kRowsPerWarp;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kPitch = D + 8;
-  // Q fragments stay in registers when they are few; else they are re-read from shared memory.
-  static constexpr bool kQInRegs = MW == 1 && D <= 128;
   static constexpr int kTile = BN * kPitch;    // one K or V tile, elements
   static constexpr int kStage = 2 * kTile;     // K then V
   static constexpr int kQ = BM * kPitch;
+  // Q fragments stay in registers when they are few (and Q can be staged in K/V stage 1); else
+  // they are re-read from shared memory.
+  static constexpr bool kQInRegs = MW == 1 && D <= 128 && kQ <= kStage;
   static constexpr int kSmemElems = 2 * kStage + (kQInRegs ? 0 : kQ);
   static constexpr size_t kSmemBytes = static_cast<size_t>(kSmemElems) * 2;
   static_assert(D % 16 == 0 && BM % 16 == 0 && BN % 16 == 0, "tiles are multiples of the 16x16 MMA block");
   static_assert(!kQInRegs || kQ <= kStage, "Q is staged in K/V stage 1 before it moves to registers");
 };
+template <int D_, int BM_, int BN_>
+struct FwdTile : FwdTileOf<D_, BM_, BN_> {};
+// The forward with head statistics (AttentionParams::row_stats): the same tile and schedule, 16
+// rows per warp (the running sums t, d, z of each row take registers that 32 rows per warp do not
+// have); shared memory never exceeds FwdTile's (Q in registers where it can be staged).
+template <int D_, int BM_, int BN_>
+struct FwdStatsTile : FwdTileOf<D_, BM_, BN_, 1, true> {};
 
 // Backward: dK/dV kernel (one block per key tile: warps own 16 key rows; D = 256 splits the dK/dV
 // columns over two warps) and dQ kernel (one block per query tile, like the forward).
-template <int D_, int BM_, int BN_>
-struct BwdTile {
+// kStats: the variant with the entropy's gradient (BwdStatsTile).
+template <int D_, int BM_, int BN_, bool kStats_ = false>
+struct BwdTileOf {
   static constexpr int D = D_, BM = BM_, BN = BN_;
+  static constexpr bool kStats = kStats_;
   static constexpr int kPitch = D + 8;
   static constexpr int kDSplit = D > 128 ? 2 : 1;
   static constexpr int kKvWarps = (BN / 16) * kDSplit;
@@ -76,6 +88,12 @@ struct BwdTile {
     return (2 * static_cast<size_t>(BM) * kPitch + stages * 2 * static_cast<size_t>(BN) * kPitch) * 2;
   }
 };
+template <int D_, int BM_, int BN_>
+struct BwdTile : BwdTileOf<D_, BM_, BN_> {};
+// The backward with the entropy's gradient (BackwardParams::entropy): same tiles; the dK/dV
+// kernel's launch adds 2·stages·kChunk floats (g, shift) past kv_smem.
+template <int D_, int BM_, int BN_>
+struct BwdStatsTile : BwdTileOf<D_, BM_, BN_, true> {};
 
 // Smallest head-dim template >= head_dim (0 if head_dim > 256).
 FL_HD constexpr int mma_head_dim(int head_dim) {
@@ -99,6 +117,17 @@ FL_HD constexpr int mma_head_dim(int head_dim) {
   X(96, 128, 32) X(96, 128, 64) X(96, 64, 64) X(96, 64, 32)                                          \
   X(128, 128, 32) X(128, 128, 64) X(128, 64, 64) X(128, 64, 32)                                      \
   X(256, 64, 32)
+#endif
+
+// The shapes with head-statistics kernels (FwdStatsTile, BwdStatsTile): every shape, except in the
+// compile tests (FLASHLITE_CUDA_FEW_INSTANTIATIONS: one, float16 only (elem.cuh stats_kernels), for
+// ptxas) and the CPU emulation (FLASHLITE_CUDA_EMULATION: the shape its statistics case runs), where the second set of
+// kernels would double the compile time. A shape without them refuses a call with row_stats or
+// entropy (cudaErrorInvalidValue, "no head-statistics kernel").
+#if defined(FLASHLITE_CUDA_FEW_INSTANTIATIONS) || defined(FLASHLITE_CUDA_EMULATION)
+#define FLASHLITE_MMA_STATS_TILES(X) X(64, 128, 64)
+#else
+#define FLASHLITE_MMA_STATS_TILES(X) FLASHLITE_MMA_TILES(X)
 #endif
 
 // Every shape's D is a head-dim template, and tiles are whole MMA blocks that fit the kernels.

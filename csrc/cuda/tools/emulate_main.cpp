@@ -11,9 +11,12 @@
 // softcap, window_left, window_right, block_m, block_n, is_list, alibi (0, 1 = [Hq], 2 = [B,Hq]),
 // pad (extra elements per row of q/k/v/out/grads, NaN-filled: unaligned rows), causal,
 // deterministic, kv_tiles / kv_count / q_tiles / q_count / indices / key_offsets / key_slots shapes
-// ("name_shape d0 d1 ..."; the top-k backward's inverse index as flashlite/core/gather_rows.py builds it).
+// ("name_shape d0 d1 ..."; the top-k backward's inverse index as flashlite/core/gather_rows.py builds it),
+// stats (1: the forward also fills row_stats, float32 [5, B, Hq, Nq] -> row_stats.bin) with
+// sink_tokens, entropy (1: the backward reads entropy.bin, float32 [2, B, Hq, Nq]: g, g·(lse − H)).
 // Inputs are raw little-endian arrays (<name>.bin, contiguous); outputs out/lse or dq/dk/dv .bin.
 // mode config: reads head_dim, block_size and prints "block_m block_n" per dtype.
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -238,6 +241,12 @@ int main(int argc, char** argv) {
 
   const bool forward = mode == "tile_forward" || mode == "gather_forward";
   const bool gather = mode == "gather_forward" || mode == "gather_backward";
+  std::vector<float> row_stats;
+  if (forward && num("stats", 0) != 0) {  // NaN-filled: every element must be written
+    row_stats.assign(static_cast<size_t>(5 * B * Hq * Nq), std::nanf(""));
+    p.row_stats = row_stats.data();
+    p.sink_tokens = static_cast<int32_t>(num("sink_tokens", 0));
+  }
   if (forward) {
     const size_t ws_bytes = gather ? flashlite::cuda::gather_forward_workspace_bytes(p)
                                    : flashlite::cuda::tile_forward_workspace_bytes(p);
@@ -247,6 +256,7 @@ int main(int argc, char** argv) {
           mode.c_str());
     out.save("out.bin");
     write_file("lse.bin", lse.data(), lse.size() * 4);
+    if (!row_stats.empty()) write_file("row_stats.bin", row_stats.data(), row_stats.size() * 4);
     std::printf("splits_workspace_bytes %zu\n", ws_bytes);
     return 0;
   }
@@ -273,6 +283,11 @@ int main(int argc, char** argv) {
   g.dk_strides = dk.strides();
   g.dv_strides = dv.strides();
   g.deterministic = num("deterministic", 1) != 0;
+  std::vector<unsigned char> entropy;
+  if (num("entropy", 0) != 0) {
+    entropy = read_file("entropy.bin", 2 * lse.size() * 4);
+    g.entropy = reinterpret_cast<const float*>(entropy.data());
+  }
   IntArray key_offsets, key_slots;
   key_offsets.load("key_offsets", 8);
   key_slots.load("key_slots", 8);

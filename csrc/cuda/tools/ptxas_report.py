@@ -116,8 +116,9 @@ _SMEM_PROGRAM = r"""
 #include "cuda/tiles.h"
 using namespace flashlite::cuda::detail;
 int main() {
-#define X(d, m, n) std::printf("mma %d %d %d %zu %zu %zu %zu %zu\n", d, m, n, FwdTile<d, m, n>::kSmemBytes, \
-    BwdTile<d, m, n>::kv_smem(2), BwdTile<d, m, n>::kv_smem(1), BwdTile<d, m, n>::q_smem(2), BwdTile<d, m, n>::q_smem(1));
+#define X(d, m, n) std::printf("mma %d %d %d %zu %zu %zu %zu %zu %zu %d\n", d, m, n, FwdTile<d, m, n>::kSmemBytes, \
+    BwdTile<d, m, n>::kv_smem(2), BwdTile<d, m, n>::kv_smem(1), BwdTile<d, m, n>::q_smem(2), BwdTile<d, m, n>::q_smem(1), \
+    FwdStatsTile<d, m, n>::kSmemBytes, BwdTile<d, m, n>::kChunk);
   FLASHLITE_MMA_TILES(X)
   for (int e : {2, 4})
     for (int dc : {2, 4, 8})
@@ -147,9 +148,14 @@ def dynamic_smem(few: bool = False, cxx: str | None = None, csrc: Path = CSRC) -
     for line in lines:
         w = line.split()
         if w[0] == "mma":
-            d, m, n, fwd, kv2, kv1, q2, q1 = map(int, w[1:])
+            d, m, n, fwd, kv2, kv1, q2, q1, fwd_stats, chunk = map(int, w[1:])
             for arch, limit in SMEM_LIMIT.items():
                 table[("mma_forward_kernel", d, m, n, arch)] = fwd
+                table[("mma_forward_kernel:stats", d, m, n, arch)] = fwd_stats
+                # BwdStatsTile (entropy's gradient): the dK/dV launch adds g, shift per stage
+                kv2s, kv1s = kv2 + 2 * 2 * chunk * 4, kv1 + 2 * chunk * 4
+                table[("mma_dkdv_kernel:stats", d, m, n, arch)] = kv2s if kv2s <= limit else kv1s
+                table[("mma_dq_kernel:stats", d, m, n, arch)] = q2 if q2 <= limit else q1
                 table[("mma_dkdv_kernel", d, m, n, arch)] = kv2 if kv2 <= limit else kv1
                 table[("mma_dq_kernel", d, m, n, arch)] = q2 if q2 <= limit else q1
         else:
@@ -161,8 +167,9 @@ def dynamic_smem(few: bool = False, cxx: str | None = None, csrc: Path = CSRC) -
     return table
 
 
-_TILE = re.compile(r"^(mma_\w+_kernel)<[^,]+,(?:Fwd|Bwd)Tile<(\d+),(\d+),(\d+)>")
+_TILE = re.compile(r"^(mma_\w+_kernel)<[^,]+,(Fwd|FwdStats|Bwd|BwdStats)Tile<(\d+),(\d+),(\d+)>")
 _SIMT = re.compile(r"^(simt_\w+_kernel)<(f16|bf16|float),(\d+)")
+_SIMT_ALIAS = {"simt_dkdv_entropy_kernel": "simt_dkdv_kernel"}  # + 2·16 floats, not counted
 
 
 def dyn_smem_of(name: str, arch: str, table: dict | None) -> int | None:
@@ -170,10 +177,12 @@ def dyn_smem_of(name: str, arch: str, table: dict | None) -> int | None:
         return None
     m = _TILE.match(name)
     if m:
-        return table.get((m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4)), arch))
+        family = m.group(1) + (":stats" if m.group(2).endswith("Stats") else "")
+        return table.get((family, int(m.group(3)), int(m.group(4)), int(m.group(5)), arch))
     m = _SIMT.match(name)
     if m:
-        return table.get((m.group(1), 4 if m.group(2) == "float" else 2, int(m.group(3)), arch))
+        family = _SIMT_ALIAS.get(m.group(1), m.group(1))
+        return table.get((family, 4 if m.group(2) == "float" else 2, int(m.group(3)), arch))
     return 0  # gather_key_grads_kernel, combine_splits_kernel, accum_to_tensor_kernel: none
 
 
