@@ -167,10 +167,22 @@ class CudaBackend(NativeBackend):
     prefix = "cuda"
     devices = ("cuda",)
     atomic_backward = True
+    stats = True  # forwards take row_stats / sink_tokens, backwards entropy (docs/native_abi.md; checked per build)
 
     def __init__(self, extension) -> None:
         super().__init__(extension)
         self._tables: Dict[int, Dict[Tuple[int, torch.dtype, int], Tuple[int, int]]] = {}
+        # Head statistics where this build's kernels take them (an older build: Triton or the
+        # reference serves them).
+        self.stats = all(name in (getattr(extension, fn).__doc__ or "") for fn, name in (
+            ("cuda_tile_forward", "row_stats"), ("cuda_gather_forward", "row_stats"),
+            ("cuda_tile_backward", "entropy"), ("cuda_gather_backward", "entropy")))
+
+    def why_not(self, req: Request) -> Optional[str]:
+        # As the cpu backend: a packed top-k batch's gather kernels see packed key positions.
+        if req.stats and req.packed and req.engine == "gather":
+            return "no head statistics for a packed top-k batch yet (the gather kernels see packed positions)"
+        return super().why_not(req)
 
     def available(self) -> Optional[str]:
         return None if torch.cuda.is_available() else "no CUDA device is present"
