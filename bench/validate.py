@@ -157,14 +157,8 @@ def check_one(backend: str, pattern_name: str, shape: Tuple[int, ...], dtype: st
     check.tensors["lse"] = rule(lse, lowp_lse, exact_lse)
     if grads:
         grad_out = torch.randn(exact.shape, generator=gen, dtype=torch.float64).to(device)
-        try:
-            with _poisoned():
-                out.backward(grad_out.to(out.dtype))
-        except NotImplementedError as exc:
-            check.reason = f"forward only: {exc}"
-            grads = False
-        except Exception as exc:  # noqa: BLE001
-            check.status, check.reason = "fail", f"backward: {type(exc).__name__}: {exc}"
+        grads = _backward_ran(check, lambda: out.backward(grad_out.to(out.dtype)))
+        if grads is None:
             return check
     if grads:
         exact.backward(grad_out)
@@ -210,6 +204,21 @@ def _served(check: Check, backend: str, call):
     return result
 
 
+def _backward_ran(check: Check, call) -> Optional[bool]:
+    """``call()`` (a backward) with poisoned outputs: True when it ran; False when the backend is
+    forward-only (said in ``check.reason``); None when it failed (``check`` marked fail)."""
+    try:
+        with _poisoned():
+            call()
+    except NotImplementedError as exc:
+        check.reason = f"forward only: {exc}"
+        return False
+    except Exception as exc:  # noqa: BLE001
+        check.status, check.reason = "fail", f"backward: {type(exc).__name__}: {exc}"
+        return None
+    return True
+
+
 STATS_SINK = 3  # a sink width that is not a tile or vector size
 
 
@@ -243,14 +252,9 @@ def check_stats_one(backend: str, shape: Tuple[int, ...], dtype: str, device: to
     if grads:
         grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
         grad_entropy = torch.randn(stats.entropy.shape, generator=gen, dtype=torch.float64).to(device)
-        try:
-            with _poisoned():
-                torch.autograd.backward([out, stats.entropy], [grad_out.to(out.dtype), grad_entropy.float()])
-        except NotImplementedError as exc:
-            check.reason = f"forward only: {exc}"
-            grads = False
-        except Exception as exc:  # noqa: BLE001
-            check.status, check.reason = "fail", f"backward: {type(exc).__name__}: {exc}"
+        grads = _backward_ran(check, lambda: torch.autograd.backward(
+            [out, stats.entropy], [grad_out.to(out.dtype), grad_entropy.float()]))
+        if grads is None:
             return check
     if grads:
         for ref_leaves, ref_out, _, ref_stats in runs.values():
