@@ -30,6 +30,13 @@ on the same inputs: the ratio stats / plain is the cost of the statistics) and t
 computed from ``P``: what users of transformers' ``output_attentions=True`` do). Useful work: the
 causal keys, as ``causal``; ``stats_memory`` gives eager's ``[B, H, Nq, Nk]`` matrix against the
 O(B H Nq) statistics.
+
+``paged`` (not in the default pattern list; ``--patterns paged``; issue 17): the ``decode`` case's
+shape (one query per sequence, GQA 8:1) over a paged KV cache of ``PAGED_PAGE_SIZE``-key pages in a
+shuffled order: ``flashlite.paged_attention`` per backend (the cache is paged outside the timing),
+beside ``plain:<backend>`` (``flashlite.attention`` on the contiguous cache: the ratio paged / plain
+is the cost of the pages) and SDPA on the contiguous cache (what a serving stack that gathers its
+pages first runs, the gather not timed). Useful work and bytes: as ``decode``.
 """
 from __future__ import annotations
 
@@ -40,9 +47,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 PATTERNS = ("full", "causal", "window", "block_sparse", "topk", "decode")  # the default sweep
-ALL_PATTERNS = PATTERNS + ("varlen", "stats")  # on request only (--patterns varlen / stats)
+ALL_PATTERNS = PATTERNS + ("varlen", "stats", "paged")  # on request only (--patterns varlen / stats / paged)
 DEFAULT_PATTERNS = PATTERNS
 VARLEN_SHORT, VARLEN_SHORT_COUNT = 128, 31
+PAGED_PAGE_SIZE = 16  # keys per page of the paged case (vLLM's default block size)
 STATS_SINK_TOKENS = 4  # attention_stats' default sink_tokens
 STATS_PLANES = 6  # AttentionStats: entropy, max_prob, mean_distance, sink_mass, keys, lse ([B, Hq, Nq] float32)
 PATTERN_ALIASES = {"block-sparse": "block_sparse", "blocksparse": "block_sparse", "sparse": "block_sparse",
@@ -53,7 +61,8 @@ DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "fp16": "float16", "f16": "float16",
                  "half": "float16", "bf16": "bfloat16"}
 DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-MEMORY_BOUND = ("decode", "topk")
+MEMORY_BOUND = ("decode", "topk", "paged")
+DECODE_PATTERNS = ("decode", "paged")  # one query per sequence, over every key (forward only)
 
 
 class Skip(Exception):
@@ -124,6 +133,8 @@ class Case:
             return f"topk({p['k']})"
         if self.pattern == "varlen":
             return f"varlen(1x{self.shape.seqlen_q}+{p['short_count']}x{p['short']})"
+        if self.pattern == "paged":
+            return f"paged({p['page_size']})"
         return self.pattern
 
     @property
@@ -150,13 +161,13 @@ class Case:
         # forward, and forward+backward with the entropy as a loss term (no separate backward).
         if self.pattern == "stats":
             return ("fwd", "fwd+bwd")
-        return ("fwd",) if self.pattern == "decode" else MODES
+        return ("fwd",) if self.pattern in DECODE_PATTERNS else MODES
 
     # -- useful work ---------------------------------------------------------------------------
     def visited_keys(self, pattern_data: Optional["PatternData"] = None) -> int:
         """Sum over batch, query heads and queries of the keys each query sees (exact)."""
         s = self.shape
-        if self.pattern in ("full", "decode"):
+        if self.pattern in ("full",) + DECODE_PATTERNS:
             per_head = s.seqlen_q * s.seqlen_k
         elif self.pattern in ("causal", "stats"):
             per_head = band_keys(s.seqlen_q, s.seqlen_k, None, 0)
@@ -192,7 +203,7 @@ class Case:
         s = self.shape
         elt = element_size(self.torch_dtype)
         q_and_out = 2 * s.batch * s.heads_q * s.seqlen_q * s.head_dim * elt
-        if self.pattern == "decode":
+        if self.pattern in DECODE_PATTERNS:
             kv = 2 * s.batch * s.heads_kv * s.seqlen_k * s.head_dim * elt
             index_bytes = 0
         else:
@@ -246,6 +257,8 @@ class PatternData:
     layout: Optional[torch.Tensor] = None  # block_sparse: bool [1, Hq, Mb, Nb]
     indices: Optional[torch.Tensor] = None  # topk: int32 [B, Hkv, Nq, K]
     cu_seqlens: Optional[torch.Tensor] = None  # varlen: int32 [S + 1] (queries and keys)
+    block_table: Optional[torch.Tensor] = None  # paged: int32 [B, pages per sequence], shuffled page ids
+    cache_seqlens: Optional[torch.Tensor] = None  # paged: int32 [B]
     _dense: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def dense_mask_bytes(self, case: Case) -> int:
@@ -305,6 +318,11 @@ def make_pattern_data(case: Case, device) -> PatternData:
     gen = torch.Generator().manual_seed(1000 + case.seed)
     if case.pattern in ("full", "decode"):
         return PatternData(flashlite.Full(causal=False))
+    if case.pattern == "paged":  # every sequence's pages, shuffled over the pool
+        pages = -(-s.seqlen_k // int(p["page_size"]))
+        table = torch.randperm(s.batch * pages, generator=gen).view(s.batch, pages).to(torch.int32)
+        lengths = torch.full((s.batch,), s.seqlen_k, dtype=torch.int32)
+        return PatternData(flashlite.Full(causal=False), block_table=table.to(device), cache_seqlens=lengths.to(device))
     if case.pattern in ("causal", "stats"):
         return PatternData(flashlite.Full(causal=True))
     if case.pattern == "varlen":
@@ -419,9 +437,10 @@ def pivot(seqlens: Sequence[int]) -> int:
 def _pattern_cases(pattern: str, sweep: Sweep, seqlen: int, head_dim: int, dtype: str,
                    batch_heads: Tuple[int, int]) -> Iterable[Case]:
     batch, heads = batch_heads
-    if pattern == "decode":
+    if pattern in DECODE_PATTERNS:
         group = max(g for g in range(1, sweep.decode_group + 1) if heads % g == 0)  # GQA, 8:1 where it divides
-        yield Case("decode", Shape(batch, heads, heads // group, 1, seqlen, head_dim), dtype)
+        params = (("page_size", PAGED_PAGE_SIZE),) if pattern == "paged" else ()
+        yield Case(pattern, Shape(batch, heads, heads // group, 1, seqlen, head_dim), dtype, params)
         return
     shape = Shape(batch, heads, heads, seqlen, seqlen, head_dim)
     if pattern == "window":
@@ -448,9 +467,12 @@ def _extra_case(extra: Dict[str, object], sweep: Sweep) -> Case:
     head_dim = int(extra.get("head_dim", sweep.head_dims[0]))  # type: ignore[arg-type]
     dtype = str(extra.get("dtype", sweep.dtypes[0]))
     params = dict(extra.get("params", {}))  # type: ignore[arg-type]
-    if pattern == "decode":
+    if pattern in DECODE_PATTERNS:
         group = max(g for g in range(1, sweep.decode_group + 1) if heads % g == 0)
-        return Case("decode", Shape(batch, heads, heads // group, 1, seqlen, head_dim), dtype)
+        if pattern == "paged":
+            params.setdefault("page_size", PAGED_PAGE_SIZE)
+        return Case(pattern, Shape(batch, heads, heads // group, 1, seqlen, head_dim), dtype,
+                    tuple(sorted(params.items())))
     if pattern == "block_sparse":
         params.setdefault("block_size", sweep.block_size)
     return Case(pattern, Shape(batch, heads, heads, seqlen, seqlen, head_dim), dtype, tuple(sorted(params.items())))

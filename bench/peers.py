@@ -25,6 +25,11 @@ the stats / plain ratio; ``EagerImpl`` (``eager``) is what a user of transformer
 ``output_attentions=True`` does today: the probability matrix ``P`` materialized as transformers'
 eager attention makes it (scores, additive causal mask, float32 softmax cast back), ``out = P V``,
 then the same statistics computed from ``P``. SDPA and Flex return no probabilities: they skip it.
+
+Paged caches (the ``paged`` case, decode): flashlite runs ``paged_attention`` over a pool made from
+the case's contiguous k, v by ``adapt`` (pages in the case's shuffled block table, outside the
+timing); ``PlainImpl`` runs ``flashlite.attention`` on the contiguous cache; SDPA runs on the
+contiguous cache too (the gathered pages of a serving stack, the gather not timed).
 """
 from __future__ import annotations
 
@@ -96,6 +101,20 @@ def _is_oom(exc: BaseException) -> bool:
 # ---------------------------------------------------------------------------------------------
 # flashlite
 # ---------------------------------------------------------------------------------------------
+def paged_pool(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """A contiguous cache ``[B, Hkv, N, D]`` as a page pool ``[B·pages, page_size, Hkv, D]`` with
+    sequence b's logical page j at pool page ``table[b, j]`` (``pages = table.shape[1]``; the last
+    page zero-padded)."""
+    batch, heads, length, dim = cache.shape
+    pages = table.shape[1]
+    page_size = -(-length // pages)
+    padded = torch.nn.functional.pad(cache, (0, 0, 0, pages * page_size - length))
+    logical = padded.view(batch, heads, pages, page_size, dim).permute(0, 2, 3, 1, 4).reshape(-1, page_size, heads, dim)
+    pool = torch.empty_like(logical)
+    pool[table.flatten().long()] = logical
+    return pool
+
+
 def backend_why_not(name: str, case: Case, data: PatternData, device: torch.device, grad: bool) -> Optional[str]:
     """The backend's own answer to "can you run this?" (None = yes)."""
     from flashlite import backend
@@ -150,11 +169,23 @@ class FlashliteImpl(Impl):
                 return flashlite.varlen_attention(q, k, v, cu, cu, pattern, backend=backend)
 
             return forward
+        if case.pattern == "paged":
+            table, lengths = data.block_table, data.cache_seqlens
+
+            def forward(q, k_cache, v_cache):
+                return flashlite.paged_attention(q, k_cache, v_cache, table, lengths, pattern, backend=backend)
+
+            return forward
 
         def forward(q, k, v):
             return flashlite.attention(q, k, v, pattern, backend=backend)
 
         return forward
+
+    def adapt(self, case, data, q, k, v):
+        if case.pattern != "paged":
+            return (q, k, v)
+        return (q, paged_pool(k, data.block_table), paged_pool(v, data.block_table))
 
 
 class PerSequenceImpl(Impl):
@@ -193,8 +224,9 @@ class PerSequenceImpl(Impl):
 
 
 class PlainImpl(Impl):
-    """stats cases only: ``flashlite.attention`` on the same inputs and backend, no statistics: the
-    baseline of the stats / plain ratio (``vs_plain`` in the report)."""
+    """stats and paged cases only: ``flashlite.attention`` on the same inputs and backend (no
+    statistics; the contiguous cache): the baseline of the stats / plain and paged / plain ratios
+    (``vs_plain`` in the report)."""
 
     kind = "flashlite"
 
@@ -204,9 +236,10 @@ class PlainImpl(Impl):
         self.name = f"plain:{backend}"
 
     def prepare(self, case, data, device, grad):
-        if case.pattern != "stats":
-            raise Skip("times the stats case only")
-        reason = backend_why_not(self.backend, Case("causal", case.shape, case.dtype), data, device, grad)
+        if case.pattern not in ("stats", "paged"):
+            raise Skip("times the stats and paged cases only")
+        plain = "causal" if case.pattern == "stats" else "decode"
+        reason = backend_why_not(self.backend, Case(plain, case.shape, case.dtype), data, device, grad)
         if reason:
             raise Skip(reason)
         import flashlite
@@ -314,6 +347,8 @@ class SdpaImpl(Impl):
         elif case.pattern in ("window", "block_sparse", "topk"):
             kwargs["attn_mask"] = self._mask(case, data, device)
             notes.append("dense bool attn_mask")
+        elif case.pattern == "paged":
+            notes.append("on the contiguous cache (the pages gathered outside the timing)")
         if self.backend == "math":
             scores = 4 * s.batch * s.heads_q * s.seqlen_q * s.seqlen_k * (3 if grad else 1)
             if device.type == "cpu" and scores > 8 * 2**30:

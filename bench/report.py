@@ -169,16 +169,19 @@ def _backend_of(impl: str) -> Optional[str]:
     return impl.split(":", 1)[1] if impl.startswith(("flashlite:", "plain:")) else None
 
 
+RATIO_PATTERNS = ("stats", "paged")  # the cases with a vs_plain column
+
+
 def derive_vs_plain(rows: List[Dict[str, object]]) -> None:
-    """stats cases: each row's time over the plain forward's (``flashlite.attention``, same case and
-    mode): the ``plain:<backend>`` row of its own backend, else (a peer, or a backend whose plain
+    """stats and paged cases: each row's time over the plain forward's (``flashlite.attention`` on
+    the same inputs, contiguous for paged; same case and mode): the ``plain:<backend>`` row of its own backend, else (a peer, or a backend whose plain
     forward was not timed) the fastest plain row. Fills ``plain_impl``, ``plain_ms``, ``vs_plain``."""
     plain: Dict[tuple, Dict[str, float]] = {}
     for row in rows:
         if row["status"] == "ok" and str(row["impl"]).startswith("plain:"):
             plain.setdefault((row["case"], row["mode"]), {})[str(row["impl"])] = float(row["time_ms"])
     for row in rows:
-        if row.get("pattern") != "stats":
+        if row.get("pattern") not in RATIO_PATTERNS:
             continue
         options = plain.get((row["case"], row["mode"]))
         if row["status"] != "ok" or not options:
@@ -237,7 +240,7 @@ def format_row(row: Dict[str, object], vs_plain: bool = False) -> str:
 def table(rows: Sequence[Dict[str, object]], show_skipped: bool = True) -> str:
     """The rows grouped by case, one line per (mode, impl); skipped rows show their reason. With a
     stats case, a last column: each row's time over the plain forward's (``vs_plain``)."""
-    vs_plain = any(r.get("pattern") == "stats" for r in rows)
+    vs_plain = any(r.get("pattern") in RATIO_PATTERNS for r in rows)
     header = HEADER + (VS_PLAIN if vs_plain else "")
     lines = [header, "-" * len(header)]
     previous = None

@@ -401,6 +401,7 @@ def setup(opts: argparse.Namespace) -> Plan:
         fallback = stats_fallback(timed, left_out)
         if fallback:
             impls.append(fallback)
+    if stats or "paged" in sweep.patterns:  # the plain forward (stats) / the contiguous cache (paged)
         impls += [PlainImpl(b) for b in timed]
     impls += peers
     if "varlen" in sweep.patterns and "none" not in [p.strip().lower() for p in (opts.peers or [])]:

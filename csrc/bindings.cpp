@@ -93,6 +93,9 @@ void check_saved(const Tensor& grad_out, const Tensor& out, const Tensor& lse, c
 
 // Tile engine. q_items / k_items / cu_seqlens_q / cu_seqlens_k (all None: a plain batch): a packed
 // batch's work items over [1, H, T, D] views (torch_params.h set_packed_items; docs/native_abi.md).
+// block_table / cache_seqlens / page_size (forward; None: contiguous keys): k, v are a page pool
+// viewed as [B, Hkv, num_pages·page_size, D], each batch row's keys read through its table row
+// (set_paged_keys); the schedule has one row set per batch row (its own length).
 std::tuple<Tensor, Tensor> cpu_tile_forward(Tensor q, Tensor k, Tensor v, const Tensor& kv_tiles,
                                             const Tensor& kv_count, const optional<Tensor>& alibi_slopes, bool is_list,
                                             int64_t block_m, int64_t block_n, int64_t window_left,
@@ -101,13 +104,15 @@ std::tuple<Tensor, Tensor> cpu_tile_forward(Tensor q, Tensor k, Tensor v, const 
                                             const optional<Tensor>& cu_seqlens_q,
                                             const optional<Tensor>& cu_seqlens_k, double dropout_p,
                                             int64_t dropout_seed, const optional<Tensor>& row_stats,
-                                            int64_t sink_tokens) {
+                                            int64_t sink_tokens, const optional<Tensor>& block_table,
+                                            const optional<Tensor>& cache_seqlens, int64_t page_size) {
   flashlite::make_last_dims_contiguous({&q, &k, &v});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap,
                                                            flashlite::packed_sequences(cu_seqlens_q));
   const bool packed = flashlite::set_packed_items(call.params, q, k, q_items, k_items, cu_seqlens_q, cu_seqlens_k,
                                                   block_m, block_n, "cpu_tile_forward");
+  flashlite::set_paged_keys(call.params, q, k, block_table, cache_seqlens, page_size, "cpu_tile_forward");
   flashlite::set_tile_schedule(call.params, q, block_m, block_n, window_left, window_right, kv_tiles, kv_count,
                                is_list, "cpu_tile_config", packed ? call.params.packed.num_q_items : -1);
   set_dropout(call.params, dropout_p, dropout_seed, "cpu_tile_forward");
@@ -321,10 +326,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window_left"), py::arg("window_right"), py::arg("scale"), py::arg("softcap"),
         py::arg("q_items") = py::none(), py::arg("k_items") = py::none(), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
-        py::arg("row_stats") = py::none(), py::arg("sink_tokens") = 0,
+        py::arg("row_stats") = py::none(), py::arg("sink_tokens") = 0, py::arg("block_table") = py::none(),
+        py::arg("cache_seqlens") = py::none(), py::arg("page_size") = 0,
         "tile engine forward -> (out, lse); q_items/k_items/cu_seqlens_q/cu_seqlens_k: a packed batch's work items; "
         "dropout_p (0 = off) / dropout_seed: attention dropout; row_stats (float32 [5, B, Hq, Nq], None = off) / "
-        "sink_tokens: filled with the head statistics (docs/native_abi.md)");
+        "sink_tokens: filled with the head statistics; block_table/cache_seqlens/page_size: keys in a paged cache "
+        "(k, v: the pool as [B, Hkv, num_pages*page_size, D]) (docs/native_abi.md)");
   m.def("cpu_tile_backward", &cpu_tile_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("kv_tiles"), py::arg("kv_count"), py::arg("q_tiles"),
         py::arg("q_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),

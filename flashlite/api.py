@@ -471,10 +471,17 @@ def paged_attention(
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
         return (out, lse) if return_lse else out
 
-    q4 = q.permute(1, 0, 2, 3).reshape(1, heads_q, batch * seqlen_q, head_dim)  # a copy unless B == 1
     with torch.no_grad():
-        request = dispatch._request(q4, paged, False, True, False)
-        chosen = backends.select(request, backend)
+        chosen = backends.select(dispatch._request(q, paged, False, True, False), backend)
+        if chosen.paged_tiles and not isinstance(pattern, TopK):
+            # The tile engine: q as it is, the pool as [B, Hkv, slots, D] (batch stride 0), the
+            # block table in the plan's schedule.
+            tiled = Paged(pattern, block_table, cache_seqlens, page_size, seqlen_q, tiles=True)
+            pool_k, pool_v = (t.expand(batch, -1, -1, -1) for t in (k4, v4))
+            out, lse = dispatch.run(q, pool_k, pool_v, tiled, scale=scale, softcap=softcap, alibi_slopes=None,
+                                    backend=chosen.name)
+            return (out, lse) if return_lse else out
+        q4 = q.permute(1, 0, 2, 3).reshape(1, heads_q, batch * seqlen_q, head_dim)  # a copy unless B == 1
         if chosen.differentiable:  # the reference: each sequence on its keys gathered contiguously
             paged.check_values(num_pages=num_pages)
             dispatch._last.name = chosen.name

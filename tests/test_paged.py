@@ -4,6 +4,11 @@ The oracle is independent of flashlite's paged pattern: each sequence's keys are
 contiguously here (a Python loop over its pages) and the float64 reference runs on them with the
 sequence's own pattern (bottom-right alignment, so query i sits at cache_seqlens[b] − Nq + i).
 Every backend is held to the correctness rule (conftest) for out and lse.
+
+The cpu backend serves Full and SlidingWindow on its tile kernels (the block table read per key
+tile; decode rows for Nq <= 4, the query-major tile beyond), TopK on the gather kernels; the
+cases cover page sizes 16 to 256 and pages the 64-key tile does not divide (24, 48), split key
+ranges (sequences over 1024 keys) and their thread-count independence.
 """
 from __future__ import annotations
 
@@ -24,7 +29,13 @@ CASES = {
     "ps16_decode": (16, 1, [37, 5, 64, 1, 16]),
     "ps32_prefill": (32, 4, [37, 4, 70, 32]),
     "ps64_prefill": (64, 3, [3, 130, 64]),
+    # tile engine shapes (cpu): long rows split over threads, query-major prefill, tiles across pages
+    "ps128_decode_split": (128, 1, [1100, 129, 7]),
+    "ps256_prefill": (256, 6, [600, 6]),
+    "ps48_decode": (48, 2, [200, 47, 97]),
+    "ps24_prefill": (24, 7, [150, 30, 7]),
 }
+INTERPRETED = ("ps16_decode", "ps32_prefill")  # the cases the Triton interpreter runs (gather engine)
 PATTERNS = ["full", "causal", "window", "topk", "topk_shared"]
 
 
@@ -105,7 +116,7 @@ def check(q, k_cache, v_cache, table, seqlens, pattern, per_sequence, backend):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("name", PATTERNS)
 def test_against_oracle(backend, dtype, case, name):
-    if backend == "triton" and DEVICE.type == "cpu" and (dtype != torch.float32 or case == "ps64_prefill"):
+    if backend == "triton" and DEVICE.type == "cpu" and (dtype != torch.float32 or case not in INTERPRETED):
         pytest.skip("the Triton interpreter is slow: one dtype and two page sizes under it")
     page_size, nq, lengths = CASES[case]
     torch.manual_seed(hash((case, name)) % 1000)
@@ -150,18 +161,49 @@ def test_physical_rows_skip_pages_outside_the_window():
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-def test_window_never_reads_pages_outside(backend):
+@pytest.mark.parametrize("nq", [1, 6])
+def test_window_never_reads_pages_outside(backend, nq):
+    """Pages wholly outside every query's window hold NaN: any read of them would show. (Nq = 6 on
+    the cpu backend: the query-major tile kernel; Nq = 1: the decode rows.)"""
+    if backend == "triton" and nq > 1:
+        pytest.skip("the Triton interpreter is slow: the gather engine's rows are the same for any Nq")
     page_size, lengths = 16, [100, 50]
     k_cache, v_cache = make_pool(20, page_size, torch.float32)
     table, seqlens = make_table(lengths, page_size, 20)
-    q = randn(2, HQ, 1, D)
+    q = randn(2, HQ, nq, D)
     want = flashlite.paged_attention(q, k_cache, v_cache, table, seqlens, SlidingWindow(10), backend="reference")
-    inside = {int(table[b, j // page_size]) for b, n in enumerate(lengths) for j in range(n - 11, n)}
+    inside = {int(table[b, j // page_size]) for b, n in enumerate(lengths) for j in range(n - nq - 10, n)}
     for page in range(20):
         if page not in inside:
             k_cache[page], v_cache[page] = float("nan"), float("nan")
     got = flashlite.paged_attention(q, k_cache, v_cache, table, seqlens, SlidingWindow(10), backend=backend)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("nq", [1, 5])
+def test_cpu_tiles_same_bits_for_any_thread_count(nq):
+    """The split of long rows (decode) and the work items depend on the sizes only: 1, 2 and 3
+    threads give the same bits. Also: the cpu backend runs the tile plan (not gather rows)."""
+    page_size, lengths = 32, [2100, 40, 1300]
+    num_pages = sum(-(-n // page_size) for n in lengths) + 2
+    k_cache, v_cache = make_pool(num_pages, page_size, torch.float32)
+    table, seqlens = make_table(lengths, page_size, num_pages)
+    q = randn(len(lengths), HQ, nq, D)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(flashlite.paged_attention(q, k_cache, v_cache, table, seqlens, Full(causal=True),
+                                                     backend="cpu", return_lse=True))
+    finally:
+        torch.set_num_threads(threads)
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+    plans = [value for _, value in flashlite.dispatch.plan.CACHE.entries.values()
+             if getattr(value, "schedule", None) is not None and value.schedule.block_table is not None]
+    assert plans and plans[-1].engine == "tile" and plans[-1].schedule.kv_tiles.shape[0] == len(lengths)
 
 
 def test_forward_only_and_empty():

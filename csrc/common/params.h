@@ -75,6 +75,24 @@ struct PackedItems {
   FL_HOST_DEVICE bool active() const { return q_items != nullptr; }
 };
 
+// A paged KV cache (flashlite/core/paged.py; tile engine forward, CPU): k and v are the page pool
+// [num_pages, page_size, Hkv, D] viewed as [B, Hkv, num_pages·page_size, D] (batch stride 0), so a
+// row of the views is a physical slot. Batch row b has seqlens[b] keys (its own Nk: query i sits at
+// p(i) = i + seqlens[b] − Nq) and its logical key j lives in slot
+//   block_table[b·table_stride + j / page_size]·page_size + j % page_size.
+// The binding checks that every page a sequence uses is a page of the pool. Unset = contiguous keys.
+struct PagedKeys {
+  const int32_t* block_table = nullptr;  // [B, max_pages], row stride table_stride
+  const int32_t* seqlens = nullptr;      // [B]
+  int64_t table_stride = 0;
+  int32_t page_size = 0;
+
+  FL_HOST_DEVICE bool active() const { return block_table != nullptr; }
+  FL_HOST_DEVICE int32_t slot(int32_t b, int32_t j) const {
+    return block_table[b * table_stride + j / page_size] * page_size + j % page_size;
+  }
+};
+
 struct AttentionParams {
   DType dtype = DType::kFloat32;
   const void* q = nullptr;
@@ -94,6 +112,7 @@ struct AttentionParams {
   ScheduleView forward_schedule;   // per query tile: key tiles
   ScheduleView backward_schedule;  // per key tile: query tiles
   PackedItems packed;              // a packed batch's work items (tile engine, CPU); unset = plain batch
+  PagedKeys paged;                 // keys read through a block table (tile engine forward, CPU); unset = contiguous
   // Gather engine.
   const int64_t* indices = nullptr;
   int64_t indices_stride_b = 0, indices_stride_h = 0, indices_stride_n = 0;  // stride_n 0 = shared list

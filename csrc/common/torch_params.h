@@ -226,6 +226,54 @@ inline bool set_packed_items(AttentionParams& p, const at::Tensor& q, const at::
   return true;
 }
 
+// A paged KV cache (params.h PagedKeys; flashlite/core/paged.py): block_table and cache_seqlens
+// together or neither (contiguous keys: false). k, v are the page pool [num_pages, page_size, Hkv,
+// D] viewed as [B, Hkv, num_pages·page_size, D]; block_table int32 [B, max_pages] (last dim
+// contiguous), cache_seqlens int32 [B] contiguous, both on the CPU. Every value is checked (O(B +
+// pages used) reads): seqlens in [0, 2^31), the table wide enough, the pages used in [0, num_pages).
+inline bool set_paged_keys(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                           const c10::optional<at::Tensor>& block_table,
+                           const c10::optional<at::Tensor>& cache_seqlens, int64_t page_size, const char* fn) {
+  auto given = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  if (!given(block_table) && !given(cache_seqlens)) return false;
+  TORCH_CHECK_VALUE(given(block_table) && given(cache_seqlens), "flashlite: ", fn,
+                    ": a paged cache needs block_table and cache_seqlens together (or neither)");
+  TORCH_CHECK_VALUE(!p.packed.active(), "flashlite: ", fn, ": a packed batch cannot also be paged");
+  TORCH_CHECK_VALUE(page_size > 0 && k.size(2) % page_size == 0, "flashlite: ", fn,
+                    ": page_size must be positive and divide the pool's slot count k.size(2) = ", k.size(2), ", got ",
+                    page_size);
+  const at::Tensor& table = *block_table;
+  const at::Tensor& seqlens = *cache_seqlens;
+  TORCH_CHECK_VALUE(table.device().is_cpu() && table.scalar_type() == at::kInt && table.dim() == 2 &&
+                        table.size(0) == q.size(0) && (table.size(1) <= 1 || table.stride(1) == 1),
+                    "flashlite: ", fn, ": block_table must be an int32 CPU tensor [B, max_pages] = [", q.size(0),
+                    ", max_pages] with a contiguous last dim, got ", table.scalar_type(), " ", table.sizes(), " on ",
+                    table.device());
+  TORCH_CHECK_VALUE(seqlens.device().is_cpu() && seqlens.scalar_type() == at::kInt && seqlens.dim() == 1 &&
+                        seqlens.size(0) == q.size(0) && seqlens.is_contiguous(),
+                    "flashlite: ", fn, ": cache_seqlens must be an int32 contiguous CPU tensor [B] = [", q.size(0),
+                    "], got ", seqlens.scalar_type(), " ", seqlens.sizes(), " on ", seqlens.device());
+  const int64_t num_pages = k.size(2) / page_size, width = table.size(1);
+  const int32_t* lengths = seqlens.data_ptr<int32_t>();
+  const int32_t* pages = table.data_ptr<int32_t>();
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    TORCH_CHECK_VALUE(lengths[b] >= 0, "flashlite: ", fn, ": cache_seqlens[", b, "] = ", lengths[b], " is negative");
+    const int64_t used = (int64_t(lengths[b]) + page_size - 1) / page_size;
+    TORCH_CHECK_VALUE(used <= width, "flashlite: ", fn, ": block_table is too narrow: cache_seqlens[", b,
+                      "] = ", lengths[b], " keys need ", used, " pages of ", page_size, ", the table has ", width);
+    for (int64_t j = 0; j < used; ++j) {
+      const int32_t page = pages[b * table.stride(0) + j];
+      TORCH_CHECK_VALUE(page >= 0 && page < num_pages, "flashlite: ", fn, ": block_table[", b, ", ", j, "] = ", page,
+                        " is not a page id in [0, ", num_pages, ")");
+    }
+  }
+  p.paged.block_table = pages;
+  p.paged.seqlens = lengths;
+  p.paged.table_stride = table.stride(0);
+  p.paged.page_size = static_cast<int32_t>(page_size);
+  return true;
+}
+
 // The sequence count of a packed call (2-D ALiBi slopes have one row per sequence), else -1.
 inline int64_t packed_sequences(const c10::optional<at::Tensor>& cu_seqlens_q) {
   return cu_seqlens_q.has_value() && cu_seqlens_q->defined() ? cu_seqlens_q->numel() - 1 : -1;

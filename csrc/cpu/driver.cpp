@@ -131,8 +131,9 @@ constexpr int kDecodeRows = 4;
 // broadcast schedule: full, causal, window, a layout without a head dimension), so each key tile
 // is loaded once for the whole group; else one per (b, head). A long key range is split into
 // pieces of about kDecodeSplitKeys keys, run as separate items and merged in order, so that a
-// batch of one with few KV heads still uses every thread. The split depends on the sizes only,
-// never on the thread count: results are the same bits for any number of threads.
+// batch of one with few KV heads still uses every thread. The split depends on the sizes only
+// (batch row b's key count: Nk, or its own length in a paged cache), never on the thread count:
+// results are the same bits for any number of threads.
 constexpr int kDecodeSplitKeys = 512;
 constexpr int kDecodeMaxSplits = 64;
 
@@ -141,11 +142,22 @@ FLASHLITE_OMP_DRIVER void tile_forward_decode(const KernelTable& kernels, const 
   const bool shared = schedule.tiles_stride_h == 0 && schedule.count_stride_h == 0;
   const int heads = shared ? p.group() : 1, items = p.heads_q / heads;
   const int64_t groups = int64_t(p.batch) * items;
-  const int splits = std::min(kDecodeMaxSplits, std::max(1, p.seqlen_k / kDecodeSplitKeys));
   const int rows = std::min(p.block_m, p.seqlen_q);
   const int record = decode_record_floats(p.head_dim, kernels.lanes);
-  const int64_t group_floats = int64_t(splits) * heads * rows * record;
-  std::vector<float> partials(splits > 1 ? size_t(groups * group_floats) : 0);
+  const int64_t split_floats = int64_t(heads) * rows * record;
+  // Group g's splits are tasks first_task[g] .. first_task[g + 1]; its partial records (when it
+  // has more than one split) start at first_part[g].
+  std::vector<int64_t> first_task(size_t(groups + 1), 0), first_part(size_t(groups + 1), 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int keys = batch_segment(p, static_cast<int>(g / items)).nk;
+    const int splits = std::min(kDecodeMaxSplits, std::max(1, keys / kDecodeSplitKeys));
+    first_task[size_t(g + 1)] = first_task[size_t(g)] + splits;
+    first_part[size_t(g + 1)] = first_part[size_t(g)] + (splits > 1 ? splits * split_floats : 0);
+  }
+  std::vector<int64_t> task_group(size_t(first_task[size_t(groups)]));
+  for (int64_t g = 0; g < groups; ++g)
+    std::fill(task_group.begin() + first_task[size_t(g)], task_group.begin() + first_task[size_t(g + 1)], g);
+  std::vector<float> partials(size_t(first_part[size_t(groups)]));
   OmpSync sync;
   sync.begin_region();
 #pragma omp parallel num_threads(thread_count(num_threads))
@@ -153,24 +165,25 @@ FLASHLITE_OMP_DRIVER void tile_forward_decode(const KernelTable& kernels, const 
     sync.enter();
     Workspace ws;
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t task = 0; task < groups * splits; ++task) {
-      const int64_t group = task / splits;
-      const int split = static_cast<int>(task % splits);
+    for (int64_t task = 0; task < int64_t(task_group.size()); ++task) {
+      const int64_t group = task_group[size_t(task)];
+      const int splits = static_cast<int>(first_task[size_t(group + 1)] - first_task[size_t(group)]);
+      const int split = static_cast<int>(task - first_task[size_t(group)]);
       const int b = static_cast<int>(group / items), h_first = static_cast<int>(group % items) * heads;
       const int count = schedule.num_tiles(b, h_first, 0), per = cdiv(count, splits);
       const int begin = std::min(count, split * per), end = std::min(count, begin + per);
-      float* part = splits > 1 ? partials.data() + group * group_floats + int64_t(split) * heads * rows * record
-                               : nullptr;
+      float* part = splits > 1 ? partials.data() + first_part[size_t(group)] + split * split_floats : nullptr;
       kernels.tile_forward_rows(p, b, h_first, heads, 0, begin, end, part, ws);
     }
     sync.before_barrier(0);
 #pragma omp barrier
     sync.after_barrier(0);
-    if (splits > 1) {
 #pragma omp for schedule(dynamic, 1) nowait
-      for (int64_t group = 0; group < groups; ++group)
+    for (int64_t group = 0; group < groups; ++group) {
+      const int splits = static_cast<int>(first_task[size_t(group + 1)] - first_task[size_t(group)]);
+      if (splits > 1)
         kernels.tile_forward_rows_merge(p, static_cast<int>(group / items), static_cast<int>(group % items) * heads,
-                                        heads, 0, splits, partials.data() + group * group_floats, ws);
+                                        heads, 0, splits, partials.data() + first_part[size_t(group)], ws);
     }
     sync.leave();
   }

@@ -5,6 +5,7 @@
 
 #include <math.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>

@@ -104,6 +104,41 @@ inline void dropout_tile(const AttentionParams& p, uint64_t base, int nk, int Y,
   }
 }
 
+// Keys j0 .. j0+n of segment sg (local positions) of k or v for kv head h, as float32 rows
+// (kv_rows): the contiguous rows sg.k0 + j0 .. of a plain or packed batch; in a paged cache
+// (p.paged) the slots of the block table. A tile inside one page is contiguous slots, read like
+// contiguous rows; a tile across pages is copied page run by page run into buf [n][Dp].
+inline RowsView tile_kv_rows(const AttentionParams& p, const void* base, const Strides3& s, const Segment& sg, int h,
+                             int j0, int n, bool vector_rows, float* buf) {
+  const int D = p.head_dim, Dp = round_up(D, L);
+  const PagedKeys& pages = p.paged;
+  if (!pages.active()) return kv_rows(p.dtype, base, s, sg.b, h, sg.k0 + j0, n, D, Dp, vector_rows, buf);
+  if (n <= pages.page_size - j0 % pages.page_size)
+    return kv_rows(p.dtype, base, s, sg.b, h, pages.slot(sg.b, j0), n, D, Dp, vector_rows, buf);
+  for (int c = 0; c < n; ++c) {
+    load_row(p.dtype, base, offset(s, sg.b, h, pages.slot(sg.b, j0 + c)), D, buf + c * Dp);
+    fill(buf + c * Dp + D, Dp - D, 0.f);
+  }
+  return {buf, Dp};
+}
+
+// The same keys as one pointer per row (rows[c], Dp floats each, readable as whole vectors): in
+// place where float32 allows, else converted into buf [n][Dp]; page run by page run in a paged
+// cache, so a tile across pages costs no copy either.
+inline void tile_kv_pointers(const AttentionParams& p, const void* base, const Strides3& s, const Segment& sg, int h,
+                             int j0, int n, float* buf, const float** rows) {
+  const int D = p.head_dim, Dp = round_up(D, L);
+  const PagedKeys& pages = p.paged;
+  for (int c = 0; c < n;) {
+    const int j = j0 + c;
+    const int run = pages.active() ? imin(n - c, pages.page_size - j % pages.page_size) : n;
+    const int row = pages.active() ? pages.slot(sg.b, j) : sg.k0 + j;
+    const RowsView r = kv_rows(p.dtype, base, s, sg.b, h, row, run, D, Dp, true, buf + c * Dp);
+    for (int i = 0; i < run; ++i) rows[c + i] = r.data + i * r.ld;
+    c += run;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tile engine, forward: query tile m of (segment, h) over the key tiles of its schedule row.
 // Stats: also the head statistics (row_stats) from running sums beside the softmax (see the top).
@@ -136,9 +171,14 @@ void tile_forward_of(const AttentionParams& p, const Segment& sg, int h, int m, 
   const ScheduleView& schedule = p.forward_schedule;
   const int row = sg.q_row0 + m, count = schedule.num_tiles(b, h, row);
   for (int t = 0; t < count; ++t) {
-    const int j0 = schedule.tile(b, h, row, t) * BN, nk = imin(BN, sg.nk - j0);
-    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, false, kbuf);
-    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, false, vbuf);
+    // The tile's keys that some row of the query tile sees, p(i0) − left .. p(i0 + rows − 1) + right:
+    // the others would get P = 0, and a paged cache's pages wholly outside every window stay unread.
+    const int tile0 = schedule.tile(b, h, row, t) * BN;
+    const int j0 = static_cast<int>(std::max<int64_t>(tile0, int64_t(pos0) - p.window_left));
+    const int nk = static_cast<int>(std::min<int64_t>(imin(tile0 + BN, sg.nk), int64_t(pos0) + rows + p.window_right) - j0);
+    if (nk <= 0) continue;
+    const RowsView k = tile_kv_rows(p, p.k, p.k_strides, sg, kv_head, j0, nk, false, kbuf);
+    const RowsView v = tile_kv_rows(p, p.v, p.v_strides, sg, kv_head, j0, nk, false, vbuf);
     // Sᵀ[c][r] = Σ_d k[j0 + c][d]·q̃[i0 + r][d]
     gemm(nk, Y, D, k.data, k.ld, 1, qt, BM, st, BM, false);
     score_tile(p, slope, sg.shift(), i0, rows, Y, j0, nk, st, nullptr, BM);
@@ -209,11 +249,11 @@ void tile_forward(const AttentionParams& p, const Segment& sg, int h, int m, Wor
     tile_forward_of<false>(p, sg, h, m, ws);
 }
 
-// Tile engine, forward, for a few query rows (decode): query tile m of heads h_first ..
-// h_first + heads − 1 (one KV head's group sharing a schedule row) over key tiles
+// Tile engine, forward, for a few query rows (decode): query tile m of batch row b's heads
+// h_first .. h_first + heads − 1 (one KV head's group sharing a schedule row) over key tiles
 // [tile_begin, tile_end) of that row, one query row at a time with the keys along the vector
 // lanes: the query-major kernel above would fill 1 of its L lanes per row. Each key tile is
-// loaded once for all rows. Per row r and key tile (keys j0 + c, c < nk), in log2 units:
+// loaded once for all rows (in a paged cache: page by page through the block table). Per row r and key tile (keys j0 + c, c < nk), in log2 units:
 //   s_c = score(q̃_r·k_c) (−inf outside the band),  m' = max(m, max_c s_c),  α = 2^(m − m'),
 //   P_c = 2^(s_c − m'),  l' = α·l + Σ_c P_c,  acc' = α·acc + Σ_c P_c·v_c
 // The state of row r is a record of row_record_floats floats, [acc (Dp) | m | l | t | d | z | c |
@@ -239,6 +279,8 @@ void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int head
   const int BM = p.block_m, BN = p.block_n, BNp = round_up(BN, L), D = p.head_dim, Dp = round_up(D, L);
   const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), R = heads * rows, W = row_record_floats(p);
   const int kv_head = h_first / p.group();
+  const Segment sg = batch_segment(p, b);
+  const int pos0 = i0 + sg.shift();
   float* q_rows = ws.floats(size_t(R * (Dp + W) + 2 * BNp * Dp + BNp + Dp));
   float* records = partials ? partials : q_rows + R * Dp;
   float* kbuf = q_rows + R * (Dp + W);
@@ -259,15 +301,18 @@ void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int head
   const float cap = p.softcap;
   const ScheduleView& schedule = p.forward_schedule;
   for (int t = tile_begin; t < tile_end; ++t) {
-    const int j0 = schedule.tile(b, h_first, m, t) * BN, nk = imin(BN, p.seqlen_k - j0), nkp = round_up(nk, L);
-    const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, j0, nk, D, Dp, true, kbuf);
-    const RowsView v = kv_rows(p.dtype, p.v, p.v_strides, b, kv_head, j0, nk, D, Dp, true, vbuf);
-    for (int c = 0; c < nkp; ++c) {
-      keys[c] = c < nk ? k.data + c * k.ld : zero;
-      values[c] = c < nk ? v.data + c * v.ld : zero;
-    }
+    const int j0 = schedule.tile(b, h_first, m, t) * BN, nk = imin(BN, sg.nk - j0), nkp = round_up(nk, L);
+    // Only keys c in [first, last) are loaded: those some row sees (p(i0) − left .. p(i0 + rows − 1) +
+    // right); the rest point at a zero row (masked: P = 0), so pages wholly outside every window
+    // stay unread and the lanes keep their keys.
+    const int first = static_cast<int>(std::clamp<int64_t>(int64_t(pos0) - p.window_left - j0, 0, nk));
+    const int last = static_cast<int>(std::clamp<int64_t>(int64_t(pos0) + rows + p.window_right - j0, first, nk));
+    tile_kv_pointers(p, p.k, p.k_strides, sg, kv_head, j0 + first, last - first, kbuf, keys + first);
+    tile_kv_pointers(p, p.v, p.v_strides, sg, kv_head, j0 + first, last - first, vbuf, values + first);
+    for (int c = 0; c < nkp; ++c)
+      if (c < first || c >= last) keys[c] = values[c] = zero;
     for (int r = 0; r < R; ++r) {
-      const int h = h_first + r / rows, pos = i0 + r % rows + p.seqlen_k - p.seqlen_q;
+      const int h = h_first + r / rows, pos = i0 + r % rows + sg.shift();
       const float slope = p.alibi(b, h), slope_units = cap != 0.f ? slope : slope * kLog2e;
       vf tile_max = splat(-kInf), c_sum = {};
       for (int c0 = 0; c0 < nkp; c0 += L) {

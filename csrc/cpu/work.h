@@ -67,11 +67,12 @@ struct Segment {
   int shift() const { return nk - nq; }  // p(i) = i + shift
 };
 
+// Batch row b: all Nq queries and Nk keys, or in a paged cache its own seqlens[b] keys.
 inline Segment batch_segment(const AttentionParams& p, int b) {
   Segment s;
   s.b = s.seq = b;
   s.nq = p.seqlen_q;
-  s.nk = p.seqlen_k;
+  s.nk = p.paged.active() ? p.paged.seqlens[b] : p.seqlen_k;
   return s;
 }
 

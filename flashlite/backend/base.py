@@ -66,6 +66,10 @@ class Backend:
     # True where the tile kernels read packed work items (TileSchedule.q_items / k_items). The
     # gather engine needs nothing: packed top-k rows are ordinary rows in packed coordinates.
     packed_tiles = False
+    # True where the tile kernels' forward reads keys through a paged cache's block table
+    # (TileSchedule.block_table / cache_seqlens / page_size); elsewhere a paged cache runs on the
+    # gather engine over physical rows (flashlite.core.paged).
+    paged_tiles = False
     # True where forward/backward take ``dropout=(p, seed)`` and apply flashlite.core.dropout's mask.
     dropout = False
     # True where forward takes ``stats=sink_tokens`` and returns ``(out, lse, row_stats)``, and

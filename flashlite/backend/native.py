@@ -63,6 +63,14 @@ class NativeBackend(Backend):
                     cu_seqlens_k=schedule.cu_seqlens_k)
 
     @staticmethod
+    def _paged(schedule) -> dict:
+        """A paged cache's block table as the kernels' named arguments (none for contiguous keys)."""
+        if not schedule.is_paged:
+            return {}
+        return dict(block_table=schedule.block_table, cache_seqlens=schedule.cache_seqlens,
+                    page_size=schedule.page_size)
+
+    @staticmethod
     def _dropout(dropout) -> dict:
         """``dropout=(p, seed)`` as the kernels' named arguments (none when off, so a build without
         them still serves calls without dropout)."""
@@ -83,7 +91,7 @@ class NativeBackend(Backend):
             out, lse = self._fns["tile_forward"](
                 q, k, v, kv_tiles=s.kv_tiles, kv_count=s.kv_count, alibi_slopes=alibi_slopes, is_list=s.is_list,
                 block_m=s.block_m, block_n=s.block_n, window_left=s.window_left, window_right=s.window_right,
-                scale=scale, softcap=softcap, **self._packed(s), **extra)
+                scale=scale, softcap=softcap, **self._packed(s), **self._paged(s), **extra)
         else:
             out, lse = self._fns["gather_forward"](q, k, v, indices=plan.rows, alibi_slopes=alibi_slopes,
                                                    causal=plan.causal, scale=scale, softcap=softcap, **extra)
@@ -126,6 +134,9 @@ class CpuBackend(NativeBackend):
         # The plan's top-k tensors in C++ (same elements as core.gather_rows); None in an older build.
         self._canonical_rows = getattr(extension, "cpu_canonical_rows", None)
         self._key_index = getattr(extension, "cpu_key_index", None)
+        # Paged caches on the tile kernels where this build's forward takes a block table (an older
+        # build: the gather kernels over physical rows).
+        self.paged_tiles = "block_table" in (extension.cpu_tile_forward.__doc__ or "")
         # Head statistics where this build's kernels take them (an older build: the reference serves them).
         self.stats = all(name in (getattr(extension, fn).__doc__ or "") for fn, name in (
             ("cpu_tile_forward", "row_stats"), ("cpu_gather_forward", "row_stats"),

@@ -11,11 +11,23 @@ of the pool viewed as ``[1, Hkv, num_pages·page_size, D]`` (a view: the cache i
 q ``[B, Hq, Nq, D]`` holds each sequence's newest Nq queries, query i at
 ``p(i) = cache_seqlens[b] − Nq + i`` (bottom-right, as everywhere in flashlite).
 
-``Paged(inner, block_table, cache_seqlens, page_size, nq)`` is a pattern over the ``[1, Hq, B·Nq, D]``
-view of q and that pool view. It adds no kernel of its own: like a packed top-k batch
-(``core/packed.py``), its plan moves the rows once to physical coordinates (``gather_indices``):
-for every query the physical slots of the logical keys it sees, ``-1`` padded, built vectorized in
-torch. The ordinary gather kernels (cpu, triton, cuda) then run non-causal over them.
+``Paged(inner, block_table, cache_seqlens, page_size, nq, tiles)`` adds no kernel of its own. Two
+forms, one per engine:
+
+* ``tiles=True`` (tile engine; ``Full`` and ``SlidingWindow`` on backends that declare
+  ``paged_tiles``): a pattern over q ``[B, Hq, Nq, D]`` itself and the pool viewed as
+  ``[B, Hkv, num_pages·page_size, D]`` (batch stride 0). Its plan (``schedule``) is each
+  sequence's band schedule in logical key tiles, one row set per batch row (``[B, 1, ⌈Nq/BM⌉, 1]``),
+  plus the block table and lengths as the schedule's indirection list: the tile kernels load key
+  tile t of row b page by page (``slot(b, j)``), all query heads of a KV head share each load
+  (decode), and long rows are split over threads and merged in a fixed order. Tiles wholly
+  outside a window are not in the schedule, so their pages are never read.
+* ``tiles=False`` (gather engine; ``TopK``, and every pattern on other backends): a pattern over
+  the ``[1, Hq, B·Nq, D]`` view of q and the ``[1, Hkv, num_pages·page_size, D]`` pool view. Like a
+  packed top-k batch (``core/packed.py``), its plan moves the rows once to physical coordinates
+  (``gather_indices``): for every query the physical slots of the logical keys it sees, ``-1``
+  padded, built vectorized in torch. The ordinary gather kernels (cpu, triton, cuda) then run
+  non-causal over them.
 
 * ``Full(causal)``: keys ``0..L_b−1`` (causal: ``j <= p(i)``);
 * ``SlidingWindow(left, right)``: ``max(0, p(i) − left) <= j <= min(L_b − 1, p(i) + right)``;
@@ -36,6 +48,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from .patterns import Full, Pattern, SlidingWindow, TopK
+from .schedule import TileSchedule, cdiv, clamp_band
 
 
 def _int_tensor(t, name: str, dims: int, form: str, device: torch.device) -> None:
@@ -53,15 +66,17 @@ class Paged(Pattern):
     """``inner`` (``Full``, ``SlidingWindow`` or ``TopK`` over logical positions) applied to each
     sequence of a paged cache (module docstring)."""
 
-    engine = "gather"
     name = "paged"
 
     def __init__(self, inner: Pattern, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-                 page_size: int, seqlen_q: int) -> None:
+                 page_size: int, seqlen_q: int, tiles: bool = False) -> None:
         if not isinstance(inner, (Full, SlidingWindow, TopK)):
             raise TypeError(f"pattern must be Full, SlidingWindow, TopK or None for a paged cache, "
                             f"got {type(inner).__name__}")
+        if tiles and isinstance(inner, TopK):
+            raise ValueError("a paged TopK runs on the gather engine (tiles=False)")
         self.inner = inner
+        self.engine = "tile" if tiles else "gather"
         self.block_table, self.cache_seqlens = block_table, cache_seqlens
         self.page_size, self.seqlen_q = int(page_size), int(seqlen_q)
         self._lengths: Optional[torch.Tensor] = None
@@ -75,8 +90,12 @@ class Paged(Pattern):
         return False  # the rows are made with the causal drops already applied
 
     # -- identity and checks -----------------------------------------------------------------------
+    def band(self):
+        return self.inner.band()
+
     def cache_key(self) -> tuple:
-        return ("Paged", self.inner.cache_key(), self.page_size, self.seqlen_q, tuple(self.block_table.shape))
+        return ("Paged", self.engine, self.inner.cache_key(), self.page_size, self.seqlen_q,
+                tuple(self.block_table.shape))
 
     def tensors(self) -> tuple:
         return (self.block_table, self.cache_seqlens) + self.inner.tensors()
@@ -145,6 +164,31 @@ class Paged(Pattern):
                                  f"has values in [{int(ind[b].min())}, {int(ind[b].max())}] with "
                                  f"cache_seqlens[{b}] = {int(lengths[b])}")
 
+    # -- the tile engine's plan: per-sequence schedules over logical tiles ------------------------------
+    def schedule(self, seqlen_q: int, seqlen_k: int, block_m: int, block_n: int,
+                 device="cpu") -> TileSchedule:
+        """Each sequence's band schedule (forward only): query tile m of batch row b visits logical
+        key tiles ``kv_tiles[b, 0, m, 0] + t``, ``t < kv_count[b, 0, m]``, those holding a key
+        ``max(0, p(i) − left) <= j <= min(L_b − 1, p(i) + right)`` for a row i of the tile
+        (``p(i) = L_b − Nq + i``); with the block table, lengths and page size the kernels read
+        them through. ``seqlen_k`` is the pool's slot count (the band's "unbounded")."""
+        left, right = clamp_band(*self.inner.band(), seqlen_q, seqlen_k)
+        lengths = self.lengths()
+        first_row = torch.arange(cdiv(seqlen_q, block_m), device=lengths.device) * block_m
+        last_row = torch.clamp(first_row + block_m - 1, max=seqlen_q - 1)
+        shift = (lengths - seqlen_q)[:, None]  # p(i) − i per sequence
+        low = torch.clamp(first_row + shift - left, min=0)
+        high = torch.minimum(last_row + shift + right, lengths[:, None] - 1)
+        seen = high >= low
+        start = torch.where(seen, low // block_n, 0)
+        count = torch.where(seen, high // block_n - start + 1, 0)
+        batch, rows = start.shape
+        none = torch.zeros(1, 1, 0, 1, dtype=torch.int32, device=lengths.device)  # forward only: no transpose
+        return TileSchedule("range", block_m, block_n, seqlen_q, seqlen_k, left, right,
+                            start.to(torch.int32).view(batch, 1, rows, 1), count.to(torch.int32).view(batch, 1, rows),
+                            none, none[..., 0], block_table=self.block_table.contiguous(),
+                            cache_seqlens=self.cache_seqlens.contiguous(), page_size=self.page_size)
+
     # -- rows in physical coordinates ----------------------------------------------------------------
     def _positions(self) -> torch.Tensor:
         """int64 ``[B, Nq]``: p(i) of every query."""
@@ -211,7 +255,8 @@ class Paged(Pattern):
             yield b, slots, pattern
 
     def __repr__(self) -> str:
-        return f"Paged({self.inner!r}, batch={self.batch}, page_size={self.page_size}, Nq={self.seqlen_q})"
+        return (f"Paged({self.inner!r}, batch={self.batch}, page_size={self.page_size}, Nq={self.seqlen_q}, "
+                f"engine={self.engine})")
 
 
 def pool_view(cache: torch.Tensor, name: str) -> torch.Tensor:

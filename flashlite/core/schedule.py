@@ -54,10 +54,21 @@ class TileSchedule:
     k_items: Optional[torch.Tensor] = None  # int32 [num_k_items, 2]
     cu_seqlens_q: Optional[torch.Tensor] = None  # int32 [S + 1]
     cu_seqlens_k: Optional[torch.Tensor] = None  # int32 [S + 1]
+    # Paged caches (flashlite.core.paged, forward): k, v are the page pool viewed as
+    # [B, Hkv, num_pages·page_size, D]; batch row b has cache_seqlens[b] keys, its logical key j in
+    # slot block_table[b, j // page_size]·page_size + j % page_size, and its own schedule rows
+    # (kv_tiles[b], in logical tiles). None for contiguous keys.
+    block_table: Optional[torch.Tensor] = None  # int32 [B, max_pages]
+    cache_seqlens: Optional[torch.Tensor] = None  # int32 [B]
+    page_size: int = 0
 
     @property
     def is_packed(self) -> bool:
         return self.q_items is not None
+
+    @property
+    def is_paged(self) -> bool:
+        return self.block_table is not None
 
     @property
     def is_list(self) -> bool:

@@ -69,9 +69,10 @@ class Plan:
         if self.engine == "tile":
             s, c = self.schedule, self.config
             packed = [s.q_items, s.k_items, s.cu_seqlens_q, s.cu_seqlens_k] if s.is_packed else []
-            return ([s.kv_tiles, s.kv_count, s.q_tiles, s.q_count, *packed],
+            paged = [s.block_table, s.cache_seqlens] if s.is_paged else []
+            return ([s.kv_tiles, s.kv_count, s.q_tiles, s.q_count, *packed, *paged],
                     head + [int(s.is_list), s.block_m, s.block_n, s.window_left, s.window_right,
-                            c.num_warps, c.num_stages])
+                            c.num_warps, c.num_stages, s.page_size])
         if self.engine == "gather":
             none = self.rows.new_empty(0)
             inverse = [self.key_offsets, self.key_slots] if self.has_backward else [none, none]
@@ -84,9 +85,11 @@ class Plan:
         backend = backends.get(backends.NAMES[ints[0]])
         engine, deterministic = ENGINES[ints[1]], bool(ints[2])
         if engine == "tile":
-            is_list, block_m, block_n, left, right, warps, stages = ints[3:10]
+            is_list, block_m, block_n, left, right, warps, stages, page_size = ints[3:11]
+            # 8 tensors when packed (+ items and cu_seqlens), 6 when paged (+ block_table, cache_seqlens)
+            paged = dict(block_table=tensors[4], cache_seqlens=tensors[5], page_size=page_size) if page_size else {}
             schedule = TileSchedule("list" if is_list else "range", block_m, block_n, seqlen_q, seqlen_k,
-                                    left, right, *tensors[:8])  # 8 when packed: + items and cu_seqlens
+                                    left, right, *tensors[:4 if page_size else 8], **paged)
             return cls(backend, engine, deterministic, schedule=schedule,
                        config=TileConfig(block_m, block_n, warps, stages))
         causal, inverse = bool(ints[3]), bool(ints[4])
