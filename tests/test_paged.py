@@ -380,3 +380,23 @@ def test_pool_bad_arguments():
     with pytest.raises(ValueError, match="page_size"):
         flashlite.PagedKVCache(4, 0, HKV, D)
     assert cache.pages_free == 4 and cache.seqlens([s]).tolist() == [0]
+
+
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b != "triton"])  # the reference runs no op
+def test_through_the_custom_op(backend):
+    """Under a torch-function mode the call crosses the custom op (the plan as op_args, rebuilt by
+    Plan.from_op_args, paged schedule included): the same result as the direct call."""
+    from torch.overrides import TorchFunctionMode
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    page_size, lengths = 16, [37, 5, 64]
+    k_cache, v_cache = make_pool(8, page_size, torch.float32)
+    table, seqlens = make_table(lengths, page_size, 8)
+    q = randn(3, HQ, 2, D)
+    want = flashlite.paged_attention(q, k_cache, v_cache, table, seqlens, Full(causal=True), backend=backend)
+    with Passthrough():
+        got = flashlite.paged_attention(q, k_cache, v_cache, table, seqlens, Full(causal=True), backend=backend)
+    assert torch.equal(got, want)
