@@ -52,10 +52,31 @@ inline void gemm_panel(int X, int depth, const float* a, int64_t a_x, int64_t a_
   for (; x < X; ++x) gemm_block<1, NV>(depth, a + x * a_x, a_x, a_k, b, b_k, c + x * c_x, c_x, accumulate);
 }
 
-// The whole product for x < X, y < Y (Y a multiple of L), in panels of 2·L columns of B/C.
+// Panels of 4·L columns where the build has 32 vector registers (AVX-512): 6 rows × 4 vectors of
+// accumulators, 4 of B and a broadcast (29 registers). Each step then does 24 FMAs for 10 loads
+// instead of 16 for 10 (8 × 2): the loop issues fewer instructions per FMA, and the 64-wide tiles
+// of the tile engine run at ~90 % of the FMA peak instead of ~85 % from L1 (bench_cpu_tile stages).
+constexpr int kWideRows = MR >= 8 && L >= 16 ? 6 : 0;
+
+template <int R>
+inline void gemm_panel_wide(int X, int depth, const float* a, int64_t a_x, int64_t a_k, const float* b, int64_t b_k,
+                            float* c, int64_t c_x, bool accumulate) {
+  int x = 0;
+  for (; x + R <= X; x += R) gemm_block<R, 4>(depth, a + x * a_x, a_x, a_k, b, b_k, c + x * c_x, c_x, accumulate);
+  for (; x + 4 <= X; x += 4) gemm_block<4, 4>(depth, a + x * a_x, a_x, a_k, b, b_k, c + x * c_x, c_x, accumulate);
+  for (; x + 2 <= X; x += 2) gemm_block<2, 4>(depth, a + x * a_x, a_x, a_k, b, b_k, c + x * c_x, c_x, accumulate);
+  for (; x < X; ++x) gemm_block<1, 4>(depth, a + x * a_x, a_x, a_k, b, b_k, c + x * c_x, c_x, accumulate);
+}
+
+// The whole product for x < X, y < Y (Y a multiple of L), in panels of 4·L (kWideRows), then 2·L
+// columns of B/C. Every C element is the same chain of FMAs over k, ascending, whatever the panel:
+// the blocking never changes a result bit.
 inline void gemm(int X, int Y, int depth, const float* a, int64_t a_x, int64_t a_k, const float* b, int64_t b_k,
                  float* c, int64_t c_x, bool accumulate) {
   int y = 0;
+  if constexpr (kWideRows > 0)
+    for (; y + 4 * L <= Y; y += 4 * L)
+      gemm_panel_wide<kWideRows>(X, depth, a, a_x, a_k, b + y, b_k, c + y, c_x, accumulate);
   for (; y + 2 * L <= Y; y += 2 * L) gemm_panel<2>(X, depth, a, a_x, a_k, b + y, b_k, c + y, c_x, accumulate);
   if (y < Y) gemm_panel<1>(X, depth, a, a_x, a_k, b + y, b_k, c + y, c_x, accumulate);
 }
