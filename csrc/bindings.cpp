@@ -135,7 +135,8 @@ std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   check_saved(grad_out, out, lse, q);
   flashlite::BackwardCall call = flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap,
-                                                             deterministic, flashlite::packed_sequences(cu_seqlens_q));
+                                                             deterministic, flashlite::packed_sequences(cu_seqlens_q),
+                                                             /*kernel_delta=*/true);
   const bool packed = flashlite::set_packed_items(call.params, q, k, q_items, k_items, cu_seqlens_q, cu_seqlens_k,
                                                   block_m, block_n, "cpu_tile_backward");
   TORCH_CHECK_VALUE(!packed || call.params.packed.k_items != nullptr,
@@ -183,7 +184,8 @@ std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   check_saved(grad_out, out, lse, q);
   flashlite::BackwardCall call =
-      flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap, deterministic);
+      flashlite::prepare_backward(grad_out, q, k, v, out, lse, alibi_slopes, scale, softcap, deterministic, -1,
+                                  /*kernel_delta=*/true);
   flashlite::set_indices(call.params, indices, causal);
   flashlite::set_key_index(call.grads, call.params, key_offsets, key_slots, q);
   set_dropout(call.params, dropout_p, dropout_seed, "cpu_gather_backward");

@@ -154,7 +154,11 @@ struct AttentionParams {
 struct BackwardParams {
   const void* grad_out = nullptr;
   Strides3 grad_out_strides;
-  const float* delta = nullptr;  // [B, Hq, Nq] contiguous: sum_d dO * O
+  // [B, Hq, Nq] contiguous: sum_d dO * O. The CPU kernels may be left to compute it (delta null,
+  // out set): their driver's first pass, fixed order per row.
+  const float* delta = nullptr;
+  const void* out = nullptr;  // the forward's output (like grad_out's dtype): read only when delta is null
+  Strides3 out_strides;
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;

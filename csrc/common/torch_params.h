@@ -339,7 +339,7 @@ inline BackwardParams make_backward_params(const at::Tensor& grad_out, const at:
   BackwardParams g;
   g.grad_out = grad_out.data_ptr();
   g.grad_out_strides = strides_of(grad_out);
-  g.delta = delta.data_ptr<float>();
+  g.delta = delta.defined() ? delta.data_ptr<float>() : nullptr;
   g.dq = dq.data_ptr();
   g.dk = dk.data_ptr();
   g.dv = dv.data_ptr();
@@ -393,10 +393,13 @@ struct BackwardCall {
 inline BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                      const c10::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
-                                     bool deterministic, int64_t alibi_rows = -1) {
+                                     bool deterministic, int64_t alibi_rows = -1, bool kernel_delta = false) {
   BackwardCall call;
   call.lse = lse.to(at::kFloat).contiguous();
-  call.delta = softmax_delta(grad_out, out);
+  // kernel_delta (the CPU kernels): δ is left to the kernels (BackwardParams::out) where out reads
+  // as grad_out does (same dtype, contiguous last dimension); else computed here.
+  kernel_delta = kernel_delta && out.scalar_type() == grad_out.scalar_type() && out.stride(-1) == 1;
+  if (!kernel_delta) call.delta = softmax_delta(grad_out, out);
   call.dq = at::empty_like(q);
   call.dk = at::empty_like(k);
   call.dv = at::empty_like(v);
@@ -404,6 +407,10 @@ inline BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tenso
   call.alibi = prepare_alibi(alibi_slopes, q, alibi_rows);
   call.params = make_params(q, k, v, at::Tensor(), call.lse, call.alibi, scale, softcap);
   call.grads = make_backward_params(grad_out, call.delta, call.dq, call.dk, call.dv, deterministic);
+  if (kernel_delta) {
+    call.grads.out = out.data_ptr();
+    call.grads.out_strides = strides_of(out);
+  }
   return call;
 }
 

@@ -129,21 +129,18 @@ constexpr int kDecodeRows = 4;
 
 // Decode: one work item per (b, KV head) when the group's heads share their schedule rows (a
 // broadcast schedule: full, causal, window, a layout without a head dimension), so each key tile
-// is loaded once for the whole group; else one per (b, head). In a paged cache one item takes
-// every head of b: a page's slots hold all KV heads' rows side by side ([page_size, Hkv, D]),
-// read together instead of Hkv strided passes. A long key range is split into pieces of about
-// kDecodeSplitKeys keys per KV head of the item, run as separate items and merged in order, so
-// that a batch of one with few KV heads still uses every thread. The split depends on the sizes
-// only (batch row b's key count: Nk, or its own length in a paged cache), never on the thread
-// count: results are the same bits for any number of threads.
+// is loaded once for the whole group; else one per (b, head). A long key range is split into
+// pieces of about kDecodeSplitKeys keys, run as separate items and merged in order, so that a
+// batch of one with few KV heads still uses every thread. The split depends on the sizes only
+// (batch row b's key count: Nk, or its own length in a paged cache), never on the thread count:
+// results are the same bits for any number of threads.
 constexpr int kDecodeSplitKeys = 512;
 constexpr int kDecodeMaxSplits = 64;
 
 FLASHLITE_OMP_DRIVER void tile_forward_decode(const KernelTable& kernels, const AttentionParams& p, int num_threads) {
   const ScheduleView& schedule = p.forward_schedule;
   const bool shared = schedule.tiles_stride_h == 0 && schedule.count_stride_h == 0;
-  const int heads = !shared ? 1 : p.paged.active() ? p.heads_q : p.group(), items = p.heads_q / heads;
-  const int kv_heads = std::max(1, heads / p.group());  // KV heads per item
+  const int heads = shared ? p.group() : 1, items = p.heads_q / heads;
   const int64_t groups = int64_t(p.batch) * items;
   const int rows = std::min(p.block_m, p.seqlen_q);
   const int record = decode_record_floats(p.head_dim, kernels.lanes);
@@ -152,8 +149,8 @@ FLASHLITE_OMP_DRIVER void tile_forward_decode(const KernelTable& kernels, const 
   // has more than one split) start at first_part[g].
   std::vector<int64_t> first_task(size_t(groups + 1), 0), first_part(size_t(groups + 1), 0);
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t keys = int64_t(batch_segment(p, static_cast<int>(g / items)).nk) * kv_heads;
-    const int splits = static_cast<int>(std::min<int64_t>(kDecodeMaxSplits, std::max<int64_t>(1, keys / kDecodeSplitKeys)));
+    const int keys = batch_segment(p, static_cast<int>(g / items)).nk;
+    const int splits = std::min(kDecodeMaxSplits, std::max(1, keys / kDecodeSplitKeys));
     first_task[size_t(g + 1)] = first_task[size_t(g)] + splits;
     first_part[size_t(g + 1)] = first_part[size_t(g)] + (splits > 1 ? splits * split_floats : 0);
   }
@@ -279,6 +276,34 @@ FLASHLITE_OMP_DRIVER void tile_forward(const AttentionParams& p, int num_threads
   sync.end_region();
 }
 
+namespace {
+// The backward's δ = Σ_d dO·O when the caller left it to the kernels (g.delta null, g.out set):
+// a pass of its own over the query rows, into `buffer`; returns the params to run the backward
+// with. Chunks of rows, each by one thread in a fixed order: the same bits for any thread count.
+constexpr int64_t kDeltaRows = 256;
+FLASHLITE_OMP_DRIVER BackwardParams with_deltas(const KernelTable& kernels, const AttentionParams& p,
+                                                const BackwardParams& g, int num_threads, std::vector<float>& buffer) {
+  if (g.delta != nullptr || g.out == nullptr) return g;
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q, chunks = (rows + kDeltaRows - 1) / kDeltaRows;
+  buffer.resize(size_t(rows));
+  OmpSync sync;
+  sync.begin_region();
+#pragma omp parallel num_threads(thread_count(num_threads))
+  {
+    sync.enter();
+    Workspace ws;
+#pragma omp for schedule(static) nowait
+    for (int64_t chunk = 0; chunk < chunks; ++chunk)
+      kernels.backward_deltas(p, g, chunk * kDeltaRows, std::min(rows, (chunk + 1) * kDeltaRows), buffer.data(), ws);
+    sync.leave();
+  }
+  sync.end_region();
+  BackwardParams ready = g;
+  ready.delta = buffer.data();
+  return ready;
+}
+}  // namespace
+
 // The backward's query tiles are packed once (q̃ᵀ, q rows, dOᵀ, dO rows, lse, δ) by a first
 // pass and read by every key tile that visits them, unless the buffer would exceed this (then each
 // work item packs what it visits, as the kernels also can).
@@ -361,9 +386,11 @@ FLASHLITE_OMP_DRIVER void tile_backward_packed(const KernelTable& kernels, const
 }
 }  // namespace
 
-FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const BackwardParams& g, int num_threads) {
+FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const BackwardParams& given, int num_threads) {
   if (p.batch == 0 || p.heads_kv == 0) return;
   const KernelTable& kernels = active();
+  std::vector<float> deltas;
+  const BackwardParams g = with_deltas(kernels, p, given, num_threads, deltas);
   if (p.packed.active()) return tile_backward_packed(kernels, p, g, num_threads);
   const int num_n = cdiv(p.seqlen_k, p.block_n), num_m = cdiv(p.seqlen_q, p.block_m);
   const int64_t kv_tasks = int64_t(p.batch) * p.heads_kv * num_n;
@@ -466,9 +493,11 @@ FLASHLITE_OMP_DRIVER void gather_forward(const AttentionParams& p, int num_threa
   sync.end_region();
 }
 
-FLASHLITE_OMP_DRIVER void gather_backward(const AttentionParams& p, const BackwardParams& g, int num_threads) {
+FLASHLITE_OMP_DRIVER void gather_backward(const AttentionParams& p, const BackwardParams& given, int num_threads) {
   if (p.batch == 0 || p.heads_kv == 0) return;
   const KernelTable& kernels = active();
+  std::vector<float> deltas;
+  const BackwardParams g = with_deltas(kernels, p, given, num_threads, deltas);
   const int K = p.top_k, group = p.group(), Nq = p.seqlen_q, Nk = p.seqlen_k;
   const int64_t rows_total = int64_t(p.batch) * p.heads_q * Nq;
   std::vector<float> probs(size_t(rows_total * K)), score_grads(size_t(rows_total * K));

@@ -30,7 +30,7 @@ namespace FL_ISA {
 const KernelTable& table() {
   static const KernelTable kernels = {
       FL_ISA_NAME, L, &tile_forward, &tile_forward_rows, &tile_forward_rows_merge, &tile_backward_pack, &tile_backward_kv, &tile_backward_head, &tile_backward_q, &gather_forward, &gather_backward_rows,
-      &gather_backward_keys, &dropout_words,
+      &gather_backward_keys, &dropout_words, &backward_deltas,
   };
   return kernels;
 }

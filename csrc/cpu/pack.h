@@ -102,6 +102,25 @@ inline void pack_query_row(const AttentionParams& p, const void* base, const Str
   fill(out + D, Dp - D, 0.f);
 }
 
+// δ_r = Σ_d dO[r][d]·O[r][d] for the query rows r = (b·Hq + h)·Nq + i in [begin, end) (the backward's
+// softmax term, when the caller leaves it to the kernels: BackwardParams::out): vectors along d,
+// then a fixed-order lane sum, so every thread count gives the same bits.
+void backward_deltas(const AttentionParams& p, const BackwardParams& g, int64_t begin, int64_t end, float* delta,
+                     Workspace& ws) {
+  const int D = p.head_dim, Dp = round_up(D, L);
+  float* rows = ws.floats(size_t(2 * Dp));
+  for (int64_t r = begin; r < end; ++r) {
+    const int i = static_cast<int>(r % p.seqlen_q);
+    const int64_t bh = r / p.seqlen_q;
+    const int b = static_cast<int>(bh / p.heads_q), h = static_cast<int>(bh % p.heads_q);
+    const float* dout = vector_row(p.dtype, g.grad_out, offset(g.grad_out_strides, b, h, i), D, Dp, rows);
+    const float* out = vector_row(p.dtype, g.out, offset(g.out_strides, b, h, i), D, Dp, rows + Dp);
+    vf sum = {};
+    for (int d = 0; d < Dp; d += L) sum += load(dout + d) * load(out + d);
+    delta[r] = hsum(sum);
+  }
+}
+
 // Row i of a [B, H, N, D] output = acc[0:D]·factor (acc is Dp floats, scaled in place).
 inline void store_scaled_row(const AttentionParams& p, void* base, const Strides3& strides, int b, int h, int i,
                              float* acc, float factor) {

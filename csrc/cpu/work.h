@@ -89,8 +89,7 @@ struct KernelTable {
   // Forward of query tile m of (segment, h).
   void (*tile_forward)(const AttentionParams&, const Segment&, int h, int m, Workspace&);
   // The same for a few query rows (decode), rows along the keys: query tile m of heads
-  // h_first .. h_first + heads − 1 (one head, or whole GQA groups of one or more KV heads) sharing
-  // one schedule row, over key tiles
+  // h_first .. h_first + heads − 1, which share one KV head and one schedule row, over key tiles
   // [tile_begin, tile_end) of that row. With `partials` (a split of the keys) the rows' running
   // max, sum and accumulator are left there for tile_forward_rows_merge instead of out/lse.
   void (*tile_forward_rows)(const AttentionParams&, int b, int h_first, int heads, int m, int tile_begin,
@@ -125,6 +124,10 @@ struct KernelTable {
   // Attention dropout's random words (philox.h, this build's vectors): out[t] = word at counter
   // start + t for t < count (tests and debugging: cpu_dropout_words).
   void (*dropout_words)(uint64_t seed, uint64_t start, int64_t count, uint32_t* out);
+  // δ = Σ_d dO·O of query rows [begin, end) of the [B, Hq, Nq] grid into delta[row] (a backward
+  // whose caller left δ to the kernels: BackwardParams::delta null, out set).
+  void (*backward_deltas)(const AttentionParams&, const BackwardParams&, int64_t begin, int64_t end, float* delta,
+                          Workspace&);
 };
 
 const KernelTable& kernels_default();
