@@ -101,13 +101,12 @@ def _is_oom(exc: BaseException) -> bool:
 # ---------------------------------------------------------------------------------------------
 # flashlite
 # ---------------------------------------------------------------------------------------------
-def paged_pool(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def paged_pool(cache: torch.Tensor, table: torch.Tensor, page_size: int) -> torch.Tensor:
     """A contiguous cache ``[B, Hkv, N, D]`` as a page pool ``[B·pages, page_size, Hkv, D]`` with
-    sequence b's logical page j at pool page ``table[b, j]`` (``pages = table.shape[1]``; the last
-    page zero-padded)."""
+    sequence b's logical page j at pool page ``table[b, j]`` (``pages = table.shape[1]`` =
+    ⌈N / page_size⌉; the last page zero-padded)."""
     batch, heads, length, dim = cache.shape
     pages = table.shape[1]
-    page_size = -(-length // pages)
     padded = torch.nn.functional.pad(cache, (0, 0, 0, pages * page_size - length))
     logical = padded.view(batch, heads, pages, page_size, dim).permute(0, 2, 3, 1, 4).reshape(-1, page_size, heads, dim)
     pool = torch.empty_like(logical)
@@ -185,7 +184,8 @@ class FlashliteImpl(Impl):
     def adapt(self, case, data, q, k, v):
         if case.pattern != "paged":
             return (q, k, v)
-        return (q, paged_pool(k, data.block_table), paged_pool(v, data.block_table))
+        page_size = int(case.p["page_size"])
+        return (q, paged_pool(k, data.block_table, page_size), paged_pool(v, data.block_table, page_size))
 
 
 class PerSequenceImpl(Impl):

@@ -408,8 +408,9 @@ def paged_attention(
             ``SlidingWindow(left, right)`` (pages wholly outside every window are never read) or
             ``TopK`` (logical positions ``[B, Hkv|1, Nq, K]`` or ``[B, Hkv|1, K]`` in ``[-1, cache_seqlens[b])``).
         scale, softcap, backend: as in ``attention``.
-        alibi_slopes: not supported yet (ValueError): the gather kernels compute ``|p(i) − j|`` in the
-            flattened pool's coordinates, where a slot's position is not its logical position.
+        alibi_slopes: float ``[Hq]`` or ``[B, Hq]``; adds ``−slope·|p(i) − j|`` at logical positions. Served by
+            the tile plan (cpu) and the reference with ``Full``/``SlidingWindow``; elsewhere a ValueError (the
+            gather plan's rows are physical slots, not logical positions).
         return_lse: also return the log-sum-exp, ``[B, Hq, Nq]`` float32.
 
     Returns ``out`` ``[B, Hq, Nq, D]`` (and lse). Forward only: the result carries no gradient (the
@@ -448,10 +449,6 @@ def paged_attention(
         raise ValueError(f"k_cache must have page_size >= 1 (its dimension 1), got {page_size}")
     if heads_kv == 0 or heads_q % heads_kv:
         raise ValueError(f"q heads ({heads_q}) must be a multiple of k_cache heads ({heads_kv}) (GQA/MQA)")
-    if alibi_slopes is not None:
-        raise ValueError("alibi_slopes is not supported by paged_attention yet: the gather kernels compute "
-                         "|p(i) - j| in the flattened page pool's coordinates, where a slot's position is not the "
-                         "key's logical position")
     if pattern is None:
         pattern = Full()
     elif not isinstance(pattern, (Full, SlidingWindow, TopK)):
@@ -461,7 +458,7 @@ def paged_attention(
         raise TypeError("return_lse must be a bool")
     paged = Paged(pattern, block_table, cache_seqlens, page_size, seqlen_q)
     paged.validate(q, k_cache)
-    scale, softcap, _ = check_scalars(q, scale, softcap, None)
+    scale, softcap, alibi_slopes = check_scalars(q, scale, softcap, alibi_slopes)
     q, k_cache, v_cache = q.detach(), k_cache.detach(), v_cache.detach()
     if q.stride(-1) != 1 and head_dim != 1:
         q = q.contiguous()
@@ -473,12 +470,17 @@ def paged_attention(
 
     with torch.no_grad():
         chosen = backends.select(dispatch._request(q, paged, False, True, False), backend)
-        if chosen.paged_tiles and not isinstance(pattern, TopK):
+        tiles = chosen.paged_tiles and not isinstance(pattern, TopK)
+        if alibi_slopes is not None and not (tiles or (chosen.differentiable and not isinstance(pattern, TopK))):
+            raise ValueError(f"alibi_slopes on a paged cache needs logical key positions: the tile plan (Full or "
+                             f"SlidingWindow on the cpu backend) or the reference; backend {chosen.name!r} with "
+                             f"{type(pattern).__name__} runs gather rows over physical slots")
+        if tiles:
             # The tile engine: q as it is, the pool as [B, Hkv, slots, D] (batch stride 0), the
             # block table in the plan's schedule.
             tiled = Paged(pattern, block_table, cache_seqlens, page_size, seqlen_q, tiles=True)
             pool_k, pool_v = (t.expand(batch, -1, -1, -1) for t in (k4, v4))
-            out, lse = dispatch.run(q, pool_k, pool_v, tiled, scale=scale, softcap=softcap, alibi_slopes=None,
+            out, lse = dispatch.run(q, pool_k, pool_v, tiled, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
                                     backend=chosen.name)
             return (out, lse) if return_lse else out
         q4 = q.permute(1, 0, 2, 3).reshape(1, heads_q, batch * seqlen_q, head_dim)  # a copy unless B == 1
@@ -489,8 +491,9 @@ def paged_attention(
             for b, slots, inner in paged.sequences():
                 keys = k4.index_select(2, slots)
                 values = v4.index_select(2, slots)
+                slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
                 o, l = chosen.forward(Plan(chosen, "dense", pattern=inner), q[b:b + 1], keys, values,
-                                      scale, softcap, None)
+                                      scale, softcap, slopes)
                 outs.append(o)
                 lses.append(l)
             out, lse = torch.cat(outs, 0).to(q.dtype), torch.cat(lses, 0)

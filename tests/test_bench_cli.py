@@ -479,7 +479,7 @@ def test_stats_case_falls_back_to_the_reference_where_no_kernel_has_statistics(m
         plan.impls[0].prepare(stats_case, data, device, grad=False)
     assert callable(fallback.prepare(stats_case, data, device, grad=False))
     for impl in (fallback, PlainImpl("cpu"), EagerImpl()):
-        with pytest.raises(C.Skip, match="stats case only"):
+        with pytest.raises(C.Skip, match=r"stats (case|and paged cases) only"):  # plain also times paged
             impl.prepare(causal_case, data, device, grad=False)
     with pytest.raises(C.Skip, match="eager"):
         SdpaImpl("math", 2**30).prepare(stats_case, data, device, grad=False)
@@ -502,3 +502,29 @@ def test_stats_validation_catches_a_wrong_statistic(monkeypatch):
     check = V.check_stats_one(BACKEND, shape, "float32", torch.device("cpu"), gen)
     assert check.status == "fail" and not check.tensors["mean_distance"]["ok"]
     assert all(t["ok"] for name, t in check.tensors.items() if name != "mean_distance")
+
+
+def test_paged_case_end_to_end(tmp_path):
+    """--patterns paged (issue 17): paged_attention over a shuffled 16-key page pool made from the
+    case's contiguous cache (the pool holds exactly its keys), beside plain:<backend> on the
+    contiguous cache (the vs plain ratio) and SDPA."""
+    from flashlite.bench.peers import paged_pool
+
+    case = C.Case("paged", C.Shape(2, 8, 2, 1, 40, 16), "float32", (("page_size", 16),))
+    data = C.make_pattern_data(case, "cpu")
+    assert data.block_table.shape == (2, 3) and sorted(data.block_table.flatten().tolist()) == list(range(6))
+    k = torch.randn(2, 2, 40, 16)
+    pool = paged_pool(k, data.block_table, 16)
+    for b in range(2):
+        for j in range(40):
+            assert torch.equal(pool[data.block_table[b, j // 16], j % 16], k[b, :, j])
+    argv = ["--quick", "--device", "cpu", "--patterns", "paged", "--seqlens", "40", "--backends", BACKEND,
+            "--peers", "sdpa", "--target-ms", "1", "--max-ms", "4", "--no-validate", "--no-plot",
+            "--out", str(tmp_path), "--json", str(tmp_path / "run.json"), "--quiet"]
+    runner.run(runner.parse_args(argv), out=io.StringIO())
+    rows = json.loads((tmp_path / "run.json").read_text())["results"]
+    ok = {r["impl"]: r for r in rows if r["status"] == "ok"}
+    assert {r["pattern"] for r in rows} == {"paged"} and {r["mode"] for r in rows} == {"fwd"}
+    assert {IMPL, f"plain:{BACKEND}"} <= set(ok) and any(name.startswith("sdpa:") for name in ok)
+    assert ok[IMPL]["case"].startswith("paged(16) 1x4/1 1x40")
+    assert ok[IMPL]["vs_plain"] == pytest.approx(ok[IMPL]["time_ms"] / ok[f"plain:{BACKEND}"]["time_ms"])

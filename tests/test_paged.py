@@ -180,7 +180,34 @@ def test_window_never_reads_pages_outside(backend, nq):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("reference", "cpu")])
+@pytest.mark.parametrize("nq", [1, 5])
+@pytest.mark.parametrize("name", ["causal", "window"])
+def test_alibi_at_logical_positions(backend, nq, name):
+    """ALiBi on the tile plan and the reference: −slope·|p(i) − j| with logical positions, per-head
+    slopes [Hq] and per-sequence [B, Hq]."""
+    if backend == "cpu" and not flashlite.backend.get("cpu").paged_tiles:
+        pytest.skip("this build's cpu tile kernels take no block table (the gather plan rejects ALiBi)")
+    page_size, lengths = 16, [70, 9, 300]
+    num_pages = sum(-(-n // page_size) for n in lengths) + 2
+    k_cache, v_cache = make_pool(num_pages, page_size, torch.float32)
+    table, seqlens = make_table(lengths, page_size, num_pages)
+    q = randn(len(lengths), HQ, nq, D)
+    pattern, per_sequence = make_pattern(name, lengths, nq)
+    for slopes in (torch.rand(HQ, device=DEVICE), torch.rand(len(lengths), HQ, device=DEVICE)):
+        out = flashlite.paged_attention(q, k_cache, v_cache, table, seqlens, pattern, alibi_slopes=slopes,
+                                        backend=backend)
+        assert flashlite.last_backend() == backend
+        for b, n in enumerate(lengths):
+            k, v = gather(k_cache, table, b, n, page_size), gather(v_cache, table, b, n, page_size)
+            row = slopes if slopes.dim() == 1 else slopes[b]
+            want = reference.attention(q[b:b + 1].double(), k.double(), v.double(), per_sequence(b),
+                                       alibi_slopes=row.double(), compute_dtype=torch.float64)
+            torch.testing.assert_close(out[b:b + 1].double(), want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS or not getattr(flashlite.backend.get("cpu"), "paged_tiles", False),
+                    reason="the cpu backend is not built, or built before its tile kernels took a block table")
 @pytest.mark.parametrize("nq", [1, 5])
 def test_cpu_tiles_same_bits_for_any_thread_count(nq):
     """The split of long rows (decode) and the work items depend on the sizes only: 1, 2 and 3
@@ -234,7 +261,11 @@ def test_bad_arguments_name_the_argument():
     raises("v_cache", q, k_cache, v_cache[:, :8], table, seqlens)
     raises("k_cache", q, k_cache[..., :8], v_cache[..., :8], table, seqlens)
     raises("q", q[0], k_cache, v_cache, table, seqlens)
-    raises("alibi_slopes", q, k_cache, v_cache, table, seqlens, alibi_slopes=torch.ones(HQ))
+    ind = torch.zeros(2, 1, 1, dtype=torch.int32, device=DEVICE)
+    raises("alibi_slopes", q, k_cache, v_cache, table, seqlens, TopK(ind), alibi_slopes=torch.ones(HQ, device=DEVICE))
+    raises("alibi_slopes", q, k_cache, v_cache, table, seqlens, alibi_slopes=torch.ones(3, HQ, device=DEVICE))
+    raises("alibi_slopes", q, k_cache, v_cache, table, seqlens, alibi_slopes=torch.ones(HQ, device=DEVICE),
+           backend="triton")  # gather rows: physical slots
     raises("pattern", q, k_cache, v_cache, table, seqlens, BlockSparse(torch.ones(1, 1, 1, 1, dtype=torch.bool), 16))
     # Values: checked when the plan is built (every backend).
     for backend in BACKENDS:
@@ -349,3 +380,23 @@ def test_pool_bad_arguments():
     with pytest.raises(ValueError, match="page_size"):
         flashlite.PagedKVCache(4, 0, HKV, D)
     assert cache.pages_free == 4 and cache.seqlens([s]).tolist() == [0]
+
+
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b != "triton"])  # the reference runs no op
+def test_through_the_custom_op(backend):
+    """Under a torch-function mode the call crosses the custom op (the plan as op_args, rebuilt by
+    Plan.from_op_args, paged schedule included): the same result as the direct call."""
+    from torch.overrides import TorchFunctionMode
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    page_size, lengths = 16, [37, 5, 64]
+    k_cache, v_cache = make_pool(8, page_size, torch.float32)
+    table, seqlens = make_table(lengths, page_size, 8)
+    q = randn(3, HQ, 2, D)
+    want = flashlite.paged_attention(q, k_cache, v_cache, table, seqlens, Full(causal=True), backend=backend)
+    with Passthrough():
+        got = flashlite.paged_attention(q, k_cache, v_cache, table, seqlens, Full(causal=True), backend=backend)
+    assert torch.equal(got, want)

@@ -129,18 +129,21 @@ constexpr int kDecodeRows = 4;
 
 // Decode: one work item per (b, KV head) when the group's heads share their schedule rows (a
 // broadcast schedule: full, causal, window, a layout without a head dimension), so each key tile
-// is loaded once for the whole group; else one per (b, head). A long key range is split into
-// pieces of about kDecodeSplitKeys keys, run as separate items and merged in order, so that a
-// batch of one with few KV heads still uses every thread. The split depends on the sizes only
-// (batch row b's key count: Nk, or its own length in a paged cache), never on the thread count:
-// results are the same bits for any number of threads.
+// is loaded once for the whole group; else one per (b, head). In a paged cache one item takes
+// every head of b: a page's slots hold all KV heads' rows side by side ([page_size, Hkv, D]),
+// read together instead of Hkv strided passes. A long key range is split into pieces of about
+// kDecodeSplitKeys keys per KV head of the item, run as separate items and merged in order, so
+// that a batch of one with few KV heads still uses every thread. The split depends on the sizes
+// only (batch row b's key count: Nk, or its own length in a paged cache), never on the thread
+// count: results are the same bits for any number of threads.
 constexpr int kDecodeSplitKeys = 512;
 constexpr int kDecodeMaxSplits = 64;
 
 FLASHLITE_OMP_DRIVER void tile_forward_decode(const KernelTable& kernels, const AttentionParams& p, int num_threads) {
   const ScheduleView& schedule = p.forward_schedule;
   const bool shared = schedule.tiles_stride_h == 0 && schedule.count_stride_h == 0;
-  const int heads = shared ? p.group() : 1, items = p.heads_q / heads;
+  const int heads = !shared ? 1 : p.paged.active() ? p.heads_q : p.group(), items = p.heads_q / heads;
+  const int kv_heads = std::max(1, heads / p.group());  // KV heads per item
   const int64_t groups = int64_t(p.batch) * items;
   const int rows = std::min(p.block_m, p.seqlen_q);
   const int record = decode_record_floats(p.head_dim, kernels.lanes);
@@ -149,8 +152,8 @@ FLASHLITE_OMP_DRIVER void tile_forward_decode(const KernelTable& kernels, const 
   // has more than one split) start at first_part[g].
   std::vector<int64_t> first_task(size_t(groups + 1), 0), first_part(size_t(groups + 1), 0);
   for (int64_t g = 0; g < groups; ++g) {
-    const int keys = batch_segment(p, static_cast<int>(g / items)).nk;
-    const int splits = std::min(kDecodeMaxSplits, std::max(1, keys / kDecodeSplitKeys));
+    const int64_t keys = int64_t(batch_segment(p, static_cast<int>(g / items)).nk) * kv_heads;
+    const int splits = static_cast<int>(std::min<int64_t>(kDecodeMaxSplits, std::max<int64_t>(1, keys / kDecodeSplitKeys)));
     first_task[size_t(g + 1)] = first_task[size_t(g)] + splits;
     first_part[size_t(g + 1)] = first_part[size_t(g)] + (splits > 1 ? splits * split_floats : 0);
   }

@@ -250,10 +250,12 @@ void tile_forward(const AttentionParams& p, const Segment& sg, int h, int m, Wor
 }
 
 // Tile engine, forward, for a few query rows (decode): query tile m of batch row b's heads
-// h_first .. h_first + heads − 1 (one KV head's group sharing a schedule row) over key tiles
-// [tile_begin, tile_end) of that row, one query row at a time with the keys along the vector
-// lanes: the query-major kernel above would fill 1 of its L lanes per row. Each key tile is
-// loaded once for all rows (in a paged cache: page by page through the block table). Per row r and key tile (keys j0 + c, c < nk), in log2 units:
+// h_first .. h_first + heads − 1 (one head, or the whole groups of one or more KV heads, sharing
+// a schedule row) over key tiles [tile_begin, tile_end) of that row, one query row at a time with
+// the keys along the vector lanes: the query-major kernel above would fill 1 of its L lanes per
+// row. Each key tile is loaded once per KV head for all its rows, the KV heads of an item one
+// after the other inside each tile (in a paged cache, page by page through the block table: a
+// page's slots hold every KV head's rows side by side, so an item of all heads reads it once). Per row r and key tile (keys j0 + c, c < nk), in log2 units:
 //   s_c = score(q̃_r·k_c) (−inf outside the band),  m' = max(m, max_c s_c),  α = 2^(m − m'),
 //   P_c = 2^(s_c − m'),  l' = α·l + Σ_c P_c,  acc' = α·acc + Σ_c P_c·v_c
 // The state of row r is a record of row_record_floats floats, [acc (Dp) | m | l | t | d | z | c |
@@ -278,7 +280,7 @@ void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int head
                           int tile_end, float* partials, Workspace& ws) {
   const int BM = p.block_m, BN = p.block_n, BNp = round_up(BN, L), D = p.head_dim, Dp = round_up(D, L);
   const int i0 = m * BM, rows = imin(BM, p.seqlen_q - i0), R = heads * rows, W = row_record_floats(p);
-  const int kv_head = h_first / p.group();
+  const int group_rows = imin(heads, p.group()) * rows;  // the rows of one KV head in this item
   const Segment sg = batch_segment(p, b);
   const int pos0 = i0 + sg.shift();
   float* q_rows = ws.floats(size_t(R * (Dp + W) + 2 * BNp * Dp + BNp + Dp));
@@ -307,11 +309,14 @@ void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int head
     // stay unread and the lanes keep their keys.
     const int first = static_cast<int>(std::clamp<int64_t>(int64_t(pos0) - p.window_left - j0, 0, nk));
     const int last = static_cast<int>(std::clamp<int64_t>(int64_t(pos0) + rows + p.window_right - j0, first, nk));
-    tile_kv_pointers(p, p.k, p.k_strides, sg, kv_head, j0 + first, last - first, kbuf, keys + first);
-    tile_kv_pointers(p, p.v, p.v_strides, sg, kv_head, j0 + first, last - first, vbuf, values + first);
     for (int c = 0; c < nkp; ++c)
       if (c < first || c >= last) keys[c] = values[c] = zero;
     for (int r = 0; r < R; ++r) {
+      if (r % group_rows == 0) {  // the next KV head's keys
+        const int kv_head = (h_first + r / rows) / p.group();
+        tile_kv_pointers(p, p.k, p.k_strides, sg, kv_head, j0 + first, last - first, kbuf, keys + first);
+        tile_kv_pointers(p, p.v, p.v_strides, sg, kv_head, j0 + first, last - first, vbuf, values + first);
+      }
       const int h = h_first + r / rows, pos = i0 + r % rows + sg.shift();
       const float slope = p.alibi(b, h), slope_units = cap != 0.f ? slope : slope * kLog2e;
       vf tile_max = splat(-kInf), c_sum = {};

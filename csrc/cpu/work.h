@@ -89,7 +89,8 @@ struct KernelTable {
   // Forward of query tile m of (segment, h).
   void (*tile_forward)(const AttentionParams&, const Segment&, int h, int m, Workspace&);
   // The same for a few query rows (decode), rows along the keys: query tile m of heads
-  // h_first .. h_first + heads − 1, which share one KV head and one schedule row, over key tiles
+  // h_first .. h_first + heads − 1 (one head, or whole GQA groups of one or more KV heads) sharing
+  // one schedule row, over key tiles
   // [tile_begin, tile_end) of that row. With `partials` (a split of the keys) the rows' running
   // max, sum and accumulator are left there for tile_forward_rows_merge instead of out/lse.
   void (*tile_forward_rows)(const AttentionParams&, int b, int h_first, int heads, int m, int tile_begin,
