@@ -23,16 +23,17 @@ $(STAMP): pyproject.toml setup.py $(SOURCES)
 
 # Two pytest workers (pytest-xdist), one test file each at a time (module fixtures such as the
 # CUDA compile run once): most tests are single-threaded Python (Triton's interpreter), so two
-# workers use both cores. `make test-full` adds what CI leaves out: every .cu source for sm_80 and
+# workers use both cores. --no-loadscope-reorder: files go out in collection order, which
+# tests/conftest.py (LONGEST_FILES_FIRST) makes longest first, so both workers finish together. `make test-full` adds what CI leaves out: every .cu source for sm_80 and
 # sm_90a (CI: one per kernel family, sm_90a), every CUDA emulation case, the whole Triton sm_90a
 # resource table, and every case of the parametrizations CI samples on the Triton interpreter
 # (FLASHLITE_TESTS=full; about 40 minutes more on 2 cores).
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-full: setup
-	FLASHLITE_TESTS=full FLASHLITE_CUDA_TESTS=full FLASHLITE_BUDGET_FULL=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	FLASHLITE_TESTS=full FLASHLITE_CUDA_TESTS=full FLASHLITE_BUDGET_FULL=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 bench: setup
 	$(VENV)/bin/flashlite bench $(BENCH_ARGS)
