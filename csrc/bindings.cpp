@@ -158,13 +158,15 @@ std::tuple<Tensor, Tensor, Tensor> cpu_tile_backward(
 std::tuple<Tensor, Tensor> cpu_gather_forward(Tensor q, Tensor k, Tensor v, const Tensor& indices,
                                               const optional<Tensor>& alibi_slopes, bool causal, double scale,
                                               double softcap, double dropout_p, int64_t dropout_seed,
-                                              const optional<Tensor>& row_stats, int64_t sink_tokens) {
+                                              const optional<Tensor>& row_stats, int64_t sink_tokens,
+                                              const optional<Tensor>& row_keep) {
   flashlite::make_last_dims_contiguous({&q, &k, &v});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap);
   flashlite::set_indices(call.params, indices, causal);
   set_dropout(call.params, dropout_p, dropout_seed, "cpu_gather_forward");
   set_row_stats(call.params, q, row_stats, sink_tokens, "cpu_gather_forward");
+  flashlite::set_row_keep(call.params, row_keep, q, "cpu_gather_forward");
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::gather_forward(call.params, threads());
@@ -179,7 +181,8 @@ std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q
                                                        const optional<Tensor>& alibi_slopes, bool causal,
                                                        double scale, double softcap, bool deterministic,
                                                        double dropout_p, int64_t dropout_seed,
-                                                       const optional<Tensor>& entropy) {
+                                                       const optional<Tensor>& entropy,
+                                                       const optional<Tensor>& row_keep) {
   flashlite::make_last_dims_contiguous({&q, &k, &v, &grad_out});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   check_saved(grad_out, out, lse, q);
@@ -191,6 +194,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_gather_backward(Tensor grad_out, Tensor q
   set_dropout(call.params, dropout_p, dropout_seed, "cpu_gather_backward");
   Tensor entropy_terms;
   set_entropy(call.grads, q, entropy, entropy_terms, "cpu_gather_backward");
+  flashlite::set_row_keep(call.params, row_keep, q, "cpu_gather_backward");
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::gather_backward(call.params, call.grads, threads());
@@ -347,14 +351,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_gather_forward", &cpu_gather_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("indices"),
         py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("dropout_p") = 0.0,
         py::arg("dropout_seed") = 0, py::arg("row_stats") = py::none(), py::arg("sink_tokens") = 0,
+        py::arg("row_keep") = py::none(),
         "gather (top-k) forward -> (out, lse); dropout_p (0 = off) / dropout_seed: attention dropout; row_stats / "
-        "sink_tokens: the head statistics (docs/native_abi.md)");
+        "sink_tokens: the head statistics; row_keep (uint8 [B, Hq, Nq], None = all): the head mask, a masked row "
+        "visits no key (docs/native_abi.md)");
   m.def("cpu_gather_backward", &cpu_gather_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("indices"), py::arg("key_offsets"), py::arg("key_slots"),
         py::arg("alibi_slopes"), py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("deterministic"),
         py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0, py::arg("entropy") = py::none(),
+        py::arg("row_keep") = py::none(),
         "gather (top-k) backward -> (dq, dk, dv); key_offsets/key_slots: the key -> slot index of indices; "
-        "dropout_p / dropout_seed: the forward's; entropy: the entropy's gradient terms (docs/native_abi.md)");
+        "dropout_p / dropout_seed: the forward's; entropy: the entropy's gradient terms; row_keep: the forward's "
+        "head mask (docs/native_abi.md)");
   m.def("cpu_canonical_rows", &cpu_canonical_rows, py::arg("indices"), py::arg("seqlen_q"), py::arg("seqlen_k"),
         py::arg("causal"),
         "canonical top-k rows (int64, indices' shape): flashlite.core.gather_rows.canonical_rows, element for "

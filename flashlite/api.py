@@ -84,19 +84,23 @@ def check_dropout(dropout_p, generator) -> Optional[Tuple[float, int]]:
     return float(dropout_p), draw_seed(generator)
 
 
-def check_head_mask(head_mask, q: Tensor) -> Optional[Tensor]:
-    """None, or the mask as ``[B, Hq]`` (bool: which heads run; float: each head's output gate)."""
+def check_head_mask(head_mask, q: Tensor, batch: Optional[int] = None, batch_name: str = "B") -> Optional[Tensor]:
+    """None, or the mask as given, ``[Hq]`` or ``[batch, Hq]`` (bool: which heads run; float: each
+    head's output gate). ``batch``: the mask's rows where they are not q's batch (a packed batch's
+    sequences, named ``batch_name``)."""
     if head_mask is None:
         return None
-    batch, heads_q = q.shape[:2]
+    heads_q = q.shape[1]
+    batch = q.shape[0] if batch is None else batch
+    form = f"[{heads_q}] or [{batch_name}={batch}, {heads_q}]"
     if not isinstance(head_mask, Tensor) or not (head_mask.dtype == torch.bool or head_mask.is_floating_point()):
-        raise TypeError(f"head_mask must be a bool or float tensor [{heads_q}] or [{batch}, {heads_q}], got "
+        raise TypeError(f"head_mask must be a bool or float tensor {form}, got "
                         f"{type(head_mask).__name__}{'' if not isinstance(head_mask, Tensor) else ' ' + str(head_mask.dtype)}")
     if tuple(head_mask.shape) not in ((heads_q,), (batch, heads_q)):
-        raise ValueError(f"head_mask must have shape [{heads_q}] or [{batch}, {heads_q}], got {tuple(head_mask.shape)}")
+        raise ValueError(f"head_mask must have shape {form}, got {tuple(head_mask.shape)}")
     if head_mask.device != q.device:
         raise ValueError(f"head_mask is on {head_mask.device} but q is on {q.device}")
-    return head_mask.expand(batch, heads_q)
+    return head_mask
 
 
 def _check_pattern(pattern) -> Pattern:
@@ -115,16 +119,13 @@ def _linked_zeros(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return q.new_zeros(q.shape) + link.to(q.dtype)
 
 
-def _kept_runs(kept_groups: Tensor) -> list:
-    """Maximal runs ``(first, last + 1)`` of True in a bool vector (one host read)."""
-    runs, start = [], None
-    for index, keep in enumerate(kept_groups.tolist() + [False]):
-        if keep and start is None:
-            start = index
-        elif not keep and start is not None:
-            runs.append((start, index))
-            start = None
-    return runs
+def _gate(out: Tensor, gate: Tensor, batch: int, per_row: Optional[Tensor] = None) -> Tensor:
+    """``out`` ``[B, Hq, N, D]`` times a float head mask ``[Hq]`` / ``[batch, Hq]`` (``per_row``: the
+    mask row of each of the N rows, for a packed batch, whose B is 1)."""
+    gate = gate.to(out.dtype).expand(batch, out.shape[1])
+    if per_row is not None:
+        return out * gate[per_row].t()[None, :, :, None]
+    return out * gate[:, :, None, None]
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, head_mask: Optional[Tensor], stats: Optional[int],
@@ -132,60 +133,17 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, head_mask: Option
     """(out, lse) or, with ``stats=sink_tokens``, (out, lse, row_stats): dispatch.run with the
     empty shapes and the head mask handled here.
 
-    A bool mask runs, per batch row (one run for all rows when they agree), each maximal run of
-    KV groups that keep at least one query head as one call on views of q, k, v (no copies; the
-    pattern's per-head data sliced alike): a group whose heads are all masked does no work at all.
-    A masked query head that shares its KV group with a kept one (GQA) runs with its group and is
-    zeroed. A float mask gates each head's output."""
+    A bool mask goes into the call's plan (``dispatch.run(head_mask=)``, flashlite.core.head_mask):
+    one call for every head, in which a masked head's tiles (or gathered rows) are never visited, so
+    it gets zeros, lse −inf, zero statistics and zero gradients. A float mask gates each head's output."""
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         out = _linked_zeros(q, k, v)
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32)
         return (out, lse) if stats is None else (out, lse, q.new_zeros((5,) + lse.shape, dtype=torch.float32))
-    if head_mask is None:
-        return dispatch.run(q, k, v, pattern, stats=stats, **kw)
-    if head_mask.is_floating_point():
-        result = dispatch.run(q, k, v, pattern, stats=stats, **kw)
-        return (result[0] * head_mask[:, :, None, None].to(q.dtype),) + tuple(result[1:])
-    batch, heads_q = q.shape[:2]
-    heads_kv = k.shape[1]
-    group = heads_q // heads_kv
-    rows = [slice(0, batch)] if bool((head_mask == head_mask[:1]).all()) else [slice(b, b + 1) for b in range(batch)]
-    slopes = kw.pop("alibi_slopes")
-    blocks = []  # per batch row: [(out, lse, row_stats)] of each head range in order, zeros for a skipped range
-    for row in rows:
-        rows_n = row.stop - row.start
-        parts, done = [], 0
-        kept_groups = head_mask[row.start].view(heads_kv, group).any(1)
-        for first, last in _kept_runs(kept_groups) + [(heads_kv, heads_kv)]:
-            if first > done:  # a run of masked groups: no call, zeros
-                skipped = (rows_n, (first - done) * group, q.shape[2])
-                parts.append((q.new_zeros(skipped + (q.shape[3],)),
-                              q.new_full(skipped, float("-inf"), dtype=torch.float32),
-                              None if stats is None else q.new_zeros((5,) + skipped, dtype=torch.float32)))
-            if last > first:
-                heads, groups = slice(first * group, last * group), slice(first, last)
-                part = slopes
-                if part is not None:
-                    part = part[heads] if part.dim() == 1 else part[row, heads]
-                result = dispatch.run(q[row, heads], k[row, groups], v[row, groups],
-                                      pattern.slice_heads(row, heads, groups), stats=stats, alibi_slopes=part, **kw)
-                parts.append(result if stats is not None else tuple(result) + (None,))
-            done = last
-        blocks.append([torch.cat(pieces, dim) if pieces[0] is not None else None
-                       for pieces, dim in zip(zip(*parts), (1, 1, 2))])
-    out, lse, row_stats = (torch.cat(pieces, dim) if pieces[0] is not None else None
-                           for pieces, dim in zip(zip(*blocks), (0, 0, 1)))
-    if not any(bool(b[0].requires_grad) for b in blocks) and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out = out + _linked_zeros(q, k, v)  # nothing ran: keep the (zero) gradient links
-    # Masked heads that ran with a kept head of their group (GQA): zeros, lse -inf, no statistics.
-    ran_masked = head_mask.view(batch, heads_kv, group).any(-1, keepdim=True).expand(-1, -1, group).reshape(
-        batch, heads_q) & ~head_mask
-    if bool(ran_masked.any()):
-        out = torch.where(head_mask[:, :, None, None], out, out.new_zeros(()))  # where, not *: NaN stays out
-        lse = lse.masked_fill(~head_mask[:, :, None], float("-inf"))
-        if row_stats is not None:
-            row_stats = torch.where(head_mask[None, :, :, None], row_stats, row_stats.new_zeros(()))
-    return (out, lse) if stats is None else (out, lse, row_stats)
+    if head_mask is None or head_mask.dtype == torch.bool:
+        return dispatch.run(q, k, v, pattern, stats=stats, head_mask=head_mask, **kw)
+    result = dispatch.run(q, k, v, pattern, stats=stats, **kw)
+    return (_gate(result[0], head_mask, q.shape[0]),) + tuple(result[1:])
 
 
 def attention(
@@ -213,10 +171,11 @@ def attention(
             (``flashlite.core.dropout``) seeded from ``generator`` (a CPU ``torch.Generator``;
             None: torch's default), regenerated in the backward, never stored. Served by the
             cpu, triton and reference backends (CUDA tensors: Triton).
-        head_mask: ``[Hq]`` or ``[B, Hq]``. Bool: a False head does no work at all (the kept heads
-            run as one batch of heads; with dropout their masks index that batch) and gets zeros,
-            lse −inf and zero gradients. Float: multiplies each head's output (differentiable:
-            its gradient is the head-importance score of Michel et al. 2019).
+        head_mask: ``[Hq]`` or ``[B, Hq]``. Bool: a False head does no work at all (part of the
+            call's plan: its tiles or gathered rows are never visited; the kept heads give the
+            same bits as without the mask, dropout included) and gets zeros, lse −inf and zero
+            gradients. Float: multiplies each head's output (differentiable: its gradient is the
+            head-importance score of Michel et al. 2019).
 
     Returns ``out`` shaped like q (and ``lse``, the undropped softmax's). A query that sees no key
     gets zeros and lse = −inf.
@@ -330,7 +289,7 @@ def varlen_attention(
     *, max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None, scale: Optional[float] = None, softcap: Optional[float] = None,
     alibi_slopes: Optional[Tensor] = None, return_lse: bool = False, backend: Optional[str] = None,
-    deterministic: bool = True,
+    deterministic: bool = True, head_mask: Optional[Tensor] = None,
 ):
     """Attention over a packed batch of sequences of different lengths (flash-attn's varlen layout).
 
@@ -350,6 +309,8 @@ def varlen_attention(
         scale, softcap, backend, deterministic: as in ``attention``.
         alibi_slopes: float ``[Hq]`` or ``[S, Hq]`` (per sequence).
         return_lse: also return the log-sum-exp, ``[Tq, Hq]`` float32.
+        head_mask: ``[Hq]`` or ``[S, Hq]`` (per sequence), as in ``attention``: bool, a False
+            (sequence, head) visits no tile or key (zeros, lse −inf, zero gradients); float, a gate.
 
     Returns ``out`` ``[Tq, Hq, D]`` (and lse). The work is the sum over the sequences: nothing is
     padded. Differentiable in q, k, v.
@@ -374,14 +335,19 @@ def varlen_attention(
         raise TypeError("return_lse must be a bool")
     if not isinstance(deterministic, bool):
         raise TypeError("deterministic must be a bool")
+    head_mask = check_head_mask(head_mask, q4, batch=packed.num_sequences, batch_name="S")
     if q4.shape[2] == 0 or k4.shape[2] == 0 or q4.shape[1] == 0:
         if q4.shape[2] and k4.shape[2] == 0:
             packed.check_values(0)
         out = _linked_zeros(q, k, v)
         lse = torch.full(q.shape[:2], float("-inf"), device=q.device, dtype=torch.float32)
         return (out, lse) if return_lse else out
+    gate = head_mask is not None and head_mask.is_floating_point()
     out, lse = dispatch.run(q4, k4, v4, packed, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                            backend=backend, deterministic=deterministic, dropout=dropout)
+                            backend=backend, deterministic=deterministic, dropout=dropout,
+                            head_mask=None if gate else head_mask)
+    if gate:
+        out = _gate(out, head_mask, packed.num_sequences, per_row=packed._sequence_of_rows())
     out, lse = out[0].transpose(0, 1), lse[0].transpose(0, 1)
     return (out, lse) if return_lse else out
 
@@ -390,6 +356,7 @@ def paged_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
     pattern: Optional[Pattern] = None, *, scale: Optional[float] = None, softcap: Optional[float] = None,
     alibi_slopes: Optional[Tensor] = None, return_lse: bool = False, backend: Optional[str] = None,
+    head_mask: Optional[Tensor] = None,
 ):
     """Attention of each sequence's newest queries over its keys in a paged KV cache (forward only).
 
@@ -412,12 +379,15 @@ def paged_attention(
             the tile plan (cpu) and the reference with ``Full``/``SlidingWindow``; elsewhere a ValueError (the
             gather plan's rows are physical slots, not logical positions).
         return_lse: also return the log-sum-exp, ``[B, Hq, Nq]`` float32.
+        head_mask: ``[Hq]`` or ``[B, Hq]``, as in ``attention``: bool, a False (sequence, head)
+            gathers no key (zeros, lse −inf); float, a gate on each head's output.
 
     Returns ``out`` ``[B, Hq, Nq, D]`` (and lse). Forward only: the result carries no gradient (the
     inputs are detached). The plan (physical rows) is built once per (block_table, cache_seqlens)
     version and reused while neither changes.
     """
     from . import backend as backends
+    from .core.head_mask import row_keep
     from .core.paged import Paged, pool_view
     from .dispatch.plan import Plan
 
@@ -458,6 +428,8 @@ def paged_attention(
         raise TypeError("return_lse must be a bool")
     paged = Paged(pattern, block_table, cache_seqlens, page_size, seqlen_q)
     paged.validate(q, k_cache)
+    head_mask = check_head_mask(head_mask, q)
+    gate, keep = (head_mask, None) if head_mask is not None and head_mask.is_floating_point() else (None, head_mask)
     scale, softcap, alibi_slopes = check_scalars(q, scale, softcap, alibi_slopes)
     q, k_cache, v_cache = q.detach(), k_cache.detach(), v_cache.detach()
     if q.stride(-1) != 1 and head_dim != 1:
@@ -469,7 +441,8 @@ def paged_attention(
         return (out, lse) if return_lse else out
 
     with torch.no_grad():
-        chosen = backends.select(dispatch._request(q, paged, False, True, False), backend)
+        chosen = backends.select(dispatch._request(q, paged, False, True, False, head_mask=keep is not None),
+                                 backend)
         tiles = chosen.paged_tiles and not isinstance(pattern, TopK)
         if alibi_slopes is not None and not (tiles or (chosen.differentiable and not isinstance(pattern, TopK))):
             raise ValueError(f"alibi_slopes on a paged cache needs logical key positions: the tile plan (Full or "
@@ -481,10 +454,8 @@ def paged_attention(
             tiled = Paged(pattern, block_table, cache_seqlens, page_size, seqlen_q, tiles=True)
             pool_k, pool_v = (t.expand(batch, -1, -1, -1) for t in (k4, v4))
             out, lse = dispatch.run(q, pool_k, pool_v, tiled, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                                    backend=chosen.name)
-            return (out, lse) if return_lse else out
-        q4 = q.permute(1, 0, 2, 3).reshape(1, heads_q, batch * seqlen_q, head_dim)  # a copy unless B == 1
-        if chosen.differentiable:  # the reference: each sequence on its keys gathered contiguously
+                                    backend=chosen.name, head_mask=keep)
+        elif chosen.differentiable:  # the reference: each sequence on its keys gathered contiguously
             paged.check_values(num_pages=num_pages)
             dispatch._last.name = chosen.name
             outs, lses = [], []
@@ -492,14 +463,18 @@ def paged_attention(
                 keys = k4.index_select(2, slots)
                 values = v4.index_select(2, slots)
                 slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
-                o, l = chosen.forward(Plan(chosen, "dense", pattern=inner), q[b:b + 1], keys, values,
+                rows = None if keep is None else row_keep(inner, keep.expand(batch, heads_q)[b:b + 1], q[b:b + 1].shape)
+                o, l = chosen.forward(Plan(chosen, "dense", pattern=inner, row_keep=rows), q[b:b + 1], keys, values,
                                       scale, softcap, slopes)
                 outs.append(o)
                 lses.append(l)
             out, lse = torch.cat(outs, 0).to(q.dtype), torch.cat(lses, 0)
         else:
+            q4 = q.permute(1, 0, 2, 3).reshape(1, heads_q, batch * seqlen_q, head_dim)  # a copy unless B == 1
             out4, lse4 = dispatch.run(q4, k4, v4, paged, scale=scale, softcap=softcap, alibi_slopes=None,
-                                      backend=chosen.name)
+                                      backend=chosen.name, head_mask=keep)
             out = out4[0].view(heads_q, batch, seqlen_q, head_dim).permute(1, 0, 2, 3)
             lse = lse4[0].view(heads_q, batch, seqlen_q).permute(1, 0, 2)
+    if gate is not None:
+        out = _gate(out, gate, batch)
     return (out, lse) if return_lse else out

@@ -64,15 +64,15 @@ def attention_stats(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Optional[Pattern] = None, *, sink_tokens: int = 4,
     scale: Optional[float] = None, softcap: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None,
     compute_dtype: Optional[torch.dtype] = torch.float32, dropout_p: float = 0.0, dropout_seed: int = 0,
-    dropout_block: Optional[tuple] = None,
+    dropout_block: Optional[tuple] = None, mask: Optional[torch.Tensor] = None,
 ):
-    """``(out, lse, row_stats)``: ``attention`` plus the head statistics of the materialized
+    """``(out, lse, row_stats)``: ``attention`` (``mask`` as there) plus the head statistics of the materialized
     probabilities ``P = softmax(s)`` (undropped). ``row_stats`` is float32 ``[5, B, Hq, Nq]``, planes
     in ``STAT_NAMES`` order: entropy ``−Σ P·log P = lse − Σ P·s``, max ``P``, ``Σ P·|p(i) − j|``,
     ``Σ_{j < sink_tokens} P``, the number of visible keys; all 0 for a query that sees no key.
     The entropy plane is differentiable (to q and k); the others are detached."""
     dtype = compute_dtype or q.dtype
-    scores, vc = _masked_scores(q, k, v, pattern, dtype, scale, softcap, alibi_slopes, None, None)
+    scores, vc = _masked_scores(q, k, v, pattern, dtype, scale, softcap, alibi_slopes, None, mask)
     probs, row_max, row_sum = safe_softmax(scores)
     kept = probs * dropout_scale(q, scores, dropout_p, dropout_seed, dropout_block) if dropout_p else probs
     out = torch.matmul(kept, vc).to(q.dtype)

@@ -62,6 +62,17 @@ def _program_rows(tile, kv_head, group, seqlen_q, seqlen_k, BLOCK_Q: tl.constexp
 
 
 @triton.jit
+def _kept_rows(KEEP, batch, head, query, row_ok, stride_keep_b, stride_keep_h, stride_keep_n,
+               HEAD_MASK: tl.constexpr):
+    """The rows that run: ``row_ok``, and with HEAD_MASK only where the head mask's
+    ``KEEP[b, h, i]`` (uint8, flashlite.core.head_mask.row_keep) is set."""
+    if HEAD_MASK:
+        at = batch.to(tl.int64) * stride_keep_b + head.to(tl.int64) * stride_keep_h + query.to(tl.int64) * stride_keep_n
+        row_ok = row_ok & (tl.load(KEEP + at, mask=row_ok, other=0) != 0)
+    return row_ok
+
+
+@triton.jit
 def _gather_keys(list_base, stride_list_s, start, count, k_base, v_base, stride_kn, stride_vn, cols_d, d_ok,
                  member_rows, row_ok, query_pos, CAUSAL: tl.constexpr, HAS_MEMBER: tl.constexpr,
                  UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -103,8 +114,10 @@ def gather_forward_kernel(
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ALIGN: tl.constexpr, DROPOUT: tl.constexpr = False, dropout_seed=None, dropout_bias=None, dropout_scale=None,
     STATS: tl.constexpr = False, ROW_STATS=None, stats_plane=None, sink_tokens=None,
+    HEAD_MASK: tl.constexpr = False, KEEP=None, stride_keep_b=0, stride_keep_h=0, stride_keep_n=0,
 ):
-    """out, lse (STATS: and the head statistics into ``ROW_STATS`` ``[5, B, Hq, Nq]``) of one program's rows."""
+    """out, lse (STATS: and the head statistics into ``ROW_STATS`` ``[5, B, Hq, Nq]``) of one program's rows.
+    HEAD_MASK: only the rows with ``KEEP[b, h, i] != 0`` run (``_kept_rows``)."""
     tile, batch_kv = program_tile(num_tiles, num_rows)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
     stride_kb, stride_kh, stride_kn = aligned(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -114,13 +127,15 @@ def gather_forward_kernel(
     batch = batch_kv // heads_kv
     kv_head = batch_kv % heads_kv
 
-    # Rows: (query position, head of the group); padding rows are masked everywhere.
+    # Rows: (query position, head of the group); padding rows are masked everywhere, masked heads'
+    # rows (run_ok false) everywhere but in the stores of their zeros.
     query, head, row_ok, query_pos = _program_rows(tile, kv_head, group, seqlen_q, seqlen_k, BLOCK_Q, GROUP_PAD)
+    run_ok = _kept_rows(KEEP, batch, head, query, row_ok, stride_keep_b, stride_keep_h, stride_keep_n, HEAD_MASK)
     cols_d = tl.arange(0, BLOCK_D)
     d_ok = cols_d < head_dim
     qd_mask = row_ok[:, None] & d_ok[None, :]
     row_q = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + query.to(tl.int64) * stride_qn
-    q = tl.load(Q + row_q[:, None] + cols_d[None, :], mask=qd_mask, other=0.0)
+    q = tl.load(Q + row_q[:, None] + cols_d[None, :], mask=run_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
@@ -133,6 +148,8 @@ def gather_forward_kernel(
     list_base = (LIST + batch.to(tl.int64) * stride_list_b + kv_head.to(tl.int64) * stride_list_h
                  + tile.to(tl.int64) * stride_list_t)
     count = tl.load(COUNT + batch * stride_count_b + kv_head * stride_count_h + tile * stride_count_t)
+    if HEAD_MASK:  # no row runs: no key is gathered
+        count = tl.where(tl.max(run_ok.to(tl.int32), 0) > 0, count, 0)
     member_rows = (MEMBER + batch.to(tl.int64) * stride_member_b + kv_head.to(tl.int64) * stride_member_h
                    + query.to(tl.int64) * stride_member_row)
 
@@ -150,7 +167,7 @@ def gather_forward_kernel(
     for start in range(0, count, BLOCK_K):
         # Gather: j = list[slot] for the chunk's slots, k_j, v_j rows, and which (i, j) are visible.
         key, k_tile, v_tile, visible = _gather_keys(list_base, stride_list_s, start, count, k_base, v_base, stride_kn,
-                                                    stride_vn, cols_d, d_ok, member_rows, row_ok, query_pos, CAUSAL,
+                                                    stride_vn, cols_d, d_ok, member_rows, run_ok, query_pos, CAUSAL,
                                                     HAS_MEMBER, UPCAST, BLOCK_K)
         # s_ij = (softcap·tanh(q_i·k_j·scale / softcap) − slope·|p(i) − j|)·log2(e)   (−inf: not visible)
         s = scores(q, k_tile, query_pos, key, slope2[:, None], qk_scale, cap2, HAS_SOFTCAP, HAS_ALIBI, IEEE_DOT)
@@ -193,9 +210,11 @@ def gather_backward_q_kernel(
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ALIGN: tl.constexpr, DROPOUT: tl.constexpr = False, dropout_seed=None, dropout_bias=None, dropout_scale=None,
     ENTROPY: tl.constexpr = False, ENTROPY_TERMS=None, entropy_plane=None,
+    HEAD_MASK: tl.constexpr = False, KEEP=None, stride_keep_b=0, stride_keep_h=0, stride_keep_n=0,
 ):
     """dQ_i = Σ_j ds_ij · k_j over the forward's key lists (each row has one owner: no atomics).
-    ENTROPY: ds = p ⊙ (dP − (δ − shift) − g·s) with (g, shift) from ``ENTROPY_TERMS`` ``[2, B, Hq, Nq]``."""
+    ENTROPY: ds = p ⊙ (dP − (δ − shift) − g·s) with (g, shift) from ``ENTROPY_TERMS`` ``[2, B, Hq, Nq]``.
+    HEAD_MASK: a masked row reads nothing and stores dQ = 0."""
     tile, batch_kv = program_tile(num_tiles, num_rows)
     stride_qb, stride_qh, stride_qn = aligned(stride_qb, stride_qh, stride_qn, ALIGN)
     stride_kb, stride_kh, stride_kn = aligned(stride_kb, stride_kh, stride_kn, ALIGN)
@@ -207,22 +226,24 @@ def gather_backward_q_kernel(
     kv_head = batch_kv % heads_kv
 
     query, head, row_ok, query_pos = _program_rows(tile, kv_head, group, seqlen_q, seqlen_k, BLOCK_Q, GROUP_PAD)
+    run_ok = _kept_rows(KEEP, batch, head, query, row_ok, stride_keep_b, stride_keep_h, stride_keep_n, HEAD_MASK)
     cols_d = tl.arange(0, BLOCK_D)
     d_ok = cols_d < head_dim
     qd_mask = row_ok[:, None] & d_ok[None, :]
+    run_mask = run_ok[:, None] & d_ok[None, :]
     row_q = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + query.to(tl.int64) * stride_qn
     row_do = batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh + query.to(tl.int64) * stride_don
-    q = tl.load(Q + row_q[:, None] + cols_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + row_do[:, None] + cols_d[None, :], mask=qd_mask, other=0.0)
+    q = tl.load(Q + row_q[:, None] + cols_d[None, :], mask=run_mask, other=0.0)
+    do = tl.load(DO + row_do[:, None] + cols_d[None, :], mask=run_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     stat_rows = (batch.to(tl.int64) * heads_q + head) * seqlen_q + query
     # lse·log2(e); a row with no key gets +inf: p = 2^(s − inf) = 0
-    lse2 = log2_lse(tl.load(LSE + stat_rows, mask=row_ok, other=float("-inf")))
-    delta = tl.load(DELTA + stat_rows, mask=row_ok, other=0.0)
+    lse2 = log2_lse(tl.load(LSE + stat_rows, mask=run_ok, other=float("-inf")))
+    delta = tl.load(DELTA + stat_rows, mask=run_ok, other=0.0)
     if ENTROPY:
-        g2, delta = entropy_rows(ENTROPY_TERMS, stat_rows, entropy_plane, row_ok, delta)
+        g2, delta = entropy_rows(ENTROPY_TERMS, stat_rows, entropy_plane, run_ok, delta)
     qk_scale, cap2 = score_scales(scale, softcap, HAS_SOFTCAP)
     slope2 = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     if HAS_ALIBI:
@@ -233,6 +254,8 @@ def gather_backward_q_kernel(
     list_base = (LIST + batch.to(tl.int64) * stride_list_b + kv_head.to(tl.int64) * stride_list_h
                  + tile.to(tl.int64) * stride_list_t)
     count = tl.load(COUNT + batch * stride_count_b + kv_head * stride_count_h + tile * stride_count_t)
+    if HEAD_MASK:  # no row runs: no key is gathered
+        count = tl.where(tl.max(run_ok.to(tl.int32), 0) > 0, count, 0)
     member_rows = (MEMBER + batch.to(tl.int64) * stride_member_b + kv_head.to(tl.int64) * stride_member_h
                    + query.to(tl.int64) * stride_member_row)
 
@@ -242,7 +265,7 @@ def gather_backward_q_kernel(
     dq = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], dtype=tl.float32)
     for start in range(0, count, BLOCK_K):
         key, k_tile, v_tile, visible = _gather_keys(list_base, stride_list_s, start, count, k_base, v_base, stride_kn,
-                                                    stride_vn, cols_d, d_ok, member_rows, row_ok, query_pos, CAUSAL,
+                                                    stride_vn, cols_d, d_ok, member_rows, run_ok, query_pos, CAUSAL,
                                                     HAS_MEMBER, UPCAST, BLOCK_K)
         # s_ij·log2(e) as in the forward (sc: after softcap, before ALiBi);  p_ij = 2^(s_ij·log2 e − lse_i·log2 e)
         sc = capped_scores(q, k_tile, qk_scale, cap2, HAS_SOFTCAP, IEEE_DOT)
@@ -274,6 +297,7 @@ def gather_backward_kv_kernel(
     BLOCK_E: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_DC: tl.constexpr, ALIGN: tl.constexpr,
     DROPOUT: tl.constexpr = False, dropout_seed=None, dropout_bias=None, dropout_scale=None,
     ENTROPY: tl.constexpr = False, ENTROPY_TERMS=None, entropy_plane=None,
+    HEAD_MASK: tl.constexpr = False, KEEP=None, stride_keep_b=0, stride_keep_h=0, stride_keep_n=0,
 ):
     """Partial dK/dV of the pieces of one chunk of ``BLOCK_E`` entries, for one KV-head replica
     (ENTROPY: ds takes the entropy's term, dp − g·s and δ − shift):
@@ -303,6 +327,8 @@ def gather_backward_kv_kernel(
     batch = flat_key // seqlen_k // index_heads
     kv_head = (flat_key // seqlen_k % index_heads) * (heads_kv // index_heads) + replica
     head = kv_head * group + r % GROUP_PAD
+    # HEAD_MASK: a masked head's (entry, g) row reads nothing and adds nothing (p = ds = 0)
+    row_ok = _kept_rows(KEEP, batch, head, query, row_ok, stride_keep_b, stride_keep_h, stride_keep_n, HEAD_MASK)
 
     # Gather q_gi, dO_gi (selecting queries) and k_j, v_j (selected keys), BLOCK_DC columns at a
     # time in fp32: first the row dot products q·k and dO·v, then the per-piece sums.

@@ -300,10 +300,12 @@ def _plan_args(plan: ForwardPlan, index_heads: int):
 
 def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ForwardPlan, index_heads: int,
                    causal: bool, scale: float, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                   dropout: Optional[Tuple[float, int]] = None, stats: Optional[int] = None):
+                   dropout: Optional[Tuple[float, int]] = None, stats: Optional[int] = None,
+                   row_keep: Optional[torch.Tensor] = None):
     """Top-k attention forward over ``plan`` (``forward_plan``). Returns (out like q, lse float32 ``[B, Hq, Nq]``).
     ``dropout``: (p, seed) of attention dropout at the key positions the rows name, or None. ``stats`` =
-    sink_tokens: also the head statistics, (out, lse, row_stats float32 ``[5, B, Hq, Nq]``)."""
+    sink_tokens: also the head statistics, (out, lse, row_stats float32 ``[5, B, Hq, Nq]``). ``row_keep``:
+    the head mask (uint8 ``[B, Hq, Nq]``, ``keep_args``), or None."""
     batch, heads_q, seqlen_q, head_dim = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
@@ -319,9 +321,20 @@ def gather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Forw
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *plan_strides, alibi_stride,
         heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, float(scale), float(softcap or 0.0),
         plan.num_tiles, batch * heads_kv,
-        ALIGN=row_align(head_dim, q, k, v, out), **flags, **dropout_args(dropout), **stat_flags, **_launch(q, flags),
+        ALIGN=row_align(head_dim, q, k, v, out), **flags, **dropout_args(dropout), **stat_flags,
+        **keep_args(row_keep), **_launch(q, flags),
     )
     return (out, lse) if row_stats is None else (out, lse, row_stats)
+
+
+def keep_args(row_keep: Optional[torch.Tensor]) -> dict:
+    """The kernels' head-mask arguments for ``row_keep`` (uint8 ``[B, Hq, Nq]``, any strides:
+    flashlite.core.head_mask.row_keep): HEAD_MASK=True, the pointer and its strides; None: {} (the
+    kernels compile without it)."""
+    if row_keep is None:
+        return {}
+    return dict(HEAD_MASK=True, KEEP=row_keep, stride_keep_b=row_keep.stride(0), stride_keep_h=row_keep.stride(1),
+                stride_keep_n=row_keep.stride(2))
 
 
 def gather_grid(num_tiles: int, batch: int, heads_kv: int) -> Tuple[int, int, int]:
@@ -352,9 +365,11 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                     lse: torch.Tensor, plan: ForwardPlan, inverse: InversePlan, index_heads: int, causal: bool,
                     scale: float, softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                     dropout: Optional[Tuple[float, int]] = None,
-                    entropy: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    entropy: Optional[torch.Tensor] = None,
+                    row_keep: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k attention backward: (dq, dk, dv). Bitwise deterministic (no atomics). ``entropy``:
-    attention_stats' terms float32 ``[2, B, Hq, Nq]``, the entropy's gradient joins dS.
+    attention_stats' terms float32 ``[2, B, Hq, Nq]``, the entropy's gradient joins dS. ``row_keep``:
+    the forward's head mask (masked rows: dq 0, nothing added to dk/dv).
 
     dQ walks the forward's key lists; dK/dV walk the inverse key index (``inverse_plan``) in chunks
     of ``inverse.block_e`` entries, then add each key's pieces in order."""
@@ -366,7 +381,7 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     lse = lse.contiguous()
     alibi, alibi_stride = _alibi_args(alibi_slopes, lse)
     common = (float(scale), float(softcap or 0.0))
-    entropy_flags = entropy_args(entropy, lse)
+    row_flags = dict(entropy_args(entropy, lse), **keep_args(row_keep))  # ENTROPY, HEAD_MASK
 
     dq = torch.empty_like(q)
     _poison(dq)
@@ -377,7 +392,7 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3],
         *plan_strides, alibi_stride,
         heads_q, heads_kv, group, seqlen_q, seqlen_k, head_dim, *common, plan.num_tiles, batch * heads_kv,
-        ALIGN=row_align(head_dim, q, k, v, grad_out, dq), **flags, **dropout_args(dropout), **entropy_flags,
+        ALIGN=row_align(head_dim, q, k, v, grad_out, dq), **flags, **dropout_args(dropout), **row_flags,
         **_launch(q, flags),
     )
 
@@ -403,7 +418,7 @@ def gather_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         HAS_SOFTCAP=softcap_mode(q, softcap), HAS_ALIBI=alibi_slopes is not None, PIECE_PRECISION=precision,
         BLOCK_E=block_e, GROUP_PAD=group_pad,
         BLOCK_DC=min(block_d, KV_COLUMNS_INTERPRETED if interpreted else KV_COLUMNS),
-        ALIGN=row_align(head_dim, q, k, v, grad_out), **dropout_args(dropout), **entropy_flags,
+        ALIGN=row_align(head_dim, q, k, v, grad_out), **dropout_args(dropout), **row_flags,
         **({} if interpreted else KV_LAUNCH),
     )
     num_keys = inverse.key_id.numel()

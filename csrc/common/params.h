@@ -137,8 +137,18 @@ struct AttentionParams {
   float* row_stats = nullptr;
   int32_t sink_tokens = 0;
 
+  // Head mask (flashlite's bool head_mask; the CPU gather engine so far): query row i of (b, h) runs
+  // only where row_keep[b·keep_stride_b + h·keep_stride_h + i·keep_stride_n] != 0. A masked row
+  // visits no key: out 0, lse −inf, statistics 0, dq 0, and it adds nothing to dk/dv. (The tile
+  // engine needs no pointer: its plan zeroes the masked heads' schedule counts.) Null = every row.
+  const uint8_t* row_keep = nullptr;
+  int64_t keep_stride_b = 0, keep_stride_h = 0, keep_stride_n = 0;
+
   FL_HOST_DEVICE uint64_t dropout_index(int32_t b, int32_t h, int64_t i, int64_t j) const {
     return static_cast<uint64_t>(((int64_t(b) * heads_q + h) * seqlen_q + i) * seqlen_k + j);
+  }
+  FL_HOST_DEVICE bool row_kept(int32_t b, int32_t h, int64_t i) const {
+    return row_keep == nullptr || row_keep[b * keep_stride_b + h * keep_stride_h + i * keep_stride_n] != 0;
   }
   FL_HOST_DEVICE int32_t group() const { return heads_q / heads_kv; }
   FL_HOST_DEVICE int32_t query_position(int32_t i) const { return i + seqlen_k - seqlen_q; }

@@ -299,6 +299,24 @@ inline void set_indices(AttentionParams& p, const at::Tensor& indices, bool caus
   p.causal = causal;
 }
 
+// The head mask of a gather call (AttentionParams::row_keep): uint8 (or bool) [B, Hq, Nq], any
+// strides (0 where broadcast: a per-head mask is [B, Hq, 1] expanded), on q's device. None: every row.
+inline void set_row_keep(AttentionParams& p, const c10::optional<at::Tensor>& row_keep, const at::Tensor& q,
+                         const char* fn) {
+  if (!row_keep.has_value() || !row_keep->defined()) return;
+  const at::Tensor& t = *row_keep;
+  TORCH_CHECK_VALUE((t.scalar_type() == at::kByte || t.scalar_type() == at::kBool) && t.dim() == 3 &&
+                        t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2) &&
+                        t.device() == q.device(),
+                    "flashlite: ", fn, ": row_keep must be a uint8 or bool tensor [B, Hq, Nq] = [", q.size(0), ", ",
+                    q.size(1), ", ", q.size(2), "] on q's device (the head mask), got ", t.scalar_type(), " ",
+                    t.sizes(), " on ", t.device());
+  p.row_keep = static_cast<const uint8_t*>(t.data_ptr());
+  p.keep_stride_b = t.size(0) == 1 ? 0 : t.stride(0);
+  p.keep_stride_h = t.size(1) == 1 ? 0 : t.stride(1);
+  p.keep_stride_n = t.size(2) == 1 ? 0 : t.stride(2);
+}
+
 // The gather backward's key -> slot index (after set_indices): key_offsets int64 contiguous
 // [B*Hi*Nk + 1] (Hi = indices.size(1)) and key_slots int64 contiguous [E'] with E' >=
 // key_offsets[-1], both on q's device; for key s = (b*Hi + hi)*Nk + j the slots i*K + t that

@@ -141,7 +141,9 @@ constexpr int kDecodeMaxSplits = 64;
 
 FLASHLITE_OMP_DRIVER void tile_forward_decode(const KernelTable& kernels, const AttentionParams& p, int num_threads) {
   const ScheduleView& schedule = p.forward_schedule;
-  const bool shared = schedule.tiles_stride_h == 0 && schedule.count_stride_h == 0;
+  // Heads share one item when they share the tile row; their counts may differ (a head mask
+  // zeroes a masked head's): the item takes the longest, each row stops at its own.
+  const bool shared = schedule.tiles_stride_h == 0;
   const int heads = !shared ? 1 : p.paged.active() ? p.heads_q : p.group(), items = p.heads_q / heads;
   const int kv_heads = std::max(1, heads / p.group());  // KV heads per item
   const int64_t groups = int64_t(p.batch) * items;
@@ -173,7 +175,9 @@ FLASHLITE_OMP_DRIVER void tile_forward_decode(const KernelTable& kernels, const 
       const int splits = static_cast<int>(first_task[size_t(group + 1)] - first_task[size_t(group)]);
       const int split = static_cast<int>(task - first_task[size_t(group)]);
       const int b = static_cast<int>(group / items), h_first = static_cast<int>(group % items) * heads;
-      const int count = schedule.num_tiles(b, h_first, 0), per = cdiv(count, splits);
+      int count = 0;
+      for (int h = h_first; h < h_first + heads; ++h) count = std::max(count, schedule.num_tiles(b, h, 0));
+      const int per = cdiv(count, splits);
       const int begin = std::min(count, split * per), end = std::min(count, begin + per);
       float* part = splits > 1 ? partials.data() + first_part[size_t(group)] + split * split_floats : nullptr;
       kernels.tile_forward_rows(p, b, h_first, heads, 0, begin, end, part, ws);
@@ -474,6 +478,35 @@ GatherRows gather_rows(const AttentionParams& p, int64_t task, int chunks) {
 }
 }  // namespace
 
+// Rows [begin, end) of (b, h) under the head mask (AttentionParams::row_keep): each run of kept
+// rows goes to run(lo, hi); a masked row visits nothing and gets its zeros here: forward, out 0,
+// lse −inf and statistics 0; backward (`dq` set), dq 0.
+template <class Run>
+void kept_runs(const AttentionParams& p, int b, int h, int begin, int end, void* dq, const Strides3& dq_strides,
+               Run run) {
+  if (p.row_keep == nullptr) return run(begin, end);
+  const size_t bytes = size_t(p.head_dim) * (p.dtype == DType::kFloat32 ? 4 : 2);  // zero bits in every dtype
+  const int64_t plane = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  int lo = begin;
+  for (int i = begin; i < end; ++i) {
+    if (p.row_kept(b, h, i)) continue;
+    if (i > lo) run(lo, i);
+    lo = i + 1;
+    const int64_t row = (int64_t(b) * p.heads_q + h) * p.seqlen_q + i;
+    if (dq != nullptr) {
+      const int64_t at = b * dq_strides.batch + h * dq_strides.head + i * dq_strides.row;
+      std::memset(static_cast<char*>(dq) + at * int64_t(bytes / p.head_dim), 0, bytes);
+      continue;
+    }
+    const int64_t at = b * p.out_strides.batch + h * p.out_strides.head + i * p.out_strides.row;
+    std::memset(static_cast<char*>(p.out) + at * int64_t(bytes / p.head_dim), 0, bytes);
+    p.lse[row] = -__builtin_inff();
+    if (p.row_stats)
+      for (int s = 0; s < 5; ++s) p.row_stats[s * plane + row] = 0.f;
+  }
+  if (end > lo) run(lo, end);
+}
+
 FLASHLITE_OMP_DRIVER void gather_forward(const AttentionParams& p, int num_threads) {
   if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) return;
   const KernelTable& kernels = active();
@@ -488,8 +521,11 @@ FLASHLITE_OMP_DRIVER void gather_forward(const AttentionParams& p, int num_threa
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < tasks / group; ++task) {
       const GatherRows rows = gather_rows(p, task, chunks);
-      for (int g = 0; g < group; ++g)
-        kernels.gather_forward(p, rows.b, rows.kv_head * group + g, rows.begin, rows.end, ws);
+      for (int g = 0; g < group; ++g) {
+        const int h = rows.kv_head * group + g;
+        kept_runs(p, rows.b, h, rows.begin, rows.end, nullptr, {},
+                  [&](int lo, int hi) { kernels.gather_forward(p, rows.b, h, lo, hi, ws); });
+      }
     }
     sync.leave();
   }
@@ -522,8 +558,11 @@ FLASHLITE_OMP_DRIVER void gather_backward(const AttentionParams& p, const Backwa
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < row_tasks / group; ++task) {
       const GatherRows rows = gather_rows(p, task, chunks);
-      for (int gi = 0; gi < group; ++gi)
-        kernels.gather_backward_rows(p, g, gg, rows.b, rows.kv_head * group + gi, rows.begin, rows.end, ws);
+      for (int gi = 0; gi < group; ++gi) {  // a masked row: dq 0, and its P, dS are never read
+        const int h = rows.kv_head * group + gi;
+        kept_runs(p, rows.b, h, rows.begin, rows.end, g.dq, g.dq_strides,
+                  [&](int lo, int hi) { kernels.gather_backward_rows(p, g, gg, rows.b, h, lo, hi, ws); });
+      }
     }
     sync.before_barrier(0);
 #pragma omp barrier

@@ -361,6 +361,7 @@ void gather_backward_keys(const AttentionParams& p, const BackwardParams& g, con
       const int i = static_cast<int>(slot / K);
       for (int gi = 0; gi < group; ++gi) {
         const int h = h0 + gi;
+        if (!p.row_kept(b, h, i)) continue;  // a masked head's row: no P, no dS, nothing added
         const int64_t at = gi * head_stride + slot;
         axpy(score_grads[at], vector_row(p.dtype, p.q, offset(p.q_strides, b, h, i), D, Dp, qbuf), dk, Dp);
         axpy(probs[at], vector_row(p.dtype, g.grad_out, offset(g.grad_out_strides, b, h, i), D, Dp, dobuf), dv, Dp);

@@ -283,7 +283,7 @@ void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int head
   const int group_rows = imin(heads, p.group()) * rows;  // the rows of one KV head in this item
   const Segment sg = batch_segment(p, b);
   const int pos0 = i0 + sg.shift();
-  float* q_rows = ws.floats(size_t(R * (Dp + W) + 2 * BNp * Dp + BNp + Dp));
+  float* q_rows = ws.floats(size_t(R * (Dp + W) + 2 * BNp * Dp + BNp + Dp + 2 * R));
   float* records = partials ? partials : q_rows + R * Dp;
   float* kbuf = q_rows + R * (Dp + W);
   float* vbuf = kbuf + BNp * Dp;
@@ -302,6 +302,14 @@ void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int head
   }
   const float cap = p.softcap;
   const ScheduleView& schedule = p.forward_schedule;
+  // Rows' own tile counts (a masked head's is 0) and each KV head's longest: a KV head whose rows
+  // are all past their counts (all its heads masked) has its keys never read.
+  int* row_tiles = reinterpret_cast<int*>(s + BNp + Dp);
+  int* kv_tiles = row_tiles + R;
+  for (int r = 0; r < R; ++r) {
+    row_tiles[r] = schedule.num_tiles(b, h_first + r / rows, m);
+    kv_tiles[r / group_rows] = r % group_rows == 0 ? row_tiles[r] : std::max(kv_tiles[r / group_rows], row_tiles[r]);
+  }
   for (int t = tile_begin; t < tile_end; ++t) {
     const int j0 = schedule.tile(b, h_first, m, t) * BN, nk = imin(BN, sg.nk - j0), nkp = round_up(nk, L);
     // Only keys c in [first, last) are loaded: those some row sees (p(i0) − left .. p(i0 + rows − 1) +
@@ -312,11 +320,16 @@ void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int head
     for (int c = 0; c < nkp; ++c)
       if (c < first || c >= last) keys[c] = values[c] = zero;
     for (int r = 0; r < R; ++r) {
-      if (r % group_rows == 0) {  // the next KV head's keys
+      if (r % group_rows == 0) {  // the next KV head's keys, unless none of its rows visits this tile
+        if (t >= kv_tiles[r / group_rows]) {
+          r += group_rows - 1;
+          continue;
+        }
         const int kv_head = (h_first + r / rows) / p.group();
         tile_kv_pointers(p, p.k, p.k_strides, sg, kv_head, j0 + first, last - first, kbuf, keys + first);
         tile_kv_pointers(p, p.v, p.v_strides, sg, kv_head, j0 + first, last - first, vbuf, values + first);
       }
+      if (t >= row_tiles[r]) continue;  // past this row's schedule (a masked head: no tile at all)
       const int h = h_first + r / rows, pos = i0 + r % rows + sg.shift();
       const float slope = p.alibi(b, h), slope_units = cap != 0.f ? slope : slope * kLog2e;
       vf tile_max = splat(-kInf), c_sum = {};

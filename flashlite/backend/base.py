@@ -39,6 +39,7 @@ class Request:
     packed: bool = False  # a packed (varlen) batch on the tile engine: work items in the schedule
     dropout: bool = False  # attention dropout (flashlite.core.dropout's mask)
     stats: bool = False  # head statistics (flashlite.attention_stats) from the forward, entropy in the backward
+    head_mask: bool = False  # a bool head mask in the plan (flashlite.core.head_mask): masked heads skipped
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class Backend:
     # backward takes ``entropy=entropy_terms`` (flashlite.reference.attention_stats /
     # attention_backward give the contract).
     stats = False
+    # The engines whose kernels skip a bool head mask's masked heads (flashlite.core.head_mask): the
+    # tile engine's plan zeroes their schedule counts, which every tile kernel reads; a gather
+    # engine must read the plan's ``row_keep`` (passed to forward/backward through the plan).
+    head_mask: Tuple[str, ...] = ("tile",)
 
     def available(self) -> Optional[str]:
         """None if the backend can run on this machine, else the reason it cannot."""
@@ -100,6 +105,8 @@ class Backend:
             return "no attention dropout in its kernels yet"
         if req.stats and not self.stats:
             return "no head statistics in its kernels yet"
+        if req.head_mask and req.engine not in self.head_mask:
+            return f"no per-head skip (bool head_mask) in its {req.engine} kernels yet"
         return None
 
     def slower_here(self, req: Request) -> Optional[str]:

@@ -79,6 +79,12 @@ class NativeBackend(Backend):
         p, seed = dropout
         return dict(dropout_p=float(p), dropout_seed=int(seed))
 
+    @staticmethod
+    def _keep(plan) -> dict:
+        """A gather plan's head mask (``row_keep``) as the kernels' named argument (none without one,
+        so a build without it still serves unmasked calls)."""
+        return {} if plan.row_keep is None else dict(row_keep=plan.row_keep)
+
     def forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None, stats=None):
         # stats=sink_tokens (backends that declare ``stats``): the kernels fill a row_stats buffer.
         extra = self._dropout(dropout)
@@ -94,7 +100,8 @@ class NativeBackend(Backend):
                 scale=scale, softcap=softcap, **self._packed(s), **self._paged(s), **extra)
         else:
             out, lse = self._fns["gather_forward"](q, k, v, indices=plan.rows, alibi_slopes=alibi_slopes,
-                                                   causal=plan.causal, scale=scale, softcap=softcap, **extra)
+                                                   causal=plan.causal, scale=scale, softcap=softcap,
+                                                   **self._keep(plan), **extra)
         return (out, lse) if row_stats is None else (out, lse, row_stats)
 
     def backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None, entropy=None):
@@ -112,7 +119,7 @@ class NativeBackend(Backend):
         return self._fns["gather_backward"](
             grad_out, q, k, v, out, lse, indices=plan.rows, key_offsets=plan.key_offsets, key_slots=plan.key_slots,
             alibi_slopes=alibi_slopes, causal=plan.causal, scale=scale, softcap=softcap,
-            deterministic=plan.deterministic, **extra)
+            deterministic=plan.deterministic, **self._keep(plan), **extra)
 
 
 class CpuBackend(NativeBackend):
@@ -141,6 +148,11 @@ class CpuBackend(NativeBackend):
         self.stats = all(name in (getattr(extension, fn).__doc__ or "") for fn, name in (
             ("cpu_tile_forward", "row_stats"), ("cpu_gather_forward", "row_stats"),
             ("cpu_tile_backward", "entropy"), ("cpu_gather_backward", "entropy")))
+        # The gather kernels skip masked heads where this build's take row_keep (the tile kernels
+        # always do: the plan zeroes the masked heads' schedule counts).
+        if all("row_keep" in (getattr(extension, fn).__doc__ or "") for fn in ("cpu_gather_forward",
+                                                                               "cpu_gather_backward")):
+            self.head_mask = ("tile", "gather")
 
     def why_not(self, req: Request) -> Optional[str]:
         # A packed top-k batch runs the gather kernels over packed key positions: mean_distance and

@@ -20,6 +20,11 @@ def _slopes_of(alibi_slopes, sequence: int):
     return alibi_slopes[sequence]
 
 
+def _rows_mask(row_keep):
+    """A head mask's rows (uint8 ``[B, Hq, Nq]``) as the oracle's dense mask ``[B, Hq, Nq, 1]``."""
+    return None if row_keep is None else row_keep[..., None].bool()
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
@@ -28,12 +33,17 @@ class ReferenceBackend(Backend):
     packed_tiles = True
     dropout = True
     stats = True
+    # The oracle applies a bool head mask as a mask on its dense scores (plan.row_keep): a masked
+    # head sees no key. (Dense math: it is the O(N²) oracle, not a kernel.)
+    head_mask = ("tile", "gather")
 
     def forward(self, plan, q, k, v, scale, softcap, alibi_slopes, dropout=None, stats=None):
         p, seed = dropout or (0.0, 0)
         if isinstance(plan.pattern, Packed):
-            return self._packed_forward(plan.pattern, q, k, v, scale, softcap, alibi_slopes, p, seed, stats)
-        kw = dict(scale=scale, softcap=softcap or None, alibi_slopes=alibi_slopes, dropout_p=p, dropout_seed=seed)
+            return self._packed_forward(plan.pattern, q, k, v, scale, softcap, alibi_slopes, p, seed, stats,
+                                        plan.row_keep)
+        kw = dict(scale=scale, softcap=softcap or None, alibi_slopes=alibi_slopes, dropout_p=p, dropout_seed=seed,
+                  mask=_rows_mask(plan.row_keep))
         if stats is not None:
             return reference.attention_stats(q, k, v, plan.pattern, sink_tokens=stats, **kw)
         return reference.attention(q, k, v, plan.pattern, return_lse=True, **kw)
@@ -48,7 +58,8 @@ class ReferenceBackend(Backend):
                                             dropout_seed=seed, entropy_terms=entropy)
 
     @staticmethod
-    def _packed_forward(pattern: Packed, q, k, v, scale, softcap, alibi_slopes, p=0.0, seed=0, stats=None):
+    def _packed_forward(pattern: Packed, q, k, v, scale, softcap, alibi_slopes, p=0.0, seed=0, stats=None,
+                        row_keep=None):
         outs, lses, planes = [], [], []
         total = (1, q.shape[1], q.shape[2], k.shape[2])  # the packed [1, Hq, Tq, Tk] the mask indexes
         for s in pattern.sequences():
@@ -62,7 +73,8 @@ class ReferenceBackend(Backend):
                 continue
             kw = dict(scale=scale, softcap=softcap or None, alibi_slopes=_slopes_of(alibi_slopes, s.index),
                       dropout_p=p, dropout_seed=seed,
-                      dropout_block=(total, (s.q_start, s.q_end), (s.k_start, s.k_end)))
+                      dropout_block=(total, (s.q_start, s.q_end), (s.k_start, s.k_end)),
+                      mask=_rows_mask(None if row_keep is None else row_keep[:, :, rows]))
             args = (q[:, :, rows], k[:, :, keys], v[:, :, keys], s.pattern)
             if stats is not None:
                 out, lse, plane = reference.attention_stats(*args, sink_tokens=stats, **kw)

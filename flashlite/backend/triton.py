@@ -29,6 +29,7 @@ class TritonBackend(Backend):
     packed_tiles = True  # the tile kernels' PACKED launches read the schedule's work items
     dropout = True  # the kernels' DROPOUT: flashlite.core.dropout's mask, regenerated in the backward
     stats = True  # the forward kernels' STATS (head statistics), the backward kernels' ENTROPY
+    head_mask = ("tile", "gather")  # tile: the plan's zeroed counts; gather: the kernels' HEAD_MASK (row_keep)
 
     def available(self) -> Optional[str]:
         try:
@@ -87,7 +88,7 @@ class TritonBackend(Backend):
 
         forward = gl.ForwardPlan.from_parts(plan.extra_ints[:FORWARD_PARTS], plan.extra[:FORWARD_PARTS])
         return gl.gather_forward(q, k, v, forward, plan.rows.shape[1], plan.causal, scale, softcap, alibi_slopes,
-                                 dropout=dropout, stats=stats)
+                                 dropout=dropout, stats=stats, row_keep=plan.row_keep)
 
     def _backward(self, plan, grad_out, q, k, v, out, lse, scale, softcap, alibi_slopes, dropout=None, entropy=None):
         kernels = _kernels()
@@ -99,4 +100,5 @@ class TritonBackend(Backend):
         forward = gl.ForwardPlan.from_parts(plan.extra_ints[:FORWARD_PARTS], plan.extra[:FORWARD_PARTS])
         inverse = gl.InversePlan.from_parts(plan.extra_ints[FORWARD_PARTS:], plan.extra[FORWARD_PARTS:])
         return gl.gather_backward(grad_out, q, k, v, out, lse, forward, inverse, plan.rows.shape[1], plan.causal,
-                                  scale, softcap, alibi_slopes, dropout=dropout, entropy=entropy)
+                                  scale, softcap, alibi_slopes, dropout=dropout, entropy=entropy,
+                                  row_keep=plan.row_keep)

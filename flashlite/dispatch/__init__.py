@@ -21,7 +21,7 @@ from ..core.packed import Packed
 from ..core.patterns import Pattern
 from .ops import attention_op, attention_stats_op
 from ..core.tracing import tracing
-from .plan import plan_for
+from .plan import plan_for, with_heads
 
 _last = threading.local()
 
@@ -38,24 +38,31 @@ def _needs_op(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 def _request(q: Tensor, pattern: Pattern, requires_grad: bool, deterministic: bool, dropout: bool,
-             stats: bool = False) -> Request:
+             stats: bool = False, head_mask: bool = False) -> Request:
     return Request(device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], engine=pattern.engine,
                    pattern=pattern.name, requires_grad=requires_grad, deterministic=deterministic,
                    block_size=getattr(pattern, "block_size", None), packed=isinstance(pattern, Packed),
-                   dropout=dropout, stats=stats)
+                   dropout=dropout, stats=stats, head_mask=head_mask)
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, *, scale: float, softcap: float,
         alibi_slopes: Optional[Tensor], backend: Optional[str], deterministic: bool = True,
-        dropout: Optional[Tuple[float, int]] = None, stats: Optional[int] = None):
+        dropout: Optional[Tuple[float, int]] = None, stats: Optional[int] = None,
+        head_mask: Optional[Tensor] = None):
     """Attention over ``pattern`` on the chosen backend. Returns (out, lse), or (out, lse, row_stats)
     with ``stats=sink_tokens`` (head statistics, backends that declare ``stats``). ``dropout``:
-    (p, seed) with p > 0, served by backends that declare ``dropout`` (reference, cpu, triton)."""
+    (p, seed) with p > 0, served by backends that declare ``dropout`` (reference, cpu, triton).
+    ``head_mask``: bool ``[Hq]`` or ``[S, Hq]`` (S: the batch, or a packed / paged pattern's
+    sequences), lowered into the plan (``plan.with_heads``): a False head visits nothing and gets
+    out 0, lse −inf, statistics 0 and zero gradients; backends whose kernels cannot skip it decline."""
     requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    req = _request(q, pattern, requires_grad, deterministic, dropout is not None, stats is not None)
+    req = _request(q, pattern, requires_grad, deterministic, dropout is not None, stats is not None,
+                   head_mask is not None)
     chosen = backends.select(req, backend)
     _last.name = chosen.name
     plan = plan_for(pattern, q, k, chosen, req)
+    if head_mask is not None:
+        plan = with_heads(plan, pattern, head_mask, q)
     extra = {"dropout": dropout} if dropout is not None else {}
     if stats is not None:
         extra["stats"] = stats

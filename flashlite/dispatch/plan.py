@@ -5,7 +5,9 @@ the backend's kernels consume.
   and the block schedule at its tile size (forward lists and the transposed backward lists);
 * gather engine (top-k): the canonical rows (sorted, repeats dropped), the inverse key index for
   the backward (one, shared by every backend), and whatever the backend adds of its own (the
-  Triton gather modes and reduction pieces).
+  Triton gather modes and reduction pieces);
+* a bool head mask (``with_heads``, ``flashlite.core.head_mask``): the masked heads' schedule
+  counts zeroed (tile engine), or the rows that run (``row_keep``: gather engine, reference).
 
 ``plan_for`` builds a plan or takes it from the one bounded cache, keyed by the pattern's values
 and its tensors' identity and version, the call's shapes, dtype, device, backend and whether a
@@ -23,13 +25,14 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
 from torch import Tensor
 
 from .. import backend as backends
 from ..backend.base import Backend, Request, TileConfig
+from ..core import head_mask
 from ..core.patterns import Pattern
 from ..core.schedule import TileSchedule
 from ..core.tracing import capturing, tracing, values_readable
@@ -57,6 +60,9 @@ class Plan:
     extra: Tuple[Tensor, ...] = ()
     # dense (reference backend): the pattern itself
     pattern: Optional[Pattern] = None
+    # bool head mask (gather engine, dense): uint8 [B, Hq, Nq], 1 where a query row runs; None: all.
+    # (The tile engine carries it in its schedule's counts.)
+    row_keep: Optional[Tensor] = None
 
     @property
     def has_backward(self) -> bool:
@@ -76,8 +82,10 @@ class Plan:
         if self.engine == "gather":
             none = self.rows.new_empty(0)
             inverse = [self.key_offsets, self.key_slots] if self.has_backward else [none, none]
-            return ([self.rows, *inverse, *self.extra],
-                    head + [int(self.causal), int(self.has_backward), *self.extra_ints])
+            keep = self.row_keep if self.row_keep is not None else self.rows  # a stand-in; ints say which
+            return ([self.rows, *inverse, keep, *self.extra],
+                    head + [int(self.causal), int(self.has_backward), int(self.row_keep is not None),
+                            *self.extra_ints])
         raise ValueError("the reference backend's plan does not cross the custom op")
 
     @classmethod
@@ -92,10 +100,10 @@ class Plan:
                                     left, right, *tensors[:4 if page_size else 8], **paged)
             return cls(backend, engine, deterministic, schedule=schedule,
                        config=TileConfig(block_m, block_n, warps, stages))
-        causal, inverse = bool(ints[3]), bool(ints[4])
+        causal, inverse, masked = bool(ints[3]), bool(ints[4]), bool(ints[5])
         return cls(backend, engine, deterministic, rows=tensors[0], causal=causal,
                    key_offsets=tensors[1] if inverse else None, key_slots=tensors[2] if inverse else None,
-                   extra_ints=tuple(ints[5:]), extra=tuple(tensors[3:]))
+                   row_keep=tensors[3] if masked else None, extra_ints=tuple(ints[6:]), extra=tuple(tensors[4:]))
 
 
 class _PlanCache:
@@ -159,6 +167,15 @@ def plan_for(pattern: Pattern, q: Tensor, k: Tensor, backend: Backend, req: Requ
     return plan
 
 
+def with_heads(plan: Plan, pattern: Pattern, keep: Tensor, q: Tensor) -> Plan:
+    """``plan`` with the bool head mask ``keep`` (``[Hq]`` or ``[S, Hq]``, True = runs) lowered in
+    (``flashlite.core.head_mask``): a masked head's tiles or rows are never visited. A few tensor
+    ops per call, no host read."""
+    if plan.engine == "tile":
+        return replace(plan, schedule=head_mask.masked_schedule(plan.schedule, keep))
+    return replace(plan, row_keep=head_mask.row_keep(pattern, keep, q.shape))
+
+
 def derived(values: tuple, tensors: tuple, make: Callable[[], object]):
     """A value derived from ``tensors`` (e.g. a mask lowered to a pattern), made once per tensor
     version and kept in the same cache as the plans. Made fresh, uncached, while tracing or
@@ -197,4 +214,4 @@ def build(pattern: Pattern, q: Tensor, k: Tensor, backend: Backend, req: Request
                 key_slots=key_slots, extra_ints=tuple(extra_ints), extra=tuple(extra))
 
 
-__all__ = ["Plan", "plan_for", "build", "derived", "recall", "CACHE", "ENGINES"]
+__all__ = ["Plan", "plan_for", "with_heads", "build", "derived", "recall", "CACHE", "ENGINES"]
