@@ -570,10 +570,11 @@ def _emulate(emulator: Path, workdir: Path, case: dict, arrays: dict, env: dict 
 
 
 def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, alibi=None, pad=0,
-                        deterministic=True, block_size=0, seed=0, env=None, stats=None, entropy=False):
+                        deterministic=True, block_size=0, seed=0, env=None, stats=None, entropy=False, heads=None):
     """Forward and backward of `pattern` through the emulated CUDA launchers. stats=sink_tokens: the
     forward also fills row_stats; entropy: the backward also gets the entropy's gradient terms (of a
     random gradient of the emulated entropy, as flashlite.dispatch.ops.entropy_terms builds them).
+    heads: a bool head mask, lowered into the tile schedule as the plan does (flashlite.core.head_mask).
     Returns (out, lse, dq, dk, dv, grad_out, forward stdout, {"row_stats", "grad_entropy"} or {})."""
     import torch
 
@@ -600,6 +601,10 @@ def _emulated_attention(emulator, workdir, q, k, v, pattern, *, softcap=0.0, ali
         cfg = _emulate(emulator, workdir / "config", dict(mode="config", head_dim=D, block_size=block_size), {})
         block_m, block_n = map(int, cfg.splitlines()[case["dtype"]].split())
         sched = pattern.schedule(Nq, Nk, block_m, block_n, torch.device("cpu"))
+        if heads is not None:
+            from flashlite.core.head_mask import masked_schedule
+
+            sched = masked_schedule(sched, heads)
         case.update(mode="tile_forward", block_m=block_m, block_n=block_n, is_list=int(sched.is_list),
                     window_left=sched.window_left, window_right=sched.window_right)
         arrays.update(kv_tiles=sched.kv_tiles, kv_count=sched.kv_count, q_tiles=sched.q_tiles, q_count=sched.q_count)
@@ -805,6 +810,42 @@ def emulated(builds, tmp_path_factory):
             except Exception as exc:  # noqa: BLE001 - reported by that case's test
                 results[name] = exc
     return results
+
+
+@pytest.mark.skipif(not NVCC, reason="needs nvcc (the emulation uses the CUDA headers)")
+def test_head_mask_schedule_on_cpu_emulation(builds, tmp_path):
+    """The CUDA tile kernels on a masked plan's schedule (flashlite.core.head_mask: the masked heads'
+    counts 0): masked heads out 0, lse −inf, dq 0; kept heads the bits of the unmasked run (out,
+    lse, dq); dK/dV by the rule against the reference with the masked heads' gradient 0. Tensor-core
+    forward and backward (GQA, a group with one kept head) and the decode path (one head per block
+    then, the group's counts differing)."""
+    import torch
+
+    from flashlite import Full, reference
+
+    from conftest import assert_rule
+
+    emulator = _emulator(builds)
+    cases = (("mma_gqa", (2, 4, 2, 70, 90, 64)), ("mma_decode", (1, 8, 2, 1, 700, 64)))
+    for name, shape in cases:
+        q, k, v = _qkv(*shape, torch.float16, seed=7)
+        batch, heads_q = shape[:2]
+        mask = (torch.arange(batch * heads_q).view(batch, heads_q) % 3 != 1)
+        plain = _emulated_attention(emulator, tmp_path / name / "plain", q, k, v, Full(True), seed=7)
+        out, lse, dq, dk, dv, grad_out = _emulated_attention(emulator, tmp_path / name / "masked", q, k, v,
+                                                             Full(True), seed=7, heads=mask)[:6]
+        assert not out[~mask].any() and torch.isneginf(lse[~mask]).all() and not dq[~mask].any(), name
+        for got, want in zip((out, lse, dq), plain[:3]):
+            assert torch.equal(got[mask], want[mask]), name
+        kept = mask[:, :, None, None]
+        exact = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = reference.attention(*exact, Full(True), compute_dtype=torch.float64)
+        want_dk, want_dv = torch.autograd.grad(ref, exact[1:], grad_out.double() * kept)
+        lowp = [t.detach().requires_grad_() for t in (q, k, v)]
+        low = reference.attention(*lowp, Full(True), compute_dtype=None)
+        low_dk, low_dv = torch.autograd.grad(low, lowp[1:], grad_out * kept)
+        assert_rule(f"{name} dk", dk, low_dk, want_dk)
+        assert_rule(f"{name} dv", dv, low_dv, want_dv)
 
 
 @pytest.mark.parametrize("case", EMULATION_CASES, ids=[c[0] for c in EMULATION_CASES])
