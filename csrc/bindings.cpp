@@ -105,7 +105,8 @@ std::tuple<Tensor, Tensor> cpu_tile_forward(Tensor q, Tensor k, Tensor v, const 
                                             const optional<Tensor>& cu_seqlens_k, double dropout_p,
                                             int64_t dropout_seed, const optional<Tensor>& row_stats,
                                             int64_t sink_tokens, const optional<Tensor>& block_table,
-                                            const optional<Tensor>& cache_seqlens, int64_t page_size) {
+                                            const optional<Tensor>& cache_seqlens, int64_t page_size,
+                                            const optional<Tensor>& tile_counter) {
   flashlite::make_last_dims_contiguous({&q, &k, &v});
   flashlite::check_qkv(q, k, v, c10::DeviceType::CPU);
   flashlite::ForwardCall call = flashlite::prepare_forward(q, k, v, alibi_slopes, scale, softcap,
@@ -117,6 +118,15 @@ std::tuple<Tensor, Tensor> cpu_tile_forward(Tensor q, Tensor k, Tensor v, const 
                                is_list, "cpu_tile_config", packed ? call.params.packed.num_q_items : -1);
   set_dropout(call.params, dropout_p, dropout_seed, "cpu_tile_forward");
   set_row_stats(call.params, q, row_stats, sink_tokens, "cpu_tile_forward");
+  if (tile_counter.has_value() && tile_counter->defined()) {  // debug: key tiles per (b, h, schedule row)
+    const int64_t rows = packed ? call.params.packed.num_q_items : (q.size(2) + block_m - 1) / block_m;
+    TORCH_CHECK_VALUE(tile_counter->scalar_type() == at::kInt && tile_counter->is_contiguous() &&
+                          tile_counter->device() == q.device() && tile_counter->numel() == q.size(0) * q.size(1) * rows,
+                      "flashlite: cpu_tile_forward: tile_counter must be a contiguous int32 tensor of B*Hq*rows = ",
+                      q.size(0) * q.size(1) * rows, " elements on q's device (rows: the forward schedule's), got ",
+                      tile_counter->scalar_type(), " ", tile_counter->sizes());
+    call.params.tile_counter = tile_counter->data_ptr<int32_t>();
+  }
   {
     py::gil_scoped_release no_gil;
     flashlite::cpu::tile_forward(call.params, threads());
@@ -333,11 +343,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q_items") = py::none(), py::arg("k_items") = py::none(), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("dropout_p") = 0.0, py::arg("dropout_seed") = 0,
         py::arg("row_stats") = py::none(), py::arg("sink_tokens") = 0, py::arg("block_table") = py::none(),
-        py::arg("cache_seqlens") = py::none(), py::arg("page_size") = 0,
+        py::arg("cache_seqlens") = py::none(), py::arg("page_size") = 0, py::arg("tile_counter") = py::none(),
         "tile engine forward -> (out, lse); q_items/k_items/cu_seqlens_q/cu_seqlens_k: a packed batch's work items; "
         "dropout_p (0 = off) / dropout_seed: attention dropout; row_stats (float32 [5, B, Hq, Nq], None = off) / "
         "sink_tokens: filled with the head statistics; block_table/cache_seqlens/page_size: keys in a paged cache "
-        "(k, v: the pool as [B, Hkv, num_pages*page_size, D]) (docs/native_abi.md)");
+        "(k, v: the pool as [B, Hkv, num_pages*page_size, D]); tile_counter (debug, int32 [B*Hq*rows], zeroed by "
+        "the caller): the key tiles each (b, h, schedule row) visited are added (docs/native_abi.md)");
   m.def("cpu_tile_backward", &cpu_tile_backward, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("kv_tiles"), py::arg("kv_count"), py::arg("q_tiles"),
         py::arg("q_count"), py::arg("alibi_slopes"), py::arg("is_list"), py::arg("block_m"), py::arg("block_n"),

@@ -225,6 +225,52 @@ def test_paged_head_mask(backend):
     torch.testing.assert_close(gated, ref * gate[None, :, None, None])
 
 
+@pytest.mark.skipif("cpu" not in kernel_backends() or not getattr(backends.get("cpu"), "paged_tiles", False),
+                    reason="needs the cpu backend's paged tile plan")
+def test_paged_decode_tile_counter_masked_heads_visit_no_tile():
+    """Paged decode on the CPU tile plan (one work item per batch row spanning every head, long rows
+    split into pieces): the kernels' tile counter is 0 for each masked (sequence, head) and the
+    unmasked plan's count for each kept one; kept heads give the unmasked call's bits, masked heads
+    0 and −inf, and ``paged_attention(head_mask=)`` is this masked call."""
+    from flashlite.core.paged import Paged, pool_view
+
+    page_size, heads_q, heads_kv, dim = 16, 8, 2, 32
+    lengths = [1300, 37, 700]  # rows 0 and 2 split their keys over several items
+    num_pages = sum(-(-n // page_size) for n in lengths) + 3
+    k_cache, v_cache = torch.randn(2, num_pages, page_size, heads_kv, dim).unbind(0)
+    table = torch.full((3, -(-max(lengths) // page_size)), -1, dtype=torch.int32)
+    pages = torch.randperm(num_pages).tolist()
+    for b, n in enumerate(lengths):
+        table[b, :-(-n // page_size)] = torch.tensor([pages.pop() for _ in range(-(-n // page_size))])
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    # row 0: KV group 0 all masked, group 1 partly; row 1: every head masked; row 2: one head masked
+    mask = torch.tensor([[False] * 4 + [True, False, True, True], [False] * 8, [True] * 7 + [False]])
+    q = torch.randn(3, heads_q, 1, dim)
+    tiled = Paged(Full(causal=True), table, seqlens, page_size, 1, tiles=True)
+    pool_k, pool_v = (pool_view(t, "cache").expand(3, -1, -1, -1) for t in (k_cache, v_cache))
+    cpu = backends.get("cpu")
+    plan = plan_for(tiled, q, pool_k, cpu, dispatch._request(q, tiled, False, True, False, head_mask=True))
+    runs = []
+    poisoned_q = torch.where(mask[:, :, None, None], q, float("nan"))
+    for schedule, query in ((plan.schedule, q), (with_heads(plan, tiled, mask, q).schedule, poisoned_q)):
+        counter = torch.zeros(3 * heads_q * schedule.num_q_tiles, dtype=torch.int32)
+        out, lse = cpu._ext.cpu_tile_forward(
+            query, pool_k, pool_v, kv_tiles=schedule.kv_tiles, kv_count=schedule.kv_count, alibi_slopes=None,
+            is_list=schedule.is_list, block_m=schedule.block_m, block_n=schedule.block_n,
+            window_left=schedule.window_left, window_right=schedule.window_right, scale=dim ** -0.5, softcap=0.0,
+            **cpu._paged(schedule), tile_counter=counter)
+        runs.append((out, lse, counter.view(3, heads_q)))
+    (plain, plain_lse, plain_tiles), (out, lse, tiles) = runs
+    assert not tiles[~mask].any(), "a masked head visited a key tile"
+    assert torch.equal(tiles[mask], plain_tiles[mask]) and int(plain_tiles[mask].min()) > 0
+    assert torch.equal(plain_tiles[0], torch.full((heads_q,), -(-lengths[0] // schedule.block_n), dtype=torch.int32))
+    assert not out[~mask].any() and torch.isneginf(lse[~mask]).all()
+    assert torch.equal(out[mask], plain[mask]) and torch.equal(lse[mask], plain_lse[mask])
+    api, api_lse = flashlite.paged_attention(poisoned_q, k_cache, v_cache, table, seqlens, Full(causal=True),
+                                             head_mask=mask, backend="cpu", return_lse=True)
+    assert torch.equal(api, out) and torch.equal(api_lse, lse)
+
+
 def test_a_backend_without_the_skip_declines():
     """A backend whose gather kernels cannot skip masked heads says so (another serves the call)."""
 

@@ -144,6 +144,12 @@ struct AttentionParams {
   const uint8_t* row_keep = nullptr;
   int64_t keep_stride_b = 0, keep_stride_h = 0, keep_stride_n = 0;
 
+  // Debug (tests; the CPU tile engine's forward): where set, the key tiles each (b, h, forward
+  // schedule row) computed with are added to tile_counter[(b·Hq + h)·rows + row], int32 (rows:
+  // ⌈Nq / block_m⌉, or a packed batch's query items). The evidence that a head mask's masked heads,
+  // and tiles outside the pattern, are never visited. Null: not counted.
+  int32_t* tile_counter = nullptr;
+
   FL_HOST_DEVICE uint64_t dropout_index(int32_t b, int32_t h, int64_t i, int64_t j) const {
     return static_cast<uint64_t>(((int64_t(b) * heads_q + h) * seqlen_q + i) * seqlen_k + j);
   }

@@ -142,6 +142,14 @@ inline void tile_kv_pointers(const AttentionParams& p, const void* base, const S
 // ---------------------------------------------------------------------------------------------
 // Tile engine, forward: query tile m of (segment, h) over the key tiles of its schedule row.
 // Stats: also the head statistics (row_stats) from running sums beside the softmax (see the top).
+// AttentionParams::tile_counter (debug): `tiles` more key tiles visited by (b, h) at schedule row
+// `row` (atomic: a decode split's pieces run on different threads).
+inline void count_tiles(const AttentionParams& p, int b, int h, int row, int tiles) {
+  if (p.tile_counter == nullptr || tiles == 0) return;
+  const int64_t rows = p.packed.active() ? p.packed.num_q_items : (p.seqlen_q + p.block_m - 1) / p.block_m;
+  __atomic_fetch_add(p.tile_counter + (int64_t(b) * p.heads_q + h) * rows + row, tiles, __ATOMIC_RELAXED);
+}
+
 template <bool Stats>
 void tile_forward_of(const AttentionParams& p, const Segment& sg, int h, int m, Workspace& ws) {
   const int BM = p.block_m, BN = p.block_n, D = p.head_dim, Dp = round_up(D, L), b = sg.b;
@@ -170,6 +178,7 @@ void tile_forward_of(const AttentionParams& p, const Segment& sg, int h, int m, 
   const float slope = p.alibi(sg.seq, h);
   const ScheduleView& schedule = p.forward_schedule;
   const int row = sg.q_row0 + m, count = schedule.num_tiles(b, h, row);
+  int visited = 0;  // tile_counter (debug)
   for (int t = 0; t < count; ++t) {
     // The tile's keys that some row of the query tile sees, p(i0) − left .. p(i0 + rows − 1) + right:
     // the others would get P = 0, and a paged cache's pages wholly outside every window stay unread.
@@ -177,6 +186,7 @@ void tile_forward_of(const AttentionParams& p, const Segment& sg, int h, int m, 
     const int j0 = static_cast<int>(std::max<int64_t>(tile0, int64_t(pos0) - p.window_left));
     const int nk = static_cast<int>(std::min<int64_t>(imin(tile0 + BN, sg.nk), int64_t(pos0) + rows + p.window_right) - j0);
     if (nk <= 0) continue;
+    ++visited;
     const RowsView k = tile_kv_rows(p, p.k, p.k_strides, sg, kv_head, j0, nk, false, kbuf);
     const RowsView v = tile_kv_rows(p, p.v, p.v_strides, sg, kv_head, j0, nk, false, vbuf);
     // Sᵀ[c][r] = Σ_d k[j0 + c][d]·q̃[i0 + r][d]
@@ -231,6 +241,7 @@ void tile_forward_of(const AttentionParams& p, const Segment& sg, int h, int m, 
       for (int y = 0; y < Y; y += L) store(ot + d * BM + y, load(ot + d * BM + y) * load(alpha + y));
     gemm(D, Y, nk, v.data, 1, v.ld, st, BM, ot, BM, true);
   }
+  count_tiles(p, b, h, row, visited);
   // out = Oᵀ / l,  lse = ln2·(m + log2 l); a row that saw no key (l = 0) gives 0 and −inf.
   const int64_t row0 = (int64_t(b) * p.heads_q + h) * p.seqlen_q + sg.q0 + i0;
   float* lse = p.lse + row0;
@@ -283,7 +294,7 @@ void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int head
   const int group_rows = imin(heads, p.group()) * rows;  // the rows of one KV head in this item
   const Segment sg = batch_segment(p, b);
   const int pos0 = i0 + sg.shift();
-  float* q_rows = ws.floats(size_t(R * (Dp + W) + 2 * BNp * Dp + BNp + Dp + 2 * R));
+  float* q_rows = ws.floats(size_t(R * (Dp + W) + 2 * BNp * Dp + BNp + Dp + 2 * R + heads));
   float* records = partials ? partials : q_rows + R * Dp;
   float* kbuf = q_rows + R * (Dp + W);
   float* vbuf = kbuf + BNp * Dp;
@@ -306,6 +317,8 @@ void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int head
   // are all past their counts (all its heads masked) has its keys never read.
   int* row_tiles = reinterpret_cast<int*>(s + BNp + Dp);
   int* kv_tiles = row_tiles + R;
+  int* visited = kv_tiles + R;  // per head of the item: tile_counter (debug)
+  std::fill(visited, visited + heads, 0);
   for (int r = 0; r < R; ++r) {
     row_tiles[r] = schedule.num_tiles(b, h_first + r / rows, m);
     kv_tiles[r / group_rows] = r % group_rows == 0 ? row_tiles[r] : std::max(kv_tiles[r / group_rows], row_tiles[r]);
@@ -330,6 +343,7 @@ void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int head
         tile_kv_pointers(p, p.v, p.v_strides, sg, kv_head, j0 + first, last - first, vbuf, values + first);
       }
       if (t >= row_tiles[r]) continue;  // past this row's schedule (a masked head: no tile at all)
+      if (r % rows == 0) ++visited[r / rows];  // tile_counter (debug): once per head
       const int h = h_first + r / rows, pos = i0 + r % rows + sg.shift();
       const float slope = p.alibi(b, h), slope_units = cap != 0.f ? slope : slope * kLog2e;
       vf tile_max = splat(-kInf), c_sum = {};
@@ -384,6 +398,7 @@ void tile_forward_rows_of(const AttentionParams& p, int b, int h_first, int head
       weighted_rows(s, values, nk, Dp, record);
     }
   }
+  for (int head = 0; head < heads; ++head) count_tiles(p, b, h_first + head, m, visited[head]);
   if (partials) return;
   for (int r = 0; r < R; ++r) {
     float* record = records + r * W;
@@ -702,6 +717,7 @@ void tile_backward_q(const AttentionParams& p, const BackwardParams& g, const Se
   const float slope = p.alibi(sg.seq, h);
   const ScheduleView& schedule = p.forward_schedule;
   const int row = sg.q_row0 + m, count = schedule.num_tiles(b, h, row);
+  int visited = 0;  // tile_counter (debug)
   for (int t = 0; t < count; ++t) {
     const int j0 = schedule.tile(b, h, row, t) * BN, nk = imin(BN, sg.nk - j0);
     const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, true, kbuf);
