@@ -20,7 +20,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .api import attention, check_qkv, check_scalars
+from .api import attention, check_head_mask, check_qkv, check_scalars
 from .core.patterns import BlockSparse, Full, Pattern, SlidingWindow, TopK
 from .core.schedule import cdiv
 
@@ -50,7 +50,8 @@ def check_block(block) -> Tuple[int, int]:
 
 def attention_map(q: Tensor, k: Tensor, pattern: Optional[Pattern] = None, *, block: Block = (64, 64),
                   scale: Optional[float] = None, softcap: Optional[float] = None,
-                  alibi_slopes: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+                  alibi_slopes: Optional[Tensor] = None, backend: Optional[str] = None,
+                  head_mask: Optional[Tensor] = None) -> Tensor:
     """The attention probabilities pooled per block: where each block of queries looks.
 
     Args:
@@ -60,6 +61,10 @@ def attention_map(q: Tensor, k: Tensor, pattern: Optional[Pattern] = None, *, bl
             the lengths: the last blocks may be partial).
         scale, softcap, alibi_slopes: as in ``flashlite.attention``.
         backend: the backend that computes the log-sum-exp (pass 1), as in ``flashlite.attention``.
+        head_mask: bool ``[Hq]`` or ``[B, Hq]``: a False head's map is zeros. Pass 1 visits none of
+            its tiles (the plan's skip, as in ``flashlite.attention``); pass 2 recomputes scores only
+            for the (batch row, KV head) pairs with a kept head (a masked head that shares its KV head
+            with a kept one gets its zeros from lse = −inf).
 
     Returns float32 ``[B, Hq, ⌈Nq/block_q⌉, ⌈Nk/block_k⌉]``: entry ``(a, c)`` is the mean over the
     query rows of block ``a`` (the rows that exist) of the probability mass those rows put on the
@@ -76,6 +81,10 @@ def attention_map(q: Tensor, k: Tensor, pattern: Optional[Pattern] = None, *, bl
         raise TypeError(f"pattern must be a flashlite pattern (Full, SlidingWindow, BlockSparse, TopK) or None, "
                         f"got {type(pattern).__name__}")
     pattern.validate(q, k)
+    head_mask = check_head_mask(head_mask, q)
+    if head_mask is not None and head_mask.dtype != torch.bool:
+        raise TypeError(f"head_mask must be a bool tensor (which heads run) for attention_map, got {head_mask.dtype}"
+                        f" (a float gate scales a head's output, not its probabilities)")
     batch, heads_q, seqlen_q, _ = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     out = torch.zeros(batch, heads_q, cdiv(seqlen_q, block_q), cdiv(seqlen_k, block_k),
@@ -87,37 +96,67 @@ def attention_map(q: Tensor, k: Tensor, pattern: Optional[Pattern] = None, *, bl
     with torch.no_grad():
         q, k = q.detach(), k.detach()
         _, lse = attention(q, k, k, pattern, scale=scale, softcap=softcap or None, alibi_slopes=alibi_slopes,
-                           return_lse=True, backend=backend)
+                           return_lse=True, backend=backend, head_mask=head_mask)
         # A row that sees no key has lse = -inf: make it +inf so exp(s - lse) is 0 there.
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
         group = heads_q // heads_kv
-        qf = q.float().view(batch, heads_kv, group, seqlen_q, q.shape[-1])
-        kf = k.float()
-        slopes = None
-        if alibi_slopes is not None:
-            slopes = alibi_slopes.view(-1, heads_q, 1, 1)  # [1|B, Hq, 1, 1]
-        if isinstance(pattern, TopK):
-            indices = pattern.row_indices(seqlen_q)
-            width = indices.shape[-1]
-        else:
-            indices, width = None, seqlen_k
+        qf, kf = q.float(), k.float()
+        slopes = None if alibi_slopes is None else alibi_slopes.view(-1, heads_q)  # [1|B, Hq]
+        indices = pattern.row_indices(seqlen_q) if isinstance(pattern, TopK) else None
+
+        def visible(r0: int, r1: int) -> Tensor:  # the pattern's mask of rows r0 .. r1 - 1
+            return pattern.dense_mask(batch, heads_q, heads_kv, seqlen_q, seqlen_k, q.device, rows=(r0, r1))
+
+        # Pass 2's batch: (B, Hkv), or with a head mask the P' (batch row, KV head) pairs with a
+        # kept head, as a batch of P' with one KV head each.
+        target, rows_mask, pass_batch, pass_kv = out, visible, batch, heads_kv
+        if head_mask is not None:
+            kept = head_mask.expand(batch, heads_q).reshape(batch * heads_kv, group).any(-1).nonzero()[:, 0]
+            pairs = _Pairs(batch, heads_kv, kept)
+            qf, kf, lse = pairs.take(qf), pairs.take(kf), pairs.take(lse)
+            slopes = None if slopes is None else pairs.take(slopes)
+            indices = None if indices is None else pairs.take(indices)
+            target, pass_batch, pass_kv = out.new_zeros(kept.numel(), group, *out.shape[2:]), kept.numel(), 1
+
+            def rows_mask(r0: int, r1: int) -> Tensor:
+                return pairs.take(visible(r0, r1))
+        qf = qf.view(pass_batch, pass_kv, group, seqlen_q, q.shape[-1])
+        if slopes is not None:
+            slopes = slopes[:, :, None, None]  # [1|B, Hq, 1, 1]
+        width = seqlen_k if indices is None else indices.shape[-1]
         # Per row: the scores of every head (TopK: also the gathered keys, K × D per KV head).
-        per_row = batch * width * (heads_q if indices is None else max(heads_q, heads_kv * q.shape[-1]))
+        heads = pass_kv * group
+        per_row = pass_batch * width * (heads if indices is None else max(heads, pass_kv * q.shape[-1]))
         rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, per_row))
         if rows_per_chunk >= block_q:
             rows_per_chunk -= rows_per_chunk % block_q  # whole query blocks per chunk
         for r0, r1 in _chunks(seqlen_q, block_q, rows_per_chunk):
             pos = torch.arange(r0, r1, device=q.device) + (seqlen_k - seqlen_q)  # p(i)
             if indices is None:
-                mass, c0 = _dense_rows(qf, kf, pattern, r0, r1, pos, scale, softcap, slopes, lse, block_k)
+                mass, c0 = _dense_rows(qf, kf, pattern.band(), rows_mask, r0, r1, pos, scale, softcap, slopes, lse,
+                                       block_k)
             else:
                 mass, c0 = _topk_rows(qf, kf, indices[:, :, r0:r1], pattern.causal, r0, pos, scale, softcap,
                                       slopes, lse[:, :, r0:r1], block_k, out.shape[-1]), 0
             if mass is not None:
-                _add_rows(out, mass, r0, c0, block_q)
+                _add_rows(target, mass, r0, c0, block_q)
+        if target is not out:
+            out.view(-1, group, *out.shape[2:])[kept] = target
         counts = (seqlen_q - torch.arange(out.shape[2], device=q.device) * block_q).clamp(max=block_q)
         out /= counts.to(torch.float32)[:, None]
     return out
+
+
+class _Pairs:
+    """The (batch row, KV head) pairs ``kept`` (indices into ``B·Hkv``) of a call's tensors."""
+
+    def __init__(self, batch: int, heads_kv: int, kept: Tensor) -> None:
+        self.batch, self.heads_kv, self.kept = batch, heads_kv, kept
+
+    def take(self, t: Tensor) -> Tensor:
+        """``t`` ``[B|1, H|1, ...]`` (H: Hq or Hkv) -> ``[P', H / Hkv, ...]``: the kept pairs' entries."""
+        t = t.expand(self.batch, max(t.shape[1], self.heads_kv), *t.shape[2:])
+        return t.reshape(self.batch * self.heads_kv, t.shape[1] // self.heads_kv, *t.shape[2:])[self.kept]
 
 
 def _chunks(seqlen_q: int, block_q: int, rows: int):
@@ -143,13 +182,14 @@ def _bias(s: Tensor, pos: Tensor, keys: Tensor, scale: float, softcap: float, sl
     return s
 
 
-def _dense_rows(qf, kf, pattern, r0, r1, pos, scale, softcap, slopes, lse,
+def _dense_rows(qf, kf, band, visible, r0, r1, pos, scale, softcap, slopes, lse,
                 block_k) -> Tuple[Optional[Tensor], int]:
     """Rows ``r0 .. r1 − 1``: the probability mass per key block, ``[B, Hq, rows, m]`` for the key
-    blocks ``c0 .. c0 + m − 1`` (those the pattern's band lets these rows reach; None if none); and ``c0``."""
+    blocks ``c0 .. c0 + m − 1`` (those the pattern's ``band`` lets these rows reach; None if none);
+    and ``c0``. ``visible(r0, r1)``: the pattern's mask of the rows, ``[B|1, Hq|1, rows, Nk]``."""
     batch, heads_kv, group, seqlen_q, _ = qf.shape
     heads_q, seqlen_k = heads_kv * group, kf.shape[2]
-    left, right = pattern.band()  # the key columns these rows may reach: lo .. hi - 1
+    left, right = band  # the key columns these rows may reach: lo .. hi - 1
     first, last = r0 + seqlen_k - seqlen_q, r1 - 1 + seqlen_k - seqlen_q  # p(r0), p(r1 - 1)
     lo = 0 if left is None else max(0, first - left) // block_k * block_k
     hi = seqlen_k if right is None else min(seqlen_k, last + right + 1)
@@ -158,8 +198,7 @@ def _dense_rows(qf, kf, pattern, r0, r1, pos, scale, softcap, slopes, lse,
     s = torch.matmul(qf[:, :, :, r0:r1], kf[:, :, None, lo:hi].transpose(-1, -2))  # [B, Hkv, G, rows, keys]
     s = s.view(batch, heads_q, r1 - r0, hi - lo)
     s = _bias(s, pos, torch.arange(lo, hi, device=qf.device), scale, softcap, slopes)
-    visible = pattern.dense_mask(batch, heads_q, heads_kv, seqlen_q, seqlen_k, qf.device, rows=(r0, r1))
-    s = s.masked_fill_(~visible[..., lo:hi], float("-inf")).sub_(lse[:, :, r0:r1, None]).exp_()
+    s = s.masked_fill_(~visible(r0, r1)[..., lo:hi], float("-inf")).sub_(lse[:, :, r0:r1, None]).exp_()
     pad = (-(hi - lo)) % block_k
     if pad:
         s = torch.nn.functional.pad(s, (0, pad))

@@ -156,6 +156,40 @@ def test_bad_input_names_the_argument():
         flashlite.attention_map(q, k, flashlite.BlockSparse(torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE), 16))
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=["full", "block_sparse", "topk_causal"])
+def test_head_mask(monkeypatch, case):
+    """head_mask: masked heads' maps are zeros and the kept heads' the unmasked call's; pass 1 is one
+    attention call with the mask (the plan's skip), pass 2 recomputes only the (batch row, KV head)
+    pairs with a kept head."""
+    torch.manual_seed(3)
+    q, k, pattern, block, kw = _inputs(case)
+    batch, heads_q, heads_kv = q.shape[0], q.shape[1], k.shape[1]
+    group = heads_q // heads_kv
+    backend = BACKENDS[-1]
+    plain = flashlite.attention_map(q, k, pattern, block=block, backend=backend, **kw)
+    keep = torch.ones(batch, heads_q, dtype=torch.bool, device=DEVICE)
+    keep[0, :group] = False  # batch row 0: its first KV head's whole group
+    keep[-1, -1] = False  # the last row: one head of a group that keeps the others (when group > 1)
+    pass1, pass2 = [], []
+    real_attention, real_dense, real_topk = amap.attention, amap._dense_rows, amap._topk_rows
+    monkeypatch.setattr(amap, "attention", lambda *a, **kw: pass1.append(kw["head_mask"]) or real_attention(*a, **kw))
+    monkeypatch.setattr(amap, "_dense_rows", lambda qf, *a: pass2.append(qf.shape[:2]) or real_dense(qf, *a))
+    monkeypatch.setattr(amap, "_topk_rows", lambda qf, *a: pass2.append(qf.shape[:2]) or real_topk(qf, *a))
+    for mask in (keep, keep[-1]):  # [B, Hq] and [Hq]
+        pass1.clear(), pass2.clear()
+        got = flashlite.attention_map(q, k, pattern, block=block, backend=backend, head_mask=mask, **kw)
+        rows = mask.expand(batch, heads_q)
+        assert not got[~rows].any()
+        torch.testing.assert_close(got[rows], plain[rows], atol=1e-6, rtol=0)
+        assert len(pass1) == 1 and pass1[0] is mask
+        pairs = int(rows.view(batch, heads_kv, group).any(-1).sum())
+        assert pass2 and set(pass2) == {(pairs, 1)}
+    with pytest.raises(TypeError, match="^head_mask must be a bool tensor"):
+        flashlite.attention_map(q, k, pattern, block=block, head_mask=torch.ones(heads_q, device=DEVICE))
+    with pytest.raises(ValueError, match="^head_mask must have shape"):
+        flashlite.attention_map(q, k, pattern, block=block, head_mask=keep[:, :1])
+
+
 def test_dense_mask_rows_match_full_mask():
     torch.manual_seed(2)
     layout = torch.rand(1, 2, 3, 4) < 0.5

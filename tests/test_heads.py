@@ -150,24 +150,26 @@ def test_prune_is_atomic():
 
 
 def test_pruned_head_map_is_zeros_and_not_computed(monkeypatch):
+    """A recording's map of a pruned layer: flashlite.attention_map with the bool head mask, one call
+    (the plan's skip; no per-group calls), masked heads' maps zeros; a float gate leaves the maps."""
     from flashlite.heads import _hook
 
     torch.manual_seed(0)
     q, k = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8)  # GQA: groups (0, 1), (2, 3)
     pattern = flashlite.Full(causal=True)
     full = flashlite.attention_map(q, k, pattern, block=3)
-    computed = []
+    calls = []
     real = flashlite.attention_map
-    monkeypatch.setattr(flashlite, "attention_map",
-                        lambda q, *a, **kw: computed.append(tuple(q.shape[:2])) or real(q, *a, **kw))
-    for mask, calls in ((torch.tensor([True, False, True, True]), [(2, 1), (2, 2)]),
-                        (torch.tensor([[False, False, True, True], [True, True, True, False]]),
-                         [(1, 2), (1, 2), (1, 1)])):  # row 0: group 1; row 1: group 0, then head 2
-        computed.clear()
+    monkeypatch.setattr(flashlite, "attention_map", lambda *a, **kw: calls.append(kw.get("head_mask")) or real(*a, **kw))
+    for mask in (torch.tensor([True, False, True, True]),
+                 torch.tensor([[False, False, True, True], [True, True, True, False]])):
+        calls.clear()
         got = _hook._masked_map(q, k, pattern, mask, (3, 3), {})
-        want = full * mask.expand(2, 4)[:, :, None, None]
-        assert torch.allclose(got, want, atol=1e-6)
-        assert computed == calls  # only the kept heads were computed
+        assert len(calls) == 1 and calls[0] is mask
+        assert torch.allclose(got, full * mask.expand(2, 4)[:, :, None, None], atol=1e-6)
+    calls.clear()
+    assert torch.allclose(_hook._masked_map(q, k, pattern, torch.rand(4), (3, 3), {}), full, atol=1e-6)
+    assert calls == [None]
 
 
 def test_pruned_head_in_a_recording():

@@ -74,56 +74,13 @@ def attend(layer, q: Tensor, k: Tensor, v: Tensor, pattern, *, head_mask: Option
     return (out, lse) if return_lse else out
 
 
-def _kept_segments(kept, group: int):
-    """``(query heads, key heads)`` slices covering exactly the kept query heads (``kept``: bool
-    list [Hq]): runs of whole kept KV groups as one slice, and inside a partly kept group each run
-    of kept heads with that group's key head - no masked head is in any slice."""
-    segments, run = [], None  # run: first group of the current run of wholly kept groups
-    heads_kv = len(kept) // group
-    for g in range(heads_kv + 1):
-        whole = g < heads_kv and all(kept[g * group:(g + 1) * group])
-        if whole:
-            run = g if run is None else run
-            continue
-        if run is not None:
-            segments.append((slice(run * group, g * group), slice(run, g)))
-            run = None
-        if g == heads_kv:
-            break
-        start = None
-        for h in range(g * group, (g + 1) * group + 1):
-            if h < (g + 1) * group and kept[h]:
-                start = h if start is None else start
-            elif start is not None:
-                segments.append((slice(start, h), slice(g, g + 1)))
-                start = None
-    return segments
-
-
 def _masked_map(q: Tensor, k: Tensor, pattern, mask: Optional[Tensor], block, kw) -> Tensor:
-    """``flashlite.attention_map`` of this call; with a bool head mask only the kept heads are
-    computed (on views, the pattern's per-head data sliced alike) and a masked head's map is zeros.
-    A float mask (a gate on the output) does not change the maps."""
+    """``flashlite.attention_map`` of this call: a bool head mask goes with it (a masked head's map
+    is zeros, its tiles never visited); a float mask (a gate on the output) does not change the maps."""
     import flashlite as fl
 
-    if mask is None or mask.dtype != torch.bool:
-        return fl.attention_map(q, k, pattern, block=block, **kw)
-    batch, heads_q = q.shape[:2]
-    group = heads_q // k.shape[1]
-    mask = mask.expand(batch, heads_q) if mask.dim() == 1 else mask
-    rows = [slice(0, batch)] if bool((mask == mask[:1]).all()) else [slice(b, b + 1) for b in range(batch)]
-    block_q, block_k = (block, block) if isinstance(block, int) else block
-    out = torch.zeros(batch, heads_q, -(-q.shape[2] // block_q), -(-k.shape[2] // block_k), dtype=torch.float32,
-                      device=q.device)
-    slopes = kw.get("alibi_slopes")
-    for row in rows:
-        for heads, groups in _kept_segments(mask[row.start].tolist(), group):
-            part = dict(kw)
-            if slopes is not None:
-                part["alibi_slopes"] = slopes[heads] if slopes.dim() == 1 else slopes[row, heads]
-            out[row, heads] = fl.attention_map(q[row, heads], k[row, groups], pattern.slice_heads(row, heads, groups),
-                                               block=block, **part)
-    return out
+    bool_mask = mask if mask is not None and mask.dtype == torch.bool else None
+    return fl.attention_map(q, k, pattern, block=block, head_mask=bool_mask, **kw)
 
 
 def mask_weights(layer, q: Tensor, weights: Optional[Tensor], head_mask: Optional[Tensor] = None) -> Optional[Tensor]:
