@@ -333,6 +333,36 @@ def test_packed_batch_matches_each_sequence_alone(kind, source, use_cache, monke
         start += len(seq)
 
 
+def test_packed_batch_with_pruned_heads_passes_the_mask(monkeypatch):
+    """A pruned layer (flashlite.heads.prune) on a packed batch: varlen_attention gets the layer's
+    bool head_mask (the masked head does no work) instead of a product after the call, and each
+    sequence's logits are those of the same pruned model run on that sequence alone."""
+    from flashlite import api, heads
+
+    torch.manual_seed(5)
+    model = tiny("llama")
+    model.set_attn_implementation(MAIN)
+    seqs, batch = flattened()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    heads.prune(model, [(0, 1), (1, 0)])
+    try:
+        masks = []
+        real = api.varlen_attention
+        monkeypatch.setattr(api, "varlen_attention", lambda *a, **k: masks.append(k.get("head_mask")) or real(*a, **k))
+        with torch.no_grad():
+            got = model(**inputs).logits[0]
+        monkeypatch.undo()
+        assert [m.tolist() for m in masks] == [[True, False, True, True], [False, True, True, True]]
+        start = 0
+        for seq in seqs:
+            with torch.no_grad():
+                alone = model(torch.tensor([seq])).logits[0]
+            torch.testing.assert_close(got[start:start + len(seq)], alone, atol=2e-5, rtol=0)
+            start += len(seq)
+    finally:
+        heads.unprune(model)
+
+
 def test_packed_training_loss_and_gradients_match_eager():
     """A padding-free training step: fl_attention's loss and gradients are eager's on the same packed
     batch (eager gets transformers' block-diagonal mask)."""

@@ -121,16 +121,17 @@ def after_dense(layer, q: Tensor, k: Tensor, out: Tensor, pattern, *, keep=None,
     return out
 
 
-def after_packed(layer, out: Tensor) -> Tensor:
-    """Packed sequences (``varlen_attention``, ``out [B, S, Hq, D]``): the head mask multiplies the
-    output (no work is saved there); the call is not recorded (counted as skipped)."""
-    mask = layer_mask(layer, out.transpose(1, 2))
-    if mask is not None:
-        out = out * _broadcast(mask, out.transpose(1, 2)).transpose(1, 2).to(out.dtype)
+def packed_mask(layer, q: Tensor) -> Optional[Tensor]:
+    """Packed sequences (``varlen_attention``; ``q`` ``[1, Hq, T, D]``): the layer's head mask as
+    ``varlen_attention``'s ``head_mask`` ``[Hq]`` (bool: a masked head does no work; float: a gate
+    on its output), or None. The call is not recorded (counted as skipped)."""
+    mask = layer_mask(layer, q)
+    if mask is not None and mask.dim() == 2 and mask.shape[0] == 1:
+        mask = mask[0]  # the packed row's mask: every sequence's
     recorder = _recorder_for(layer)
     if recorder is not None:
         recorder.skip(layer, "packed sequences (varlen) are not recorded")
-    return out
+    return mask
 
 
 def _broadcast(mask: Tensor, like: Tensor) -> Tensor:

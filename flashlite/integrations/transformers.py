@@ -307,14 +307,16 @@ def _packing(module, query: Tensor, key: Tensor, mask, is_causal, sliding_window
     return cu, cu, longest, longest, band or _module_band(module, is_causal, sliding_window)
 
 
-def _run_packed(query, key, value, packing, scaling, softcap, dropout, s_aux) -> Tensor:
-    """Packed sequences through flashlite.varlen_attention; ``[B, S, Hq, D]`` out."""
+def _run_packed(query, key, value, packing, scaling, softcap, dropout, s_aux, head_mask=None) -> Tensor:
+    """Packed sequences through flashlite.varlen_attention; ``[B, S, Hq, D]`` out. ``head_mask``:
+    ``[Hq]`` (the layer's, flashlite.heads), passed through."""
     from ..api import varlen_attention
 
     cu_q, cu_k, max_q, max_k, band = packing
     batch, heads_q, seqlen_q, head_dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
-    kw = dict(max_seqlen_q=max_q, max_seqlen_k=max_k, scale=scaling, softcap=softcap, backend=_backend)
+    kw = dict(max_seqlen_q=max_q, max_seqlen_k=max_k, scale=scaling, softcap=softcap, backend=_backend,
+              head_mask=head_mask)
     if dropout:
         kw["dropout_p"] = dropout
     if s_aux is None:
@@ -404,8 +406,9 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     if position_bias is None:
         packing = _packing(module, query, key, attention_mask, is_causal, sliding_window, kwargs)
         if packing is not None:
-            out = _run_packed(query, key, value, packing, scaling, softcap, float(dropout or 0.0), s_aux)
-            return (_heads.after_packed(module, out) if _heads.engaged(module) else out), None
+            mask = _heads.packed_mask(module, query) if _heads.engaged(module) else None
+            out = _run_packed(query, key, value, packing, scaling, softcap, float(dropout or 0.0), s_aux, mask)
+            return out, None
     pattern, key_keep, keep, bias = _resolve(module, query, key, attention_mask, is_causal, sliding_window)
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
