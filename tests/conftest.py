@@ -22,7 +22,8 @@ os.environ["FLASHLITE_POISON"] = "1"
 os.environ.pop("FLASHLITE_BACKEND", None)
 
 import flashlite  # noqa: E402
-from flashlite import reference  # noqa: E402
+from flashlite import BlockSparse, Full, SlidingWindow, TopK, reference  # noqa: E402
+from flashlite.core.schedule import cdiv  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # Triton's interpreter is exact for float16/float32 inputs once upcast; bfloat16 is covered
@@ -143,6 +144,30 @@ def check_against_reference(q, k, v, pattern, backend, *, grads=True, **kw):
             assert got.grad is not None, f"{name} missing"
             assert_rule(name, got.grad, low.grad, ex.grad, fallback=fb.grad)
     return out
+
+
+def make_pattern(name: str, batch: int, heads_q: int, heads_kv: int, seqlen_q: int, seqlen_k: int):
+    """A fresh pattern by name (full, causal, window, block_sparse, topk) for these shapes: random
+    block-sparse layouts per head, top-k rows per KV head with -1 slots, a query with no key and no
+    repeated key."""
+    if name == "full":
+        return Full()
+    if name == "causal":
+        return Full(causal=True)
+    if name == "window":
+        return SlidingWindow(5, 2)
+    if name == "block_sparse":
+        layout = torch.rand(batch, heads_q, cdiv(seqlen_q, 16), cdiv(seqlen_k, 16), device=DEVICE) > 0.5
+        return BlockSparse(layout, 16, causal=True)
+    if name == "topk":
+        ind = torch.randint(-1, seqlen_k, (batch, heads_kv, seqlen_q, 6), device=DEVICE)
+        ind[:, :, 0] = -1  # a query with no key
+        # distinct entries per row: replace repeats by -1
+        sorted_ind, _ = ind.sort(-1)
+        repeat = torch.zeros_like(sorted_ind, dtype=torch.bool)
+        repeat[..., 1:] = sorted_ind[..., 1:] == sorted_ind[..., :-1]
+        return TopK(sorted_ind.masked_fill(repeat, -1).int(), causal=True)
+    raise AssertionError(name)
 
 
 @pytest.fixture(autouse=True)

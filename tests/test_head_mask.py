@@ -12,28 +12,15 @@ import pytest
 import torch
 
 import flashlite
-from flashlite import BlockSparse, Full, SlidingWindow, TopK, dispatch
+from flashlite import Full, TopK, dispatch
 from flashlite import backend as backends
 from flashlite.backend.base import Backend, Request
-from flashlite.core.schedule import cdiv
 from flashlite.dispatch.plan import plan_for, with_heads
 
-from conftest import DEVICE, HAS_CUDA, kernel_backends, randn, sample_interpreter
+from conftest import DEVICE, HAS_CUDA, kernel_backends, make_pattern, randn, sample_interpreter
 
 BACKENDS = ["reference"] + kernel_backends()
 MASK = [[True, False, True, False], [False, False, True, True]]  # batch row 1: group 0 (GQA 2) all masked
-
-
-def make_pattern(name, batch, heads_q, heads_kv, seqlen_q, seqlen_k):
-    if name == "causal":
-        return Full(causal=True)
-    if name == "window":
-        return SlidingWindow(7, 3)
-    if name == "block_sparse":
-        layout = torch.rand(batch, heads_q, cdiv(seqlen_q, 16), cdiv(seqlen_k, 16), device=DEVICE) > 0.4
-        return BlockSparse(layout, 16)
-    indices = torch.randint(-1, seqlen_k, (batch, heads_kv, seqlen_q, 5), device=DEVICE)
-    return TopK(indices, causal=True)
 
 
 def poisoned(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -159,6 +146,27 @@ def test_gqa_decode_runs_kept_heads_of_a_group_together(backend):
     ref, ref_lse = flashlite.attention(q, k, v, Full(causal=True), backend=backend, return_lse=True)
     assert not out[~mask].any() and torch.isneginf(lse[~mask]).all()
     assert torch.equal(out[mask], ref[mask]) and torch.equal(lse[mask], ref_lse[mask])
+
+
+@pytest.mark.parametrize("threads", [1, 3])  # whole KV heads per work item; key tiles, then query tiles
+def test_cpu_backward_with_packed_query_tiles(threads):
+    """CPU tile backward over several key tiles (its query tiles packed once by a first pass, which
+    skips a masked head's): masked heads' dq 0, everything else the unmasked call's bits, for both
+    ways the backward splits its work (q and dO of masked heads NaN)."""
+    if "cpu" not in kernel_backends():
+        pytest.skip("no cpu backend here")
+    q, k, v = randn(2, 4, 150, 32), randn(2, 2, 290, 32), randn(2, 2, 290, 32)
+    mask = torch.tensor(MASK, device=DEVICE)
+    keep = mask.expand(2, 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        (out, lse, grads), (ref, ref_lse, ref_grads) = run_both("cpu", Full(causal=True), q, k, v, keep, mask)
+    finally:
+        torch.set_num_threads(before)
+    assert not out[~keep].any() and torch.isneginf(lse[~keep]).all() and not grads[0][~keep].any()
+    assert torch.equal(out[keep], ref[keep]) and torch.equal(grads[0][keep], ref_grads[0][keep])
+    assert torch.equal(grads[1], ref_grads[1]) and torch.equal(grads[2], ref_grads[2])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 import flashlite
-from flashlite import BlockSparse, Full, SlidingWindow, TopK, dispatch, reference
+from flashlite import Full, TopK, dispatch, reference
 from flashlite import backend as backends
 from flashlite.core.packed import Packed
-from flashlite.core.schedule import cdiv
 
-from conftest import DEVICE, HAS_CUDA, assert_rule, kernel_backends, randn, sample_interpreter
+from conftest import DEVICE, HAS_CUDA, assert_rule, kernel_backends, make_pattern, randn, sample_interpreter
 
 STATS_BACKENDS = ["reference"] + [name for name in kernel_backends() if backends.get(name).stats]
 NAMES = ("entropy", "max_prob", "mean_distance", "sink_mass", "keys")
@@ -43,27 +42,6 @@ def oracle(q, k, v, pattern, dtype, *, sink_tokens=SINK, **kw):
     return torch.matmul(probs, vc).to(q.dtype), lse, stats
 
 
-def make(name, batch, heads_q, heads_kv, seqlen_q, seqlen_k):
-    if name == "full":
-        return Full()
-    if name == "causal":
-        return Full(causal=True)
-    if name == "window":
-        return SlidingWindow(5, 2)
-    if name == "block_sparse":
-        layout = torch.rand(batch, heads_q, cdiv(seqlen_q, 16), cdiv(seqlen_k, 16), device=DEVICE) > 0.5
-        return BlockSparse(layout, 16, causal=True)
-    if name == "topk":
-        ind = torch.randint(-1, seqlen_k, (batch, heads_kv, seqlen_q, 6), device=DEVICE)
-        ind[:, :, 0] = -1  # a query with no key
-        # distinct entries per row: replace repeats by -1
-        sorted_ind, _ = ind.sort(-1)
-        repeat = torch.zeros_like(sorted_ind, dtype=torch.bool)
-        repeat[..., 1:] = sorted_ind[..., 1:] == sorted_ind[..., :-1]
-        return TopK(sorted_ind.masked_fill(repeat, -1).int(), causal=True)
-    raise AssertionError(name)
-
-
 # (B, Hq, Hkv, Nq, Nk, D): odd lengths, Nq > Nk (causal rows with no key), GQA, odd head dim, decode.
 SHAPES = {
     "gqa_odd": (2, 4, 2, 37, 45, 20),
@@ -87,7 +65,7 @@ def test_stats_and_gradients_match_the_oracle(backend, pattern_name, shape, dtyp
     if backend == "triton" and not HAS_CUDA and (pattern_name, shape, dtype) not in INTERPRETED_CASES:
         pytest.skip("Triton's interpreter: one shape and dtype per pattern (INTERPRETED_CASES)")
     batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = SHAPES[shape]
-    pattern = make(pattern_name, batch, heads_q, heads_kv, seqlen_q, seqlen_k)
+    pattern = make_pattern(pattern_name, batch, heads_q, heads_kv, seqlen_q, seqlen_k)
     q = randn(batch, heads_q, seqlen_q, head_dim, dtype=dtype)
     k = randn(batch, heads_kv, seqlen_k, head_dim, dtype=dtype, scale=2.0)
     v = randn(batch, heads_kv, seqlen_k, head_dim, dtype=dtype)
@@ -221,7 +199,7 @@ def test_reference_backward_contract_with_entropy_terms(pattern_name):
     dispatch.ops.entropy_terms) equals float64 autograd of out and entropy together."""
     from flashlite.dispatch.ops import entropy_terms
 
-    pattern = make(pattern_name, 1, 2, 1, 23, 23)
+    pattern = make_pattern(pattern_name, 1, 2, 1, 23, 23)
     q, k, v = randn(1, 2, 23, 16), randn(1, 1, 23, 16, scale=2.0), randn(1, 1, 23, 16)
     out, lse, row_stats = reference.attention_stats(q, k, v, pattern, compute_dtype=torch.float64)
     grad_out, grad_entropy = torch.randn_like(out), torch.randn_like(lse)

@@ -414,6 +414,18 @@ FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const Backward
   float* packed = prepack ? static_cast<float*>(std::aligned_alloc(64, size_t((packed_floats * 4 + 63) / 64 * 64)))
                           : nullptr;
   if (prepack && packed == nullptr) throw std::bad_alloc();
+  // The query tiles of a (b, h) with no tile pair, forward or backward (a head mask's masked head:
+  // its counts are 0), are read by no work item: not packed.
+  std::vector<char> idle;
+  if (packed) {
+    idle.assign(size_t(p.batch) * p.heads_q, 1);
+    for (int b = 0; b < p.batch; ++b)
+      for (int h = 0; h < p.heads_q; ++h) {
+        char& none = idle[size_t(b) * p.heads_q + h];
+        for (int n = 0; n < num_n && none; ++n) none = p.backward_schedule.num_tiles(b, h, n) == 0;
+        for (int m = 0; m < num_m && none; ++m) none = p.forward_schedule.num_tiles(b, h, m) == 0;
+      }
+  }
   OmpSync sync;
   sync.begin_region();
 #pragma omp parallel num_threads(threads)
@@ -424,6 +436,7 @@ FLASHLITE_OMP_DRIVER void tile_backward(const AttentionParams& p, const Backward
 #pragma omp for schedule(static) nowait
       for (int64_t task = 0; task < q_tasks; ++task) {
         const int64_t bh = task / num_m;
+        if (idle[size_t(bh)]) continue;
         kernels.tile_backward_pack(p, g, batch_segment(p, static_cast<int>(bh / p.heads_q)),
                                    static_cast<int>(bh % p.heads_q), static_cast<int>(task % num_m),
                                    packed + task * tile_floats, ws);

@@ -717,7 +717,6 @@ void tile_backward_q(const AttentionParams& p, const BackwardParams& g, const Se
   const float slope = p.alibi(sg.seq, h);
   const ScheduleView& schedule = p.forward_schedule;
   const int row = sg.q_row0 + m, count = schedule.num_tiles(b, h, row);
-  int visited = 0;  // tile_counter (debug)
   for (int t = 0; t < count; ++t) {
     const int j0 = schedule.tile(b, h, row, t) * BN, nk = imin(BN, sg.nk - j0);
     const RowsView k = kv_rows(p.dtype, p.k, p.k_strides, b, kv_head, sg.k0 + j0, nk, D, Dp, true, kbuf);
