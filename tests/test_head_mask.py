@@ -111,21 +111,36 @@ def test_plan_masks_the_schedule_or_the_rows(engine_pattern):
         assert torch.equal(again.row_keep, masked.row_keep)
 
 
-def test_triton_tile_counter_masked_heads_visit_no_tile():
-    """The Triton forward's tile counter on the masked plan: 0 tiles for every program of a masked
-    head, exactly the unmasked plan's count for every kept head."""
-    from flashlite import kernels
-
+@pytest.mark.parametrize("engine", ["triton", "cpu"])
+@pytest.mark.parametrize("seqlen_q", [70, 3])  # query-major tiles; the CPU decode rows (a KV group per item)
+def test_tile_counter_masked_heads_visit_no_tile(engine, seqlen_q):
+    """The forward's tile counter (Triton: per program; cpu: per (b, h, query tile)) on the masked
+    plan: 0 tiles for every masked head, exactly the unmasked plan's count for every kept head."""
+    if engine == "cpu" and "cpu" not in kernel_backends():
+        pytest.skip("no cpu backend here")
+    if engine == "triton" and seqlen_q != 70:
+        pytest.skip("the Triton kernel has no decode path of its own")
     batch, heads_q, heads_kv, seqlen = 2, 4, 2, 70
-    q, k, v = randn(batch, heads_q, seqlen, 16), randn(batch, heads_kv, seqlen, 16), randn(batch, heads_kv, seqlen, 16)
-    mask = torch.tensor(MASK, device=DEVICE)
+    device = torch.device("cpu") if engine == "cpu" else DEVICE
+    q = randn(batch, heads_q, seqlen_q, 16).to(device)
+    k, v = randn(batch, heads_kv, seqlen, 16).to(device), randn(batch, heads_kv, seqlen, 16).to(device)
+    mask = torch.tensor(MASK, device=device)
     pattern = Full(causal=True)
-    req = dispatch._request(q, pattern, False, True, False, head_mask=True)
-    plan = plan_for(pattern, q, k, backends.get("triton"), req)
+    backend = backends.get(engine)
+    plan = plan_for(pattern, q, k, backend, dispatch._request(q, pattern, False, True, False, head_mask=True))
     counters = []
     for schedule in (plan.schedule, with_heads(plan, pattern, mask, q).schedule):
-        counter = torch.full((batch * heads_q * schedule.num_q_tiles,), -1, dtype=torch.int32, device=DEVICE)
-        kernels.tile_forward(q, k, v, schedule, 16 ** -0.5, tile_counter=counter)
+        counter = torch.zeros(batch * heads_q * schedule.num_q_tiles, dtype=torch.int32, device=device)
+        if engine == "triton":
+            from flashlite import kernels
+
+            kernels.tile_forward(q, k, v, schedule, 16 ** -0.5, tile_counter=counter)
+        else:
+            backend._ext.cpu_tile_forward(
+                q, k, v, kv_tiles=schedule.kv_tiles, kv_count=schedule.kv_count, alibi_slopes=None,
+                is_list=schedule.is_list, block_m=schedule.block_m, block_n=schedule.block_n,
+                window_left=schedule.window_left, window_right=schedule.window_right, scale=16 ** -0.5, softcap=0.0,
+                tile_counter=counter)
         counters.append(counter.view(batch, heads_q, -1))
     plain, masked = counters
     assert not masked[~mask].any(), "a masked head visited a tile"
